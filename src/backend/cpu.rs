@@ -1,0 +1,297 @@
+//! The f32 CPU backend: the reference implementation of every kernel, used for
+//! tests, the tiny demo model, and as the oracle the CUDA kernels are checked
+//! against. GEMMs go through `matrixmultiply`; everything else is plain loops
+//! kept simple enough to read as the definition of the operation.
+
+use super::{Backend, BackendError, DecodeShape, PrefillShape, Result, RowRun};
+use std::time::Instant;
+
+/// The CPU backend (single-threaded per rank: one MPI rank per core).
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+fn check(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(BackendError::Shape(format!("{what}: buffer holds {have} elements, needs {need}")));
+    }
+    Ok(())
+}
+
+/// Sinusoidal absolute position encoding value for `(pos, dim)` of a `d`-wide model.
+pub fn sinusoid(pos: usize, dim: usize, d: usize) -> f32 {
+    let i = (dim / 2) as f64;
+    let freq = 1.0 / 10000f64.powf(2.0 * i / d as f64);
+    let angle = pos as f64 * freq;
+    if dim % 2 == 0 {
+        angle.sin() as f32
+    } else {
+        angle.cos() as f32
+    }
+}
+
+/// GELU, tanh approximation (as GPT-2 and Megatron use).
+pub fn gelu_scalar(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Softmax-weighted sum over `keys` for one query; returns the log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+fn attend_one(q: &[f32], k: &[f32], v: &[f32], key_rows: usize, row_stride: usize, scale: f32, out: &mut [f32], scores: &mut Vec<f32>) -> f32 {
+    let dh = q.len();
+    if key_rows == 0 {
+        out.iter_mut().for_each(|o| *o = 0.0);
+        return f32::NEG_INFINITY;
+    }
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..key_rows {
+        let kr = &k[j * row_stride..j * row_stride + dh];
+        let s = q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut sum = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (j, p) in scores.iter().enumerate() {
+        let vr = &v[j * row_stride..j * row_stride + dh];
+        let w = p / sum;
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o += w * x;
+        }
+    }
+    max + sum.ln()
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Mark = Instant;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn elem_bytes(&self) -> usize {
+        4
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn embed(&self, table: &Vec<f32>, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<Vec<f32>> {
+        check("embed tokens", tokens.len(), nseq * n)?;
+        let mut out = vec![0.0; nseq * n * d];
+        for (row, &tok) in tokens[..nseq * n].iter().enumerate() {
+            let base = tok as usize * d;
+            check("embedding table", table.len(), base + d)?;
+            let pos = pos0 + row % n;
+            for c in 0..d {
+                out[row * d + c] = table[base + c] + sinusoid(pos, c, d);
+            }
+        }
+        Ok(out)
+    }
+
+    fn matmul(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+        check("matmul x", x.len(), m * k)?;
+        check("matmul w", w.len(), k * n)?;
+        let mut out = vec![0.0f32; m * n];
+        if m == 0 || n == 0 {
+            return Ok(out);
+        }
+        // SAFETY: the slices hold at least m*k, k*n and m*n elements (checked
+        // above) and the strides describe dense row-major matrices.
+        unsafe {
+            matrixmultiply::sgemm(m, k, n, 1.0, x.as_ptr(), k as isize, 1, w.as_ptr(), n as isize, 1, 0.0, out.as_mut_ptr(), n as isize, 1);
+        }
+        Ok(out)
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, weight: &Vec<f32>, rows: usize, cols: usize, eps: f32) -> Result<Vec<f32>> {
+        check("rmsnorm x", x.len(), rows * cols)?;
+        check("rmsnorm weight", weight.len(), cols)?;
+        let mut out = vec![0.0; rows * cols];
+        for r in 0..rows {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for c in 0..cols {
+                out[r * cols + c] = xr[c] * inv * weight[c];
+            }
+        }
+        Ok(out)
+    }
+
+    fn gelu(&self, x: &mut Vec<f32>) -> Result<()> {
+        x.iter_mut().for_each(|v| *v = gelu_scalar(*v));
+        Ok(())
+    }
+
+    fn gelu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<()> {
+        check("gelu_mul up", up.len(), gate.len())?;
+        gate.iter_mut().zip(up).for_each(|(g, u)| *g = gelu_scalar(*g) * u);
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+        check("add_assign y", y.len(), x.len())?;
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn split_qkv(&self, qkv: &Vec<f32>, rows: usize, width: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        check("split_qkv", qkv.len(), rows * 3 * width)?;
+        let mut parts = [vec![0.0; rows * width], vec![0.0; rows * width], vec![0.0; rows * width]];
+        for r in 0..rows {
+            for (p, part) in parts.iter_mut().enumerate() {
+                let src = r * 3 * width + p * width;
+                part[r * width..(r + 1) * width].copy_from_slice(&qkv[src..src + width]);
+            }
+        }
+        let [q, k, v] = parts;
+        Ok((q, k, v))
+    }
+
+    fn gather_rows(&self, src: &Vec<f32>, cols: usize, runs: &[RowRun]) -> Result<Vec<f32>> {
+        let total: usize = runs.iter().map(|r| r.len).sum();
+        let mut out = Vec::with_capacity(total * cols);
+        for run in runs {
+            check("gather_rows", src.len(), (run.start + run.len) * cols)?;
+            out.extend_from_slice(&src[run.start * cols..(run.start + run.len) * cols]);
+        }
+        Ok(out)
+    }
+
+    fn scatter_rows(&self, dst: &mut Vec<f32>, cols: usize, runs: &[RowRun], src: &Vec<f32>) -> Result<()> {
+        let mut at = 0;
+        for run in runs {
+            check("scatter_rows dst", dst.len(), (run.start + run.len) * cols)?;
+            check("scatter_rows src", src.len(), (at + run.len) * cols)?;
+            dst[run.start * cols..(run.start + run.len) * cols].copy_from_slice(&src[at * cols..(at + run.len) * cols]);
+            at += run.len;
+        }
+        Ok(())
+    }
+
+    fn attention_prefill(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, s: PrefillShape) -> Result<(Vec<f32>, Vec<f32>)> {
+        let width = s.heads * s.head_dim;
+        check("prefill q", q.len(), s.nseq * s.sq * width)?;
+        check("prefill k", k.len(), s.nseq * s.kv_seq_stride * width)?;
+        check("prefill v", v.len(), s.nseq * s.kv_seq_stride * width)?;
+        if s.skv > s.kv_seq_stride {
+            return Err(BackendError::Shape(format!("prefill skv {} exceeds kv_seq_stride {}", s.skv, s.kv_seq_stride)));
+        }
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let mut out = vec![0.0; s.nseq * s.sq * width];
+        let mut lse = vec![0.0; s.nseq * s.heads * s.sq];
+        let mut scores = Vec::new();
+        for n in 0..s.nseq {
+            for h in 0..s.heads {
+                let kbase = n * s.kv_seq_stride * width + h * s.head_dim;
+                for i in 0..s.sq {
+                    let row = n * s.sq + i;
+                    let qr = &q[row * width + h * s.head_dim..row * width + (h + 1) * s.head_dim];
+                    let keys = (s.q_offset + i + 1).min(s.skv);
+                    let o = &mut out[row * width + h * s.head_dim..row * width + (h + 1) * s.head_dim];
+                    lse[(n * s.heads + h) * s.sq + i] = attend_one(qr, &k[kbase..], &v[kbase..], keys, width, scale, o, &mut scores);
+                }
+            }
+        }
+        Ok((out, lse))
+    }
+
+    fn attention_decode(&self, q: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, s: DecodeShape) -> Result<(Vec<f32>, Vec<f32>)> {
+        let width = s.heads * s.head_dim;
+        check("decode q", q.len(), s.nseq * width)?;
+        check("decode k cache", k_cache.len(), s.nseq * s.cap * width)?;
+        check("decode v cache", v_cache.len(), s.nseq * s.cap * width)?;
+        if s.len > s.cap {
+            return Err(BackendError::Shape(format!("decode len {} exceeds cache capacity {}", s.len, s.cap)));
+        }
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let mut out = vec![0.0; s.nseq * width];
+        let mut lse = vec![0.0; s.nseq * s.heads];
+        let mut scores = Vec::new();
+        for n in 0..s.nseq {
+            for h in 0..s.heads {
+                let kbase = n * s.cap * width + h * s.head_dim;
+                let qr = &q[n * width + h * s.head_dim..n * width + (h + 1) * s.head_dim];
+                let o = &mut out[n * width + h * s.head_dim..n * width + (h + 1) * s.head_dim];
+                lse[n * s.heads + h] = attend_one(qr, &k_cache[kbase..], &v_cache[kbase..], s.len, width, scale, o, &mut scores);
+            }
+        }
+        Ok((out, lse))
+    }
+
+    fn merge_partials(&self, o: &mut Vec<f32>, lse: &mut Vec<f32>, o2: &Vec<f32>, lse2: &Vec<f32>, rows: usize, head_dim: usize) -> Result<()> {
+        check("merge o", o.len(), rows * head_dim)?;
+        check("merge o2", o2.len(), rows * head_dim)?;
+        check("merge lse", lse.len(), rows)?;
+        check("merge lse2", lse2.len(), rows)?;
+        for r in 0..rows {
+            let (a, b) = (lse[r], lse2[r]);
+            let m = a.max(b);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let (wa, wb) = ((a - m).exp(), (b - m).exp());
+            let sum = wa + wb;
+            for c in 0..head_dim {
+                let i = r * head_dim + c;
+                o[i] = (wa * o[i] + wb * o2[i]) / sum;
+            }
+            lse[r] = m + sum.ln();
+        }
+        Ok(())
+    }
+
+    fn argmax(&self, logits: &Vec<f32>, rows: usize, cols: usize) -> Result<Vec<u32>> {
+        check("argmax", logits.len(), rows * cols)?;
+        Ok((0..rows)
+            .map(|r| {
+                let row = &logits[r * cols..(r + 1) * cols];
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect())
+    }
+
+    fn mark(&self) -> Result<Instant> {
+        Ok(Instant::now())
+    }
+    fn elapsed_s(&self, from: &Instant, to: &Instant) -> Result<f64> {
+        Ok(to.saturating_duration_since(*from).as_secs_f64())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        process_peak_rss_bytes()
+    }
+}
+
+/// Peak resident set size of this process (`VmHWM`), the CPU backend's
+/// "device memory".
+pub fn process_peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,147 @@
+//! Backends: the kernels a strategy calls, behind one trait.
+//!
+//! A backend owns device buffers (`Backend::Buf`) and the operations of the
+//! model on them. Strategies are generic over the backend, so the CPU path and
+//! the CUDA path run the same dataflow code. All activations are row-major:
+//! a buffer of `rows × cols` elements, with `rows = sequences × tokens`.
+//! Heads are contiguous inside a row (`[heads, head_dim]`).
+//!
+//! This module must not communicate (see `comm`) or time anything beyond the
+//! marks it hands out (see `metrics`).
+
+pub mod cpu;
+
+use std::ops::Range;
+
+/// Errors raised by a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend `{backend}` is not available: {reason}")]
+    Unavailable { backend: &'static str, reason: String },
+    #[error("device error: {0}")]
+    Device(String),
+    #[error("shape error: {0}")]
+    Shape(String),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Which backend a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// CUDA when GPUs and the CUDA libraries are found, else CPU.
+    Auto,
+    /// The f32 CPU backend (tiny models, tests, anywhere).
+    Cpu,
+    /// The CUDA backend (cuBLAS, NVRTC kernels, NCCL).
+    Cuda,
+}
+
+/// Shape of a causal prefill attention call.
+///
+/// Queries are `nseq × sq` rows; the query at row `i` of a sequence sits at
+/// absolute position `q_offset + i` and attends to keys `0..=q_offset + i`
+/// (clipped to `skv`). Keys/values are `nseq × kv_seq_stride` rows of which
+/// the first `skv` of each sequence are used. This is what a pool rank
+/// computes for its query block against the replicated K/V.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillShape {
+    pub nseq: usize,
+    pub sq: usize,
+    pub skv: usize,
+    pub kv_seq_stride: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub q_offset: usize,
+}
+
+/// Shape of a decode (one query per sequence) attention call over a KV cache
+/// laid out `[nseq, cap, heads * head_dim]`, of which the first `len` rows of
+/// each sequence are valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub nseq: usize,
+    pub cap: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// A run of consecutive rows: `len` rows starting at `start`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowRun {
+    pub start: usize,
+    pub len: usize,
+}
+
+impl RowRun {
+    pub fn new(start: usize, len: usize) -> Self {
+        Self { start, len }
+    }
+    pub fn range(&self) -> Range<usize> {
+        self.start..self.start + self.len
+    }
+}
+
+/// The operations of the model on one device.
+///
+/// Every method takes dimensions explicitly; implementations check that the
+/// buffers are large enough and return `BackendError::Shape` otherwise.
+pub trait Backend {
+    /// A device buffer of model-dtype elements.
+    type Buf;
+    /// A point in the device's timeline (an instant on CPU, an event on GPU).
+    type Mark;
+
+    fn name(&self) -> &'static str;
+    /// Bytes per element of `Buf` (4 for f32, 2 for bf16/fp16).
+    fn elem_bytes(&self) -> usize;
+    /// Number of elements in `buf`.
+    fn len(&self, buf: &Self::Buf) -> usize;
+
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+
+    /// `table[token] + sinusoidal(position)` for `nseq × n` tokens whose
+    /// positions are `pos0..pos0 + n` in every sequence; returns `[nseq*n, d]`.
+    fn embed(&self, table: &Self::Buf, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<Self::Buf>;
+    /// `x[m,k] · w[k,n]`, fp32 accumulation.
+    fn matmul(&self, x: &Self::Buf, w: &Self::Buf, m: usize, k: usize, n: usize) -> Result<Self::Buf>;
+    /// RMSNorm of each row, scaled by `weight[cols]`.
+    fn rmsnorm(&self, x: &Self::Buf, weight: &Self::Buf, rows: usize, cols: usize, eps: f32) -> Result<Self::Buf>;
+    /// `x = gelu(x)` (tanh approximation).
+    fn gelu(&self, x: &mut Self::Buf) -> Result<()>;
+    /// `gate = gelu(gate) * up`.
+    fn gelu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf) -> Result<()>;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
+    /// Splits `[rows, 3*width]` into q, k, v of `[rows, width]` each.
+    fn split_qkv(&self, qkv: &Self::Buf, rows: usize, width: usize) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// Concatenates the given row runs of `src` (rows of `cols`) into a new buffer.
+    fn gather_rows(&self, src: &Self::Buf, cols: usize, runs: &[RowRun]) -> Result<Self::Buf>;
+    /// Writes consecutive rows of `src` into the given row runs of `dst`, in order.
+    fn scatter_rows(&self, dst: &mut Self::Buf, cols: usize, runs: &[RowRun], src: &Self::Buf) -> Result<()>;
+    /// Causal attention; returns the output `[nseq*sq, heads*head_dim]` and
+    /// the natural-log log-sum-exp of the scaled scores `[nseq, heads, sq]`.
+    fn attention_prefill(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, shape: PrefillShape) -> Result<(Self::Buf, Self::Buf)>;
+    /// One query per sequence against the first `len` cached rows; returns the
+    /// output `[nseq, heads*head_dim]` and log-sum-exp `[nseq, heads]`. With
+    /// `len == 0` the output is zero and the log-sum-exp is `-inf`.
+    fn attention_decode(&self, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, shape: DecodeShape) -> Result<(Self::Buf, Self::Buf)>;
+    /// Merges a partial attention result `(o2, lse2)` into `(o, lse)` for
+    /// `rows` (sequence, head) pairs of `head_dim` values each.
+    fn merge_partials(&self, o: &mut Self::Buf, lse: &mut Self::Buf, o2: &Self::Buf, lse2: &Self::Buf, rows: usize, head_dim: usize) -> Result<()>;
+    /// Index of the largest value of each row (first one on ties).
+    fn argmax(&self, logits: &Self::Buf, rows: usize, cols: usize) -> Result<Vec<u32>>;
+
+    /// A point in the device timeline, for timing.
+    fn mark(&self) -> Result<Self::Mark>;
+    /// Seconds between two marks (waits for the later one).
+    fn elapsed_s(&self, from: &Self::Mark, to: &Self::Mark) -> Result<f64>;
+    /// Waits for all queued device work.
+    fn synchronize(&self) -> Result<()>;
+    /// Peak device memory of this process, bytes, where the backend can tell.
+    fn peak_memory_bytes(&self) -> Option<u64>;
+}

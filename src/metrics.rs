@@ -1,0 +1,188 @@
+//! Metrics: what one batch and one rank measured, and the summaries SPEC
+//! section 4 defines (TTFT, TPOT, ITL, TPS, paper TPOT, percentiles).
+//!
+//! Plain data and arithmetic only: no MPI, no device calls, no file I/O.
+
+use crate::comm::{Category, CommStat};
+use std::collections::BTreeMap;
+
+/// One batch, as seen by the strategy's leader rank (the rank that holds the
+/// generated tokens).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchRecord {
+    /// Index of the batch within its category (0-based).
+    pub batch_index: u32,
+    /// Index of the batch's first sequence within the category's workload.
+    pub first_sequence: u32,
+    pub seq_len: u32,
+    pub num_sequences: u32,
+    pub output_tokens: u32,
+    /// Batch size asked for by the job and the one used after memory fitting.
+    pub requested_batch: u32,
+    pub effective_batch: u32,
+    /// Micro-batches the batch ran as.
+    pub micro_batches: u32,
+    /// fapool: pool size from the activation policy, and after capping by the
+    /// launched pool ranks (0 = pool inactive). Baseline: 0 and 0.
+    pub pool_requested: u32,
+    pub pool_effective: u32,
+    /// The pool was requested but the batch ran base-only (device failure).
+    pub pool_fallback: bool,
+    /// Batch start → first generated token available (s).
+    pub ttft_s: f64,
+    /// Batch start → last generated token available (s).
+    pub e2e_s: f64,
+    /// Inter-token latencies of the decode steps (s), `output_tokens - 1` values.
+    pub itl_s: Vec<f64>,
+    /// Generated token ids, `num_sequences × output_tokens`, row-major.
+    pub tokens: Vec<u32>,
+    /// Model FLOPs executed for the batch (all ranks together).
+    pub flops: f64,
+}
+
+impl BatchRecord {
+    /// TPOT = (E2E − TTFT) / (output_tokens − 1); zero when one token is generated.
+    pub fn tpot_s(&self) -> f64 {
+        if self.output_tokens <= 1 {
+            0.0
+        } else {
+            (self.e2e_s - self.ttft_s) / (self.output_tokens - 1) as f64
+        }
+    }
+    /// The source paper's TPOT: total time / output tokens.
+    pub fn paper_tpot_s(&self) -> f64 {
+        if self.output_tokens == 0 {
+            0.0
+        } else {
+            self.e2e_s / self.output_tokens as f64
+        }
+    }
+    /// Input plus output tokens of all sequences of the batch.
+    pub fn total_tokens(&self) -> u64 {
+        self.num_sequences as u64 * (self.seq_len as u64 + self.output_tokens as u64)
+    }
+}
+
+/// What one rank measured during one batch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RankRecord {
+    pub batch_index: u32,
+    pub world_rank: u32,
+    /// The rank's role in the strategy: "tp", "base", "pool", "idle", ...
+    pub role: String,
+    /// Whether the rank did any work for this batch (pool ranks outside the
+    /// active pool and ranks outside the strategy are idle).
+    pub active: bool,
+    /// Wall time of the batch on this rank (s).
+    pub wall_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub comm: BTreeMap<Category, CommStat>,
+    /// Peak device memory (process RSS on CPU) so far, bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// The analytical estimate for this rank, bytes.
+    pub memory_estimate_bytes: u64,
+    /// Energy-counter deltas (J); `None` where not measured (CPU backend).
+    pub energy_prefill_j: Option<f64>,
+    pub energy_decode_j: Option<f64>,
+    /// FLOPs this rank executed.
+    pub flops: f64,
+}
+
+impl RankRecord {
+    pub fn comm_seconds(&self) -> f64 {
+        self.comm.values().map(|s| s.seconds).sum()
+    }
+}
+
+/// Mean and percentiles of a sample.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Distribution {
+    pub count: usize,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+impl Distribution {
+    /// Percentiles by linear interpolation between closest ranks (numpy's default).
+    pub fn of(values: &[f64]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| {
+            let x = p / 100.0 * (v.len() - 1) as f64;
+            let (lo, hi) = (x.floor() as usize, x.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (x - lo as f64)
+        };
+        Self { count: v.len(), mean: v.iter().sum::<f64>() / v.len() as f64, p50: pct(50.0), p90: pct(90.0), p99: pct(99.0) }
+    }
+}
+
+/// One (strategy, category) summary, computed from its batch records.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CategorySummary {
+    pub batches: usize,
+    pub sequences: u64,
+    pub total_tokens: u64,
+    /// Wall time of the whole category (s), first batch start to last batch end.
+    pub wall_s: f64,
+    /// (input + output tokens) / wall time.
+    pub tps: f64,
+    pub ttft: Distribution,
+    pub tpot: Distribution,
+    pub itl: Distribution,
+    pub e2e: Distribution,
+    pub paper_tpot_mean: f64,
+}
+
+impl CategorySummary {
+    pub fn from_batches(batches: &[BatchRecord], wall_s: f64) -> Self {
+        let total_tokens: u64 = batches.iter().map(|b| b.total_tokens()).sum();
+        let itl: Vec<f64> = batches.iter().flat_map(|b| b.itl_s.iter().copied()).collect();
+        let col = |f: &dyn Fn(&BatchRecord) -> f64| batches.iter().map(f).collect::<Vec<_>>();
+        Self {
+            batches: batches.len(),
+            sequences: batches.iter().map(|b| b.num_sequences as u64).sum(),
+            total_tokens,
+            wall_s,
+            tps: if wall_s > 0.0 { total_tokens as f64 / wall_s } else { 0.0 },
+            ttft: Distribution::of(&col(&|b| b.ttft_s)),
+            tpot: Distribution::of(&col(&|b| b.tpot_s())),
+            itl: Distribution::of(&itl),
+            e2e: Distribution::of(&col(&|b| b.e2e_s)),
+            paper_tpot_mean: Distribution::of(&col(&|b| b.paper_tpot_s())).mean,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_numpy() {
+        let d = Distribution::of(&[4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(d.p50, 2.5);
+        assert!((d.p90 - 3.7).abs() < 1e-12);
+        assert_eq!(d.mean, 2.5);
+    }
+
+    #[test]
+    fn tpot_excludes_the_first_token() {
+        let b = BatchRecord { output_tokens: 5, ttft_s: 1.0, e2e_s: 3.0, ..Default::default() };
+        assert_eq!(b.tpot_s(), 0.5);
+        assert_eq!(b.paper_tpot_s(), 0.6);
+    }
+
+    #[test]
+    fn tps_counts_input_and_output_tokens_over_wall_time() {
+        let b = BatchRecord { num_sequences: 4, seq_len: 10, output_tokens: 2, ..Default::default() };
+        let s = CategorySummary::from_batches(&[b.clone(), b], 2.0);
+        assert_eq!(s.total_tokens, 96);
+        assert_eq!(s.tps, 48.0);
+    }
+}
