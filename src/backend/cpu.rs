@@ -74,11 +74,11 @@ impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
     }
-    fn elem_bytes(&self) -> usize {
-        4
-    }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
+    }
+    fn size_bytes(&self, buf: &Vec<f32>) -> usize {
+        buf.len() * 4
     }
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
         Ok(host.to_vec())

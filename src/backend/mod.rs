@@ -89,16 +89,17 @@ impl RowRun {
 /// Every method takes dimensions explicitly; implementations check that the
 /// buffers are large enough and return `BackendError::Shape` otherwise.
 pub trait Backend {
-    /// A device buffer of model-dtype elements.
+    /// A device buffer. Activations and weights are in the model dtype;
+    /// log-sum-exp buffers are f32 on every backend.
     type Buf;
     /// A point in the device's timeline (an instant on CPU, an event on GPU).
     type Mark;
 
     fn name(&self) -> &'static str;
-    /// Bytes per element of `Buf` (4 for f32, 2 for bf16/fp16).
-    fn elem_bytes(&self) -> usize;
     /// Number of elements in `buf`.
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// Bytes `buf` occupies on the device (what a message of it moves).
+    fn size_bytes(&self, buf: &Self::Buf) -> usize;
 
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;

@@ -196,7 +196,7 @@ impl<'a, B: Backend> Comm<'a, B> {
     }
 
     fn bytes_of(&self, buf: &B::Buf) -> usize {
-        self.backend.len(buf) * self.backend.elem_bytes()
+        self.backend.size_bytes(buf)
     }
 
     /// Sum-all-reduce in place. Bytes: the buffer's size.
