@@ -234,12 +234,17 @@ impl<'a, B: Backend> Comm<'a, B> {
         self.timed(category, bytes, |t| t.send(self.backend, group, dst, buf))
     }
 
-    /// Receives exactly `len` elements from group rank `src`.
+    /// Receives exactly `len` model-dtype elements from group rank `src`.
     pub fn recv(&self, category: Category, group: &Group, src: usize, len: usize) -> Result<B::Buf> {
         let mut buf = self.backend.zeros(len)?;
-        let bytes = self.bytes_of(&buf);
-        self.timed(category, bytes, |t| t.recv(self.backend, group, src, &mut buf))?;
+        self.recv_into(category, group, src, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Receives into `buf`, whose length and dtype must match the message.
+    pub fn recv_into(&self, category: Category, group: &Group, src: usize, buf: &mut B::Buf) -> Result<()> {
+        let bytes = self.bytes_of(buf);
+        self.timed(category, bytes, |t| t.recv(self.backend, group, src, buf))
     }
 
     fn record_host(&self, category: Category, bytes: usize, started: Instant) {
