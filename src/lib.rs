@@ -1,10 +1,22 @@
 //! fapool: a benchmark suite for long-context LLM inference parallelism.
 //!
 //! The modules follow the path of data through a run:
-//! job spec → cluster roles and communicators → strategy (who computes what)
-//! → backend (kernels) and comm (collectives) → metrics → results file →
-//! analysis.
+//! job spec (`spec`, `workload`, `model`) → cluster roles and communicators
+//! (`cluster`) → strategy (`strategy`: who computes what) → backend (kernels)
+//! and comm (collectives) → metrics (`metrics`, timed in `runner`) → results
+//! file (`results`) → analysis (`analyze`). `memory` models what fits.
 
+pub mod analyze;
+pub mod app;
 pub mod backend;
+pub mod cluster;
 pub mod comm;
+pub mod exit;
+pub mod memory;
 pub mod metrics;
+pub mod model;
+pub mod results;
+pub mod runner;
+pub mod spec;
+pub mod strategy;
+pub mod workload;

@@ -1,1 +1,88 @@
-fn main() {}
+//! The `fapool` command line.
+
+use clap::{Parser, Subcommand};
+use fapool::app;
+use fapool::backend::BackendKind;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "fapool", version, about = "Benchmark long-context LLM inference: static TP x PP versus an elastic flash-attention pool")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a job's strategies over its workload (one MPI rank per GPU) and write an HDF5 results file.
+    Run {
+        /// The job spec (TOML).
+        job: PathBuf,
+        /// Results file (default: results/<job name>-<UTC time>.h5).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overwrite an existing results file.
+        #[arg(long)]
+        force: bool,
+        /// Override the job's backend.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+        /// Override any job field, e.g. `--set workload.sequences_per_category=20` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Check a job spec against every rule without MPI or GPUs.
+    Validate {
+        job: PathBuf,
+        /// Ranks the launch would start.
+        #[arg(long, default_value_t = 1)]
+        ranks: usize,
+        /// Most ranks per node (default: all on one node).
+        #[arg(long)]
+        local_ranks: Option<usize>,
+        /// GPUs visible per node (omit for the CPU backend).
+        #[arg(long)]
+        gpus: Option<usize>,
+        /// Per-rank memory budget in GiB (default: the job's, else 80).
+        #[arg(long)]
+        memory_gib: Option<f64>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Run every strategy of a job beside the single-rank model and compare logits and greedy tokens.
+    Verify {
+        job: PathBuf,
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Largest relative L2 error of the logits that passes.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
+        /// Feed the reference's tokens to every strategy (compares logits step by step even where low precision flips a token).
+        #[arg(long)]
+        teacher_forcing: bool,
+        /// At most this many batches per category.
+        #[arg(long, default_value_t = usize::MAX)]
+        max_batches: usize,
+    },
+    /// Print comparison tables (and write plots) from results files.
+    Analyze {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show what fapool finds: MPI, ranks, GPUs, CUDA/NCCL/NVML libraries.
+    Env,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let exit = match cli.cmd {
+        Cmd::Run { job, out, force, backend, set } => app::run(&job, out, force, backend, &set),
+        Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => app::validate(&job, ranks, local_ranks, gpus, memory_gib, &set),
+        Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => app::verify(&job, backend, &set, tolerance, teacher_forcing, max_batches),
+        Cmd::Analyze { files } => app::analyze(&files),
+        Cmd::Env => app::env(),
+    };
+    std::process::exit(exit.code());
+}

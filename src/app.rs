@@ -1,0 +1,492 @@
+//! The commands behind the CLI: load and check the job, start MPI, pick the
+//! backend, drive the runner, write and read results. Errors are reported
+//! here, once, on world rank 0, and mapped to typed exit codes.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BackendKind};
+use crate::cluster::Cluster;
+use crate::comm::mpi_transport::MpiTransport;
+use crate::comm::{Group, Transport};
+use crate::exit::Exit;
+use crate::metrics::{BatchRecord, CategorySummary};
+use crate::model::ModelConfig;
+use crate::runner::{build_strategy, gather_batch, run_batch, shape_of, world_comm, EnergyMeter};
+use crate::spec::{self, BaselineSpec, JobSpec, LaunchFacts, StrategySpec};
+use crate::strategy::Strategy;
+use crate::workload::Workload;
+use mpi::traits::*;
+use std::path::{Path, PathBuf};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn load(job: &Path, sets: &[String]) -> Result<(JobSpec, String), Exit> {
+    spec::load_job(job, sets).map_err(|e| {
+        eprintln!("fapool: {e}");
+        Exit::Usage
+    })
+}
+
+/// `fapool validate`: every rule, no MPI, no device.
+pub fn validate(job: &Path, ranks: usize, local_ranks: Option<usize>, gpus: Option<usize>, memory_gib: Option<f64>, sets: &[String]) -> Exit {
+    let (job, _) = match load(job, sets) {
+        Ok(j) => j,
+        Err(e) => return e,
+    };
+    let elem = if gpus.is_some() { dtype_bytes(job.run.dtype) } else { 4 };
+    let facts = LaunchFacts {
+        world_size: ranks,
+        max_local_ranks: local_ranks.unwrap_or(ranks),
+        visible_gpus: gpus,
+        memory_budget_bytes: (memory_gib.or(job.run.memory_budget_gib).unwrap_or(80.0) * GIB) as u64,
+        elem_bytes: elem,
+    };
+    match spec::validate(&job, &facts) {
+        Ok(m) => {
+            print_job_summary(&job, &m, ranks);
+            println!("valid: {} ranks", ranks);
+            Exit::Ok
+        }
+        Err(e) => {
+            eprintln!("fapool: {e}");
+            Exit::Usage
+        }
+    }
+}
+
+fn dtype_bytes(d: spec::Dtype) -> usize {
+    match d {
+        spec::Dtype::Fp32 => 4,
+        _ => 2,
+    }
+}
+
+fn print_job_summary(job: &JobSpec, m: &ModelConfig, world: usize) {
+    println!(
+        "model {}: {} layers, d_model {}, {} x {} heads, ffn {} ({:?}), vocab {}: {:.3} B parameters ({:.3} B in layers)",
+        m.name,
+        m.layers,
+        m.d_model,
+        m.heads,
+        m.head_dim,
+        m.ffn,
+        m.ffn_kind,
+        m.vocab,
+        m.params() as f64 / 1e9,
+        (m.layers as u64 * m.layer_params()) as f64 / 1e9
+    );
+    let w = Workload::new(&job.workload, m.vocab);
+    for (c, cat) in job.workload.categories.iter().enumerate() {
+        println!("category {}: lengths {:?}, {} sequences in {} batches", cat.name, cat.resolved_lengths(), job.workload.sequences_per_category, w.batches(c).len());
+    }
+    for s in &job.strategies {
+        let (lo, hi) = s.rank_range();
+        println!("strategy {} ({}): uses {} of {world} ranks", s.name(), s.kind(), hi.min(world).max(lo));
+    }
+}
+
+fn memory_total_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30)
+}
+
+/// Starts MPI and checks the launch itself.
+fn start_mpi() -> Result<Cluster, Exit> {
+    let cluster = Cluster::init().map_err(|e| {
+        eprintln!("fapool: MPI: {e}");
+        Exit::Mpi
+    })?;
+    if let Some(n) = Cluster::slurm_ntasks() {
+        if n != cluster.world_size && std::env::var("SLURM_STEP_ID").is_ok() {
+            if cluster.rank == 0 {
+                eprintln!("fapool: rule `ranks-match-slurm` broken: MPI world has {} ranks but SLURM_NTASKS is {n} (singletons from a misconfigured launcher?)", cluster.world_size);
+            }
+            return Err(Exit::Mpi);
+        }
+    }
+    Ok(cluster)
+}
+
+/// Chooses the backend; under `auto` a missing GPU stack falls back to CPU with a message.
+fn choose_backend(kind: BackendKind, cluster: &Cluster) -> Result<BackendKind, Exit> {
+    match kind {
+        BackendKind::Cpu => Ok(BackendKind::Cpu),
+        BackendKind::Auto => {
+            if cluster.rank == 0 {
+                eprintln!("fapool: no usable CUDA stack in this build; using the CPU backend");
+            }
+            Ok(BackendKind::Cpu)
+        }
+        BackendKind::Cuda => {
+            if cluster.rank == 0 {
+                eprintln!("fapool: the CUDA backend is not available in this build");
+            }
+            Err(Exit::Cuda)
+        }
+    }
+}
+
+fn cpu_facts(job: &JobSpec, cluster: &Cluster) -> LaunchFacts {
+    let budget = job.run.memory_budget_gib.map(|g| (g * GIB) as u64).unwrap_or(memory_total_bytes() / cluster.max_local_ranks.max(1) as u64);
+    LaunchFacts { world_size: cluster.world_size, max_local_ranks: cluster.max_local_ranks, visible_gpus: None, memory_budget_bytes: budget, elem_bytes: 4 }
+}
+
+/// Validates on every rank (deterministic), reporting once.
+fn validate_launch(job: &JobSpec, facts: &LaunchFacts, cluster: &Cluster) -> Result<ModelConfig, Exit> {
+    spec::validate(job, facts).map_err(|e| {
+        if cluster.rank == 0 {
+            eprintln!("fapool: {e}");
+        }
+        Exit::Usage
+    })
+}
+
+/// All ranks agree on a rank-0 decision.
+fn agree(world: &mpi::topology::SimpleCommunicator, ok_on_root: bool) -> bool {
+    let mut flag = [ok_on_root as u8];
+    world.process_at_rank(0).broadcast_into(&mut flag[..]);
+    flag[0] == 1
+}
+
+fn gather_roles<B: Backend>(world: &Group, s: &dyn Strategy<B>) -> Vec<String> {
+    const W: usize = 32;
+    let mut mine = [0u8; W];
+    let r = s.role();
+    mine[..r.len().min(W)].copy_from_slice(&r.as_bytes()[..r.len().min(W)]);
+    let mut all = vec![0u8; W * world.size()];
+    world.comm.all_gather_into(&mine[..], &mut all[..]);
+    all.chunks(W).map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string()).collect()
+}
+
+/// `fapool run`.
+pub fn run(job_path: &Path, out: Option<PathBuf>, force: bool, backend: Option<BackendKind>, sets: &[String]) -> Exit {
+    let (job, text) = match load(job_path, sets) {
+        Ok(j) => j,
+        Err(e) => return e,
+    };
+    let cluster = match start_mpi() {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let kind = match choose_backend(backend.unwrap_or(job.run.backend), &cluster) {
+        Ok(k) => k,
+        Err(e) => return e,
+    };
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("results/{}-{}.h5", job.run.name, crate::results::utc_now().replace(':', ""))));
+    match kind {
+        _ => {
+            let facts = cpu_facts(&job, &cluster);
+            let be = CpuBackend;
+            run_on(&be, Box::new(MpiTransport), &cluster, &job, &text, &path, force, &facts, None)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_on<'a, B: Backend>(
+    be: &'a B,
+    transport: Box<dyn Transport<B> + 'a>,
+    cluster: &Cluster,
+    job: &JobSpec,
+    text: &str,
+    path: &Path,
+    force: bool,
+    facts: &LaunchFacts,
+    energy: Option<&dyn EnergyMeter>,
+) -> Exit {
+    let cfg = match validate_launch(job, facts, cluster) {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let root = cluster.rank == 0;
+    let exists = root && path.exists() && !force;
+    if exists {
+        eprintln!("fapool: results file {} exists; pass --force to overwrite it", path.display());
+    }
+    if !agree(&cluster.world(), !exists) {
+        return Exit::Usage;
+    }
+    let (comm, world) = match world_comm(be, transport, cluster) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("fapool: rank {}: {e}", cluster.rank);
+            return Exit::Mpi;
+        }
+    };
+    let mut file = None;
+    if root {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let prov = provenance(job, text, cluster, be.name(), comm.transport_name());
+        match crate::results::ResultsFile::create(path, force, &prov) {
+            Ok(f) => file = Some(f),
+            Err(e) => eprintln!("fapool: {e}"),
+        }
+    }
+    if !agree(&cluster.world(), !root || file.is_some()) {
+        return Exit::Failure;
+    }
+    let wl = Workload::new(&job.workload, cfg.vocab);
+    for sspec in &job.strategies {
+        let strategy = build_strategy(be, &comm, &cfg, sspec, &world);
+        let mut strategy = match strategy {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("fapool: rank {}: building {}: {e}", cluster.rank, sspec.name());
+                return Exit::Failure;
+            }
+        };
+        let roles = gather_roles(&world, strategy.as_ref());
+        if let Some(f) = file.as_mut() {
+            let info = crate::results::StrategyInfo {
+                name: sspec.name(),
+                kind: sspec.kind().into(),
+                params: toml::to_string(sspec).unwrap_or_default(),
+                world_ranks_used: roles.iter().enumerate().filter(|(_, r)| r.as_str() != "idle").map(|(i, _)| i as u32).collect(),
+            };
+            if let Err(e) = f.begin_strategy(&info) {
+                eprintln!("fapool: {e}");
+            }
+        }
+        for (c, cat) in job.workload.categories.iter().enumerate() {
+            let mut records: Vec<BatchRecord> = Vec::new();
+            for b in wl.batches(c) {
+                let shape = shape_of(&b, job);
+                let prompts = wl.batch_prompts(&b);
+                let cap = crate::memory::max_sequences(&cfg, sspec, shape.seq_len, shape.out_tokens, cluster.world_size, facts.elem_bytes, facts.memory_budget_bytes, shape.nseq);
+                let est = crate::memory::busiest_rank_bytes(&cfg, sspec, shape.seq_len, cap.min(shape.nseq), shape.out_tokens, cluster.world_size, facts.elem_bytes);
+                world.comm.barrier();
+                let r = match run_batch(be, &comm, strategy.as_mut(), shape, &prompts, cap, false, None, energy) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("fapool: rank {}: {} {} batch {}: {e}", cluster.rank, sspec.name(), cat.name, b.index);
+                        if let Some(f) = file.as_mut() {
+                            let _ = f.set_status(crate::results::RunStatus::Failed, Some(&crate::results::utc_now()));
+                        }
+                        return Exit::Failure;
+                    }
+                };
+                let flops = crate::runner::batch_flops(&cfg, shape);
+                if let Some(g) = gather_batch(be, &world, strategy.as_ref(), &r, &b, shape, job.workload.batch_size, flops, est, &roles) {
+                    if let Some(f) = file.as_mut() {
+                        if let Err(e) = f.append_batch(&sspec.name(), &cat.name, &g.batch, &g.ranks) {
+                            eprintln!("fapool: {e}");
+                        }
+                    }
+                    records.push(g.batch);
+                }
+            }
+            if let Some(f) = file.as_mut() {
+                let wall: f64 = records.iter().map(|r| r.e2e_s).sum();
+                let summary = CategorySummary::from_batches(&records, wall);
+                if let Err(e) = f.write_summary(&sspec.name(), &cat.name, &summary) {
+                    eprintln!("fapool: {e}");
+                }
+                println!(
+                    "{:<28} {:<10} batches {:>3}  TTFT {:>9.3} ms  TPOT {:>9.3} ms  TPS {:>10.1}",
+                    sspec.name(),
+                    cat.name,
+                    summary.batches,
+                    summary.ttft.mean * 1e3,
+                    summary.tpot.mean * 1e3,
+                    summary.tps
+                );
+            }
+        }
+    }
+    if let Some(f) = file.as_mut() {
+        if let Err(e) = f.set_status(crate::results::RunStatus::Complete, Some(&crate::results::utc_now())) {
+            eprintln!("fapool: {e}");
+            return Exit::Failure;
+        }
+        println!("results: {}", path.display());
+    }
+    Exit::Ok
+}
+
+fn git_commit() -> String {
+    option_env!("FAPOOL_GIT_COMMIT").unwrap_or("unknown").to_string()
+}
+
+fn provenance(job: &JobSpec, text: &str, cluster: &Cluster, backend: &str, transport: &str) -> crate::results::Provenance {
+    crate::results::Provenance {
+        schema_version: crate::results::SCHEMA_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: git_commit(),
+        job_toml: text.into(),
+        argv: std::env::args().collect(),
+        hosts: cluster.hosts.clone(),
+        world_size: cluster.world_size as u32,
+        backend: backend.into(),
+        transport: transport.into(),
+        mpi_library: cluster.mpi_library.clone(),
+        slurm: std::env::vars().filter(|(k, _)| k.starts_with("SLURM_") && (k.ends_with("_ID") || k.contains("NODELIST") || k.contains("NTASKS"))).collect(),
+        seeds: crate::results::Seeds { workload: job.workload.seed, weights: job.model.resolve().map(|m| m.weights_seed).unwrap_or(0) },
+        started_utc: crate::results::utc_now(),
+        categories: job.workload.categories.iter().map(|c| c.name.clone()).collect(),
+        roles: Vec::new(),
+        ..Default::default()
+    }
+}
+
+/// `fapool verify`: every strategy against the single-rank model.
+pub fn verify(job_path: &Path, backend: Option<BackendKind>, sets: &[String], tolerance: f64, teacher_forcing: bool, max_batches: usize) -> Exit {
+    let (job, _) = match load(job_path, sets) {
+        Ok(j) => j,
+        Err(e) => return e,
+    };
+    let cluster = match start_mpi() {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let _kind = match choose_backend(backend.unwrap_or(job.run.backend), &cluster) {
+        Ok(k) => k,
+        Err(e) => return e,
+    };
+    let facts = cpu_facts(&job, &cluster);
+    verify_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &facts, tolerance, teacher_forcing, max_batches)
+}
+
+/// Relative L2 distance `‖a − b‖ / ‖b‖` (NaN fails every comparison).
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, cluster: &Cluster, job: &JobSpec, facts: &LaunchFacts, tolerance: f64, teacher: bool, max_batches: usize) -> Exit {
+    let cfg = match validate_launch(job, facts, cluster) {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let (comm, world) = match world_comm(be, transport, cluster) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("fapool: {e}");
+            return Exit::Mpi;
+        }
+    };
+    let reference_spec = StrategySpec::Baseline(BaselineSpec { name: Some("single-rank".into()), tp: 1, pp: 1, micro_batches: 1 });
+    let build = |s: &StrategySpec| build_strategy(be, &comm, &cfg, s, &world);
+    let mut reference = match build(&reference_spec) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fapool: {e}");
+            return Exit::Failure;
+        }
+    };
+    let mut strategies = Vec::new();
+    for s in &job.strategies {
+        match build(s) {
+            Ok(b) => strategies.push((s.clone(), b)),
+            Err(e) => {
+                eprintln!("fapool: {e}");
+                return Exit::Failure;
+            }
+        }
+    }
+    let roles_ref = gather_roles(&world, reference.as_ref());
+    let wl = Workload::new(&job.workload, cfg.vocab);
+    let root = cluster.rank == 0;
+    let mut failures = 0;
+    if root {
+        println!("{:<30} {:<10} {:>5} {:>6} {:>5} {:>4} {:>12} {:>7} {:>6}", "strategy", "category", "batch", "seqlen", "nseq", "pool", "max rel err", "tokens", "result");
+    }
+    for (c, cat) in job.workload.categories.iter().enumerate() {
+        for b in wl.batches(c).into_iter().take(max_batches) {
+            let shape = shape_of(&b, job);
+            let prompts = wl.batch_prompts(&b);
+            let run = |s: &mut dyn Strategy<B>, forced: Option<&[u32]>, roles: &[String]| {
+                world.comm.barrier();
+                let r = run_batch(be, &comm, s, shape, &prompts, shape.nseq, true, forced, None)?;
+                Ok::<_, crate::strategy::StrategyError>(gather_batch(be, &world, s, &r, &b, shape, shape.nseq, 0.0, 0, roles))
+            };
+            let reference_out = match run(reference.as_mut(), None, &roles_ref) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("fapool: rank {}: reference: {e}", cluster.rank);
+                    return Exit::Failure;
+                }
+            };
+            // Reference tokens to every rank (the strategies' leaders need them to force).
+            let mut ref_tokens = reference_out.as_ref().map(|g| g.batch.tokens.clone()).unwrap_or_else(|| vec![0; shape.nseq * shape.out_tokens]);
+            world.comm.process_at_rank(0).broadcast_into(&mut ref_tokens[..]);
+            for (spec, s) in strategies.iter_mut() {
+                let roles = gather_roles(&world, s.as_ref());
+                let forced = teacher.then_some(&ref_tokens[..]);
+                let g = match run(s.as_mut(), forced, &roles) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        eprintln!("fapool: rank {}: {}: {e}", cluster.rank, spec.name());
+                        return Exit::Failure;
+                    }
+                };
+                if let (Some(g), Some(r)) = (g, reference_out.as_ref()) {
+                    let err = g.logits.iter().zip(&r.logits).map(|(a, b)| rel_l2(a, b)).fold(0.0f64, |m, e| if e.is_nan() || m.is_nan() { f64::NAN } else { m.max(e) });
+                    let steps_ok = g.logits.len() == r.logits.len();
+                    let tokens_ok = g.batch.tokens == r.batch.tokens;
+                    let pass = steps_ok && err <= tolerance && (teacher || tokens_ok);
+                    if !pass {
+                        failures += 1;
+                    }
+                    println!(
+                        "{:<30} {:<10} {:>5} {:>6} {:>5} {:>4} {:>12.3e} {:>7} {:>6}",
+                        spec.name(),
+                        cat.name,
+                        b.index,
+                        shape.seq_len,
+                        shape.nseq,
+                        g.batch.pool_effective,
+                        err,
+                        if tokens_ok { "same" } else { "DIFFER" },
+                        if pass { "ok" } else { "FAIL" }
+                    );
+                }
+            }
+        }
+    }
+    let mut total = [failures as u64];
+    world.comm.process_at_rank(0).broadcast_into(&mut total[..]);
+    if total[0] > 0 {
+        if root {
+            eprintln!("fapool: {} comparisons failed", total[0]);
+        }
+        return Exit::WrongResult;
+    }
+    if root {
+        println!("all strategies reproduce the single-rank model");
+    }
+    Exit::Ok
+}
+
+/// `fapool analyze`.
+pub fn analyze(files: &[PathBuf]) -> Exit {
+    let _ = files;
+    Exit::Ok
+}
+
+/// `fapool env`.
+pub fn env() -> Exit {
+    let cluster = match start_mpi() {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    if cluster.rank == 0 {
+        println!("MPI library:      {}", cluster.mpi_library);
+        println!("world size:       {}", cluster.world_size);
+        println!("hosts:            {:?}", cluster.hosts);
+        println!("node-local ranks: {:?} (max {} per node)", cluster.local_ranks, cluster.max_local_ranks);
+        println!("memory per node:  {:.1} GiB", memory_total_bytes() as f64 / GIB);
+    }
+    Exit::Ok
+}
