@@ -1,0 +1,211 @@
+//! Every strategy reproduces the single-rank model: logits within 1e-4
+//! relative (f32) and identical greedy tokens, on batches below and above the
+//! pool threshold, for every layout the suite supports (SPEC section 2).
+
+mod common;
+use common::*;
+
+/// Runs `fapool verify` on `np` ranks over the given strategies; asserts every
+/// comparison passed and returns the table.
+fn verify(np: usize, tag: &str, strategies: &str) -> String {
+    let dir = scratch(tag);
+    let toml = format!("{}{}", tiny_job_header(6, 6), strategies);
+    let path = job(&dir, tag, &toml);
+    let out = mpirun(np, &["verify", path.to_str().unwrap(), "--tolerance", "1e-4"]);
+    let t = text(&out);
+    assert!(out.status.success(), "verify failed on {np} ranks:\n{t}");
+    assert!(t.contains("all strategies reproduce the single-rank model"), "{t}");
+    assert!(!t.contains("FAIL"), "{t}");
+    t
+}
+
+/// Rows of the verify table for one strategy: (category, pool size).
+fn rows<'a>(table: &'a str, strategy: &str) -> Vec<(&'a str, usize)> {
+    table
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(strategy))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1], f[5].parse().unwrap())
+        })
+        .collect()
+}
+
+const FAPOOL: &str = "threshold = 32\ntokens_per_pool_gpu = 16\n";
+
+#[test]
+fn two_ranks_baseline_tp2_pp2_and_fapool_base1_pool1() {
+    let t = verify(
+        2,
+        "np2",
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 1
+[[strategy]]
+kind = "baseline"
+tp = 1
+pp = 2
+micro_batches = 2
+[[strategy]]
+kind = "fapool"
+name = "b1p1-contiguous-mb1"
+base = 1
+pool_max = 1
+partition = "contiguous"
+micro_batches = 1
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b1p1-zigzag-mb2"
+base = 1
+pool_max = 1
+partition = "zigzag"
+micro_batches = 2
+{FAPOOL}
+"#
+        ),
+    );
+    for s in ["baseline-tp2-pp1", "baseline-tp1-pp2"] {
+        assert!(!rows(&t, s).is_empty(), "{s} missing:\n{t}");
+    }
+    for s in ["b1p1-contiguous-mb1", "b1p1-zigzag-mb2"] {
+        let r = rows(&t, s);
+        assert!(r.iter().any(|&(c, p)| c == "below" && p == 0), "{s}: no batch below the threshold ran base-only:\n{t}");
+        assert!(r.iter().any(|&(c, p)| c == "above" && p == 1), "{s}: no batch above the threshold used the pool:\n{t}");
+    }
+}
+
+#[test]
+fn four_ranks_tp2xpp2_and_fapool_base2_pool2_with_and_without_overlap() {
+    let t = verify(
+        4,
+        "np4",
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 2
+[[strategy]]
+kind = "fapool"
+name = "b2p2-contiguous-mb1"
+base = 2
+pool_max = 2
+partition = "contiguous"
+micro_batches = 1
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b2p2-zigzag-mb2-overlap"
+base = 2
+pool_max = 2
+partition = "zigzag"
+micro_batches = 2
+overlap = true
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b2p2-contiguous-mb2-sequential"
+base = 2
+pool_max = 2
+partition = "contiguous"
+micro_batches = 2
+overlap = false
+{FAPOOL}
+"#
+        ),
+    );
+    assert!(rows(&t, "b2p2-zigzag-mb2-overlap").iter().any(|&(_, p)| p == 2), "{t}");
+    assert!(!rows(&t, "baseline-tp2-pp2").is_empty(), "{t}");
+}
+
+#[test]
+fn a_pool_request_larger_than_the_launched_pool_is_capped() {
+    // base 2 + pool up to 4 on 4 ranks: two pool ranks are launched; the
+    // policy asks for ceil(64/16) = 4 and gets 2.
+    let t = verify(
+        4,
+        "capped",
+        &format!(
+            r#"
+[[strategy]]
+kind = "fapool"
+name = "b2p4-on-4-ranks"
+base = 2
+pool_max = 4
+partition = "zigzag"
+micro_batches = 2
+{FAPOOL}
+"#
+        ),
+    );
+    let r = rows(&t, "b2p4-on-4-ranks");
+    assert!(r.iter().any(|&(c, p)| c == "above" && p == 2), "{t}");
+    assert!(r.iter().all(|&(_, p)| p <= 2), "{t}");
+}
+
+#[test]
+fn six_ranks_fapool_base2_pool4_contiguous_and_zigzag() {
+    let t = verify(
+        6,
+        "np6",
+        &format!(
+            r#"
+[[strategy]]
+kind = "fapool"
+name = "b2p4-contiguous-mb1"
+base = 2
+pool_max = 4
+partition = "contiguous"
+micro_batches = 1
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b2p4-zigzag-mb2"
+base = 2
+pool_max = 4
+partition = "zigzag"
+micro_batches = 2
+{FAPOOL}
+"#
+        ),
+    );
+    for s in ["b2p4-contiguous-mb1", "b2p4-zigzag-mb2"] {
+        let r = rows(&t, s);
+        // 33 tokens ask for 3 pool ranks, 64 for 4.
+        assert!(r.iter().any(|&(_, p)| p == 4), "{s}:\n{t}");
+        assert!(r.iter().any(|&(_, p)| p == 3), "{s}:\n{t}");
+        assert!(r.iter().any(|&(_, p)| p == 0), "{s}:\n{t}");
+    }
+}
+
+#[test]
+fn eight_ranks_baseline_tp4xpp2() {
+    let t = verify(
+        8,
+        "np8",
+        r#"
+[[strategy]]
+kind = "baseline"
+tp = 4
+pp = 2
+micro_batches = 3
+"#,
+    );
+    assert!(!rows(&t, "baseline-tp4-pp2").is_empty(), "{t}");
+}
+
+#[test]
+fn verify_reports_a_mismatch_as_wrong_result() {
+    // With a tolerance of zero the rounding differences of sharded sums
+    // must be caught: the comparison is live, not a formality.
+    let dir = scratch("mismatch");
+    let toml = format!("{}\n[[strategy]]\nkind = \"baseline\"\ntp = 2\npp = 1\n", tiny_job_header(3, 4));
+    let path = job(&dir, "mismatch", &toml);
+    let out = mpirun(2, &["verify", path.to_str().unwrap(), "--tolerance", "0"]);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    assert!(text(&out).contains("FAIL"));
+}
