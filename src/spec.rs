@@ -429,3 +429,113 @@ fn check_tp(m: &ModelConfig, t: usize, name: &str) -> Result<(), SpecError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = r#"
+[model]
+preset = "tiny"
+[workload]
+sequences_per_category = 4
+output_tokens = 4
+[[workload.category]]
+name = "short"
+lengths = [16, 32]
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 2
+[[strategy]]
+kind = "fapool"
+base = 2
+pool_max = 2
+"#;
+
+    fn facts(world: usize) -> LaunchFacts {
+        LaunchFacts { world_size: world, max_local_ranks: world, visible_gpus: None, memory_budget_bytes: 1 << 30, elem_bytes: 4 }
+    }
+
+    fn broken(job: &JobSpec, f: &LaunchFacts) -> &'static str {
+        match validate(job, f) {
+            Err(SpecError::Rule { rule, .. }) => rule,
+            other => panic!("expected a rule violation, got {other:?}"),
+        }
+    }
+
+    fn with(sets: &[&str]) -> JobSpec {
+        parse_job(JOB, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn the_example_job_is_valid_on_four_ranks() {
+        assert!(validate(&with(&[]), &facts(4)).is_ok());
+    }
+
+    #[test]
+    fn zero_length_sequences_are_rejected() {
+        assert_eq!(broken(&with(&["workload.category.0.lengths=[0, 16]"]), &facts(4)), "sequence-length-positive");
+    }
+
+    #[test]
+    fn sequences_over_the_maximum_are_rejected() {
+        assert_eq!(broken(&with(&["model.max_seq_len=32"]), &facts(4)), "sequence-within-max");
+    }
+
+    #[test]
+    fn heads_not_divisible_by_tp_are_rejected() {
+        assert_eq!(broken(&with(&["strategy.0.tp=3", "strategy.0.pp=1"]), &facts(4)), "heads-divisible-by-tp");
+    }
+
+    #[test]
+    fn ffn_not_divisible_by_tp_are_rejected() {
+        assert_eq!(broken(&with(&["model.ffn=250", "strategy.0.tp=4", "strategy.0.pp=1"]), &facts(4)), "ffn-divisible-by-tp");
+    }
+
+    #[test]
+    fn layers_not_divisible_by_pp_are_rejected() {
+        assert_eq!(broken(&with(&["model.layers=3"]), &facts(4)), "layers-divisible-by-pp");
+    }
+
+    #[test]
+    fn a_world_size_the_job_cannot_use_is_rejected() {
+        assert_eq!(broken(&with(&[]), &facts(3)), "ranks-match-job");
+        assert_eq!(broken(&with(&[]), &facts(5)), "ranks-match-job");
+    }
+
+    #[test]
+    fn more_local_ranks_than_gpus_are_rejected() {
+        let f = LaunchFacts { visible_gpus: Some(2), ..facts(4) };
+        assert_eq!(broken(&with(&[]), &f), "one-rank-per-gpu");
+    }
+
+    #[test]
+    fn a_memory_estimate_that_does_not_fit_is_rejected() {
+        let f = LaunchFacts { memory_budget_bytes: 1000, ..facts(4) };
+        assert_eq!(broken(&with(&[]), &f), "memory-fits");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse_job(&JOB.replace("pp = 2", "pp = 2\nbogus_key = 1"), &[]).unwrap_err().to_string();
+        assert!(err.contains("bogus_key"), "{err}");
+    }
+
+    #[test]
+    fn overrides_reach_nested_tables_and_arrays() {
+        let j = with(&["workload.sequences_per_category=20", "strategy.1.partition=\"zigzag\"", "run.name=sweep"]);
+        assert_eq!(j.workload.sequences_per_category, 20);
+        assert_eq!(j.run.name, "sweep");
+        assert!(matches!(&j.strategies[1], StrategySpec::Fapool(f) if f.partition == Partition::Zigzag));
+    }
+
+    #[test]
+    fn the_default_workload_is_the_specs() {
+        let w = WorkloadSpec::default();
+        assert_eq!(w.categories[0].resolved_lengths(), vec![512, 1024, 2048]);
+        let vl = w.categories[3].resolved_lengths();
+        assert_eq!((vl.len(), vl[0], *vl.last().unwrap()), (33, 32768, 65536));
+        assert_eq!((w.sequences_per_category, w.output_tokens, w.batch_size), (1000, 128, 1024));
+    }
+}
