@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what fapool needs to build and run on Debian/Ubuntu: an MPI,
+# libhdf5, libclang (for the MPI bindings), pkg-config, a C toolchain, Python
+# with h5py (tests read results files with it), and Rust if it is missing.
+set -euo pipefail
+
+need=()
+command -v mpirun >/dev/null 2>&1 || need+=(openmpi-bin libopenmpi-dev)
+dpkg -s libopenmpi-dev >/dev/null 2>&1 || need+=(libopenmpi-dev)
+dpkg -s libhdf5-dev >/dev/null 2>&1 || need+=(libhdf5-dev)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+dpkg -s python3-h5py >/dev/null 2>&1 || need+=(python3-h5py python3-numpy)
+command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
+
+if ((${#need[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    :
+  else
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  fi
+fi
