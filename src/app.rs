@@ -8,7 +8,7 @@ use crate::cluster::Cluster;
 use crate::comm::mpi_transport::MpiTransport;
 use crate::comm::{Group, Transport};
 use crate::exit::Exit;
-use crate::metrics::{BatchRecord, CategorySummary};
+use crate::metrics::CategorySummary;
 use crate::model::ModelConfig;
 use crate::runner::{build_strategy, gather_batch, run_batch, shape_of, world_comm, EnergyMeter};
 use crate::spec::{self, BaselineSpec, JobSpec, LaunchFacts, StrategySpec};
@@ -160,26 +160,139 @@ fn gather_roles<B: Backend>(world: &Group, s: &dyn Strategy<B>) -> Vec<String> {
     all.chunks(W).map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string()).collect()
 }
 
+/// Options of `fapool run`.
+pub struct RunArgs {
+    pub out: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub force: bool,
+    pub backend: Option<BackendKind>,
+    pub timeout_s: f64,
+}
+
 /// `fapool run`.
-pub fn run(job_path: &Path, out: Option<PathBuf>, force: bool, backend: Option<BackendKind>, sets: &[String]) -> Exit {
+pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Exit {
     let (job, text) = match load(job_path, sets) {
         Ok(j) => j,
         Err(e) => return e,
     };
+    if args.resume.is_some() && (args.out.is_some() || args.force) {
+        eprintln!("fapool: --resume continues an existing file; it takes neither --out nor --force");
+        return Exit::Usage;
+    }
+    crate::control::install_stop_signals();
     let cluster = match start_mpi() {
         Ok(c) => c,
         Err(e) => return e,
     };
-    let kind = match choose_backend(backend.unwrap_or(job.run.backend), &cluster) {
+    let kind = match choose_backend(args.backend.unwrap_or(job.run.backend), &cluster) {
         Ok(k) => k,
         Err(e) => return e,
     };
-    let path = out.unwrap_or_else(|| PathBuf::from(format!("results/{}-{}.h5", job.run.name, crate::results::utc_now().replace(':', ""))));
+    let path = args
+        .resume
+        .clone()
+        .or(args.out.clone())
+        .unwrap_or_else(|| PathBuf::from(format!("results/{}-{}.h5", job.run.name, crate::results::utc_now().replace([':', '-'], ""))));
+    let target = Target { path, resume: args.resume.is_some(), force: args.force };
     match kind {
         _ => {
             let facts = cpu_facts(&job, &cluster);
-            let be = CpuBackend;
-            run_on(&be, Box::new(MpiTransport), &cluster, &job, &text, &path, force, &facts, None)
+            run_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &text, &target, &facts, None, args.timeout_s)
+        }
+    }
+}
+
+/// Where results go.
+struct Target {
+    path: PathBuf,
+    resume: bool,
+    force: bool,
+}
+
+/// Rank 0's side of the results file: every completed batch is made durable
+/// before the next starts, by appending to a copy and renaming it over the
+/// file (a rename is atomic, so a kill at any moment leaves either the old
+/// or the new complete file, never a torn one).
+struct Durable {
+    path: PathBuf,
+}
+
+impl Durable {
+    fn tmp(&self) -> PathBuf {
+        let mut name = self.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(".partial");
+        self.path.with_file_name(name)
+    }
+
+    fn create(path: &Path, prov: &crate::results::Provenance) -> Result<Self, String> {
+        let d = Self { path: path.to_path_buf() };
+        let tmp = d.tmp();
+        let _ = std::fs::remove_file(&tmp);
+        drop(crate::results::ResultsFile::create(&tmp, true, prov).map_err(|e| e.to_string())?);
+        d.commit()?;
+        Ok(d)
+    }
+
+    fn update<T>(&self, f: impl FnOnce(&mut crate::results::ResultsFile) -> crate::results::Result<T>) -> Result<T, String> {
+        let tmp = self.tmp();
+        std::fs::copy(&self.path, &tmp).map_err(|e| format!("copying {}: {e}", self.path.display()))?;
+        let out = {
+            let mut file = crate::results::ResultsFile::open_existing(&tmp).map_err(|e| e.to_string())?;
+            let out = f(&mut file).map_err(|e| e.to_string())?;
+            file.flush().map_err(|e| e.to_string())?;
+            out
+        };
+        self.commit()?;
+        Ok(out)
+    }
+
+    fn commit(&self) -> Result<(), String> {
+        let tmp = self.tmp();
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| format!("syncing {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
+        }
+        Ok(())
+    }
+}
+
+/// Progress on rank 0: a bar on a terminal, plain lines in a log file.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    started: std::time::Instant,
+    tokens: u64,
+}
+
+impl Progress {
+    fn new(total_batches: u64) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total_batches);
+            b.set_style(indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} batches {msg} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            b
+        });
+        Self { bar, started: std::time::Instant::now(), tokens: 0 }
+    }
+
+    fn batch_done(&mut self, strategy: &str, category: &str, done: u64, total: u64, tokens: u64) {
+        self.tokens += tokens;
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let rate = self.tokens as f64 / secs;
+        let eta = secs / done.max(1) as f64 * (total.saturating_sub(done)) as f64;
+        match &self.bar {
+            Some(b) => {
+                b.set_prefix(format!("{strategy} {category}"));
+                b.set_message(format!("{rate:.0} tok/s"));
+                b.set_position(done);
+            }
+            None => println!("progress: {strategy} {category} batch {done}/{total} {rate:.0} tok/s ETA {eta:.0} s"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
         }
     }
 }
@@ -191,21 +304,30 @@ fn run_on<'a, B: Backend>(
     cluster: &Cluster,
     job: &JobSpec,
     text: &str,
-    path: &Path,
-    force: bool,
+    target: &Target,
     facts: &LaunchFacts,
     energy: Option<&dyn EnergyMeter>,
+    timeout_s: f64,
 ) -> Exit {
     let cfg = match validate_launch(job, facts, cluster) {
         Ok(m) => m,
         Err(e) => return e,
     };
     let root = cluster.rank == 0;
-    let exists = root && path.exists() && !force;
-    if exists {
-        eprintln!("fapool: results file {} exists; pass --force to overwrite it", path.display());
+    let path = &target.path;
+    let problem = if !root {
+        None
+    } else if target.resume && !path.exists() {
+        Some(format!("--resume {}: no such results file", path.display()))
+    } else if !target.resume && path.exists() && !target.force {
+        Some(format!("results file {} exists; pass --force to overwrite it, or --resume to continue it", path.display()))
+    } else {
+        None
+    };
+    if let Some(p) = &problem {
+        eprintln!("fapool: {p}");
     }
-    if !agree(&cluster.world(), !exists) {
+    if !agree(&cluster.world(), problem.is_none()) {
         return Exit::Usage;
     }
     let (comm, world) = match world_comm(be, transport, cluster) {
@@ -215,24 +337,59 @@ fn run_on<'a, B: Backend>(
             return Exit::Mpi;
         }
     };
-    let mut file = None;
-    if root {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
+    let watchdog = (timeout_s > 0.0).then(|| crate::control::Watchdog::start(std::time::Duration::from_secs_f64(timeout_s), cluster.rank, || {}));
+    if let Some(w) = &watchdog {
+        comm.set_heartbeat(w.handle());
+    }
+    let fault = crate::control::Fault::from_env();
+    let wl = Workload::new(&job.workload, cfg.vocab);
+    // The run's batches in order: (strategy, category, batch).
+    let mut plan: Vec<(usize, usize, crate::workload::Batch)> = Vec::new();
+    for si in 0..job.strategies.len() {
+        for c in 0..job.workload.categories.len() {
+            plan.extend(wl.batches(c).into_iter().map(|b| (si, c, b)));
         }
-        let prov = provenance(job, text, cluster, be.name(), comm.transport_name());
-        match crate::results::ResultsFile::create(path, force, &prov) {
-            Ok(f) => file = Some(f),
+    }
+    // Rank 0 opens the file (and learns what a resumed run already holds).
+    let mut file = None;
+    let mut done = vec![0u8; plan.len()];
+    if root {
+        let opened = if target.resume {
+            let d = Durable { path: path.clone() };
+            d.update(|f| {
+                for (i, (si, c, b)) in plan.iter().enumerate() {
+                    let completed = f.completed_batches(&job.strategies[*si].name(), &job.workload.categories[*c].name).unwrap_or_default();
+                    done[i] = completed.contains(&(b.index as u32)) as u8;
+                }
+                f.set_status(crate::results::RunStatus::Running, None)
+            })
+            .map(|_| d)
+        } else {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            Durable::create(path, &provenance(job, text, cluster, be.name(), comm.transport_name()))
+        };
+        match opened {
+            Ok(d) => file = Some(d),
             Err(e) => eprintln!("fapool: {e}"),
         }
     }
     if !agree(&cluster.world(), !root || file.is_some()) {
         return Exit::Failure;
     }
-    let wl = Workload::new(&job.workload, cfg.vocab);
-    for sspec in &job.strategies {
-        let strategy = build_strategy(be, &comm, &cfg, sspec, &world);
-        let mut strategy = match strategy {
+    world.comm.process_at_rank(0).broadcast_into(&mut done[..]);
+    let mut progress = root.then(|| Progress::new(plan.len() as u64));
+    let finish = |file: &Option<Durable>, status: crate::results::RunStatus| {
+        if let Some(d) = file {
+            if let Err(e) = d.update(|f| f.set_status(status, Some(&crate::results::utc_now()))) {
+                eprintln!("fapool: {e}");
+            }
+        }
+    };
+    let mut i = 0;
+    for (si, sspec) in job.strategies.iter().enumerate() {
+        let mut strategy = match build_strategy(be, &comm, &cfg, sspec, &world) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("fapool: rank {}: building {}: {e}", cluster.rank, sspec.name());
@@ -240,68 +397,88 @@ fn run_on<'a, B: Backend>(
             }
         };
         let roles = gather_roles(&world, strategy.as_ref());
-        if let Some(f) = file.as_mut() {
+        if let Some(d) = &file {
             let info = crate::results::StrategyInfo {
                 name: sspec.name(),
                 kind: sspec.kind().into(),
                 params: toml::to_string(sspec).unwrap_or_default(),
                 world_ranks_used: roles.iter().enumerate().filter(|(_, r)| r.as_str() != "idle").map(|(i, _)| i as u32).collect(),
             };
-            if let Err(e) = f.begin_strategy(&info) {
+            if let Err(e) = d.update(|f| f.begin_strategy(&info)) {
                 eprintln!("fapool: {e}");
             }
         }
         for (c, cat) in job.workload.categories.iter().enumerate() {
-            let mut records: Vec<BatchRecord> = Vec::new();
-            for b in wl.batches(c) {
-                let shape = shape_of(&b, job);
-                let prompts = wl.batch_prompts(&b);
+            while i < plan.len() && plan[i].0 == si && plan[i].1 == c {
+                let b = &plan[i].2;
+                let global = i as u64;
+                i += 1;
+                if let Some(w) = &watchdog {
+                    w.beat();
+                }
+                // A safe point: every rank stops here if any rank was signalled.
+                let mut stop = 0u8;
+                world.comm.all_reduce_into(&(crate::control::stop_requested() as u8), &mut stop, mpi::collective::SystemOperation::max());
+                if stop > 0 {
+                    if root {
+                        eprintln!("fapool: stop requested; {} marked interrupted, resume with --resume", path.display());
+                        finish(&file, crate::results::RunStatus::Interrupted);
+                    }
+                    return Exit::Interrupted;
+                }
+                if done[global as usize] == 1 {
+                    continue;
+                }
+                let usable = fault.map(|f| f.apply(cluster.rank, global)).unwrap_or(true);
+                let mut all_usable = 0u8;
+                world.comm.all_reduce_into(&(usable as u8), &mut all_usable, mpi::collective::SystemOperation::min());
+                let shape = shape_of(b, job);
+                let prompts = wl.batch_prompts(b);
                 let cap = crate::memory::max_sequences(&cfg, sspec, shape.seq_len, shape.out_tokens, cluster.world_size, facts.elem_bytes, facts.memory_budget_bytes, shape.nseq);
                 let est = crate::memory::busiest_rank_bytes(&cfg, sspec, shape.seq_len, cap.min(shape.nseq), shape.out_tokens, cluster.world_size, facts.elem_bytes);
                 world.comm.barrier();
-                let r = match run_batch(be, &comm, strategy.as_mut(), shape, &prompts, cap, false, None, energy) {
+                let r = match run_batch(be, &comm, strategy.as_mut(), shape, &prompts, cap, all_usable == 1, false, None, energy) {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("fapool: rank {}: {} {} batch {}: {e}", cluster.rank, sspec.name(), cat.name, b.index);
-                        if let Some(f) = file.as_mut() {
-                            let _ = f.set_status(crate::results::RunStatus::Failed, Some(&crate::results::utc_now()));
-                        }
+                        finish(&file, crate::results::RunStatus::Failed);
                         return Exit::Failure;
                     }
                 };
                 let flops = crate::runner::batch_flops(&cfg, shape);
-                if let Some(g) = gather_batch(be, &world, strategy.as_ref(), &r, &b, shape, job.workload.batch_size, flops, est, &roles) {
-                    if let Some(f) = file.as_mut() {
-                        if let Err(e) = f.append_batch(&sspec.name(), &cat.name, &g.batch, &g.ranks) {
+                if let Some(g) = gather_batch(be, &world, strategy.as_ref(), &r, b, shape, job.workload.batch_size, flops, est, &roles) {
+                    if let Some(d) = &file {
+                        if let Err(e) = d.update(|f| f.append_batch(&sspec.name(), &cat.name, &g.batch, &g.ranks)) {
                             eprintln!("fapool: {e}");
+                            return Exit::Failure;
                         }
                     }
-                    records.push(g.batch);
+                    if let Some(p) = progress.as_mut() {
+                        p.batch_done(&sspec.name(), &cat.name, i as u64, plan.len() as u64, g.batch.total_tokens());
+                    }
                 }
             }
-            if let Some(f) = file.as_mut() {
-                let wall: f64 = records.iter().map(|r| r.e2e_s).sum();
-                let summary = CategorySummary::from_batches(&records, wall);
-                if let Err(e) = f.write_summary(&sspec.name(), &cat.name, &summary) {
-                    eprintln!("fapool: {e}");
+            if let Some(d) = &file {
+                let name = sspec.name();
+                let summary = d.update(|f| {
+                    let records = f.batches(&name, &cat.name)?;
+                    let wall: f64 = records.iter().map(|r| r.e2e_s).sum();
+                    let summary = CategorySummary::from_batches(&records, wall);
+                    f.write_summary(&name, &cat.name, &summary)?;
+                    Ok(summary)
+                });
+                match summary {
+                    Ok(s) => println!("{:<28} {:<10} batches {:>3}  TTFT {:>9.3} ms  TPOT {:>9.3} ms  TPS {:>10.1}", name, cat.name, s.batches, s.ttft.mean * 1e3, s.tpot.mean * 1e3, s.tps),
+                    Err(e) => eprintln!("fapool: {e}"),
                 }
-                println!(
-                    "{:<28} {:<10} batches {:>3}  TTFT {:>9.3} ms  TPOT {:>9.3} ms  TPS {:>10.1}",
-                    sspec.name(),
-                    cat.name,
-                    summary.batches,
-                    summary.ttft.mean * 1e3,
-                    summary.tpot.mean * 1e3,
-                    summary.tps
-                );
             }
         }
     }
-    if let Some(f) = file.as_mut() {
-        if let Err(e) = f.set_status(crate::results::RunStatus::Complete, Some(&crate::results::utc_now())) {
-            eprintln!("fapool: {e}");
-            return Exit::Failure;
-        }
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    finish(&file, crate::results::RunStatus::Complete);
+    if root {
         println!("results: {}", path.display());
     }
     Exit::Ok
@@ -408,7 +585,7 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
             let prompts = wl.batch_prompts(&b);
             let run = |s: &mut dyn Strategy<B>, forced: Option<&[u32]>, roles: &[String]| {
                 world.comm.barrier();
-                let r = run_batch(be, &comm, s, shape, &prompts, shape.nseq, true, forced, None)?;
+                let r = run_batch(be, &comm, s, shape, &prompts, shape.nseq, true, true, forced, None)?;
                 Ok::<_, crate::strategy::StrategyError>(gather_batch(be, &world, s, &r, &b, shape, shape.nseq, 0.0, 0, roles))
             };
             let reference_out = match run(reference.as_mut(), None, &roles_ref) {

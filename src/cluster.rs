@@ -46,7 +46,7 @@ impl Cluster {
         let hosts = all.chunks(HOST_BYTES).map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string()).collect();
         let mut locals = vec![0u64; world_size];
         world.all_gather_into(&(local_rank as u64), &mut locals[..]);
-        let mpi_library = mpi::environment::library_version().unwrap_or_else(|_| "unknown".into()).lines().next().unwrap_or("").trim().to_string();
+        let mpi_library = mpi::environment::library_version().unwrap_or_else(|_| "unknown".into()).split('\0').next().unwrap_or("").lines().next().unwrap_or("").trim().to_string();
         Ok(Self {
             universe,
             rank,

@@ -11,6 +11,7 @@ pub mod app;
 pub mod backend;
 pub mod cluster;
 pub mod comm;
+pub mod control;
 pub mod exit;
 pub mod memory;
 pub mod metrics;

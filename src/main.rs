@@ -24,6 +24,12 @@ enum Cmd {
         /// Overwrite an existing results file.
         #[arg(long)]
         force: bool,
+        /// Continue an interrupted run in FILE: batches it holds are skipped.
+        #[arg(long, value_name = "FILE")]
+        resume: Option<PathBuf>,
+        /// Abort every rank (exit 6) when one makes no progress for this many seconds (0: off).
+        #[arg(long, default_value_t = 0.0)]
+        timeout: f64,
         /// Override the job's backend.
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
@@ -78,7 +84,7 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let exit = match cli.cmd {
-        Cmd::Run { job, out, force, backend, set } => app::run(&job, out, force, backend, &set),
+        Cmd::Run { job, out, force, resume, timeout, backend, set } => app::run(&job, app::RunArgs { out, resume, force, backend, timeout_s: timeout }, &set),
         Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => app::validate(&job, ranks, local_ranks, gpus, memory_gib, &set),
         Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => app::verify(&job, backend, &set, tolerance, teacher_forcing, max_batches),
         Cmd::Analyze { files } => app::analyze(&files),

@@ -57,11 +57,12 @@ pub fn run_batch<B: Backend>(
     shape: BatchShape,
     prompts: &[u32],
     micro_batch_cap: usize,
+    pool_usable: bool,
     keep_logits: bool,
     forced: Option<&[u32]>,
     energy: Option<&dyn EnergyMeter>,
 ) -> Result<BatchRun, StrategyError> {
-    let setup = strategy.begin_batch(shape, micro_batch_cap)?;
+    let setup = strategy.begin_batch(shape, micro_batch_cap, pool_usable)?;
     let out = shape.out_tokens;
     be.synchronize()?;
     let e0 = energy.and_then(|e| e.joules());

@@ -139,6 +139,7 @@ pub struct Comm<'a, B: Backend> {
     transport: RefCell<Box<dyn Transport<B> + 'a>>,
     log: RefCell<Log<B::Mark>>,
     next_group_id: RefCell<usize>,
+    heartbeat: RefCell<Option<crate::control::Heartbeat>>,
 }
 
 impl<'a, B: Backend> Comm<'a, B> {
@@ -148,6 +149,18 @@ impl<'a, B: Backend> Comm<'a, B> {
             transport: RefCell::new(transport),
             log: RefCell::new(Log { pending: Vec::new(), totals: BTreeMap::new() }),
             next_group_id: RefCell::new(0),
+            heartbeat: RefCell::new(None),
+        }
+    }
+
+    /// Beats `h` around every message, so the watchdog sees a rank stuck in one.
+    pub fn set_heartbeat(&self, h: crate::control::Heartbeat) {
+        *self.heartbeat.borrow_mut() = Some(h);
+    }
+
+    fn beat(&self) {
+        if let Some(h) = self.heartbeat.borrow().as_ref() {
+            h.beat();
         }
     }
 
@@ -188,9 +201,11 @@ impl<'a, B: Backend> Comm<'a, B> {
     }
 
     fn timed(&self, category: Category, bytes: usize, op: impl FnOnce(&dyn Transport<B>) -> Result<()>) -> Result<()> {
+        self.beat();
         let from = self.backend.mark()?;
         op(&**self.transport.borrow())?;
         let to = self.backend.mark()?;
+        self.beat();
         self.log.borrow_mut().pending.push(Pending { category, bytes: bytes as u64, from, to });
         Ok(())
     }
@@ -248,6 +263,7 @@ impl<'a, B: Backend> Comm<'a, B> {
     }
 
     fn record_host(&self, category: Category, bytes: usize, started: Instant) {
+        self.beat();
         let mut log = self.log.borrow_mut();
         let stat = log.totals.entry(category).or_default();
         stat.calls += 1;

@@ -114,7 +114,7 @@ impl<'a, 'c, B: Backend> Strategy<B> for Baseline<'a, 'c, B> {
         self.is_last_tp0()
     }
 
-    fn begin_batch(&mut self, shape: BatchShape, micro_batch_cap: usize) -> Result<BatchSetup> {
+    fn begin_batch(&mut self, shape: BatchShape, micro_batch_cap: usize, _pool_usable: bool) -> Result<BatchSetup> {
         let wanted = if self.micro_batches == 0 { self.pp } else { self.micro_batches };
         let by_memory = shape.nseq.div_ceil(micro_batch_cap.max(1));
         let micro_batches = wanted.max(by_memory).min(shape.nseq);

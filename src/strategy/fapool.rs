@@ -475,8 +475,13 @@ impl<'a, 'c, B: Backend> Strategy<B> for Fapool<'a, 'c, B> {
         self.place == Place::Base(0)
     }
 
-    fn begin_batch(&mut self, shape: BatchShape, micro_batch_cap: usize) -> Result<BatchSetup> {
-        let (requested, effective) = self.policy.pool_size(shape.seq_len);
+    fn begin_batch(&mut self, shape: BatchShape, micro_batch_cap: usize, pool_usable: bool) -> Result<BatchSetup> {
+        let (requested, mut effective) = self.policy.pool_size(shape.seq_len);
+        // Graceful fallback: without a usable pool the base runs attention itself.
+        let pool_fallback = effective > 0 && !pool_usable;
+        if pool_fallback {
+            effective = 0;
+        }
         let by_memory = shape.nseq.div_ceil(micro_batch_cap.max(1));
         self.micro_batches = self.spec.micro_batches.max(by_memory).min(shape.nseq);
         self.shape = Some(shape);
@@ -495,7 +500,7 @@ impl<'a, 'c, B: Backend> Strategy<B> for Fapool<'a, 'c, B> {
             (Place::Pool(i), p) if i < p => Some(KvCache::new(self.be, self.cfg.layers, shape.nseq, self.layout.max_block() + shape.out_tokens, a)?),
             _ => None,
         };
-        Ok(BatchSetup { micro_batches: self.micro_batches, pool_requested: requested, pool_effective: effective, active, pool_fallback: false })
+        Ok(BatchSetup { micro_batches: self.micro_batches, pool_requested: requested, pool_effective: effective, active, pool_fallback })
     }
 
     fn prefill(&mut self, prompts: &[u32], keep_logits: bool) -> Result<Option<StepOut>> {

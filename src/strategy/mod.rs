@@ -64,7 +64,10 @@ pub trait Strategy<B: Backend> {
     fn role(&self) -> String;
     /// The rank that ends each step holding the generated tokens.
     fn is_leader(&self) -> bool;
-    fn begin_batch(&mut self, shape: BatchShape, micro_batch_cap: usize) -> Result<BatchSetup>;
+    /// Prepares a batch of `shape`, at most `micro_batch_cap` sequences per
+    /// micro-batch; `pool_usable` is false when a pool rank reported its
+    /// device unusable (FA Pool then runs the batch on the base alone).
+    fn begin_batch(&mut self, shape: BatchShape, micro_batch_cap: usize, pool_usable: bool) -> Result<BatchSetup>;
     /// Runs the prompt (`[nseq, seq_len]` tokens, known on every rank).
     fn prefill(&mut self, prompts: &[u32], keep_logits: bool) -> Result<Option<StepOut>>;
     /// Generates the token at output index `step` (1-based after prefill's 0)
