@@ -504,7 +504,19 @@ fn provenance(job: &JobSpec, text: &str, cluster: &Cluster, backend: &str, trans
         seeds: crate::results::Seeds { workload: job.workload.seed, weights: job.model.resolve().map(|m| m.weights_seed).unwrap_or(0) },
         started_utc: crate::results::utc_now(),
         categories: job.workload.categories.iter().map(|c| c.name.clone()).collect(),
-        roles: Vec::new(),
+        roles: job
+            .strategies
+            .iter()
+            .flat_map(|s| {
+                (0..cluster.world_size).map(move |r| crate::results::RoleRow {
+                    world_rank: r as u32,
+                    host: cluster.hosts[r].clone(),
+                    local_rank: cluster.local_ranks[r] as u32,
+                    strategy: s.name(),
+                    role: crate::strategy::role_of(s, r, cluster.world_size),
+                })
+            })
+            .collect(),
         ..Default::default()
     }
 }

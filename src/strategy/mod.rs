@@ -76,6 +76,26 @@ pub trait Strategy<B: Backend> {
     fn end_batch(&mut self) -> Result<()>;
 }
 
+/// The role world rank `rank` of `world` plays in a strategy (as the
+/// strategy itself reports it once built).
+pub fn role_of(spec: &crate::spec::StrategySpec, rank: usize, world: usize) -> String {
+    match spec {
+        crate::spec::StrategySpec::Baseline(b) if rank >= b.tp * b.pp => "idle".into(),
+        crate::spec::StrategySpec::Baseline(b) if b.pp == 1 => format!("tp{}", rank % b.tp),
+        crate::spec::StrategySpec::Baseline(b) => format!("stage{}-tp{}", rank / b.tp, rank % b.tp),
+        crate::spec::StrategySpec::Fapool(f) => {
+            let launched = PoolPolicy::from_spec(f, world).launched;
+            if rank < f.base {
+                format!("base{rank}")
+            } else if rank < f.base + launched {
+                format!("pool{}", rank - f.base)
+            } else {
+                "idle".into()
+            }
+        }
+    }
+}
+
 /// Splits `n` items into `m` nearly equal consecutive parts (no empty part
 /// when `m <= n`).
 pub fn split_even(n: usize, m: usize) -> Vec<std::ops::Range<usize>> {
