@@ -298,3 +298,139 @@ pub fn process_peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Rng;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.next_f64() as f32 * 2.0 - 1.0).collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_the_definition() {
+        let be = CpuBackend;
+        let (m, k, n) = (5, 7, 3);
+        let (x, w) = (random(m * k, 1), random(k * n, 2));
+        let out = be.matmul(&x, &w, m, k, n).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|t| x[i * k + t] * w[t * n + j]).sum();
+                assert!((out[i * n + j] - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn rmsnorm_gives_unit_root_mean_square() {
+        let be = CpuBackend;
+        let x = random(4 * 16, 3);
+        let ones = vec![1.0; 16];
+        let y = be.rmsnorm(&x, &ones, 4, 16, 0.0).unwrap();
+        for r in 0..4 {
+            let ms: f32 = y[r * 16..(r + 1) * 16].iter().map(|v| v * v).sum::<f32>() / 16.0;
+            assert!((ms - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn prefill_attention_is_causal_softmax_with_its_log_sum_exp() {
+        let be = CpuBackend;
+        let (s, h, dh) = (6, 2, 4);
+        let w = h * dh;
+        let (q, k, v) = (random(s * w, 4), random(s * w, 5), random(s * w, 6));
+        let shape = PrefillShape { nseq: 1, sq: s, skv: s, kv_seq_stride: s, heads: h, head_dim: dh, q_offset: 0 };
+        let (o, lse) = be.attention_prefill(&q, &k, &v, shape).unwrap();
+        let scale = 1.0 / (dh as f32).sqrt();
+        for hh in 0..h {
+            for i in 0..s {
+                let scores: Vec<f32> = (0..=i).map(|j| (0..dh).map(|c| q[i * w + hh * dh + c] * k[j * w + hh * dh + c]).sum::<f32>() * scale).collect();
+                let z: f32 = scores.iter().map(|x| x.exp()).sum();
+                assert!((lse[hh * s + i] - z.ln()).abs() < 1e-5);
+                for c in 0..dh {
+                    let want: f32 = scores.iter().enumerate().map(|(j, x)| x.exp() / z * v[j * w + hh * dh + c]).sum();
+                    assert!((o[i * w + hh * dh + c] - want).abs() < 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_query_block_at_an_offset_equals_those_rows_of_the_full_prefill() {
+        let be = CpuBackend;
+        let (n, s, h, dh) = (2, 10, 2, 4);
+        let w = h * dh;
+        let (q, k, v) = (random(n * s * w, 7), random(n * s * w, 8), random(n * s * w, 9));
+        let full = be.attention_prefill(&q, &k, &v, PrefillShape { nseq: n, sq: s, skv: s, kv_seq_stride: s, heads: h, head_dim: dh, q_offset: 0 }).unwrap().0;
+        let (off, len) = (4, 3);
+        let runs: Vec<RowRun> = (0..n).map(|i| RowRun::new(i * s + off, len)).collect();
+        let qb = be.gather_rows(&q, w, &runs).unwrap();
+        let shape = PrefillShape { nseq: n, sq: len, skv: off + len, kv_seq_stride: s, heads: h, head_dim: dh, q_offset: off };
+        let block = be.attention_prefill(&qb, &k, &v, shape).unwrap().0;
+        close(&block, &be.gather_rows(&full, w, &runs).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn merging_split_kv_partials_equals_attention_over_the_whole_cache() {
+        let be = CpuBackend;
+        let (n, cap, h, dh) = (3, 12, 2, 8);
+        let w = h * dh;
+        let (q, k, v) = (random(n * w, 10), random(n * cap * w, 11), random(n * cap * w, 12));
+        let whole = be.attention_decode(&q, &k, &v, DecodeShape { nseq: n, cap, len: cap, heads: h, head_dim: dh }).unwrap();
+        // First 5 rows of each sequence in one slice, the other 7 in another.
+        let split = |start: usize, len: usize| {
+            let runs: Vec<RowRun> = (0..n).map(|i| RowRun::new(i * cap + start, len)).collect();
+            (be.gather_rows(&k, w, &runs).unwrap(), be.gather_rows(&v, w, &runs).unwrap())
+        };
+        let ((k1, v1), (k2, v2)) = (split(0, 5), split(5, 7));
+        let (mut o, mut lse) = be.attention_decode(&q, &k1, &v1, DecodeShape { nseq: n, cap: 5, len: 5, heads: h, head_dim: dh }).unwrap();
+        let (o2, lse2) = be.attention_decode(&q, &k2, &v2, DecodeShape { nseq: n, cap: 7, len: 7, heads: h, head_dim: dh }).unwrap();
+        be.merge_partials(&mut o, &mut lse, &o2, &lse2, n * h, dh).unwrap();
+        close(&o, &whole.0, 1e-5);
+        close(&lse, &whole.1, 1e-5);
+    }
+
+    #[test]
+    fn an_empty_slice_is_neutral_in_the_merge() {
+        let be = CpuBackend;
+        let (n, h, dh) = (2, 2, 4);
+        let q = random(n * h * dh, 13);
+        let kv = random(n * 4 * h * dh, 14);
+        let (mut o, mut lse) = be.attention_decode(&q, &kv, &kv, DecodeShape { nseq: n, cap: 4, len: 4, heads: h, head_dim: dh }).unwrap();
+        let (o0, lse0) = (o.clone(), lse.clone());
+        let (oe, lsee) = be.attention_decode(&q, &kv, &kv, DecodeShape { nseq: n, cap: 4, len: 0, heads: h, head_dim: dh }).unwrap();
+        assert!(lsee.iter().all(|x| *x == f32::NEG_INFINITY) && oe.iter().all(|x| *x == 0.0));
+        be.merge_partials(&mut o, &mut lse, &oe, &lsee, n * h, dh).unwrap();
+        assert_eq!((o, lse), (o0, lse0));
+    }
+
+    #[test]
+    fn embedding_adds_sinusoidal_positions_from_pos0() {
+        let be = CpuBackend;
+        let d = 8;
+        let table = random(10 * d, 15);
+        let x = be.embed(&table, d, &[3, 4], 1, 2, 5).unwrap();
+        for c in 0..d {
+            assert!((x[c] - (table[3 * d + c] + sinusoid(5, c, d))).abs() < 1e-6);
+            assert!((x[d + c] - (table[4 * d + c] + sinusoid(6, c, d))).abs() < 1e-6);
+        }
+        assert_eq!(sinusoid(0, 0, d), 0.0);
+        assert_eq!(sinusoid(0, 1, d), 1.0);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_ties_and_shapes_are_checked() {
+        let be = CpuBackend;
+        assert_eq!(be.argmax(&vec![1.0, 3.0, 3.0, 0.0, -1.0, -2.0], 2, 3).unwrap(), vec![1, 0]);
+        assert!(matches!(be.matmul(&vec![0.0; 3], &vec![0.0; 4], 2, 2, 2), Err(BackendError::Shape(_))));
+    }
+}
