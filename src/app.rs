@@ -607,6 +607,14 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
                     return Exit::Failure;
                 }
             };
+            // The single-rank model against a cache-free recomputation (CPU, first batch of each category).
+            if let (Some(r), true, 0) = (reference_out.as_ref(), be.name() == "cpu", b.index) {
+                let naive = crate::strategy::naive::generate_logits(&cfg, &prompts, shape.nseq, shape.seq_len, &r.batch.tokens, shape.out_tokens);
+                let err = naive.map(|n| n.iter().zip(&r.logits).map(|(a, b)| rel_l2(b, a)).fold(0.0f64, f64::max)).unwrap_or(f64::INFINITY);
+                let pass = err <= tolerance;
+                failures += usize::from(!pass);
+                println!("{:<30} {:<10} {:>5} {:>6} {:>5} {:>4} {:>12.3e} {:>7} {:>6}", "single-rank-vs-no-cache", cat.name, b.index, shape.seq_len, shape.nseq, 0, err, "-", if pass { "ok" } else { "FAIL" });
+            }
             // Reference tokens to every rank (the strategies' leaders need them to force).
             let mut ref_tokens = reference_out.as_ref().map(|g| g.batch.tokens.clone()).unwrap_or_else(|| vec![0; shape.nseq * shape.out_tokens]);
             world.comm.process_at_rank(0).broadcast_into(&mut ref_tokens[..]);

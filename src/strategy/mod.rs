@@ -10,6 +10,7 @@
 
 pub mod baseline;
 pub mod fapool;
+pub mod naive;
 
 use crate::backend::{Backend, DecodeShape, PrefillShape, RowRun};
 use crate::comm::{Category, Comm, CommError, Group};
