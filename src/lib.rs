@@ -8,3 +8,4 @@
 pub mod backend;
 pub mod comm;
 pub mod metrics;
+pub mod results;
