@@ -5,6 +5,7 @@
 //! → backend (kernels) and comm (collectives) → metrics → results file →
 //! analysis.
 
+pub mod analyze;
 pub mod backend;
 pub mod comm;
 pub mod metrics;

@@ -19,7 +19,7 @@ pub(crate) fn has_attr(loc: &Location, name: &str) -> Result<bool> {
 
 /// Attributes cannot be rewritten with a new shape in place; replacing one
 /// means deleting it first.
-fn remove_attr(loc: &Location, name: &str) -> Result<()> {
+pub(crate) fn remove(loc: &Location, name: &str) -> Result<()> {
     if has_attr(loc, name)? {
         loc.delete_attr(name)?;
     }
@@ -27,7 +27,7 @@ fn remove_attr(loc: &Location, name: &str) -> Result<()> {
 }
 
 pub(crate) fn set_str(loc: &Location, name: &str, value: &str) -> Result<()> {
-    remove_attr(loc, name)?;
+    remove(loc, name)?;
     loc.new_attr::<VarLenUnicode>()
         .shape(())
         .create(name)?
@@ -36,7 +36,7 @@ pub(crate) fn set_str(loc: &Location, name: &str, value: &str) -> Result<()> {
 }
 
 pub(crate) fn set_scalar<T: H5Type>(loc: &Location, name: &str, value: T) -> Result<()> {
-    remove_attr(loc, name)?;
+    remove(loc, name)?;
     loc.new_attr::<T>()
         .shape(())
         .create(name)?
@@ -45,7 +45,7 @@ pub(crate) fn set_scalar<T: H5Type>(loc: &Location, name: &str, value: T) -> Res
 }
 
 pub(crate) fn set_array<T: H5Type>(loc: &Location, name: &str, values: &[T]) -> Result<()> {
-    remove_attr(loc, name)?;
+    remove(loc, name)?;
     let attr = loc.new_attr::<T>().shape((values.len(),)).create(name)?;
     if !values.is_empty() {
         attr.write_raw(values)?;

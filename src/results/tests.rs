@@ -372,6 +372,7 @@ fn completed_batches_lists_appended_batches_across_reopen() {
         );
     }
     let mut f = ResultsFile::open_existing(&path.0).unwrap();
+    f.set_status(RunStatus::Running, None).unwrap();
     f.begin_strategy(&strategy("fapool", "fapool")).unwrap();
     assert_eq!(
         f.completed_batches("fapool", "short").unwrap(),
@@ -386,6 +387,20 @@ fn completed_batches_lists_appended_batches_across_reopen() {
     assert_eq!(
         f.batches("fapool", "short").unwrap()[3],
         batch(2, 512, 0.001)
+    );
+}
+
+#[test]
+fn resuming_sets_the_status_back_to_running_without_an_end_time() {
+    let path = TempPath::new("resume-status");
+    write_run(&path.0, &[("baseline", "baseline", [0.002, 0.004])]);
+    let mut f = ResultsFile::open_existing(&path.0).unwrap();
+    f.set_status(RunStatus::Running, None).unwrap();
+    drop(f);
+    let run = read_run(&path.0).unwrap();
+    assert_eq!(
+        (run.status, run.ended_utc),
+        (Some(RunStatus::Running), None)
     );
 }
 

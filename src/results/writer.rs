@@ -126,8 +126,9 @@ impl ResultsFile {
 
     /// Opens the results file of an earlier, unfinished run so a resumed run
     /// can append to it. Payload rows that no recorded batch references (left
-    /// by a crash in the middle of an append) are trimmed, and the status is
-    /// set back to running.
+    /// by a crash in the middle of an append) are trimmed. The status is left
+    /// as found; a resumed run sets it back with
+    /// `set_status(RunStatus::Running, None)`.
     pub fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open_rw(&path).map_err(|source| ResultsError::Open {
@@ -138,7 +139,6 @@ impl ResultsFile {
         super::reader::check_format(&file, &path)?;
         let results = Self { file, path };
         results.trim_unreferenced_rows()?;
-        attrs::set_str(&results.file, "status", RunStatus::Running.as_str())?;
         results.flush()?;
         Ok(results)
     }
@@ -492,8 +492,12 @@ impl ResultsFile {
     }
 
     /// Records where the run stands; `ended_utc` is set when it stopped.
+    /// Going back to running (a resume) removes the earlier end time.
     pub fn set_status(&mut self, status: RunStatus, ended_utc: Option<&str>) -> Result<()> {
         attrs::set_str(&self.file, "status", status.as_str())?;
+        if status == RunStatus::Running {
+            attrs::remove(&self.file, "ended_utc")?;
+        }
         if let Some(t) = ended_utc {
             attrs::set_str(&self.file, "ended_utc", t)?;
         }
