@@ -645,3 +645,23 @@ fn h5py_reads_compound_datasets_and_strings() {
     );
     assert!(stdout.contains("h5py ok"), "{stdout}");
 }
+#[test]
+fn empty_lists_round_trip() {
+    let path = TempPath::new("empty");
+    let empty = Provenance {
+        schema_version: SCHEMA_VERSION,
+        ..Default::default()
+    };
+    let mut f = ResultsFile::create(&path.0, false, &empty).unwrap();
+    let info = StrategyInfo {
+        name: "baseline".into(),
+        kind: "baseline".into(),
+        ..Default::default()
+    };
+    f.begin_strategy(&info).unwrap();
+    drop(f);
+    let run = read_run(&path.0).unwrap();
+    assert_eq!(run.provenance, empty);
+    assert_eq!(run.strategies[0].info, info);
+    assert!(run.strategies[0].categories.is_empty());
+}
