@@ -7,11 +7,14 @@
 //! Only plain numeric, compound and variable-length UTF-8 string types are
 //! written, so h5py and pandas read every dataset without custom code.
 //!
-//! Writing is append-only and durable per batch: [`ResultsFile::append_batch`]
+//! Writing is append-only and flushed per batch: [`ResultsFile::append_batch`]
 //! writes a batch's payload (latencies, tokens, rank rows) first and its row
-//! in `batches` last, then flushes the file. A batch is therefore either fully
-//! recorded or, after a crash, leaves only unreferenced payload rows, which
-//! [`ResultsFile::open_existing`] trims before a resumed run appends.
+//! in `batches` last, then flushes the file. A batch row therefore exists only
+//! once everything it points to does; payload rows an append cut short left
+//! unreferenced are trimmed by [`ResultsFile::open_existing`] before a resumed
+//! run appends. HDF5 is not crash-consistent by itself (a process killed in
+//! the middle of a write can corrupt the file); a caller that must survive
+//! that writes through a copy renamed into place.
 //!
 //! This module stores and loads what it is given. It must not measure,
 //! communicate (one rank writes the file), or decide what a run does next.

@@ -280,7 +280,7 @@ impl ResultsFile {
     }
 
     /// Appends one completed batch and its rank records, then flushes so the
-    /// batch survives a crash or a requeue.
+    /// batch is on disk before the next one starts.
     ///
     /// The payload (ITL, tokens, rank rows) is written before the batch row:
     /// a batch row exists only once everything it points to does.
