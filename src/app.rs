@@ -668,8 +668,13 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
 
 /// `fapool analyze`.
 pub fn analyze(files: &[PathBuf]) -> Exit {
-    let _ = files;
-    Exit::Ok
+    match crate::analyze::analyze(files, &mut std::io::stdout().lock()) {
+        Ok(()) => Exit::Ok,
+        Err(e) => {
+            eprintln!("fapool: {e}");
+            Exit::Failure
+        }
+    }
 }
 
 /// `fapool env`.
