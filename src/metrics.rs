@@ -128,7 +128,9 @@ pub struct CategorySummary {
     pub batches: usize,
     pub sequences: u64,
     pub total_tokens: u64,
-    /// Wall time of the whole category (s), first batch start to last batch end.
+    /// Wall time of the category (s): the sum of its batches' end-to-end
+    /// times (batches run one after another; bookkeeping between batches is
+    /// excluded, and a category resumed after a requeue adds up across runs).
     pub wall_s: f64,
     /// (input + output tokens) / wall time.
     pub tps: f64,

@@ -1,0 +1,99 @@
+//! The results file of a real run, read back: schema fields, the metric
+//! definitions, tokens equal across strategies, and no overwriting without
+//! `--force`. Also the quickstart's time budget.
+
+mod common;
+use common::*;
+use fapool::results::{read_run, RunStatus};
+use std::time::{Duration, Instant};
+
+fn quickstart(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let job = repo_root().join("jobs/quickstart.toml");
+    let mut args = vec!["run", job.to_str().unwrap(), "--backend", "cpu", "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    mpirun(4, &args)
+}
+
+#[test]
+fn the_quickstart_completes_on_4_ranks_in_under_2_minutes_and_reads_back() {
+    let dir = scratch("quickstart");
+    let out = dir.join("q.h5");
+    let t = Instant::now();
+    let o = quickstart(&out, &[]);
+    let took = t.elapsed();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(took < Duration::from_secs(120), "quickstart took {took:?}");
+
+    let run = read_run(&out).expect("results file reads back");
+    assert_eq!(run.status, Some(RunStatus::Complete));
+    let p = &run.provenance;
+    assert_eq!(p.schema_version, 1);
+    assert_eq!(p.world_size, 4);
+    assert_eq!(p.backend, "cpu");
+    assert!(p.job_toml.contains("[[strategy]]"));
+    assert!(p.argv.iter().any(|a| a == "run"));
+    assert_eq!(p.hosts.len(), 4);
+    assert!(!p.mpi_library.is_empty() && !p.started_utc.is_empty());
+    assert_eq!(p.categories, vec!["short", "medium", "long", "very_long"]);
+    assert_eq!(run.strategies.len(), 2);
+
+    let (base, pool) = (&run.strategies[0], &run.strategies[1]);
+    assert_eq!((base.info.kind.as_str(), pool.info.kind.as_str()), ("baseline", "fapool"));
+    for s in &run.strategies {
+        // Roles in the provenance are what each rank reported in its rows.
+        for c in &s.categories {
+            for r in &c.ranks {
+                let role = p.roles.iter().find(|x| x.strategy == s.info.name && x.world_rank == r.world_rank).expect("role row");
+                assert_eq!(role.role, r.role);
+            }
+        }
+    }
+    for cat in &p.categories {
+        let (b, f) = (base.category(cat).unwrap(), pool.category(cat).unwrap());
+        // Both strategies ran the same batches and generated the same tokens.
+        assert_eq!(b.batches.len(), f.batches.len());
+        for (x, y) in b.batches.iter().zip(&f.batches) {
+            assert_eq!((x.seq_len, x.num_sequences), (y.seq_len, y.num_sequences));
+            assert_eq!(x.tokens, y.tokens, "{cat}: tokens differ between strategies");
+            assert_eq!(x.itl_s.len(), x.output_tokens as usize - 1);
+            assert!(x.ttft_s > 0.0 && x.e2e_s >= x.ttft_s);
+        }
+        for c in [b, f] {
+            let s = &c.summary.as_ref().expect("summary written").summary;
+            let tokens: u64 = c.batches.iter().map(|x| x.total_tokens()).sum();
+            let wall: f64 = c.batches.iter().map(|x| x.e2e_s).sum();
+            assert_eq!(s.total_tokens, tokens);
+            assert!((s.tps - tokens as f64 / wall).abs() <= 1e-9 * s.tps, "TPS {} vs {}", s.tps, tokens as f64 / wall);
+            // Every rank reported every batch; energy on CPU is not measured (not zero).
+            assert_eq!(c.ranks.len(), 4 * c.batches.len());
+            assert!(c.ranks.iter().all(|r| r.energy_prefill_j.is_none()));
+            assert!(c.ranks.iter().any(|r| r.peak_memory_bytes.unwrap_or(0) > 0));
+        }
+    }
+    // The pool was used above the threshold (32 tokens) and its traffic recorded.
+    let long = pool.category("long").unwrap();
+    assert!(long.batches.iter().all(|b| b.pool_effective == 2 && b.pool_requested == 2));
+    let scatter: u64 = long.ranks.iter().map(|r| r.comm.get(&fapool::comm::Category::PoolScatter).map(|s| s.bytes).unwrap_or(0)).sum();
+    let kv: u64 = long.ranks.iter().map(|r| r.comm.get(&fapool::comm::Category::KvReplication).map(|s| s.bytes).unwrap_or(0)).sum();
+    assert!(scatter > 0 && kv > 0);
+    assert!(pool.category("short").unwrap().batches.iter().all(|b| b.pool_effective == 0));
+
+    let a = fapool(&["analyze", out.to_str().unwrap()]);
+    let at = text(&a);
+    assert!(a.status.success(), "{at}");
+    assert!(at.contains("very_long") && at.contains("fapool-b2-p2-zigzag"), "{at}");
+}
+
+#[test]
+fn an_existing_results_file_is_not_overwritten_without_force() {
+    let dir = scratch("noforce");
+    let out = dir.join("exists.h5");
+    std::fs::write(&out, b"precious").unwrap();
+    let o = quickstart(&out, &["--set", "workload.sequences_per_category=2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--force"));
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    let o = quickstart(&out, &["--set", "workload.sequences_per_category=2", "--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(read_run(&out).unwrap().status, Some(RunStatus::Complete));
+}
