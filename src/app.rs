@@ -213,8 +213,11 @@ struct Target {
 /// before the next starts, by appending to a copy and renaming it over the
 /// file (a rename is atomic, so a kill at any moment leaves either the old
 /// or the new complete file, never a torn one).
+#[derive(Clone)]
 struct Durable {
     path: PathBuf,
+    /// Held while the file is being rewritten (the watchdog writes from its own thread).
+    io: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Durable {
@@ -225,7 +228,7 @@ impl Durable {
     }
 
     fn create(path: &Path, prov: &crate::results::Provenance) -> Result<Self, String> {
-        let d = Self { path: path.to_path_buf() };
+        let d = Self { path: path.to_path_buf(), io: Default::default() };
         let tmp = d.tmp();
         let _ = std::fs::remove_file(&tmp);
         drop(crate::results::ResultsFile::create(&tmp, true, prov).map_err(|e| e.to_string())?);
@@ -233,7 +236,12 @@ impl Durable {
         Ok(d)
     }
 
+    fn open(path: &Path) -> Self {
+        Self { path: path.to_path_buf(), io: Default::default() }
+    }
+
     fn update<T>(&self, f: impl FnOnce(&mut crate::results::ResultsFile) -> crate::results::Result<T>) -> Result<T, String> {
+        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = self.tmp();
         std::fs::copy(&self.path, &tmp).map_err(|e| format!("copying {}: {e}", self.path.display()))?;
         let out = {
@@ -337,10 +345,6 @@ fn run_on<'a, B: Backend>(
             return Exit::Mpi;
         }
     };
-    let watchdog = (timeout_s > 0.0).then(|| crate::control::Watchdog::start(std::time::Duration::from_secs_f64(timeout_s), cluster.rank, || {}));
-    if let Some(w) = &watchdog {
-        comm.set_heartbeat(w.handle());
-    }
     let fault = crate::control::Fault::from_env();
     let wl = Workload::new(&job.workload, cfg.vocab);
     // The run's batches in order: (strategy, category, batch).
@@ -355,7 +359,7 @@ fn run_on<'a, B: Backend>(
     let mut done = vec![0u8; plan.len()];
     if root {
         let opened = if target.resume {
-            let d = Durable { path: path.clone() };
+            let d = Durable::open(path);
             d.update(|f| {
                 for (i, (si, c, b)) in plan.iter().enumerate() {
                     let completed = f.completed_batches(&job.strategies[*si].name(), &job.workload.categories[*c].name).unwrap_or_default();
@@ -379,6 +383,23 @@ fn run_on<'a, B: Backend>(
         return Exit::Failure;
     }
     world.comm.process_at_rank(0).broadcast_into(&mut done[..]);
+    // The batch in flight, for the watchdog to mark in the file if it fires.
+    let current: std::sync::Arc<std::sync::Mutex<Option<(String, String, u32)>>> = Default::default();
+    let watchdog = (timeout_s > 0.0).then(|| {
+        let (file, current) = (file.clone(), current.clone());
+        crate::control::Watchdog::start(std::time::Duration::from_secs_f64(timeout_s), cluster.rank, move || {
+            let at = current.lock().map(|c| c.clone()).unwrap_or(None);
+            if let (Some(d), Some((s, c, b))) = (&file, at) {
+                let reason = format!("no progress for {timeout_s} s (watchdog)");
+                if let Err(e) = d.update(|f| f.mark_failed_batch(&s, &c, b, &reason, &crate::results::utc_now())) {
+                    eprintln!("fapool: {e}");
+                }
+            }
+        })
+    });
+    if let Some(w) = &watchdog {
+        comm.set_heartbeat(w.handle());
+    }
     let mut progress = root.then(|| Progress::new(plan.len() as u64));
     let finish = |file: &Option<Durable>, status: crate::results::RunStatus| {
         if let Some(d) = file {
@@ -429,6 +450,9 @@ fn run_on<'a, B: Backend>(
                 if done[global as usize] == 1 {
                     continue;
                 }
+                if let Ok(mut cur) = current.lock() {
+                    *cur = Some((sspec.name(), cat.name.clone(), b.index as u32));
+                }
                 let usable = fault.map(|f| f.apply(cluster.rank, global)).unwrap_or(true);
                 let mut all_usable = 0u8;
                 world.comm.all_reduce_into(&(usable as u8), &mut all_usable, mpi::collective::SystemOperation::min());
@@ -441,7 +465,9 @@ fn run_on<'a, B: Backend>(
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("fapool: rank {}: {} {} batch {}: {e}", cluster.rank, sspec.name(), cat.name, b.index);
-                        finish(&file, crate::results::RunStatus::Failed);
+                        if let Some(d) = &file {
+                            let _ = d.update(|f| f.mark_failed_batch(&sspec.name(), &cat.name, b.index as u32, &e.to_string(), &crate::results::utc_now()));
+                        }
                         return Exit::Failure;
                     }
                 };

@@ -146,8 +146,12 @@ fn a_hung_rank_makes_every_rank_exit_with_the_timeout_code() {
     let took = t.elapsed();
     assert_eq!(o.status.code(), Some(6), "{}", text(&o));
     assert!(took < Duration::from_secs(timeout + 30), "took {took:?}");
-    // Batches completed before the hang are in the file.
+    // Batches completed before the hang are in the file, which names the
+    // batch that failed.
     assert_eq!(batches_once(&out).len(), 3);
+    let run = read_run(&out).unwrap();
+    assert_eq!(run.status, Some(RunStatus::Failed));
+    assert_eq!(run.failed_batch.as_deref(), Some("baseline-tp2-pp2/short/3"), "{:?}", run.failure);
 }
 
 #[test]

@@ -296,6 +296,9 @@ pub struct RunData {
     pub status: Option<RunStatus>,
     /// Set when the run ended (any status but running).
     pub ended_utc: Option<String>,
+    /// "strategy/category/index" of the batch a failed run was in, and why.
+    pub failed_batch: Option<String>,
+    pub failure: Option<String>,
     pub provenance: Provenance,
     /// Strategies in the order they were begun.
     pub strategies: Vec<StrategyData>,

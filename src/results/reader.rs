@@ -63,6 +63,8 @@ pub fn read_run(path: impl AsRef<Path>) -> Result<RunData> {
         path: path.to_path_buf(),
         status,
         ended_utc: attrs::get_str(&file, "ended_utc")?,
+        failed_batch: attrs::get_str(&file, "failed_batch")?,
+        failure: attrs::get_str(&file, "failure")?,
         provenance: read_provenance(&file)?,
         strategies,
     })

@@ -504,6 +504,15 @@ impl ResultsFile {
         self.flush()
     }
 
+    /// Records the batch a failed run was in (root attributes `failed_batch`,
+    /// "strategy/category/index", and `failure`, the reason) and marks the
+    /// run failed. A resumed run reruns that batch; the marks stay as history.
+    pub fn mark_failed_batch(&mut self, strategy: &str, category: &str, batch_index: u32, reason: &str, ended_utc: &str) -> Result<()> {
+        attrs::set_str(&self.file, "failed_batch", &format!("{strategy}/{category}/{batch_index}"))?;
+        attrs::set_str(&self.file, "failure", reason)?;
+        self.set_status(RunStatus::Failed, Some(ended_utc))
+    }
+
     /// Shrinks each category's payload datasets to what its batch rows
     /// reference, and drops batch rows that were never written (fill value).
     fn trim_unreferenced_rows(&self) -> Result<()> {
