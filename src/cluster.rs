@@ -46,7 +46,10 @@ impl Cluster {
         let hosts = all.chunks(HOST_BYTES).map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string()).collect();
         let mut locals = vec![0u64; world_size];
         world.all_gather_into(&(local_rank as u64), &mut locals[..]);
-        let mpi_library = mpi::environment::library_version().unwrap_or_else(|_| "unknown".into()).lines().next().unwrap_or("").trim().to_string();
+        // Open MPI counts the C string's terminating NUL in the version's
+        // length; HDF5 (and any C consumer) refuses a string containing one.
+        let version = mpi::environment::library_version().unwrap_or_else(|_| "unknown".into());
+        let mpi_library = version.lines().next().unwrap_or("").trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string();
         Ok(Self {
             universe,
             rank,
