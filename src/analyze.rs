@@ -14,9 +14,7 @@ mod plot;
 
 use crate::comm::Category;
 use crate::metrics::CategorySummary;
-use crate::results::{
-    read_run, CategoryData, RankAggregates, ResultsError, RunData, StoredSummary,
-};
+use crate::results::{read_run, CategoryData, RankAggregates, ResultsError, RunData, StoredSummary};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -28,10 +26,7 @@ pub enum AnalyzeError {
     #[error(transparent)]
     Results(#[from] ResultsError),
     #[error("cannot write {path}: {source}")]
-    Plot {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Plot { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -43,10 +38,7 @@ pub type Result<T> = std::result::Result<T, AnalyzeError>;
 /// plots next to the first file (`<stem>.tpot.svg`, `<stem>.tps.svg`).
 pub fn analyze(paths: &[PathBuf], out: &mut dyn Write) -> Result<()> {
     let first = paths.first().ok_or(AnalyzeError::NoInput)?;
-    let runs = paths
-        .iter()
-        .map(read_run)
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let runs = paths.iter().map(read_run).collect::<std::result::Result<Vec<_>, _>>()?;
     for run in &runs {
         write_run_tables(run, out)?;
     }
@@ -66,10 +58,7 @@ struct Measured {
 
 fn measured(c: &CategoryData) -> Option<Measured> {
     if let Some(s) = &c.summary {
-        return Some(Measured {
-            stored: s.clone(),
-            partial: false,
-        });
+        return Some(Measured { stored: s.clone(), partial: false });
     }
     if c.batches.is_empty() {
         return None;
@@ -77,15 +66,8 @@ fn measured(c: &CategoryData) -> Option<Measured> {
     // Without the runner's category wall time, batches back to back is the
     // closest stand-in.
     let wall_s = c.batches.iter().map(|b| b.e2e_s).sum();
-    let stored = StoredSummary {
-        summary: CategorySummary::from_batches(&c.batches, wall_s),
-        aggregates: RankAggregates::from_ranks(&c.ranks),
-        flops: c.batches.iter().map(|b| b.flops).sum(),
-    };
-    Some(Measured {
-        stored,
-        partial: true,
-    })
+    let stored = StoredSummary { summary: CategorySummary::from_batches(&c.batches, wall_s), aggregates: RankAggregates::from_ranks(&c.ranks), flops: c.batches.iter().map(|b| b.flops).sum() };
+    Some(Measured { stored, partial: true })
 }
 
 /// Plain-number formatting with about four significant digits.
@@ -129,11 +111,7 @@ struct Table {
 
 impl Table {
     fn new(header: Vec<&'static str>, left: usize) -> Self {
-        Self {
-            header,
-            left,
-            rows: Vec::new(),
-        }
+        Self { header, left, rows: Vec::new() }
     }
 
     fn write(&self, out: &mut dyn Write) -> std::io::Result<()> {
@@ -144,18 +122,7 @@ impl Table {
             }
         }
         let line = |cells: Vec<&str>| -> String {
-            let padded: Vec<String> = cells
-                .iter()
-                .zip(&widths)
-                .enumerate()
-                .map(|(i, (c, &w))| {
-                    if i < self.left {
-                        format!("{c:<w$}")
-                    } else {
-                        format!("{c:>w$}")
-                    }
-                })
-                .collect();
+            let padded: Vec<String> = cells.iter().zip(&widths).enumerate().map(|(i, (c, &w))| if i < self.left { format!("{c:<w$}") } else { format!("{c:>w$}") }).collect();
             padded.join("  ").trim_end().to_string()
         };
         writeln!(out, "{}", line(self.header.clone()))?;
@@ -172,31 +139,12 @@ fn write_run_tables(run: &RunData, out: &mut dyn Write) -> Result<()> {
     let p = &run.provenance;
     writeln!(out, "== {} ==", run.path.display())?;
     let status = run.status.map_or("unknown".to_string(), |s| s.to_string());
-    writeln!(
-        out,
-        "status {status}; started {}{}; fapool {} ({})",
-        p.started_utc,
-        run.ended_utc
-            .as_ref()
-            .map_or(String::new(), |e| format!(", ended {e}")),
-        p.tool_version,
-        p.git_commit
-    )?;
+    writeln!(out, "status {status}; started {}{}; fapool {} ({})", p.started_utc, run.ended_utc.as_ref().map_or(String::new(), |e| format!(", ended {e}")), p.tool_version, p.git_commit)?;
     let mut hosts = p.hosts.clone();
     hosts.sort();
     hosts.dedup();
-    let device = p
-        .devices
-        .first()
-        .map_or(String::new(), |d| format!("; {}", d.name));
-    writeln!(
-        out,
-        "{} ranks on {} host(s); backend {}, transport {}{device}",
-        p.world_size,
-        hosts.len(),
-        p.backend,
-        p.transport
-    )?;
+    let device = p.devices.first().map_or(String::new(), |d| format!("; {}", d.name));
+    writeln!(out, "{} ranks on {} host(s); backend {}, transport {}{device}", p.world_size, hosts.len(), p.backend, p.transport)?;
 
     let mut any_partial = false;
     for category in run.category_order() {
@@ -211,12 +159,7 @@ fn write_run_tables(run: &RunData, out: &mut dyn Write) -> Result<()> {
         if entries.is_empty() {
             continue;
         }
-        let lengths: Vec<u32> = run
-            .strategies
-            .iter()
-            .filter_map(|s| s.category(&category))
-            .flat_map(|c| c.batches.iter().map(|b| b.seq_len))
-            .collect();
+        let lengths: Vec<u32> = run.strategies.iter().filter_map(|s| s.category(&category)).flat_map(|c| c.batches.iter().map(|b| b.seq_len)).collect();
         let range = match (lengths.iter().min(), lengths.iter().max()) {
             (Some(lo), Some(hi)) if lo == hi => format!("sequence length {lo}"),
             (Some(lo), Some(hi)) => format!("sequence lengths {lo}–{hi}"),
@@ -234,10 +177,7 @@ fn write_run_tables(run: &RunData, out: &mut dyn Write) -> Result<()> {
     if any_partial {
         writeln!(out)?;
         writeln!(out, "* no stored summary (the run stopped before the category ended): figures from the recorded")?;
-        writeln!(
-            out,
-            "  batches, with the category's wall time taken as the sum of their end-to-end times"
-        )?;
+        writeln!(out, "  batches, with the category's wall time taken as the sum of their end-to-end times")?;
     }
     writeln!(out)?;
     Ok(())
@@ -252,23 +192,12 @@ fn label(name: &str, m: &Measured) -> String {
 }
 
 fn write_comparison(entries: &[(&str, &str, Measured)], out: &mut dyn Write) -> Result<()> {
-    let baseline = entries
-        .iter()
-        .find(|e| e.1 == "baseline")
-        .map(|e| &e.2.stored.summary);
-    let mut t = Table::new(
-        vec![
-            "strategy", "kind", "batches", "TTFT ms", "TPOT ms", "p50 ms", "p99 ms", "TPS",
-            "peak GB", "comm %", "J/token", "TPOT ×", "TPS ×",
-        ],
-        2,
-    );
+    let baseline = entries.iter().find(|e| e.1 == "baseline").map(|e| &e.2.stored.summary);
+    let mut t = Table::new(vec!["strategy", "kind", "batches", "TTFT ms", "TPOT ms", "p50 ms", "p99 ms", "TPS", "peak GB", "comm %", "J/token", "TPOT ×", "TPS ×"], 2);
     for (name, kind, m) in entries {
         let (s, a) = (&m.stored.summary, &m.stored.aggregates);
         let (tpot_x, tps_x) = match baseline {
-            Some(b) if *kind == "fapool" => {
-                (ratio(b.tpot.mean / s.tpot.mean), ratio(s.tps / b.tps))
-            }
+            Some(b) if *kind == "fapool" => (ratio(b.tpot.mean / s.tpot.mean), ratio(s.tps / b.tps)),
             _ => ("-".into(), "-".into()),
         };
         t.rows.push(vec![
@@ -282,8 +211,7 @@ fn write_comparison(entries: &[(&str, &str, Measured)], out: &mut dyn Write) -> 
             num(s.tps),
             a.peak_memory_max_gb().map_or("n/m".into(), num),
             format!("{:.1}", a.comm_share() * 100.0),
-            a.energy_j_per_token(s.total_tokens)
-                .map_or("n/m".into(), num),
+            a.energy_j_per_token(s.total_tokens).map_or("n/m".into(), num),
             tpot_x,
             tps_x,
         ]);
@@ -293,19 +221,7 @@ fn write_comparison(entries: &[(&str, &str, Measured)], out: &mut dyn Write) -> 
 }
 
 fn write_communication(entries: &[(&str, &str, Measured)], out: &mut dyn Write) -> Result<()> {
-    let mut t = Table::new(
-        vec![
-            "strategy",
-            "category",
-            "rank-s",
-            "busiest s",
-            "GB",
-            "calls",
-            "GB/s",
-            "% wall",
-        ],
-        2,
-    );
+    let mut t = Table::new(vec!["strategy", "category", "rank-s", "busiest s", "GB", "calls", "GB/s", "% wall"], 2);
     for (name, _, m) in entries {
         let a = &m.stored.aggregates;
         let mut any = false;
@@ -314,11 +230,7 @@ fn write_communication(entries: &[(&str, &str, Measured)], out: &mut dyn Write) 
                 continue;
             };
             any = true;
-            let share = if a.active_wall_s > 0.0 {
-                agg.seconds_sum / a.active_wall_s * 100.0
-            } else {
-                0.0
-            };
+            let share = if a.active_wall_s > 0.0 { agg.seconds_sum / a.active_wall_s * 100.0 } else { 0.0 };
             t.rows.push(vec![
                 label(name, m),
                 c.name().to_string(),
@@ -352,36 +264,17 @@ fn measured_value(name: &str, s: &StoredSummary) -> Option<f64> {
     }
 }
 
-fn write_predictions(
-    run: &RunData,
-    category: &str,
-    entries: &[(&str, &str, Measured)],
-    out: &mut dyn Write,
-) -> Result<()> {
-    let mut t = Table::new(
-        vec!["strategy", "quantity", "predicted", "measured", "error %"],
-        2,
-    );
+fn write_predictions(run: &RunData, category: &str, entries: &[(&str, &str, Measured)], out: &mut dyn Write) -> Result<()> {
+    let mut t = Table::new(vec!["strategy", "quantity", "predicted", "measured", "error %"], 2);
     for s in &run.strategies {
         let Some(c) = s.category(category) else {
             continue;
         };
-        let m = entries
-            .iter()
-            .find(|e| e.0 == s.info.name)
-            .map(|e| &e.2.stored);
+        let m = entries.iter().find(|e| e.0 == s.info.name).map(|e| &e.2.stored);
         for (name, &predicted) in &c.predictions {
             let actual = m.and_then(|m| measured_value(name, m));
-            let error = actual
-                .filter(|a| *a != 0.0)
-                .map(|a| format!("{:+.1}", (predicted - a) / a * 100.0));
-            t.rows.push(vec![
-                s.info.name.clone(),
-                name.clone(),
-                num(predicted),
-                actual.map_or("-".into(), num),
-                error.unwrap_or_else(|| "-".into()),
-            ]);
+            let error = actual.filter(|a| *a != 0.0).map(|a| format!("{:+.1}", (predicted - a) / a * 100.0));
+            t.rows.push(vec![s.info.name.clone(), name.clone(), num(predicted), actual.map_or("-".into(), num), error.unwrap_or_else(|| "-".into())]);
         }
     }
     if !t.rows.is_empty() {
@@ -406,64 +299,23 @@ fn write_plots(first: &Path, runs: &[RunData]) -> Result<Vec<PathBuf>> {
     let mut tpot = Vec::new();
     let mut tps = Vec::new();
     for run in runs {
-        let stem = run
-            .path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let stem = run.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         for s in &run.strategies {
-            let label = if runs.len() > 1 {
-                format!("{stem}: {}", s.info.name)
-            } else {
-                s.info.name.clone()
-            };
-            let per_category: Vec<Option<Measured>> = categories
-                .iter()
-                .map(|c| s.category(c).and_then(measured))
-                .collect();
-            let values = |f: &dyn Fn(&CategorySummary) -> f64| -> Vec<Option<f64>> {
-                per_category
-                    .iter()
-                    .map(|m| m.as_ref().map(|m| f(&m.stored.summary)))
-                    .collect()
-            };
-            tpot.push(plot::Series {
-                label: label.clone(),
-                values: values(&|s| s.tpot.mean * 1e3),
-            });
-            tps.push(plot::Series {
-                label,
-                values: values(&|s| s.tps),
-            });
+            let label = if runs.len() > 1 { format!("{stem}: {}", s.info.name) } else { s.info.name.clone() };
+            let per_category: Vec<Option<Measured>> = categories.iter().map(|c| s.category(c).and_then(measured)).collect();
+            let values = |f: &dyn Fn(&CategorySummary) -> f64| -> Vec<Option<f64>> { per_category.iter().map(|m| m.as_ref().map(|m| f(&m.stored.summary))).collect() };
+            tpot.push(plot::Series { label: label.clone(), values: values(&|s| s.tpot.mean * 1e3) });
+            tps.push(plot::Series { label, values: values(&|s| s.tps) });
         }
     }
     let charts = [
-        (
-            "tpot.svg",
-            plot::line_chart(
-                "TPOT (mean) by sequence length",
-                "TPOT (ms)",
-                &categories,
-                &tpot,
-            ),
-        ),
-        (
-            "tps.svg",
-            plot::line_chart(
-                "Throughput by sequence length",
-                "TPS (tokens/s)",
-                &categories,
-                &tps,
-            ),
-        ),
+        ("tpot.svg", plot::line_chart("TPOT (mean) by sequence length", "TPOT (ms)", &categories, &tpot)),
+        ("tps.svg", plot::line_chart("Throughput by sequence length", "TPS (tokens/s)", &categories, &tps)),
     ];
     let mut written = Vec::new();
     for (ext, svg) in charts {
         let path = first.with_extension(ext);
-        std::fs::write(&path, svg).map_err(|source| AnalyzeError::Plot {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::write(&path, svg).map_err(|source| AnalyzeError::Plot { path: path.clone(), source })?;
         written.push(path);
     }
     Ok(written)
@@ -483,14 +335,8 @@ mod tests {
 
     /// The table row of `strategy` in the comparison table of `category`.
     fn row<'a>(text: &'a str, category: &str, strategy: &str) -> Vec<&'a str> {
-        let section = text
-            .split(&format!("-- {category}:"))
-            .nth(1)
-            .expect("category section");
-        let line = section
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(strategy))
-            .expect("strategy row");
+        let section = text.split(&format!("-- {category}:")).nth(1).expect("category section");
+        let line = section.lines().find(|l| l.split_whitespace().next() == Some(strategy)).expect("strategy row");
         line.split_whitespace().collect()
     }
 
@@ -498,23 +344,13 @@ mod tests {
     fn improvement_is_baseline_tpot_over_fapool_tpot_and_fapool_tps_over_baseline_tps() {
         let path = TempPath::new("analyze-improvement");
         // TPOT 2 ms vs 1 ms; E2E = 10 ms + 2 × TPOT, so TPS improves by 14/12.
-        write_run(
-            &path.0,
-            &[
-                ("baseline", "baseline", [0.002, 0.004]),
-                ("fapool", "fapool", [0.001, 0.002]),
-            ],
-        );
+        write_run(&path.0, &[("baseline", "baseline", [0.002, 0.004]), ("fapool", "fapool", [0.001, 0.002])]);
         let text = analyze_to_string(std::slice::from_ref(&path.0));
         let fapool = row(&text, "short", "fapool");
         assert_eq!(fapool[fapool.len() - 2..], ["2.00×", "1.17×"], "{text}");
         let baseline = row(&text, "short", "baseline");
         assert_eq!(baseline[baseline.len() - 2..], ["-", "-"], "{text}");
-        assert_eq!(
-            row(&text, "short", "fapool")[4],
-            "1.00",
-            "TPOT mean in ms\n{text}"
-        );
+        assert_eq!(row(&text, "short", "fapool")[4], "1.00", "TPOT mean in ms\n{text}");
     }
 
     #[test]
@@ -524,14 +360,8 @@ mod tests {
             let mut f = ResultsFile::create(&path.0, false, &provenance()).unwrap();
             f.begin_strategy(&strategy("baseline", "baseline")).unwrap();
             let b = batch(0, 512, 0.002);
-            f.append_batch("baseline", "short", &b, &ranks(0, None))
-                .unwrap();
-            f.write_summary(
-                "baseline",
-                "short",
-                &CategorySummary::from_batches(&[b], 0.014),
-            )
-            .unwrap();
+            f.append_batch("baseline", "short", &b, &ranks(0, None)).unwrap();
+            f.write_summary("baseline", "short", &CategorySummary::from_batches(&[b], 0.014)).unwrap();
         }
         let text = analyze_to_string(std::slice::from_ref(&path.0));
         let r = row(&text, "short", "baseline");
@@ -544,13 +374,7 @@ mod tests {
         {
             let mut f = ResultsFile::create(&path.0, false, &provenance()).unwrap();
             f.begin_strategy(&strategy("baseline", "baseline")).unwrap();
-            f.append_batch(
-                "baseline",
-                "medium",
-                &batch(0, 4096, 0.004),
-                &ranks(0, Some(1.0)),
-            )
-            .unwrap();
+            f.append_batch("baseline", "medium", &batch(0, 4096, 0.004), &ranks(0, Some(1.0))).unwrap();
         }
         let text = analyze_to_string(std::slice::from_ref(&path.0));
         let r = row(&text, "medium", "baseline*");
@@ -564,57 +388,32 @@ mod tests {
         write_run(&path.0, &[("fapool", "fapool", [0.001, 0.002])]);
         let text = analyze_to_string(std::slice::from_ref(&path.0));
         let section = text.split("communication (short)").nth(1).unwrap();
-        let kv = section
-            .lines()
-            .find(|l| l.contains("kv_replication"))
-            .expect("kv_replication row");
+        let kv = section.lines().find(|l| l.contains("kv_replication")).expect("kv_replication row");
         // 2 batches × 4 ranks × 2 calls of 3 MiB in 20 ms each.
         let cells: Vec<&str> = kv.split_whitespace().collect();
         assert_eq!(cells[5], "16", "{text}");
         assert_eq!(cells[6], "0.157", "{text}");
-        assert!(
-            !section
-                .split("-- ")
-                .next()
-                .unwrap()
-                .contains("pool_scatter"),
-            "{text}"
-        );
+        assert!(!section.split("-- ").next().unwrap().contains("pool_scatter"), "{text}");
     }
 
     #[test]
     fn predictions_are_shown_beside_measurements() {
         let path = TempPath::new("analyze-prediction");
         write_run(&path.0, &[("fapool", "fapool", [0.001, 0.002])]);
-        ResultsFile::open_existing(&path.0)
-            .unwrap()
-            .store_prediction("fapool", "short", "tpot_s", 0.0011)
-            .unwrap();
+        ResultsFile::open_existing(&path.0).unwrap().store_prediction("fapool", "short", "tpot_s", 0.0011).unwrap();
         let text = analyze_to_string(std::slice::from_ref(&path.0));
-        let line = text
-            .lines()
-            .find(|l| l.contains("tpot_s"))
-            .expect("prediction row");
+        let line = text.lines().find(|l| l.contains("tpot_s")).expect("prediction row");
         assert!(line.ends_with("+10.0"), "{line}");
     }
 
     #[test]
     fn plots_are_written_next_to_the_first_file() {
         let path = TempPath::new("analyze-plots");
-        write_run(
-            &path.0,
-            &[
-                ("baseline", "baseline", [0.002, 0.004]),
-                ("fapool", "fapool", [0.001, 0.002]),
-            ],
-        );
+        write_run(&path.0, &[("baseline", "baseline", [0.002, 0.004]), ("fapool", "fapool", [0.001, 0.002])]);
         let text = analyze_to_string(std::slice::from_ref(&path.0));
         for ext in ["tpot.svg", "tps.svg"] {
             let plot = path.0.with_extension(ext);
-            assert!(
-                text.contains(&format!("plot: {}", plot.display())),
-                "{text}"
-            );
+            assert!(text.contains(&format!("plot: {}", plot.display())), "{text}");
             let svg = std::fs::read_to_string(&plot).unwrap();
             assert!(svg.starts_with("<svg") && svg.contains("fapool") && svg.contains("medium"));
         }
@@ -622,10 +421,7 @@ mod tests {
 
     #[test]
     fn no_input_is_an_error() {
-        assert!(matches!(
-            analyze(&[], &mut Vec::new()),
-            Err(AnalyzeError::NoInput)
-        ));
+        assert!(matches!(analyze(&[], &mut Vec::new()), Err(AnalyzeError::NoInput)));
     }
 
     #[test]

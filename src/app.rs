@@ -188,11 +188,7 @@ pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Exit {
         Ok(k) => k,
         Err(e) => return e,
     };
-    let path = args
-        .resume
-        .clone()
-        .or(args.out.clone())
-        .unwrap_or_else(|| PathBuf::from(format!("results/{}-{}.h5", job.run.name, crate::results::utc_now().replace([':', '-'], ""))));
+    let path = args.resume.clone().or(args.out.clone()).unwrap_or_else(|| PathBuf::from(format!("results/{}-{}.h5", job.run.name, crate::results::utc_now().replace([':', '-'], ""))));
     let target = Target { path, resume: args.resume.is_some(), force: args.force };
     match kind {
         _ => {
@@ -639,7 +635,18 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
                 let err = naive.map(|n| n.iter().zip(&r.logits).map(|(a, b)| rel_l2(b, a)).fold(0.0f64, f64::max)).unwrap_or(f64::INFINITY);
                 let pass = err <= tolerance;
                 failures += usize::from(!pass);
-                println!("{:<30} {:<10} {:>5} {:>6} {:>5} {:>4} {:>12.3e} {:>7} {:>6}", "single-rank-vs-no-cache", cat.name, b.index, shape.seq_len, shape.nseq, 0, err, "-", if pass { "ok" } else { "FAIL" });
+                println!(
+                    "{:<30} {:<10} {:>5} {:>6} {:>5} {:>4} {:>12.3e} {:>7} {:>6}",
+                    "single-rank-vs-no-cache",
+                    cat.name,
+                    b.index,
+                    shape.seq_len,
+                    shape.nseq,
+                    0,
+                    err,
+                    "-",
+                    if pass { "ok" } else { "FAIL" }
+                );
             }
             // Reference tokens to every rank (the strategies' leaders need them to force).
             let mut ref_tokens = reference_out.as_ref().map(|g| g.batch.tokens.clone()).unwrap_or_else(|| vec![0; shape.nseq * shape.out_tokens]);

@@ -47,17 +47,7 @@ impl Cluster {
         let mut locals = vec![0u64; world_size];
         world.all_gather_into(&(local_rank as u64), &mut locals[..]);
         let mpi_library = mpi::environment::library_version().unwrap_or_else(|_| "unknown".into()).split('\0').next().unwrap_or("").lines().next().unwrap_or("").trim().to_string();
-        Ok(Self {
-            universe,
-            rank,
-            world_size,
-            local_rank,
-            local_size,
-            max_local_ranks: max_local as usize,
-            hosts,
-            local_ranks: locals.into_iter().map(|x| x as usize).collect(),
-            mpi_library,
-        })
+        Ok(Self { universe, rank, world_size, local_rank, local_size, max_local_ranks: max_local as usize, hosts, local_ranks: locals.into_iter().map(|x| x as usize).collect(), mpi_library })
     }
 
     /// A panic on one rank aborts the whole job instead of leaving the

@@ -55,19 +55,7 @@ impl ModelConfig {
 
     /// A tiny model on the same code path, for tests and the CPU demo.
     pub fn tiny() -> Self {
-        Self {
-            name: "tiny".into(),
-            layers: 2,
-            d_model: 64,
-            heads: 4,
-            head_dim: 16,
-            ffn: 256,
-            ffn_kind: FfnKind::Gelu,
-            vocab: 512,
-            norm_eps: 1e-6,
-            max_seq_len: 4096,
-            weights_seed: 1,
-        }
+        Self { name: "tiny".into(), layers: 2, d_model: 64, heads: 4, head_dim: 16, ffn: 256, ffn_kind: FfnKind::Gelu, vocab: 512, norm_eps: 1e-6, max_seq_len: 4096, weights_seed: 1 }
     }
 
     /// Attention width `heads × head_dim`.

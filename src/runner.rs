@@ -106,16 +106,7 @@ pub fn run_batch<B: Backend>(
     }
     strategy.end_batch()?;
     let comm_stats = comm.take_stats()?;
-    Ok(BatchRun {
-        setup,
-        leader,
-        wall_s,
-        prefill_s,
-        decode_s: wall_s - prefill_s,
-        energy_prefill_j: e0.zip(e1).map(|(a, b)| b - a),
-        energy_decode_j: e1.zip(e2).map(|(a, b)| b - a),
-        comm: comm_stats,
-    })
+    Ok(BatchRun { setup, leader, wall_s, prefill_s, decode_s: wall_s - prefill_s, energy_prefill_j: e0.zip(e1).map(|(a, b)| b - a), energy_decode_j: e1.zip(e2).map(|(a, b)| b - a), comm: comm_stats })
 }
 
 /// Builds the strategy a spec describes (collective over `world`).

@@ -229,10 +229,17 @@ impl StrategySpec {
     pub fn name(&self) -> String {
         match self {
             StrategySpec::Baseline(b) => b.name.clone().unwrap_or_else(|| format!("baseline-tp{}-pp{}", b.tp, b.pp)),
-            StrategySpec::Fapool(f) => f.name.clone().unwrap_or_else(|| format!("fapool-b{}-p{}-{}", f.base, f.pool_max, match f.partition {
-                Partition::Contiguous => "contiguous",
-                Partition::Zigzag => "zigzag",
-            })),
+            StrategySpec::Fapool(f) => f.name.clone().unwrap_or_else(|| {
+                format!(
+                    "fapool-b{}-p{}-{}",
+                    f.base,
+                    f.pool_max,
+                    match f.partition {
+                        Partition::Contiguous => "contiguous",
+                        Partition::Zigzag => "zigzag",
+                    }
+                )
+            }),
         }
     }
 
@@ -350,10 +357,7 @@ pub fn validate(job: &JobSpec, facts: &LaunchFacts) -> Result<ModelConfig, SpecE
                 return Err(rule("sequence-length-positive", format!("category `{}` has a zero-length sequence", c.name)));
             }
             if s + w.output_tokens > m.max_seq_len {
-                return Err(rule(
-                    "sequence-within-max",
-                    format!("category `{}`: {} prompt + {} output tokens exceed the model's max_seq_len {}", c.name, s, w.output_tokens, m.max_seq_len),
-                ));
+                return Err(rule("sequence-within-max", format!("category `{}`: {} prompt + {} output tokens exceed the model's max_seq_len {}", c.name, s, w.output_tokens, m.max_seq_len)));
             }
         }
     }
@@ -392,7 +396,11 @@ pub fn validate(job: &JobSpec, facts: &LaunchFacts) -> Result<ModelConfig, SpecE
             .iter()
             .map(|s| {
                 let (lo, hi) = s.rank_range();
-                if lo == hi { format!("{} needs {lo}", s.name()) } else { format!("{} needs {lo}..={hi}", s.name()) }
+                if lo == hi {
+                    format!("{} needs {lo}", s.name())
+                } else {
+                    format!("{} needs {lo}..={hi}", s.name())
+                }
             })
             .collect();
         let want = if need_min == need_max { format!("{need_min}") } else { format!("{need_min}..={need_max}") };

@@ -118,7 +118,10 @@ fn twenty_sigkills_lose_no_completed_batch_and_resume_completes_the_sweep() {
         trials += 1;
         reported_total += reported(&String::from_utf8_lossy(&o.stdout));
         // h5py opens it, and it holds every batch reported complete so far.
-        let py = Command::new("/usr/bin/python3").args(["-c", "import h5py,sys; f=h5py.File(sys.argv[1],'r'); print(sum(g['batches'].shape[0] for s in f['strategies'].values() for g in s.values()))", target]).output().expect("python3 runs");
+        let py = Command::new("/usr/bin/python3")
+            .args(["-c", "import h5py,sys; f=h5py.File(sys.argv[1],'r'); print(sum(g['batches'].shape[0] for s in f['strategies'].values() for g in s.values()))", target])
+            .output()
+            .expect("python3 runs");
         assert!(py.status.success(), "h5py cannot open the file after a kill: {}", String::from_utf8_lossy(&py.stderr));
         let in_file: usize = String::from_utf8_lossy(&py.stdout).trim().parse().unwrap();
         assert!(in_file >= reported_total, "trial {trials}: {in_file} batches in the file, {reported_total} reported complete");

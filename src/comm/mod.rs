@@ -52,16 +52,8 @@ pub enum Category {
 }
 
 impl Category {
-    pub const ALL: [Category; 8] = [
-        Category::TpAllreduce,
-        Category::PpP2p,
-        Category::PoolScatter,
-        Category::KvReplication,
-        Category::AttentionSync,
-        Category::ResultAggregation,
-        Category::PoolToBase,
-        Category::Control,
-    ];
+    pub const ALL: [Category; 8] =
+        [Category::TpAllreduce, Category::PpP2p, Category::PoolScatter, Category::KvReplication, Category::AttentionSync, Category::ResultAggregation, Category::PoolToBase, Category::Control];
     pub fn name(self) -> &'static str {
         match self {
             Category::TpAllreduce => "tp_allreduce",
@@ -144,13 +136,7 @@ pub struct Comm<'a, B: Backend> {
 
 impl<'a, B: Backend> Comm<'a, B> {
     pub fn new(backend: &'a B, transport: Box<dyn Transport<B> + 'a>) -> Self {
-        Self {
-            backend,
-            transport: RefCell::new(transport),
-            log: RefCell::new(Log { pending: Vec::new(), totals: BTreeMap::new() }),
-            next_group_id: RefCell::new(0),
-            heartbeat: RefCell::new(None),
-        }
+        Self { backend, transport: RefCell::new(transport), log: RefCell::new(Log { pending: Vec::new(), totals: BTreeMap::new() }), next_group_id: RefCell::new(0), heartbeat: RefCell::new(None) }
     }
 
     /// Beats `h` around every message, so the watchdog sees a rank stuck in one.

@@ -56,21 +56,8 @@ pub struct RankAggregates {
 impl RankAggregates {
     /// Aggregates the given rank records.
     pub fn from_ranks(ranks: &[RankRecord]) -> Self {
-        let mut per_category: BTreeMap<Category, CommAggregate> = Category::ALL
-            .into_iter()
-            .map(|c| {
-                (
-                    c,
-                    CommAggregate {
-                        category: c,
-                        seconds_sum: 0.0,
-                        seconds_max_rank: 0.0,
-                        bytes: 0,
-                        calls: 0,
-                    },
-                )
-            })
-            .collect();
+        let mut per_category: BTreeMap<Category, CommAggregate> =
+            Category::ALL.into_iter().map(|c| (c, CommAggregate { category: c, seconds_sum: 0.0, seconds_max_rank: 0.0, bytes: 0, calls: 0 })).collect();
         let mut per_rank_seconds: BTreeMap<(u32, Category), f64> = BTreeMap::new();
         let mut peak: Option<u64> = None;
         let mut estimate = 0u64;
@@ -91,9 +78,7 @@ impl RankAggregates {
                 active_wall_s += r.wall_s;
             }
             for (&c, stat) in &r.comm {
-                let agg = per_category
-                    .get_mut(&c)
-                    .expect("every category is in Category::ALL");
+                let agg = per_category.get_mut(&c).expect("every category is in Category::ALL");
                 agg.seconds_sum += stat.seconds;
                 agg.bytes += stat.bytes;
                 agg.calls += stat.calls;
@@ -101,9 +86,7 @@ impl RankAggregates {
             }
         }
         for ((_, c), s) in per_rank_seconds {
-            let agg = per_category
-                .get_mut(&c)
-                .expect("every category is in Category::ALL");
+            let agg = per_category.get_mut(&c).expect("every category is in Category::ALL");
             agg.seconds_max_rank = agg.seconds_max_rank.max(s);
         }
         Self {
@@ -159,15 +142,7 @@ mod tests {
             world_rank,
             active,
             wall_s: 2.0,
-            comm: [(
-                Category::TpAllreduce,
-                CommStat {
-                    calls: 4,
-                    bytes: 4_000_000_000,
-                    seconds: 0.5,
-                },
-            )]
-            .into(),
+            comm: [(Category::TpAllreduce, CommStat { calls: 4, bytes: 4_000_000_000, seconds: 0.5 })].into(),
             peak_memory_bytes: Some(1_000_000_000 * (world_rank as u64 + 1)),
             memory_estimate_bytes: 7,
             energy_prefill_j: energy,
@@ -191,10 +166,7 @@ mod tests {
         let a = RankAggregates::from_ranks(&[rank(0, true, None), rank(1, false, None)]);
         assert_eq!(a.comm_share(), 0.25);
         let tp = a.comm_of(Category::TpAllreduce).unwrap();
-        assert_eq!(
-            (tp.calls, tp.bytes, tp.seconds_sum, tp.seconds_max_rank),
-            (8, 8_000_000_000, 1.0, 0.5)
-        );
+        assert_eq!((tp.calls, tp.bytes, tp.seconds_sum, tp.seconds_max_rank), (8, 8_000_000_000, 1.0, 0.5));
         assert_eq!(tp.gb_per_s(), Some(8.0));
         assert_eq!(a.peak_memory_max_gb(), Some(2.0));
     }

@@ -9,8 +9,7 @@ use hdf5::types::VarLenUnicode;
 use hdf5::{H5Type, Location};
 
 pub(crate) fn vlen(s: &str) -> Result<VarLenUnicode> {
-    s.parse()
-        .map_err(|_| ResultsError::InvalidString(s.chars().take(60).collect()))
+    s.parse().map_err(|_| ResultsError::InvalidString(s.chars().take(60).collect()))
 }
 
 pub(crate) fn has_attr(loc: &Location, name: &str) -> Result<bool> {
@@ -28,19 +27,13 @@ pub(crate) fn remove(loc: &Location, name: &str) -> Result<()> {
 
 pub(crate) fn set_str(loc: &Location, name: &str, value: &str) -> Result<()> {
     remove(loc, name)?;
-    loc.new_attr::<VarLenUnicode>()
-        .shape(())
-        .create(name)?
-        .write_scalar(&vlen(value)?)?;
+    loc.new_attr::<VarLenUnicode>().shape(()).create(name)?.write_scalar(&vlen(value)?)?;
     Ok(())
 }
 
 pub(crate) fn set_scalar<T: H5Type>(loc: &Location, name: &str, value: T) -> Result<()> {
     remove(loc, name)?;
-    loc.new_attr::<T>()
-        .shape(())
-        .create(name)?
-        .write_scalar(&value)?;
+    loc.new_attr::<T>().shape(()).create(name)?.write_scalar(&value)?;
     Ok(())
 }
 

@@ -19,11 +19,7 @@ pub(crate) fn keep_from_children(path: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<libc::c_int>().ok())
-        else {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<libc::c_int>().ok()) else {
             continue;
         };
         if std::fs::read_link(entry.path()).is_ok_and(|p| p == target) {

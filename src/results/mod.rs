@@ -57,43 +57,23 @@ pub enum ResultsError {
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: hdf5::Error },
     #[error("cannot create the directory of {path}: {source}")]
-    Directory {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path} is not a fapool results file (no root attribute `format` = \"{FORMAT_NAME}\")"
-    )]
+    Directory { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a fapool results file (no root attribute `format` = \"{FORMAT_NAME}\")")]
     NotResultsFile { path: PathBuf },
-    #[error(
-        "{path} has results schema version {found}; this build reads version {SCHEMA_VERSION}"
-    )]
+    #[error("{path} has results schema version {found}; this build reads version {SCHEMA_VERSION}")]
     UnsupportedSchema { path: PathBuf, found: u32 },
     #[error("strategy `{0}` was not begun in this results file (call begin_strategy first)")]
     UnknownStrategy(String),
     #[error("strategy `{name}` is stored with kind `{stored}`, not `{given}`")]
-    StrategyMismatch {
-        name: String,
-        stored: String,
-        given: String,
-    },
+    StrategyMismatch { name: String, stored: String, given: String },
     #[error("batch {batch_index} of {strategy}/{category} is already recorded")]
-    DuplicateBatch {
-        strategy: String,
-        category: String,
-        batch_index: u32,
-    },
+    DuplicateBatch { strategy: String, category: String, batch_index: u32 },
     #[error("invalid {what} name `{name}`: a name must be non-empty, contain no '/', and not be '.' or '..'")]
     InvalidName { what: &'static str, name: String },
     #[error("string contains a NUL character and cannot be stored: {0:?}")]
     InvalidString(String),
     #[error("batch {batch_index} of {strategy}/{category}: {detail}")]
-    Shape {
-        strategy: String,
-        category: String,
-        batch_index: u32,
-        detail: String,
-    },
+    Shape { strategy: String, category: String, batch_index: u32, detail: String },
     #[error("unknown run status `{0}` (expected running, complete, interrupted or failed)")]
     UnknownStatus(String),
     #[error("{path}: unknown communication category `{name}` in the file")]
@@ -337,10 +317,7 @@ pub(crate) fn category_from_name(name: &str) -> Option<Category> {
 
 /// ISO 8601 UTC with second resolution, e.g. "2025-03-01T12:34:56Z".
 pub fn utc_timestamp(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm), so
     // no calendar crate is needed for one timestamp format.
@@ -353,12 +330,7 @@ pub fn utc_timestamp(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// [`utc_timestamp`] of now.

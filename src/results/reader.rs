@@ -4,10 +4,7 @@
 use super::attrs;
 use super::rows::{BatchRow, CommRow, DeviceRow, RankRow, RoleRowH5, SummaryRow};
 use super::writer::{PROVENANCE, STRATEGIES};
-use super::{
-    CategoryData, DeviceInfo, Provenance, Result, ResultsError, RoleRow, RunData, RunStatus, Seeds,
-    StrategyData, StrategyInfo, FORMAT_NAME, SCHEMA_VERSION,
-};
+use super::{CategoryData, DeviceInfo, Provenance, Result, ResultsError, RoleRow, RunData, RunStatus, Seeds, StrategyData, StrategyInfo, FORMAT_NAME, SCHEMA_VERSION};
 use crate::metrics::{BatchRecord, RankRecord};
 use hdf5::types::VarLenUnicode;
 use hdf5::{File, Group};
@@ -17,16 +14,11 @@ use std::path::Path;
 /// Refuses files that are not fapool results files or use another schema.
 pub(crate) fn check_format(file: &File, path: &Path) -> Result<()> {
     if attrs::get_str(file, "format")?.as_deref() != Some(FORMAT_NAME) {
-        return Err(ResultsError::NotResultsFile {
-            path: path.to_path_buf(),
-        });
+        return Err(ResultsError::NotResultsFile { path: path.to_path_buf() });
     }
     let found = attrs::get_scalar::<u32>(file, "schema_version")?.unwrap_or(0);
     if found != SCHEMA_VERSION {
-        return Err(ResultsError::UnsupportedSchema {
-            path: path.to_path_buf(),
-            found,
-        });
+        return Err(ResultsError::UnsupportedSchema { path: path.to_path_buf(), found });
     }
     Ok(())
 }
@@ -36,15 +28,10 @@ pub(crate) fn check_format(file: &File, path: &Path) -> Result<()> {
 /// predictions.
 pub fn read_run(path: impl AsRef<Path>) -> Result<RunData> {
     let path = path.as_ref();
-    let file = File::open(path).map_err(|source| ResultsError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| ResultsError::Open { path: path.to_path_buf(), source })?;
     super::cloexec::keep_from_children(path);
     check_format(&file, path)?;
-    let status = attrs::get_str(&file, "status")?
-        .map(|s| s.parse::<RunStatus>())
-        .transpose()?;
+    let status = attrs::get_str(&file, "status")?.map(|s| s.parse::<RunStatus>()).transpose()?;
     let mut strategies = Vec::new();
     for g in ordered_groups(&file.group(STRATEGIES)?)? {
         let info = StrategyInfo {
@@ -53,10 +40,7 @@ pub fn read_run(path: impl AsRef<Path>) -> Result<RunData> {
             params: attrs::get_str(&g, "params")?.unwrap_or_default(),
             world_ranks_used: attrs::get_array(&g, "world_ranks_used")?,
         };
-        let categories = ordered_groups(&g)?
-            .iter()
-            .map(|c| read_category(c, path))
-            .collect::<Result<Vec<_>>>()?;
+        let categories = ordered_groups(&g)?.iter().map(|c| read_category(c, path)).collect::<Result<Vec<_>>>()?;
         strategies.push(StrategyData { info, categories });
     }
     Ok(RunData {
@@ -90,34 +74,18 @@ fn strings(g: &Group, name: &str) -> Result<Vec<String>> {
     if !g.link_exists(name) {
         return Ok(Vec::new());
     }
-    Ok(g.dataset(name)?
-        .read_raw::<VarLenUnicode>()?
-        .iter()
-        .map(|s| s.as_str().to_string())
-        .collect())
+    Ok(g.dataset(name)?.read_raw::<VarLenUnicode>()?.iter().map(|s| s.as_str().to_string()).collect())
 }
 
 fn read_provenance(file: &File) -> Result<Provenance> {
     let g = file.group(PROVENANCE)?;
     let text = |name: &str| -> Result<String> { Ok(attrs::get_str(&g, name)?.unwrap_or_default()) };
-    let job_toml = if g.link_exists("job_toml") {
-        g.dataset("job_toml")?
-            .read_scalar::<VarLenUnicode>()?
-            .as_str()
-            .to_string()
-    } else {
-        String::new()
-    };
+    let job_toml = if g.link_exists("job_toml") { g.dataset("job_toml")?.read_scalar::<VarLenUnicode>()?.as_str().to_string() } else { String::new() };
     let devices = if g.link_exists("devices") {
         g.dataset("devices")?
             .read_raw::<DeviceRow>()?
             .into_iter()
-            .map(|d| DeviceInfo {
-                world_rank: d.world_rank,
-                name: d.name.as_str().to_string(),
-                uuid: d.uuid.as_str().to_string(),
-                pci_bus_id: d.pci_bus_id.as_str().to_string(),
-            })
+            .map(|d| DeviceInfo { world_rank: d.world_rank, name: d.name.as_str().to_string(), uuid: d.uuid.as_str().to_string(), pci_bus_id: d.pci_bus_id.as_str().to_string() })
             .collect()
     } else {
         Vec::new()
@@ -126,13 +94,7 @@ fn read_provenance(file: &File) -> Result<Provenance> {
         g.dataset("roles")?
             .read_raw::<RoleRowH5>()?
             .into_iter()
-            .map(|r| RoleRow {
-                world_rank: r.world_rank,
-                host: r.host.as_str().to_string(),
-                local_rank: r.local_rank,
-                strategy: r.strategy.as_str().to_string(),
-                role: r.role.as_str().to_string(),
-            })
+            .map(|r| RoleRow { world_rank: r.world_rank, host: r.host.as_str().to_string(), local_rank: r.local_rank, strategy: r.strategy.as_str().to_string(), role: r.role.as_str().to_string() })
             .collect()
     } else {
         Vec::new()
@@ -161,10 +123,7 @@ fn read_provenance(file: &File) -> Result<Provenance> {
         driver_version: attrs::get_str(&g, "driver_version")?,
         devices,
         slurm,
-        seeds: Seeds {
-            workload: attrs::get_scalar::<u64>(&g, "seed_workload")?.unwrap_or(0),
-            weights: attrs::get_scalar::<u64>(&g, "seed_weights")?.unwrap_or(0),
-        },
+        seeds: Seeds { workload: attrs::get_scalar::<u64>(&g, "seed_workload")?.unwrap_or(0), weights: attrs::get_scalar::<u64>(&g, "seed_weights")?.unwrap_or(0) },
         started_utc: text("started_utc")?,
         categories: strings(&g, "categories")?,
         roles,
@@ -185,22 +144,15 @@ pub(crate) fn read_batches(g: &Group) -> Result<Vec<BatchRecord>> {
     } else {
         (Vec::new(), 0)
     };
-    let slice = |v: &[f64], from: u64, count: u64| {
-        v.get(from as usize..(from + count) as usize)
-            .map(<[f64]>::to_vec)
-    };
+    let slice = |v: &[f64], from: u64, count: u64| v.get(from as usize..(from + count) as usize).map(<[f64]>::to_vec);
     rows.iter()
         .map(|row| {
             let mut b = row.to_record();
-            b.itl_s = slice(&itl, row.itl_offset, row.itl_count)
-                .ok_or_else(|| corrupt(g, row, "itl_s"))?;
+            b.itl_s = slice(&itl, row.itl_offset, row.itl_count).ok_or_else(|| corrupt(g, row, "itl_s"))?;
             if row.output_tokens > 0 {
                 let from = row.tokens_offset as usize * width;
                 let to = from + row.num_sequences as usize * width;
-                b.tokens = tokens
-                    .get(from..to)
-                    .ok_or_else(|| corrupt(g, row, "tokens"))?
-                    .to_vec();
+                b.tokens = tokens.get(from..to).ok_or_else(|| corrupt(g, row, "tokens"))?.to_vec();
             }
             Ok(b)
         })
@@ -208,11 +160,7 @@ pub(crate) fn read_batches(g: &Group) -> Result<Vec<BatchRecord>> {
 }
 
 fn corrupt(g: &Group, row: &BatchRow, dataset: &str) -> ResultsError {
-    ResultsError::Corrupt(format!(
-        "{}: batch {} points past the end of `{dataset}`",
-        g.name(),
-        row.batch_index
-    ))
+    ResultsError::Corrupt(format!("{}: batch {} points past the end of `{dataset}`", g.name(), row.batch_index))
 }
 
 /// The rank rows of a category group.
@@ -220,34 +168,16 @@ pub(crate) fn read_ranks(g: &Group) -> Result<Vec<RankRecord>> {
     if !g.link_exists("ranks") {
         return Ok(Vec::new());
     }
-    Ok(g.dataset("ranks")?
-        .read_raw::<RankRow>()?
-        .iter()
-        .map(RankRow::to_record)
-        .collect())
+    Ok(g.dataset("ranks")?.read_raw::<RankRow>()?.iter().map(RankRow::to_record).collect())
 }
 
 fn read_category(g: &Group, path: &Path) -> Result<CategoryData> {
     let summary = if g.link_exists("summary") {
-        let row = g
-            .dataset("summary")?
-            .read_raw::<SummaryRow>()?
-            .into_iter()
-            .next();
-        let comm_rows = if g.link_exists("comm") {
-            g.dataset("comm")?.read_raw::<CommRow>()?
-        } else {
-            Vec::new()
-        };
+        let row = g.dataset("summary")?.read_raw::<SummaryRow>()?.into_iter().next();
+        let comm_rows = if g.link_exists("comm") { g.dataset("comm")?.read_raw::<CommRow>()? } else { Vec::new() };
         let comm = comm_rows
             .iter()
-            .map(|c| {
-                c.to_aggregate()
-                    .ok_or_else(|| ResultsError::UnknownCommCategory {
-                        path: path.to_path_buf(),
-                        name: c.category.as_str().to_string(),
-                    })
-            })
+            .map(|c| c.to_aggregate().ok_or_else(|| ResultsError::UnknownCommCategory { path: path.to_path_buf(), name: c.category.as_str().to_string() }))
             .collect::<Result<Vec<_>>>()?;
         row.map(|r| r.to_summary(comm))
     } else {
@@ -262,11 +192,5 @@ fn read_category(g: &Group, path: &Path) -> Result<CategoryData> {
             }
         }
     }
-    Ok(CategoryData {
-        name: last_component(&g.name()),
-        batches: read_batches(g)?,
-        ranks: read_ranks(g)?,
-        summary,
-        predictions,
-    })
+    Ok(CategoryData { name: last_component(&g.name()), batches: read_batches(g)?, ranks: read_ranks(g)?, summary, predictions })
 }

@@ -157,46 +157,14 @@ impl RankRow {
     /// purpose: a new category does not compile until the schema has it.
     fn comm_columns(&mut self, c: Category) -> (&mut f64, &mut u64, &mut u64) {
         match c {
-            Category::TpAllreduce => (
-                &mut self.tp_allreduce_s,
-                &mut self.tp_allreduce_bytes,
-                &mut self.tp_allreduce_calls,
-            ),
-            Category::PpP2p => (
-                &mut self.pp_p2p_s,
-                &mut self.pp_p2p_bytes,
-                &mut self.pp_p2p_calls,
-            ),
-            Category::PoolScatter => (
-                &mut self.pool_scatter_s,
-                &mut self.pool_scatter_bytes,
-                &mut self.pool_scatter_calls,
-            ),
-            Category::KvReplication => (
-                &mut self.kv_replication_s,
-                &mut self.kv_replication_bytes,
-                &mut self.kv_replication_calls,
-            ),
-            Category::AttentionSync => (
-                &mut self.attention_sync_s,
-                &mut self.attention_sync_bytes,
-                &mut self.attention_sync_calls,
-            ),
-            Category::ResultAggregation => (
-                &mut self.result_aggregation_s,
-                &mut self.result_aggregation_bytes,
-                &mut self.result_aggregation_calls,
-            ),
-            Category::PoolToBase => (
-                &mut self.pool_to_base_s,
-                &mut self.pool_to_base_bytes,
-                &mut self.pool_to_base_calls,
-            ),
-            Category::Control => (
-                &mut self.control_s,
-                &mut self.control_bytes,
-                &mut self.control_calls,
-            ),
+            Category::TpAllreduce => (&mut self.tp_allreduce_s, &mut self.tp_allreduce_bytes, &mut self.tp_allreduce_calls),
+            Category::PpP2p => (&mut self.pp_p2p_s, &mut self.pp_p2p_bytes, &mut self.pp_p2p_calls),
+            Category::PoolScatter => (&mut self.pool_scatter_s, &mut self.pool_scatter_bytes, &mut self.pool_scatter_calls),
+            Category::KvReplication => (&mut self.kv_replication_s, &mut self.kv_replication_bytes, &mut self.kv_replication_calls),
+            Category::AttentionSync => (&mut self.attention_sync_s, &mut self.attention_sync_bytes, &mut self.attention_sync_calls),
+            Category::ResultAggregation => (&mut self.result_aggregation_s, &mut self.result_aggregation_bytes, &mut self.result_aggregation_calls),
+            Category::PoolToBase => (&mut self.pool_to_base_s, &mut self.pool_to_base_bytes, &mut self.pool_to_base_calls),
+            Category::Control => (&mut self.control_s, &mut self.control_bytes, &mut self.control_calls),
         }
     }
 
@@ -209,9 +177,7 @@ impl RankRow {
             wall_s: r.wall_s,
             prefill_s: r.prefill_s,
             decode_s: r.decode_s,
-            peak_memory_bytes: r
-                .peak_memory_bytes
-                .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+            peak_memory_bytes: r.peak_memory_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
             memory_estimate_bytes: r.memory_estimate_bytes,
             energy_measured: r.energy_prefill_j.is_some() || r.energy_decode_j.is_some(),
             energy_prefill_j: r.energy_prefill_j.unwrap_or(f64::NAN),
@@ -259,14 +225,7 @@ impl RankRow {
             // The comm layer creates an entry only when it records a call,
             // so an all-zero triple is an absent entry.
             if *calls > 0 || *bytes > 0 || *s != 0.0 {
-                comm.insert(
-                    c,
-                    CommStat {
-                        calls: *calls,
-                        bytes: *bytes,
-                        seconds: *s,
-                    },
-                );
+                comm.insert(c, CommStat { calls: *calls, bytes: *bytes, seconds: *s });
             }
         }
         let measured = |j: f64| (!j.is_nan()).then_some(j);
@@ -370,9 +329,7 @@ impl SummaryRow {
             flops: s.flops,
             achieved_tflops: s.achieved_tflops(),
             rank_rows: agg.rank_rows,
-            peak_memory_max_bytes: agg
-                .peak_memory_max_bytes
-                .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+            peak_memory_max_bytes: agg.peak_memory_max_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
             peak_memory_max_gb: nan(agg.peak_memory_max_gb()),
             memory_estimate_max_bytes: agg.memory_estimate_max_bytes,
             energy_measured: agg.energy_j.is_some(),
@@ -386,13 +343,7 @@ impl SummaryRow {
     }
 
     pub fn to_summary(&self, comm: Vec<CommAggregate>) -> StoredSummary {
-        let dist = |count: u64, mean, p50, p90, p99| Distribution {
-            count: count as usize,
-            mean,
-            p50,
-            p90,
-            p99,
-        };
+        let dist = |count: u64, mean, p50, p90, p99| Distribution { count: count as usize, mean, p50, p90, p99 };
         StoredSummary {
             summary: CategorySummary {
                 batches: self.batches as usize,
@@ -400,34 +351,10 @@ impl SummaryRow {
                 total_tokens: self.total_tokens,
                 wall_s: self.wall_s,
                 tps: self.tps,
-                ttft: dist(
-                    self.ttft_count,
-                    self.ttft_mean_s,
-                    self.ttft_p50_s,
-                    self.ttft_p90_s,
-                    self.ttft_p99_s,
-                ),
-                tpot: dist(
-                    self.tpot_count,
-                    self.tpot_mean_s,
-                    self.tpot_p50_s,
-                    self.tpot_p90_s,
-                    self.tpot_p99_s,
-                ),
-                itl: dist(
-                    self.itl_count,
-                    self.itl_mean_s,
-                    self.itl_p50_s,
-                    self.itl_p90_s,
-                    self.itl_p99_s,
-                ),
-                e2e: dist(
-                    self.e2e_count,
-                    self.e2e_mean_s,
-                    self.e2e_p50_s,
-                    self.e2e_p90_s,
-                    self.e2e_p99_s,
-                ),
+                ttft: dist(self.ttft_count, self.ttft_mean_s, self.ttft_p50_s, self.ttft_p90_s, self.ttft_p99_s),
+                tpot: dist(self.tpot_count, self.tpot_mean_s, self.tpot_p50_s, self.tpot_p90_s, self.tpot_p99_s),
+                itl: dist(self.itl_count, self.itl_mean_s, self.itl_p50_s, self.itl_p90_s, self.itl_p99_s),
+                e2e: dist(self.e2e_count, self.e2e_mean_s, self.e2e_p50_s, self.e2e_p90_s, self.e2e_p99_s),
                 paper_tpot_mean: self.paper_tpot_mean_s,
             },
             aggregates: RankAggregates {
@@ -468,23 +395,13 @@ impl CommRow {
             bytes: c.bytes,
             calls: c.calls,
             gb_per_s: c.gb_per_s().unwrap_or(f64::NAN),
-            share_of_wall: if active_wall_s > 0.0 {
-                c.seconds_sum / active_wall_s
-            } else {
-                0.0
-            },
+            share_of_wall: if active_wall_s > 0.0 { c.seconds_sum / active_wall_s } else { 0.0 },
         })
     }
 
     /// `None` for a category this build does not know.
     pub fn to_aggregate(&self) -> Option<CommAggregate> {
-        Some(CommAggregate {
-            category: category_from_name(self.category.as_str())?,
-            seconds_sum: self.seconds_sum,
-            seconds_max_rank: self.seconds_max_rank,
-            bytes: self.bytes,
-            calls: self.calls,
-        })
+        Some(CommAggregate { category: category_from_name(self.category.as_str())?, seconds_sum: self.seconds_sum, seconds_max_rank: self.seconds_max_rank, bytes: self.bytes, calls: self.calls })
     }
 }
 

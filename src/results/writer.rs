@@ -5,10 +5,7 @@
 use super::aggregate::RankAggregates;
 use super::attrs::{self, vlen};
 use super::rows::{BatchRow, CommRow, DeviceRow, PayloadOffsets, RankRow, RoleRowH5, SummaryRow};
-use super::{
-    Provenance, Result, ResultsError, RunStatus, StoredSummary, StrategyInfo, FORMAT_NAME,
-    SCHEMA_VERSION,
-};
+use super::{Provenance, Result, ResultsError, RunStatus, StoredSummary, StrategyInfo, FORMAT_NAME, SCHEMA_VERSION};
 use crate::metrics::{BatchRecord, CategorySummary, RankRecord};
 use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, Extent, File, Group, H5Type};
@@ -32,28 +29,20 @@ pub struct ResultsFile {
 
 impl std::fmt::Debug for ResultsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResultsFile")
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("ResultsFile").field("path", &self.path).finish()
     }
 }
 
 fn check_name(what: &'static str, name: &str) -> Result<()> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(ResultsError::InvalidName {
-            what,
-            name: name.to_string(),
-        });
+        return Err(ResultsError::InvalidName { what, name: name.to_string() });
     }
     Ok(())
 }
 
 /// Writes a fixed-size 1-D dataset (strings, compound rows, numbers).
 fn write_list<T: H5Type>(group: &Group, name: &str, values: &[T]) -> Result<()> {
-    let ds = group
-        .new_dataset::<T>()
-        .shape((values.len(),))
-        .create(name)?;
+    let ds = group.new_dataset::<T>().shape((values.len(),)).create(name)?;
     if !values.is_empty() {
         ds.write_raw(values)?;
     }
@@ -61,11 +50,7 @@ fn write_list<T: H5Type>(group: &Group, name: &str, values: &[T]) -> Result<()> 
 }
 
 fn write_text(group: &Group, name: &str, text: &str) -> Result<()> {
-    group
-        .new_dataset::<VarLenUnicode>()
-        .shape(())
-        .create(name)?
-        .write_scalar(&vlen(text)?)?;
+    group.new_dataset::<VarLenUnicode>().shape(()).create(name)?.write_scalar(&vlen(text)?)?;
     Ok(())
 }
 
@@ -81,11 +66,7 @@ fn append_rows<T: H5Type>(ds: &Dataset, rows: &[T]) -> Result<u64> {
 }
 
 fn extendable<T: H5Type>(group: &Group, name: &str, chunk: usize) -> Result<Dataset> {
-    Ok(group
-        .new_dataset::<T>()
-        .chunk((chunk,))
-        .shape((Extent::resizable(0),))
-        .create(name)?)
+    Ok(group.new_dataset::<T>().chunk((chunk,)).shape((Extent::resizable(0),)).create(name)?)
 }
 
 impl ResultsFile {
@@ -100,16 +81,9 @@ impl ResultsFile {
             return Err(ResultsError::Exists { path });
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| ResultsError::Directory {
-                path: path.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|source| ResultsError::Directory { path: path.clone(), source })?;
         }
-        let created = if force {
-            File::create(&path)
-        } else {
-            File::create_excl(&path)
-        };
+        let created = if force { File::create(&path) } else { File::create_excl(&path) };
         let file = match created {
             Ok(f) => f,
             // Another process created it between the check and the create.
@@ -131,10 +105,7 @@ impl ResultsFile {
     /// `set_status(RunStatus::Running, None)`.
     pub fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open_rw(&path).map_err(|source| ResultsError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let file = File::open_rw(&path).map_err(|source| ResultsError::Open { path: path.clone(), source })?;
         super::cloexec::keep_from_children(&path);
         super::reader::check_format(&file, &path)?;
         let results = Self { file, path };
@@ -171,11 +142,7 @@ impl ResultsFile {
         attrs::set_str(&g, "mpi_library", &p.mpi_library)?;
         // Absent attribute = not applicable or unknown; an empty string
         // would read as a real (empty) version.
-        for (name, value) in [
-            ("cuda_version", &p.cuda_version),
-            ("nccl_version", &p.nccl_version),
-            ("driver_version", &p.driver_version),
-        ] {
+        for (name, value) in [("cuda_version", &p.cuda_version), ("nccl_version", &p.nccl_version), ("driver_version", &p.driver_version)] {
             if let Some(v) = value {
                 attrs::set_str(&g, name, v)?;
             }
@@ -189,31 +156,12 @@ impl ResultsFile {
         write_list(&g, "argv", &strings(&p.argv)?)?;
         write_list(&g, "hosts", &strings(&p.hosts)?)?;
         write_list(&g, "categories", &strings(&p.categories)?)?;
-        let devices = p
-            .devices
-            .iter()
-            .map(|d| {
-                Ok(DeviceRow {
-                    world_rank: d.world_rank,
-                    name: vlen(&d.name)?,
-                    uuid: vlen(&d.uuid)?,
-                    pci_bus_id: vlen(&d.pci_bus_id)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let devices = p.devices.iter().map(|d| Ok(DeviceRow { world_rank: d.world_rank, name: vlen(&d.name)?, uuid: vlen(&d.uuid)?, pci_bus_id: vlen(&d.pci_bus_id)? })).collect::<Result<Vec<_>>>()?;
         write_list(&g, "devices", &devices)?;
         let roles = p
             .roles
             .iter()
-            .map(|r| {
-                Ok(RoleRowH5 {
-                    world_rank: r.world_rank,
-                    host: vlen(&r.host)?,
-                    local_rank: r.local_rank,
-                    strategy: vlen(&r.strategy)?,
-                    role: vlen(&r.role)?,
-                })
-            })
+            .map(|r| Ok(RoleRowH5 { world_rank: r.world_rank, host: vlen(&r.host)?, local_rank: r.local_rank, strategy: vlen(&r.strategy)?, role: vlen(&r.role)? }))
             .collect::<Result<Vec<_>>>()?;
         write_list(&g, "roles", &roles)?;
         let slurm = g.create_group("slurm")?;
@@ -232,12 +180,7 @@ impl ResultsFile {
     }
 
     /// The category's group, created (with its place in the order) if asked.
-    fn category_group(
-        &self,
-        strategy: &str,
-        category: &str,
-        create: bool,
-    ) -> Result<Option<Group>> {
+    fn category_group(&self, strategy: &str, category: &str, create: bool) -> Result<Option<Group>> {
         check_name("category", category)?;
         let s = self.strategy_group(strategy)?;
         if s.link_exists(category) {
@@ -262,11 +205,7 @@ impl ResultsFile {
             let existing = all.group(&info.name)?;
             let stored = attrs::get_str(&existing, "kind")?.unwrap_or_default();
             if stored != info.kind {
-                return Err(ResultsError::StrategyMismatch {
-                    name: info.name.clone(),
-                    stored,
-                    given: info.kind.clone(),
-                });
+                return Err(ResultsError::StrategyMismatch { name: info.name.clone(), stored, given: info.kind.clone() });
             }
             return Ok(());
         }
@@ -284,61 +223,30 @@ impl ResultsFile {
     ///
     /// The payload (ITL, tokens, rank rows) is written before the batch row:
     /// a batch row exists only once everything it points to does.
-    pub fn append_batch(
-        &mut self,
-        strategy: &str,
-        category: &str,
-        batch: &BatchRecord,
-        ranks: &[RankRecord],
-    ) -> Result<()> {
-        let shape_error = |detail: String| ResultsError::Shape {
-            strategy: strategy.to_string(),
-            category: category.to_string(),
-            batch_index: batch.batch_index,
-            detail,
-        };
+    pub fn append_batch(&mut self, strategy: &str, category: &str, batch: &BatchRecord, ranks: &[RankRecord]) -> Result<()> {
+        let shape_error = |detail: String| ResultsError::Shape { strategy: strategy.to_string(), category: category.to_string(), batch_index: batch.batch_index, detail };
         // A zero-sequence row is how an unwritten (fill-value) row looks, so
         // such a batch could not be told apart from a torn append.
         if batch.num_sequences == 0 {
-            return Err(shape_error(
-                "a batch must hold at least one sequence".into(),
-            ));
+            return Err(shape_error("a batch must hold at least one sequence".into()));
         }
         let expected = batch.num_sequences as usize * batch.output_tokens as usize;
         if batch.tokens.len() != expected {
-            return Err(shape_error(format!(
-                "{} token ids for {} sequences × {} output tokens",
-                batch.tokens.len(),
-                batch.num_sequences,
-                batch.output_tokens
-            )));
+            return Err(shape_error(format!("{} token ids for {} sequences × {} output tokens", batch.tokens.len(), batch.num_sequences, batch.output_tokens)));
         }
         if let Some(r) = ranks.iter().find(|r| r.batch_index != batch.batch_index) {
-            return Err(shape_error(format!(
-                "rank record of world rank {} has batch index {}",
-                r.world_rank, r.batch_index
-            )));
+            return Err(shape_error(format!("rank record of world rank {} has batch index {}", r.world_rank, r.batch_index)));
         }
 
-        let g = self
-            .category_group(strategy, category, true)?
-            .expect("created on demand");
+        let g = self.category_group(strategy, category, true)?.expect("created on demand");
         if !g.link_exists("batches") {
             extendable::<BatchRow>(&g, "batches", BATCH_CHUNK)?;
             extendable::<f64>(&g, "itl_s", ITL_CHUNK)?;
             extendable::<RankRow>(&g, "ranks", RANK_CHUNK)?;
         }
         let batches = g.dataset("batches")?;
-        if batches
-            .read_raw::<BatchRow>()?
-            .iter()
-            .any(|b| b.batch_index == batch.batch_index)
-        {
-            return Err(ResultsError::DuplicateBatch {
-                strategy: strategy.to_string(),
-                category: category.to_string(),
-                batch_index: batch.batch_index,
-            });
+        if batches.read_raw::<BatchRow>()?.iter().any(|b| b.batch_index == batch.batch_index) {
+            return Err(ResultsError::DuplicateBatch { strategy: strategy.to_string(), category: category.to_string(), batch_index: batch.batch_index });
         }
 
         let itl = append_rows(&g.dataset("itl_s")?, &batch.itl_s)?;
@@ -348,12 +256,7 @@ impl ResultsFile {
         })?;
         let rank_rows = ranks.iter().map(RankRow::new).collect::<Result<Vec<_>>>()?;
         let ranks_at = append_rows(&g.dataset("ranks")?, &rank_rows)?;
-        let at = PayloadOffsets {
-            itl,
-            tokens,
-            ranks: ranks_at,
-            ranks_count: ranks.len() as u64,
-        };
+        let at = PayloadOffsets { itl, tokens, ranks: ranks_at, ranks_count: ranks.len() as u64 };
         append_rows(&batches, &[BatchRow::new(batch, &at)])?;
         self.flush()
     }
@@ -368,10 +271,7 @@ impl ResultsFile {
             if width == 0 {
                 return Ok(0);
             }
-            g.new_dataset::<u32>()
-                .chunk((TOKEN_ROWS_CHUNK, width))
-                .shape((Extent::resizable(0), Extent::fixed(width)))
-                .create("tokens")?;
+            g.new_dataset::<u32>().chunk((TOKEN_ROWS_CHUNK, width)).shape((Extent::resizable(0), Extent::fixed(width))).create("tokens")?;
         }
         let ds = g.dataset("tokens")?;
         let (start, stored_width) = (ds.shape()[0], ds.shape()[1]);
@@ -386,8 +286,7 @@ impl ResultsFile {
                 detail: format!("{width} output tokens, but the category's tokens dataset is {stored_width} wide"),
             });
         }
-        let view = ndarray::ArrayView2::from_shape((rows, width), &batch.tokens)
-            .expect("length checked by append_batch");
+        let view = ndarray::ArrayView2::from_shape((rows, width), &batch.tokens).expect("length checked by append_batch");
         ds.resize((start + rows, width))?;
         ds.write_slice(view, (start..start + rows, ..))?;
         Ok(start as u64)
@@ -402,11 +301,7 @@ impl ResultsFile {
         if !g.link_exists("batches") {
             return Ok(Vec::new());
         }
-        Ok(g.dataset("batches")?
-            .read_raw::<BatchRow>()?
-            .iter()
-            .map(|b| b.batch_index)
-            .collect())
+        Ok(g.dataset("batches")?.read_raw::<BatchRow>()?.iter().map(|b| b.batch_index).collect())
     }
 
     /// The recorded batches of (strategy, category) with their ITL and
@@ -422,43 +317,22 @@ impl ResultsFile {
     /// latency/throughput summary plus memory, energy and communication
     /// aggregates computed from every rank row in the file, including rows
     /// recorded before a resume. Returns what was stored.
-    pub fn write_summary(
-        &mut self,
-        strategy: &str,
-        category: &str,
-        summary: &CategorySummary,
-    ) -> Result<StoredSummary> {
-        let g = self
-            .category_group(strategy, category, true)?
-            .expect("created on demand");
+    pub fn write_summary(&mut self, strategy: &str, category: &str, summary: &CategorySummary) -> Result<StoredSummary> {
+        let g = self.category_group(strategy, category, true)?.expect("created on demand");
         let (flops, ranks) = if g.link_exists("batches") {
-            let flops = g
-                .dataset("batches")?
-                .read_raw::<BatchRow>()?
-                .iter()
-                .map(|b| b.flops)
-                .sum();
+            let flops = g.dataset("batches")?.read_raw::<BatchRow>()?.iter().map(|b| b.flops).sum();
             (flops, super::reader::read_ranks(&g)?)
         } else {
             (0.0, Vec::new())
         };
-        let stored = StoredSummary {
-            summary: summary.clone(),
-            aggregates: RankAggregates::from_ranks(&ranks),
-            flops,
-        };
+        let stored = StoredSummary { summary: summary.clone(), aggregates: RankAggregates::from_ranks(&ranks), flops };
         for name in ["summary", "comm"] {
             if g.link_exists(name) {
                 g.unlink(name)?;
             }
         }
         write_list(&g, "summary", &[SummaryRow::new(&stored)])?;
-        let comm = stored
-            .aggregates
-            .comm
-            .iter()
-            .map(|c| CommRow::new(c, stored.aggregates.active_wall_s))
-            .collect::<Result<Vec<_>>>()?;
+        let comm = stored.aggregates.comm.iter().map(|c| CommRow::new(c, stored.aggregates.active_wall_s)).collect::<Result<Vec<_>>>()?;
         write_list(&g, "comm", &comm)?;
         self.flush()?;
         Ok(stored)
@@ -466,27 +340,12 @@ impl ResultsFile {
 
     /// Stores a planner prediction (e.g. "tpot_s") beside the measurements
     /// of (strategy, category); a later call with the same name replaces it.
-    pub fn store_prediction(
-        &mut self,
-        strategy: &str,
-        category: &str,
-        name: &str,
-        value: f64,
-    ) -> Result<()> {
+    pub fn store_prediction(&mut self, strategy: &str, category: &str, name: &str, value: f64) -> Result<()> {
         if name.is_empty() {
-            return Err(ResultsError::InvalidName {
-                what: "prediction",
-                name: name.to_string(),
-            });
+            return Err(ResultsError::InvalidName { what: "prediction", name: name.to_string() });
         }
-        let g = self
-            .category_group(strategy, category, true)?
-            .expect("created on demand");
-        let p = if g.link_exists("prediction") {
-            g.group("prediction")?
-        } else {
-            g.create_group("prediction")?
-        };
+        let g = self.category_group(strategy, category, true)?.expect("created on demand");
+        let p = if g.link_exists("prediction") { g.group("prediction")? } else { g.create_group("prediction")? };
         attrs::set_scalar(&p, name, value)?;
         self.flush()
     }
@@ -529,9 +388,7 @@ impl ResultsFile {
                 if kept < rows.len() {
                     batches.resize((kept,))?;
                 }
-                let end = |f: &dyn Fn(&BatchRow) -> u64| {
-                    kept_rows.iter().map(f).max().unwrap_or(0) as usize
-                };
+                let end = |f: &dyn Fn(&BatchRow) -> u64| kept_rows.iter().map(f).max().unwrap_or(0) as usize;
                 let shrink = |name: &str, len: usize| -> Result<()> {
                     if g.link_exists(name) {
                         let ds = g.dataset(name)?;
@@ -545,17 +402,7 @@ impl ResultsFile {
                 };
                 shrink("itl_s", end(&|b| b.itl_offset + b.itl_count))?;
                 shrink("ranks", end(&|b| b.ranks_offset + b.ranks_count))?;
-                shrink(
-                    "tokens",
-                    end(&|b| {
-                        b.tokens_offset
-                            + if b.output_tokens > 0 {
-                                b.num_sequences as u64
-                            } else {
-                                0
-                            }
-                    }),
-                )?;
+                shrink("tokens", end(&|b| b.tokens_offset + if b.output_tokens > 0 { b.num_sequences as u64 } else { 0 }))?;
             }
         }
         Ok(())
