@@ -27,8 +27,15 @@ impl Rng {
     }
 }
 
-fn key(seed: u64, category: usize, sequence: usize, stream: u64) -> u64 {
-    seed ^ (category as u64).wrapping_mul(0xA24B_AED4_963E_E407) ^ (sequence as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25) ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93)
+/// Categories are keyed by name, not position, so a job that runs one
+/// category alone (a Slurm array task) draws the same sequences as a job that
+/// runs them all.
+fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3))
+}
+
+fn key(seed: u64, category: &str, sequence: usize, stream: u64) -> u64 {
+    seed ^ name_key(category).wrapping_mul(0xA24B_AED4_963E_E407) ^ (sequence as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25) ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93)
 }
 
 /// One batch: sequences of one length from one category.
@@ -65,12 +72,12 @@ impl<'a> Workload<'a> {
     /// Length of sequence `i` of category `c`: uniform over the category's lengths.
     pub fn length(&self, c: usize, i: usize) -> usize {
         let lengths = self.spec.categories[c].resolved_lengths();
-        lengths[Rng::new(key(self.spec.seed, c, i, 1)).below(lengths.len())]
+        lengths[Rng::new(key(self.spec.seed, &self.spec.categories[c].name, i, 1)).below(lengths.len())]
     }
 
     /// Prompt tokens of sequence `i` of category `c`: Zipf-like over the vocabulary.
     pub fn prompt(&self, c: usize, i: usize) -> Vec<u32> {
-        let mut rng = Rng::new(key(self.spec.seed, c, i, 2));
+        let mut rng = Rng::new(key(self.spec.seed, &self.spec.categories[c].name, i, 2));
         (0..self.length(c, i))
             .map(|_| {
                 let u = rng.next_f64();
@@ -121,6 +128,15 @@ mod tests {
         let mut other = spec();
         other.seed = 9;
         assert_ne!(Workload::new(&other, 1000).prompt(0, 17), a.prompt(0, 17));
+    }
+
+    #[test]
+    fn a_category_run_alone_draws_the_same_sequences() {
+        let s = spec();
+        let alone = WorkloadSpec { categories: vec![s.categories[2].clone()], ..spec() };
+        let (all, one) = (Workload::new(&s, 1000), Workload::new(&alone, 1000));
+        assert_eq!(all.batches(2).iter().map(|b| (b.seq_len, b.sequences.clone())).collect::<Vec<_>>(), one.batches(0).iter().map(|b| (b.seq_len, b.sequences.clone())).collect::<Vec<_>>());
+        assert_eq!(all.prompt(2, 5), one.prompt(0, 5));
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn sigusr1_stops_at_a_safe_point_and_resume_completes_every_batch_once() {
     let dir = scratch("sigusr1");
     let out = dir.join("sweep.h5");
     let set = "workload.sequences_per_category=60";
-    let mut child = spawn_run(&[&quickstart_job(), "--backend", "cpu", "--out", out.to_str().unwrap(), "--set", set]);
+    let child = spawn_run(&[&quickstart_job(), "--backend", "cpu", "--out", out.to_str().unwrap(), "--set", set]);
     std::thread::sleep(Duration::from_millis(2500));
     // mpirun forwards SIGUSR1 to every rank, as Slurm's --signal does to a step.
     unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
