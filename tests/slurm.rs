@@ -119,9 +119,19 @@ fn sbatch(dir: &Path, wait: bool, options: &[&str], script: &str, args: &[&str],
     (out, Job { id, log })
 }
 
-fn assert_results_file(path: &Path, log: &str) {
+/// A job's file: complete, both quickstart strategies, exactly `categories`.
+fn assert_results_file(path: &Path, log: &str, ranks: u32, categories: &[&str]) {
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     assert!(size > 0, "no results file {} (or it is empty); log:\n{log}", path.display());
+    let run = fapool::results::read_run(path).expect("the results file reads back");
+    assert_eq!(run.status, Some(fapool::results::RunStatus::Complete), "{log}");
+    assert_eq!(run.provenance.world_size, ranks);
+    assert_eq!(run.strategies.len(), 2);
+    for s in &run.strategies {
+        assert_eq!(s.categories.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), categories, "{}", s.info.name);
+        assert!(s.categories.iter().all(|c| !c.batches.is_empty() && c.summary.is_some()));
+    }
+    assert!(run.provenance.slurm.keys().any(|k| k == "SLURM_JOB_ID"), "{:?}", run.provenance.slurm);
 }
 
 #[test]
@@ -134,7 +144,7 @@ fn the_smoke_job_runs_to_completion_under_slurm_with_srun() {
     let log = job.log_text();
     assert_eq!(out.status.code(), Some(0), "job {} failed:\n{}\n{log}", job.id, text(&out));
     assert!(log.contains("srun --mpi=pmix"), "{log}");
-    assert_results_file(&dir.join(format!("results/smoke-{}.h5", job.id)), &log);
+    assert_results_file(&dir.join(format!("results/smoke-{}.h5", job.id)), &log, 4, &["short", "medium", "long", "very_long"]);
 }
 
 #[test]
@@ -147,7 +157,7 @@ fn the_smoke_job_runs_to_completion_under_mpirun_inside_the_allocation() {
     let log = job.log_text();
     assert_eq!(out.status.code(), Some(0), "job {} failed:\n{}\n{log}", job.id, text(&out));
     assert!(log.contains("mpirun -np 4"), "{log}");
-    assert_results_file(&dir.join(format!("results/smoke-{}.h5", job.id)), &log);
+    assert_results_file(&dir.join(format!("results/smoke-{}.h5", job.id)), &log, 4, &["short", "medium", "long", "very_long"]);
 }
 
 #[test]
@@ -165,7 +175,7 @@ fn an_array_task_runs_only_its_own_category() {
     assert_eq!(out.status.code(), Some(0), "array job {} failed:\n{}\n{log}", job.id, text(&out));
     let measured: Vec<&str> = log.lines().filter(|l| l.contains(" batches ")).collect();
     assert!(!measured.is_empty() && measured.iter().all(|l| l.split_whitespace().nth(1) == Some("medium")), "task 1 must run only category 1 (medium):\n{log}");
-    assert_results_file(&dir.join(format!("results/quickstart-medium-{}_1.h5", job.id)), &log);
+    assert_results_file(&dir.join(format!("results/quickstart-medium-{}_1.h5", job.id)), &log, 2, &["medium"]);
 }
 
 /// A stand-in for fapool that writes its results file, then waits for
