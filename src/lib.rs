@@ -7,4 +7,6 @@
 
 pub mod backend;
 pub mod comm;
+pub mod energy;
+pub mod gpu_checks;
 pub mod metrics;

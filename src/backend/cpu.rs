@@ -89,6 +89,9 @@ impl Backend for CpuBackend {
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
     }
+    fn zeros_f32(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
 
     fn embed(&self, table: &Vec<f32>, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<Vec<f32>> {
         check("embed tokens", tokens.len(), nseq * n)?;

@@ -146,7 +146,10 @@ pub trait Backend {
 
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// A zeroed buffer of `len` model-dtype elements.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A zeroed buffer of `len` f32 elements (log-sum-exp buffers).
+    fn zeros_f32(&self, len: usize) -> Result<Self::Buf>;
 
     /// `table[token] + sinusoidal(position)` for `nseq × n` tokens whose
     /// positions are `pos0..pos0 + n` in every sequence; returns `[nseq*n, d]`.

@@ -37,18 +37,38 @@ pub struct LibraryReport {
 }
 
 impl LibraryReport {
-    /// Reasons the CUDA backend cannot run here (empty when it can).
+    /// Reasons a CUDA run (backend and NCCL transport) cannot start here;
+    /// empty when it can.
     pub fn missing(&self) -> Vec<String> {
+        let mut out = self.missing_for_backend();
+        for (what, found) in [
+            ("cuBLASLt (libcublasLt.so)", &self.cublaslt),
+            ("NCCL (libnccl.so)", &self.nccl),
+        ] {
+            if found.is_none() {
+                out.push(format!("{what} not found"));
+            }
+        }
+        out
+    }
+
+    /// Reasons the CUDA backend alone (one GPU, no collectives) cannot run.
+    pub fn missing_for_backend(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let libs = [("CUDA driver (libcuda.so.1)", &self.driver), ("NVRTC (libnvrtc.so.13/.12)", &self.nvrtc), ("cuBLAS (libcublas.so)", &self.cublas), ("cuBLASLt (libcublasLt.so)", &self.cublaslt), ("NCCL (libnccl.so)", &self.nccl)];
-        for (what, found) in libs {
+        for (what, found) in [
+            ("CUDA driver (libcuda.so.1)", &self.driver),
+            ("NVRTC (libnvrtc.so.13/.12)", &self.nvrtc),
+            ("cuBLAS (libcublas.so)", &self.cublas),
+        ] {
             if found.is_none() {
                 out.push(format!("{what} not found"));
             }
         }
         match self.gpu_count {
             Some(0) => out.push("the CUDA driver sees no GPU".into()),
-            None if self.driver.is_some() => out.push("the CUDA driver could not be initialised".into()),
+            None if self.driver.is_some() => {
+                out.push("the CUDA driver could not be initialised".into())
+            }
             _ => {}
         }
         out
@@ -58,12 +78,29 @@ impl LibraryReport {
     pub fn lines(&self) -> Vec<String> {
         let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "not found".into());
         let mut out = vec![
-            format!("CUDA driver: {} (CUDA {})", show(&self.driver), show(&self.driver_cuda_version)),
-            format!("NVRTC: {} (CUDA {})", show(&self.nvrtc), show(&self.nvrtc_version)),
-            format!("cuBLAS: {} ({})", show(&self.cublas), show(&self.cublas_version)),
+            format!(
+                "CUDA driver: {} (CUDA {})",
+                show(&self.driver),
+                show(&self.driver_cuda_version)
+            ),
+            format!(
+                "NVRTC: {} (CUDA {})",
+                show(&self.nvrtc),
+                show(&self.nvrtc_version)
+            ),
+            format!(
+                "cuBLAS: {} ({})",
+                show(&self.cublas),
+                show(&self.cublas_version)
+            ),
             format!("cuBLASLt: {}", show(&self.cublaslt)),
             format!("NCCL: {} ({})", show(&self.nccl), show(&self.nccl_version)),
-            format!("visible GPUs: {}", self.gpu_count.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into())),
+            format!(
+                "visible GPUs: {}",
+                self.gpu_count
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "unknown".into())
+            ),
         ];
         out.extend(self.notes.iter().map(|n| format!("note: {n}")));
         out
@@ -77,7 +114,9 @@ fn first_loadable(candidates: &[String]) -> Option<String> {
 }
 
 fn can_dlopen(name: &str) -> bool {
-    let Ok(c) = CString::new(name) else { return false };
+    let Ok(c) = CString::new(name) else {
+        return false;
+    };
     // SAFETY: `c` is a valid NUL-terminated string; a non-null handle is
     // closed exactly once. Loading runs the library's initialisers, which
     // the CUDA libraries keep free of side effects beyond their own state.
@@ -101,6 +140,11 @@ pub fn nvrtc_library() -> Option<String> {
     first_loadable(&candidates("nvrtc"))
 }
 
+/// The NCCL library the bindings would load, if any.
+pub fn nccl_library() -> Option<String> {
+    first_loadable(&candidates("nccl"))
+}
+
 /// Probes every library and, where present, its version; never fails.
 pub fn probe_cuda_libraries() -> LibraryReport {
     let mut r = LibraryReport {
@@ -108,7 +152,7 @@ pub fn probe_cuda_libraries() -> LibraryReport {
         nvrtc: nvrtc_library(),
         cublas: first_loadable(&candidates("cublas")),
         cublaslt: first_loadable(&candidates("cublasLt")),
-        nccl: first_loadable(&candidates("nccl")),
+        nccl: nccl_library(),
         ..Default::default()
     };
     if r.nccl.is_none() && can_dlopen("libnccl.so.2") {
@@ -118,10 +162,14 @@ pub fn probe_cuda_libraries() -> LibraryReport {
         let mut v: c_int = 0;
         // SAFETY: the driver library is present (checked above), so the
         // binding can resolve the symbol; `v` is a valid out-pointer.
-        if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+            == cudarc::driver::sys::CUresult::CUDA_SUCCESS
+        {
             r.driver_cuda_version = Some(format!("{}.{}", v / 1000, (v % 1000) / 10));
         }
-        r.gpu_count = match cudarc::driver::result::init().and_then(|()| cudarc::driver::result::device::get_count()) {
+        r.gpu_count = match cudarc::driver::result::init()
+            .and_then(|()| cudarc::driver::result::device::get_count())
+        {
             Ok(n) => Some(n.max(0) as usize),
             Err(e) => {
                 r.notes.push(format!("cuInit failed: {e:?}"));
@@ -132,14 +180,20 @@ pub fn probe_cuda_libraries() -> LibraryReport {
     if r.nvrtc.is_some() {
         let (mut major, mut minor): (c_int, c_int) = (0, 0);
         // SAFETY: NVRTC is present; both out-pointers are valid.
-        if unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) } == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        if unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+            == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS
+        {
             r.nvrtc_version = Some(format!("{major}.{minor}"));
         }
     }
     if r.cublas.is_some() {
         use cudarc::cublas::sys::{cublasGetProperty, cublasStatus_t, libraryPropertyType};
         let mut parts = [0 as c_int; 3];
-        let props = [libraryPropertyType::MAJOR_VERSION, libraryPropertyType::MINOR_VERSION, libraryPropertyType::PATCH_LEVEL];
+        let props = [
+            libraryPropertyType::MAJOR_VERSION,
+            libraryPropertyType::MINOR_VERSION,
+            libraryPropertyType::PATCH_LEVEL,
+        ];
         // SAFETY: cuBLAS is present; each out-pointer is valid. No handle is needed.
         let ok = props.iter().zip(parts.iter_mut()).all(|(&p, out)| unsafe { cublasGetProperty(p, out) } == cublasStatus_t::CUBLAS_STATUS_SUCCESS);
         if ok {
@@ -148,19 +202,35 @@ pub fn probe_cuda_libraries() -> LibraryReport {
     }
     if r.nccl.is_some() {
         if let Ok(code) = cudarc::nccl::result::get_nccl_version() {
-            r.nccl_version = Some(format!("{}.{}.{}", code / 10000, (code % 10000) / 100, code % 100));
+            r.nccl_version = Some(format!(
+                "{}.{}.{}",
+                code / 10000,
+                (code % 10000) / 100,
+                code % 100
+            ));
         }
     }
     r
 }
 
-/// Whether the CUDA backend can run here: `Ok` with the report when every
-/// library is present and at least one GPU is visible, otherwise a message
-/// naming what is missing (for `--backend auto` to print before it falls back
-/// to the CPU backend).
+/// Whether a CUDA run can start here: `Ok` with the report when every
+/// library (driver, NVRTC, cuBLAS, cuBLASLt, NCCL) is present and at least
+/// one GPU is visible, otherwise a message naming what is missing (for
+/// `--backend auto` to print before it falls back to the CPU backend).
 pub fn cuda_libraries_present() -> Result<LibraryReport, String> {
-    let report = probe_cuda_libraries();
-    let missing = report.missing();
+    explain(probe_cuda_libraries(), LibraryReport::missing)
+}
+
+/// Like [`cuda_libraries_present`], for the backend alone (no NCCL).
+pub fn cuda_backend_libraries_present() -> Result<LibraryReport, String> {
+    explain(probe_cuda_libraries(), LibraryReport::missing_for_backend)
+}
+
+fn explain(
+    report: LibraryReport,
+    missing: fn(&LibraryReport) -> Vec<String>,
+) -> Result<LibraryReport, String> {
+    let missing = missing(&report);
     if missing.is_empty() {
         Ok(report)
     } else {
@@ -193,6 +263,9 @@ mod tests {
     #[test]
     fn a_library_that_does_not_exist_is_not_loadable() {
         assert!(!can_dlopen("libfapool-does-not-exist.so.7"));
-        assert_eq!(first_loadable(&["libfapool-does-not-exist.so".into()]), None);
+        assert_eq!(
+            first_loadable(&["libfapool-does-not-exist.so".into()]),
+            None
+        );
     }
 }
