@@ -13,7 +13,7 @@
 //! lengths.
 //!
 //! This module must not be used by the timed paths of a run: it is for
-//! `fapool check-kernels`-style commands and for the lead's GPU sessions.
+//! kernel-validation commands (`examples/gpu_check.rs`) and tests on a GPU.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, CudaBuf, PrefillKernel};

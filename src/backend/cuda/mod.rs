@@ -611,6 +611,12 @@ impl CudaBackend {
                 s.head_dim
             )));
         }
+        if s.heads > 65_535 || s.nseq > 65_535 {
+            return Err(shape_err(format!(
+                "prefill: {} heads x {} sequences exceed the grid limit",
+                s.heads, s.nseq
+            )));
+        }
         let f = self.kernels.function(
             KernelFile::Prefill,
             kernel_name!("prefill_general", q.dtype),

@@ -76,30 +76,29 @@ impl LibraryReport {
 
     /// One line per item, for `fapool env`.
     pub fn lines(&self) -> Vec<String> {
-        let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "not found".into());
+        fn line(what: &str, lib: &Option<String>, version: Option<&Option<String>>) -> String {
+            match (lib, version.and_then(|v| v.as_ref())) {
+                (None, _) => format!("{what}: not found"),
+                (Some(l), None) => format!("{what}: {l}"),
+                (Some(l), Some(v)) => format!("{what}: {l} ({v})"),
+            }
+        }
+        let cuda = |v: &Option<String>| v.as_ref().map(|v| format!("CUDA {v}"));
         let mut out = vec![
-            format!(
-                "CUDA driver: {} (CUDA {})",
-                show(&self.driver),
-                show(&self.driver_cuda_version)
+            line(
+                "CUDA driver",
+                &self.driver,
+                Some(&cuda(&self.driver_cuda_version)),
             ),
-            format!(
-                "NVRTC: {} (CUDA {})",
-                show(&self.nvrtc),
-                show(&self.nvrtc_version)
-            ),
-            format!(
-                "cuBLAS: {} ({})",
-                show(&self.cublas),
-                show(&self.cublas_version)
-            ),
-            format!("cuBLASLt: {}", show(&self.cublaslt)),
-            format!("NCCL: {} ({})", show(&self.nccl), show(&self.nccl_version)),
+            line("NVRTC", &self.nvrtc, Some(&cuda(&self.nvrtc_version))),
+            line("cuBLAS", &self.cublas, Some(&self.cublas_version)),
+            line("cuBLASLt", &self.cublaslt, None),
+            line("NCCL", &self.nccl, Some(&self.nccl_version)),
             format!(
                 "visible GPUs: {}",
                 self.gpu_count
                     .map(|n| n.to_string())
-                    .unwrap_or_else(|| "unknown".into())
+                    .unwrap_or_else(|| "unknown (no driver)".into())
             ),
         ];
         out.extend(self.notes.iter().map(|n| format!("note: {n}")));
