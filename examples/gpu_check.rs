@@ -12,29 +12,15 @@ use fapool::backend::{Backend, Dtype};
 use fapool::gpu_checks::{bench_kernels, check_kernels, print_bench_table, print_table};
 
 fn arg_value(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let device: usize = arg_value(&args, "--device")
-        .map(|s| s.parse().expect("--device N"))
-        .unwrap_or(0);
-    let seed: u64 = arg_value(&args, "--seed")
-        .map(|s| s.parse().expect("--seed S"))
-        .unwrap_or(1);
-    let iters: usize = arg_value(&args, "--iters")
-        .map(|s| s.parse().expect("--iters N"))
-        .unwrap_or(10);
-    let seqs: Vec<usize> = arg_value(&args, "--seq")
-        .map(|s| {
-            s.split(',')
-                .map(|x| x.trim().parse().expect("--seq a,b,c"))
-                .collect()
-        })
-        .unwrap_or_else(|| vec![4096, 16_384, 65_536]);
+    let device: usize = arg_value(&args, "--device").map(|s| s.parse().expect("--device N")).unwrap_or(0);
+    let seed: u64 = arg_value(&args, "--seed").map(|s| s.parse().expect("--seed S")).unwrap_or(1);
+    let iters: usize = arg_value(&args, "--iters").map(|s| s.parse().expect("--iters N")).unwrap_or(10);
+    let seqs: Vec<usize> = arg_value(&args, "--seq").map(|s| s.split(',').map(|x| x.trim().parse().expect("--seq a,b,c")).collect()).unwrap_or_else(|| vec![4096, 16_384, 65_536]);
     let dtypes = match arg_value(&args, "--dtype").as_deref() {
         None | Some("all") => vec![Dtype::Bf16, Dtype::Fp16, Dtype::Fp32],
         Some("bf16") => vec![Dtype::Bf16],
@@ -87,10 +73,7 @@ fn main() {
                 }
             }
         }
-        println!(
-            "peak memory of this backend's buffers: {:.2} GiB",
-            backend.peak_memory_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
-        );
+        println!("peak memory of this backend's buffers: {:.2} GiB", backend.peak_memory_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64);
     }
     std::process::exit(if all_pass { 0 } else { 1 });
 }

@@ -62,25 +62,13 @@ impl GpuMonitor {
             let dev = nvml.device_by_index(i).map_err(nvml_err)?;
             let bus = dev.pci_info().map_err(nvml_err)?.bus_id;
             if normalise_bus_id(&bus) == want {
-                found = Some((
-                    i,
-                    dev.name().map_err(nvml_err)?,
-                    dev.uuid().map_err(nvml_err)?,
-                ));
+                found = Some((i, dev.name().map_err(nvml_err)?, dev.uuid().map_err(nvml_err)?));
                 break;
             }
         }
-        let (index, name, uuid) =
-            found.ok_or_else(|| EnergyError::NoSuchDevice(pci_bus_id.to_string()))?;
+        let (index, name, uuid) = found.ok_or_else(|| EnergyError::NoSuchDevice(pci_bus_id.to_string()))?;
         let driver_version = nvml.sys_driver_version().map_err(nvml_err)?;
-        Ok(Self {
-            nvml,
-            index,
-            pci_bus_id: pci_bus_id.to_string(),
-            name,
-            uuid,
-            driver_version,
-        })
+        Ok(Self { nvml, index, pci_bus_id: pci_bus_id.to_string(), name, uuid, driver_version })
     }
 
     fn device(&self) -> Result<nvml_wrapper::Device<'_>> {
@@ -90,11 +78,7 @@ impl GpuMonitor {
     /// The GPU's total energy counter since the driver loaded, in joules
     /// (NVML counts millijoules; Volta and newer).
     pub fn energy_j(&self) -> Result<f64> {
-        Ok(self
-            .device()?
-            .total_energy_consumption()
-            .map_err(nvml_err)? as f64
-            / 1e3)
+        Ok(self.device()?.total_energy_consumption().map_err(nvml_err)? as f64 / 1e3)
     }
 
     /// Device memory in use by all processes, in bytes.
@@ -106,17 +90,11 @@ impl GpuMonitor {
     /// (inside containers the pid namespace may hide it: `Ok(None)`).
     pub fn process_memory_bytes(&self, pid: u32) -> Result<Option<u64>> {
         use nvml_wrapper::enums::device::UsedGpuMemory;
-        let procs = self
-            .device()?
-            .running_compute_processes()
-            .map_err(nvml_err)?;
-        Ok(procs
-            .into_iter()
-            .find(|p| p.pid == pid)
-            .and_then(|p| match p.used_gpu_memory {
-                UsedGpuMemory::Used(b) => Some(b),
-                UsedGpuMemory::Unavailable => None,
-            }))
+        let procs = self.device()?.running_compute_processes().map_err(nvml_err)?;
+        Ok(procs.into_iter().find(|p| p.pid == pid).and_then(|p| match p.used_gpu_memory {
+            UsedGpuMemory::Used(b) => Some(b),
+            UsedGpuMemory::Unavailable => None,
+        }))
     }
 
     /// GPU and memory utilisation over NVML's last sample period, percent.
@@ -149,18 +127,9 @@ mod tests {
 
     #[test]
     fn bus_ids_match_across_cuda_and_nvml_spellings() {
-        assert_eq!(
-            normalise_bus_id("0000:19:00.0"),
-            normalise_bus_id("00000000:19:00.0")
-        );
-        assert_eq!(
-            normalise_bus_id("0000:1A:00.0"),
-            normalise_bus_id("00000000:1a:00.0")
-        );
-        assert_ne!(
-            normalise_bus_id("0000:19:00.0"),
-            normalise_bus_id("0000:1a:00.0")
-        );
+        assert_eq!(normalise_bus_id("0000:19:00.0"), normalise_bus_id("00000000:19:00.0"));
+        assert_eq!(normalise_bus_id("0000:1A:00.0"), normalise_bus_id("00000000:1a:00.0"));
+        assert_ne!(normalise_bus_id("0000:19:00.0"), normalise_bus_id("0000:1a:00.0"));
     }
 
     #[test]

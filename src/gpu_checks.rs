@@ -117,46 +117,15 @@ impl<'a> Checker<'a> {
         self.input_as(n, scale, self.gpu.dtype())
     }
 
-    fn push(
-        &mut self,
-        op: &str,
-        shape: String,
-        dtype: Dtype,
-        outcome: GpuResult<Vec<(Vec<f32>, Vec<f32>)>>,
-    ) {
+    fn push(&mut self, op: &str, shape: String, dtype: Dtype, outcome: GpuResult<Vec<(Vec<f32>, Vec<f32>)>>) {
         let tol = tolerance(dtype);
         let row = match outcome {
             Ok(pairs) => {
                 // The worst output of the op decides.
-                let error = pairs
-                    .iter()
-                    .map(|(g, c)| relative_l2(g, c))
-                    .fold(0.0f64, |acc, e| {
-                        if e.is_nan() || acc.is_nan() {
-                            f64::NAN
-                        } else {
-                            acc.max(e)
-                        }
-                    });
-                CheckRow {
-                    op: op.into(),
-                    shape,
-                    dtype,
-                    error,
-                    tolerance: tol,
-                    pass: error.is_finite() && error <= tol,
-                    note: String::new(),
-                }
+                let error = pairs.iter().map(|(g, c)| relative_l2(g, c)).fold(0.0f64, |acc, e| if e.is_nan() || acc.is_nan() { f64::NAN } else { acc.max(e) });
+                CheckRow { op: op.into(), shape, dtype, error, tolerance: tol, pass: error.is_finite() && error <= tol, note: String::new() }
             }
-            Err(e) => CheckRow {
-                op: op.into(),
-                shape,
-                dtype,
-                error: f64::NAN,
-                tolerance: tol,
-                pass: false,
-                note: e.to_string(),
-            },
+            Err(e) => CheckRow { op: op.into(), shape, dtype, error: f64::NAN, tolerance: tol, pass: false, note: e.to_string() },
         };
         self.rows.push(row);
     }
@@ -165,21 +134,12 @@ impl<'a> Checker<'a> {
         let dt = self.gpu.dtype();
         let outcome = (|| {
             let (table, table_g) = self.input(vocab * d, 1.0)?;
-            let tokens: Vec<u32> = (0..nseq * n)
-                .map(|_| (self.rng.next_u64() % vocab as u64) as u32)
-                .collect();
-            let g = self
-                .gpu
-                .download(&self.gpu.embed(&table_g, d, &tokens, nseq, n, pos0)?)?;
+            let tokens: Vec<u32> = (0..nseq * n).map(|_| (self.rng.next_u64() % vocab as u64) as u32).collect();
+            let g = self.gpu.download(&self.gpu.embed(&table_g, d, &tokens, nseq, n, pos0)?)?;
             let c = self.cpu.embed(&table, d, &tokens, nseq, n, pos0)?;
             Ok(vec![(g, c)])
         })();
-        self.push(
-            "embed",
-            format!("vocab {vocab} d {d} nseq {nseq} n {n} pos0 {pos0}"),
-            dt,
-            outcome,
-        );
+        self.push("embed", format!("vocab {vocab} d {d} nseq {nseq} n {n} pos0 {pos0}"), dt, outcome);
     }
 
     fn matmul(&mut self, m: usize, k: usize, n: usize) {
@@ -199,9 +159,7 @@ impl<'a> Checker<'a> {
         let outcome = (|| {
             let (x, xg) = self.input(rows * cols, 1.0)?;
             let (w, wg) = self.input(cols, 1.0)?;
-            let g = self
-                .gpu
-                .download(&self.gpu.rmsnorm(&xg, &wg, rows, cols, 1e-6)?)?;
+            let g = self.gpu.download(&self.gpu.rmsnorm(&xg, &wg, rows, cols, 1e-6)?)?;
             let c = self.cpu.rmsnorm(&x, &w, rows, cols, 1e-6)?;
             Ok(vec![(g, c)])
         })();
@@ -241,39 +199,21 @@ impl<'a> Checker<'a> {
             let (x, xg) = self.input(rows * 3 * width, 1.0)?;
             let (qg, kg, vg) = self.gpu.split_qkv(&xg, rows, width)?;
             let (q, k, v) = self.cpu.split_qkv(&x, rows, width)?;
-            Ok(vec![
-                (self.gpu.download(&qg)?, q),
-                (self.gpu.download(&kg)?, k),
-                (self.gpu.download(&vg)?, v),
-            ])
+            Ok(vec![(self.gpu.download(&qg)?, q), (self.gpu.download(&kg)?, k), (self.gpu.download(&vg)?, v)])
         })();
-        self.push(
-            "split_qkv",
-            format!("rows {rows} width {width}"),
-            dt,
-            outcome,
-        );
+        self.push("split_qkv", format!("rows {rows} width {width}"), dt, outcome);
     }
 
     fn gather_scatter(&mut self, src_rows: usize, cols: usize, runs: &[RowRun]) {
         let dt = self.gpu.dtype();
-        let desc = runs
-            .iter()
-            .map(|r| format!("{}+{}", r.start, r.len))
-            .collect::<Vec<_>>()
-            .join(",");
+        let desc = runs.iter().map(|r| format!("{}+{}", r.start, r.len)).collect::<Vec<_>>().join(",");
         let outcome = (|| {
             let (x, xg) = self.input(src_rows * cols, 1.0)?;
             let g = self.gpu.download(&self.gpu.gather_rows(&xg, cols, runs)?)?;
             let c = self.cpu.gather_rows(&x, cols, runs)?;
             Ok(vec![(g, c)])
         })();
-        self.push(
-            "gather_rows",
-            format!("{src_rows}x{cols} runs {desc}"),
-            dt,
-            outcome,
-        );
+        self.push("gather_rows", format!("{src_rows}x{cols} runs {desc}"), dt, outcome);
         let outcome = (|| {
             let total: usize = runs.iter().map(|r| r.len).sum();
             let (mut d, mut dg) = self.input(src_rows * cols, 1.0)?;
@@ -282,12 +222,7 @@ impl<'a> Checker<'a> {
             self.cpu.scatter_rows(&mut d, cols, runs, &s)?;
             Ok(vec![(self.gpu.download(&dg)?, d)])
         })();
-        self.push(
-            "scatter_rows",
-            format!("{src_rows}x{cols} runs {desc}"),
-            dt,
-            outcome,
-        );
+        self.push("scatter_rows", format!("{src_rows}x{cols} runs {desc}"), dt, outcome);
     }
 
     fn prefill(&mut self, s: PrefillShape, kernel: PrefillKernel) {
@@ -301,22 +236,11 @@ impl<'a> Checker<'a> {
             let (v, vg) = self.input(s.nseq * s.kv_seq_stride * width, 1.0)?;
             let (og, lg) = self.gpu.attention_prefill(&qg, &kg, &vg, s)?;
             let (o, l) = self.cpu.attention_prefill(&q, &k, &v, s)?;
-            Ok(vec![
-                (self.gpu.download(&og)?, o),
-                (self.gpu.download(&lg)?, l),
-            ])
+            Ok(vec![(self.gpu.download(&og)?, o), (self.gpu.download(&lg)?, l)])
         })();
         self.gpu.set_prefill_kernel(before);
-        let shape = format!(
-            "nseq {} sq {} skv {} stride {} heads {}x{} q_offset {}",
-            s.nseq, s.sq, s.skv, s.kv_seq_stride, s.heads, s.head_dim, s.q_offset
-        );
-        self.push(
-            &format!("attention_prefill[{}]", kernel.name()),
-            shape,
-            dt,
-            outcome,
-        );
+        let shape = format!("nseq {} sq {} skv {} stride {} heads {}x{} q_offset {}", s.nseq, s.sq, s.skv, s.kv_seq_stride, s.heads, s.head_dim, s.q_offset);
+        self.push(&format!("attention_prefill[{}]", kernel.name()), shape, dt, outcome);
     }
 
     fn decode(&mut self, s: DecodeShape) {
@@ -328,15 +252,9 @@ impl<'a> Checker<'a> {
             let (v, vg) = self.input(s.nseq * s.cap * width, 1.0)?;
             let (og, lg) = self.gpu.attention_decode(&qg, &kg, &vg, s)?;
             let (o, l) = self.cpu.attention_decode(&q, &k, &v, s)?;
-            Ok(vec![
-                (self.gpu.download(&og)?, o),
-                (self.gpu.download(&lg)?, l),
-            ])
+            Ok(vec![(self.gpu.download(&og)?, o), (self.gpu.download(&lg)?, l)])
         })();
-        let shape = format!(
-            "nseq {} cap {} len {} heads {}x{}",
-            s.nseq, s.cap, s.len, s.heads, s.head_dim
-        );
+        let shape = format!("nseq {} cap {} len {} heads {}x{}", s.nseq, s.cap, s.len, s.heads, s.head_dim);
         self.push("attention_decode", shape, dt, outcome);
     }
 
@@ -356,21 +274,11 @@ impl<'a> Checker<'a> {
             }
             let mut lg = self.gpu.upload_f32(&lse)?;
             let l2g = self.gpu.upload_f32(&lse2)?;
-            self.gpu
-                .merge_partials(&mut og, &mut lg, &o2g, &l2g, rows, head_dim)?;
-            self.cpu
-                .merge_partials(&mut o, &mut lse, &o2, &lse2, rows, head_dim)?;
-            Ok(vec![
-                (self.gpu.download(&og)?, o),
-                (self.gpu.download(&lg)?, lse),
-            ])
+            self.gpu.merge_partials(&mut og, &mut lg, &o2g, &l2g, rows, head_dim)?;
+            self.cpu.merge_partials(&mut o, &mut lse, &o2, &lse2, rows, head_dim)?;
+            Ok(vec![(self.gpu.download(&og)?, o), (self.gpu.download(&lg)?, lse)])
         })();
-        self.push(
-            "merge_partials",
-            format!("rows {rows} head_dim {head_dim}"),
-            dt,
-            outcome,
-        );
+        self.push("merge_partials", format!("rows {rows} head_dim {head_dim}"), dt, outcome);
     }
 
     fn argmax(&mut self, rows: usize, cols: usize) {
@@ -380,8 +288,7 @@ impl<'a> Checker<'a> {
             let g = self.gpu.argmax(&xg, rows, cols)?;
             let c = self.cpu.argmax(&x, rows, cols)?;
             // Error: the fraction of rows whose index differs.
-            let wrong =
-                g.iter().zip(&c).filter(|(a, b)| a != b).count() + g.len().abs_diff(c.len());
+            let wrong = g.iter().zip(&c).filter(|(a, b)| a != b).count() + g.len().abs_diff(c.len());
             Ok(vec![(vec![wrong as f32 / rows.max(1) as f32], vec![0.0])])
         })();
         self.push("argmax", format!("{rows}x{cols}"), dt, outcome);
@@ -393,12 +300,7 @@ impl<'a> Checker<'a> {
 pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     let poisoned = backend.poison_outputs();
     backend.set_poison_outputs(true);
-    let mut c = Checker {
-        gpu: backend,
-        cpu: CpuBackend,
-        rng: Rng(seed),
-        rows: Vec::new(),
-    };
+    let mut c = Checker { gpu: backend, cpu: CpuBackend, rng: Rng(seed), rows: Vec::new() };
 
     // Tiny model: d 64, 4 heads of 16, FFN 256, vocab 512.
     c.embed(512, 64, 2, 7, 3);
@@ -409,51 +311,16 @@ pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     c.elementwise(1003);
     c.split_qkv(14, 64);
     c.split_qkv(5, 3);
-    c.gather_scatter(
-        16,
-        64,
-        &[
-            RowRun::new(3, 4),
-            RowRun::new(10, 2),
-            RowRun::new(0, 1),
-            RowRun::new(5, 0),
-        ],
-    );
+    c.gather_scatter(16, 64, &[RowRun::new(3, 4), RowRun::new(10, 2), RowRun::new(0, 1), RowRun::new(5, 0)]);
     c.argmax(5, 512);
     c.merge(64, 16);
-    let tiny = |nseq, sq, skv, stride, q_offset| PrefillShape {
-        nseq,
-        sq,
-        skv,
-        kv_seq_stride: stride,
-        heads: 4,
-        head_dim: 16,
-        q_offset,
-    };
+    let tiny = |nseq, sq, skv, stride, q_offset| PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads: 4, head_dim: 16, q_offset };
     c.prefill(tiny(2, 7, 12, 16, 5), PrefillKernel::Auto);
     c.prefill(tiny(1, 33, 33, 33, 0), PrefillKernel::Auto);
     c.prefill(tiny(2, 5, 0, 4, 0), PrefillKernel::Auto);
-    c.decode(DecodeShape {
-        nseq: 2,
-        cap: 20,
-        len: 13,
-        heads: 4,
-        head_dim: 16,
-    });
-    c.decode(DecodeShape {
-        nseq: 2,
-        cap: 8,
-        len: 0,
-        heads: 4,
-        head_dim: 16,
-    });
-    c.decode(DecodeShape {
-        nseq: 3,
-        cap: 1,
-        len: 1,
-        heads: 4,
-        head_dim: 16,
-    });
+    c.decode(DecodeShape { nseq: 2, cap: 20, len: 13, heads: 4, head_dim: 16 });
+    c.decode(DecodeShape { nseq: 2, cap: 8, len: 0, heads: 4, head_dim: 16 });
+    c.decode(DecodeShape { nseq: 3, cap: 1, len: 1, heads: 4, head_dim: 16 });
 
     // dense-4l-like: d 4096, 32 heads of 128.
     c.embed(1000, 4096, 1, 17, 40_000);
@@ -464,24 +331,8 @@ pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     c.gather_scatter(20, 4096, &[RowRun::new(15, 5), RowRun::new(0, 3)]);
     c.argmax(3, 32_000);
     c.merge(32 * 3, 128);
-    let kernels: &[PrefillKernel] = if backend.dtype() == Dtype::Fp32 {
-        &[PrefillKernel::General]
-    } else {
-        &[
-            PrefillKernel::General,
-            PrefillKernel::Flash128,
-            PrefillKernel::Flash64,
-        ]
-    };
-    let dense = |nseq, sq, skv, stride, heads, q_offset| PrefillShape {
-        nseq,
-        sq,
-        skv,
-        kv_seq_stride: stride,
-        heads,
-        head_dim: 128,
-        q_offset,
-    };
+    let kernels: &[PrefillKernel] = if backend.dtype() == Dtype::Fp32 { &[PrefillKernel::General] } else { &[PrefillKernel::General, PrefillKernel::Flash128, PrefillKernel::Flash64] };
+    let dense = |nseq, sq, skv, stride, heads, q_offset| PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads, head_dim: 128, q_offset };
     for &k in kernels {
         // A pool rank's block: queries 280..480 against K/V rows 0..480 of 512.
         c.prefill(dense(1, 200, 480, 512, 32, 280), k);
@@ -492,20 +343,8 @@ pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
         // No keys at all.
         c.prefill(dense(1, 70, 0, 64, 2, 0), k);
     }
-    c.decode(DecodeShape {
-        nseq: 2,
-        cap: 5000,
-        len: 4099,
-        heads: 32,
-        head_dim: 128,
-    });
-    c.decode(DecodeShape {
-        nseq: 1,
-        cap: 64,
-        len: 0,
-        heads: 32,
-        head_dim: 128,
-    });
+    c.decode(DecodeShape { nseq: 2, cap: 5000, len: 4099, heads: 32, head_dim: 128 });
+    c.decode(DecodeShape { nseq: 1, cap: 64, len: 0, heads: 32, head_dim: 128 });
 
     backend.set_poison_outputs(poisoned);
     c.rows
@@ -513,26 +352,10 @@ pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
 
 /// Prints the check table; returns whether every row passed.
 pub fn print_table(rows: &[CheckRow]) -> bool {
-    println!(
-        "{:<28} {:<60} {:<5} {:>10} {:>8} {:<4}",
-        "op", "shape", "dtype", "rel_err", "tol", "pass"
-    );
+    println!("{:<28} {:<60} {:<5} {:>10} {:>8} {:<4}", "op", "shape", "dtype", "rel_err", "tol", "pass");
     for r in rows {
-        let err = if r.error.is_nan() {
-            "NaN".to_string()
-        } else {
-            format!("{:.2e}", r.error)
-        };
-        println!(
-            "{:<28} {:<60} {:<5} {:>10} {:>8.0e} {:<4} {}",
-            r.op,
-            r.shape,
-            r.dtype.name(),
-            err,
-            r.tolerance,
-            if r.pass { "ok" } else { "FAIL" },
-            r.note
-        );
+        let err = if r.error.is_nan() { "NaN".to_string() } else { format!("{:.2e}", r.error) };
+        println!("{:<28} {:<60} {:<5} {:>10} {:>8.0e} {:<4} {}", r.op, r.shape, r.dtype.name(), err, r.tolerance, if r.pass { "ok" } else { "FAIL" }, r.note);
     }
     let failed = rows.iter().filter(|r| !r.pass).count();
     println!("{} passed, {} failed", rows.len() - failed, failed);
@@ -578,11 +401,7 @@ fn time_op(b: &CudaBackend, iters: usize, mut op: impl FnMut() -> GpuResult<()>)
 /// kernel variant), decode attention (one query against `len` cached rows),
 /// and cuBLAS GEMMs, on device-generated random data in the backend's dtype.
 /// FLOPs of causal attention are counted as 2·2·S²·D·H / 2.
-pub fn bench_kernels(
-    b: &CudaBackend,
-    seq_lens: &[usize],
-    iters: usize,
-) -> GpuResult<Vec<BenchRow>> {
+pub fn bench_kernels(b: &CudaBackend, seq_lens: &[usize], iters: usize) -> GpuResult<Vec<BenchRow>> {
     b.load_all_kernels()?;
     let dt = b.dtype();
     let (heads, hd) = (32usize, 128usize);
@@ -593,21 +412,9 @@ pub fn bench_kernels(
         let q = b.random_uniform(dt, s * width, 1, 1.0)?;
         let k = b.random_uniform(dt, s * width, 2, 1.0)?;
         let v = b.random_uniform(dt, s * width, 3, 1.0)?;
-        let shape = PrefillShape {
-            nseq: 1,
-            sq: s,
-            skv: s,
-            kv_seq_stride: s,
-            heads,
-            head_dim: hd,
-            q_offset: 0,
-        };
+        let shape = PrefillShape { nseq: 1, sq: s, skv: s, kv_seq_stride: s, heads, head_dim: hd, q_offset: 0 };
         let flops = 2.0 * 2.0 * (s as f64).powi(2) * hd as f64 * heads as f64 / 2.0;
-        for kernel in [
-            PrefillKernel::Flash128,
-            PrefillKernel::Flash64,
-            PrefillKernel::General,
-        ] {
+        for kernel in [PrefillKernel::Flash128, PrefillKernel::Flash64, PrefillKernel::General] {
             if dt == Dtype::Fp32 && kernel != PrefillKernel::General {
                 continue;
             }
@@ -616,9 +423,7 @@ pub fn bench_kernels(
                 continue;
             }
             b.set_prefill_kernel(kernel);
-            let secs = time_op(b, iters, || {
-                b.attention_prefill(&q, &k, &v, shape).map(|_| ())
-            })?;
+            let secs = time_op(b, iters, || b.attention_prefill(&q, &k, &v, shape).map(|_| ()))?;
             rows.push(BenchRow {
                 what: format!("prefill attention [{}]", kernel.name()),
                 shape: format!("S {s}, {heads}x{hd}, causal"),
@@ -630,49 +435,25 @@ pub fn bench_kernels(
         b.set_prefill_kernel(before);
         // One decode step at the end of this context.
         let qd = b.random_uniform(dt, width, 4, 1.0)?;
-        let ds = DecodeShape {
-            nseq: 1,
-            cap: s,
-            len: s,
-            heads,
-            head_dim: hd,
-        };
+        let ds = DecodeShape { nseq: 1, cap: s, len: s, heads, head_dim: hd };
         let secs = time_op(b, iters, || b.attention_decode(&qd, &k, &v, ds).map(|_| ()))?;
         let bytes = 2.0 * s as f64 * width as f64 * dt.size_bytes() as f64;
-        rows.push(BenchRow {
-            what: "decode attention (split-KV)".into(),
-            shape: format!("len {s}, {heads}x{hd}"),
-            median_ms: secs * 1e3,
-            figure: bytes / secs / 1e12,
-            unit: "TB/s",
-        });
+        rows.push(BenchRow { what: "decode attention (split-KV)".into(), shape: format!("len {s}, {heads}x{hd}"), median_ms: secs * 1e3, figure: bytes / secs / 1e12, unit: "TB/s" });
     }
     for (m, k, n) in [(8192usize, 8192usize, 8192usize), (16_384, 4096, 12_288)] {
         let x = b.random_uniform(dt, m * k, 5, 1.0)?;
         let w = b.random_uniform(dt, k * n, 6, 0.02)?;
         let secs = time_op(b, iters, || b.matmul(&x, &w, m, k, n).map(|_| ()))?;
-        rows.push(BenchRow {
-            what: "matmul (cuBLAS)".into(),
-            shape: format!("[{m}x{k}]x[{k}x{n}]"),
-            median_ms: secs * 1e3,
-            figure: 2.0 * (m * k * n) as f64 / secs / 1e12,
-            unit: "TFLOP/s",
-        });
+        rows.push(BenchRow { what: "matmul (cuBLAS)".into(), shape: format!("[{m}x{k}]x[{k}x{n}]"), median_ms: secs * 1e3, figure: 2.0 * (m * k * n) as f64 / secs / 1e12, unit: "TFLOP/s" });
     }
     Ok(rows)
 }
 
 /// Prints benchmark rows as a table.
 pub fn print_bench_table(rows: &[BenchRow]) {
-    println!(
-        "{:<34} {:<28} {:>10} {:>10} {:<8}",
-        "kernel", "shape", "median ms", "figure", "unit"
-    );
+    println!("{:<34} {:<28} {:>10} {:>10} {:<8}", "kernel", "shape", "median ms", "figure", "unit");
     for r in rows {
-        println!(
-            "{:<34} {:<28} {:>10.3} {:>10.1} {:<8}",
-            r.what, r.shape, r.median_ms, r.figure, r.unit
-        );
+        println!("{:<34} {:<28} {:>10.3} {:>10.1} {:<8}", r.what, r.shape, r.median_ms, r.figure, r.unit);
     }
 }
 
@@ -682,10 +463,7 @@ mod tests {
 
     #[test]
     fn relative_error_is_zero_for_equal_outputs_and_matching_infinities() {
-        assert_eq!(
-            relative_l2(&[1.0, f32::NEG_INFINITY], &[1.0, f32::NEG_INFINITY]),
-            0.0
-        );
+        assert_eq!(relative_l2(&[1.0, f32::NEG_INFINITY], &[1.0, f32::NEG_INFINITY]), 0.0);
         assert_eq!(relative_l2(&[], &[]), 0.0);
     }
 

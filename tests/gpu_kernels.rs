@@ -14,9 +14,6 @@ fn every_cuda_kernel_matches_the_cpu_reference() {
     for dtype in [Dtype::Bf16, Dtype::Fp16, Dtype::Fp32] {
         let backend = CudaBackend::new(0, dtype).expect("CUDA backend on device 0");
         let rows = check_kernels(&backend, 7);
-        assert!(
-            print_table(&rows),
-            "{dtype}: some kernels disagree with the CPU reference"
-        );
+        assert!(print_table(&rows), "{dtype}: some kernels disagree with the CPU reference");
     }
 }

@@ -72,12 +72,7 @@ impl NcclTransport {
     }
 
     fn comm(&self, group: &Group) -> Result<&NcclComm> {
-        self.comms.get(&group.id).ok_or_else(|| {
-            CommError::Nccl(format!(
-                "group `{}` (id {}) has no NCCL communicator: it was not attached",
-                group.name, group.id
-            ))
-        })
+        self.comms.get(&group.id).ok_or_else(|| CommError::Nccl(format!("group `{}` (id {}) has no NCCL communicator: it was not attached", group.name, group.id)))
     }
 
     fn stream_of(backend: &CudaBackend) -> nccl_sys::cudaStream_t {
@@ -86,11 +81,7 @@ impl NcclTransport {
 
     fn peer(group: &Group, peer: usize) -> Result<i32> {
         if peer >= group.size() {
-            return Err(CommError::Size(format!(
-                "peer {peer} is outside group `{}` of {} ranks",
-                group.name,
-                group.size()
-            )));
+            return Err(CommError::Size(format!("peer {peer} is outside group `{}` of {} ranks", group.name, group.size())));
         }
         Ok(peer as i32)
     }
@@ -104,9 +95,7 @@ impl Transport<CudaBackend> for NcclTransport {
     fn attach(&mut self, backend: &CudaBackend, group: &Group) -> Result<()> {
         // The bindings abort the process on a missing library: look first.
         if crate::backend::cuda::probe::nccl_library().is_none() {
-            return Err(CommError::Nccl(
-                "the NCCL library (libnccl.so) was not found".into(),
-            ));
+            return Err(CommError::Nccl("the NCCL library (libnccl.so) was not found".into()));
         }
         let mut id = [0u8; 128];
         if group.rank() == 0 {
@@ -125,115 +114,43 @@ impl Transport<CudaBackend> for NcclTransport {
         let mut raw: nccl_sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer; every member of the group
         // makes this call with the same id, size and its own rank.
-        unsafe {
-            nccl::comm_init_rank(
-                &mut raw,
-                group.size() as i32,
-                nccl_sys::ncclUniqueId { internal },
-                group.rank() as i32,
-            )
-        }
-        .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        unsafe { nccl::comm_init_rank(&mut raw, group.size() as i32, nccl_sys::ncclUniqueId { internal }, group.rank() as i32) }.map_err(|e| nccl_err("ncclCommInitRank", e))?;
         self.stream.get_or_insert_with(|| backend.stream().clone());
-        self.comms.insert(
-            group.id,
-            NcclComm {
-                raw,
-                size: group.size(),
-            },
-        );
+        self.comms.insert(group.id, NcclComm { raw, size: group.size() });
         Ok(())
     }
 
-    fn all_reduce_sum(
-        &self,
-        backend: &CudaBackend,
-        group: &Group,
-        buf: &mut CudaBuf,
-    ) -> Result<()> {
+    fn all_reduce_sum(&self, backend: &CudaBackend, group: &Group, buf: &mut CudaBuf) -> Result<()> {
         let c = self.comm(group)?;
         let p = buf.device_ptr();
         // SAFETY: in-place reduction over `len` elements of the buffer's own
         // type, queued on the stream that owns the buffer.
-        unsafe {
-            nccl::all_reduce(
-                p as *const _,
-                p as *mut _,
-                buf.len(),
-                data_type(buf.dtype()),
-                nccl_sys::ncclRedOp_t::ncclSum,
-                c.raw,
-                Self::stream_of(backend),
-            )
-        }
-        .map_err(|e| nccl_err("ncclAllReduce", e))?;
+        unsafe { nccl::all_reduce(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), nccl_sys::ncclRedOp_t::ncclSum, c.raw, Self::stream_of(backend)) }
+            .map_err(|e| nccl_err("ncclAllReduce", e))?;
         Ok(())
     }
 
-    fn all_gather(
-        &self,
-        backend: &CudaBackend,
-        group: &Group,
-        send: &CudaBuf,
-        recv: &mut CudaBuf,
-    ) -> Result<()> {
+    fn all_gather(&self, backend: &CudaBackend, group: &Group, send: &CudaBuf, recv: &mut CudaBuf) -> Result<()> {
         let c = self.comm(group)?;
         if recv.len() != send.len() * c.size {
-            return Err(CommError::Size(format!(
-                "all_gather on `{}`: recv {} != {} x {}",
-                group.name,
-                recv.len(),
-                c.size,
-                send.len()
-            )));
+            return Err(CommError::Size(format!("all_gather on `{}`: recv {} != {} x {}", group.name, recv.len(), c.size, send.len())));
         }
         if recv.dtype() != send.dtype() {
-            return Err(CommError::Size(format!(
-                "all_gather on `{}`: send is {}, recv is {}",
-                group.name,
-                send.dtype(),
-                recv.dtype()
-            )));
+            return Err(CommError::Size(format!("all_gather on `{}`: send is {}, recv is {}", group.name, send.dtype(), recv.dtype())));
         }
         // SAFETY: `recv` holds size x len(send) elements of the same type
         // (checked above); both are queued on their owning stream.
-        unsafe {
-            nccl::all_gather(
-                send.device_ptr() as *const _,
-                recv.device_ptr() as *mut _,
-                send.len(),
-                data_type(send.dtype()),
-                c.raw,
-                Self::stream_of(backend),
-            )
-        }
-        .map_err(|e| nccl_err("ncclAllGather", e))?;
+        unsafe { nccl::all_gather(send.device_ptr() as *const _, recv.device_ptr() as *mut _, send.len(), data_type(send.dtype()), c.raw, Self::stream_of(backend)) }
+            .map_err(|e| nccl_err("ncclAllGather", e))?;
         Ok(())
     }
 
-    fn broadcast(
-        &self,
-        backend: &CudaBackend,
-        group: &Group,
-        root: usize,
-        buf: &mut CudaBuf,
-    ) -> Result<()> {
+    fn broadcast(&self, backend: &CudaBackend, group: &Group, root: usize, buf: &mut CudaBuf) -> Result<()> {
         let c = self.comm(group)?;
         let root = Self::peer(group, root)?;
         let p = buf.device_ptr();
         // SAFETY: in-place broadcast of the buffer's `len` elements.
-        unsafe {
-            nccl::broadcast(
-                p as *const _,
-                p as *mut _,
-                buf.len(),
-                data_type(buf.dtype()),
-                root,
-                c.raw,
-                Self::stream_of(backend),
-            )
-        }
-        .map_err(|e| nccl_err("ncclBroadcast", e))?;
+        unsafe { nccl::broadcast(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), root, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclBroadcast", e))?;
         Ok(())
     }
 
@@ -243,41 +160,15 @@ impl Transport<CudaBackend> for NcclTransport {
         let c = self.comm(group)?;
         let peer = Self::peer(group, dst)?;
         // SAFETY: reads the buffer's `len` elements on its owning stream.
-        unsafe {
-            nccl::send(
-                buf.device_ptr() as *const _,
-                buf.len(),
-                data_type(buf.dtype()),
-                peer,
-                c.raw,
-                Self::stream_of(backend),
-            )
-        }
-        .map_err(|e| nccl_err("ncclSend", e))?;
+        unsafe { nccl::send(buf.device_ptr() as *const _, buf.len(), data_type(buf.dtype()), peer, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclSend", e))?;
         Ok(())
     }
 
-    fn recv(
-        &self,
-        backend: &CudaBackend,
-        group: &Group,
-        src: usize,
-        buf: &mut CudaBuf,
-    ) -> Result<()> {
+    fn recv(&self, backend: &CudaBackend, group: &Group, src: usize, buf: &mut CudaBuf) -> Result<()> {
         let c = self.comm(group)?;
         let peer = Self::peer(group, src)?;
         // SAFETY: writes the buffer's `len` elements on its owning stream.
-        unsafe {
-            nccl::recv(
-                buf.device_ptr() as *mut _,
-                buf.len(),
-                data_type(buf.dtype()),
-                peer,
-                c.raw,
-                Self::stream_of(backend),
-            )
-        }
-        .map_err(|e| nccl_err("ncclRecv", e))?;
+        unsafe { nccl::recv(buf.device_ptr() as *mut _, buf.len(), data_type(buf.dtype()), peer, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclRecv", e))?;
         Ok(())
     }
 }

@@ -36,17 +36,8 @@ pub enum KernelFile {
 
 impl KernelFile {
     /// Every kernel file, in the order `compile_all` loads them.
-    pub const ALL: [KernelFile; 9] = [
-        KernelFile::Elementwise,
-        KernelFile::Norm,
-        KernelFile::Embed,
-        KernelFile::Copy,
-        KernelFile::Argmax,
-        KernelFile::Merge,
-        KernelFile::Decode,
-        KernelFile::Prefill,
-        KernelFile::Flash,
-    ];
+    pub const ALL: [KernelFile; 9] =
+        [KernelFile::Elementwise, KernelFile::Norm, KernelFile::Embed, KernelFile::Copy, KernelFile::Argmax, KernelFile::Merge, KernelFile::Decode, KernelFile::Prefill, KernelFile::Flash];
 
     /// The file's name under `kernels/`.
     pub fn file_name(self) -> &'static str {
@@ -79,18 +70,11 @@ impl KernelFile {
 
     /// The full program text NVRTC compiles: the common header, then the file.
     pub fn source(self) -> String {
-        format!(
-            "{COMMON}\n#line 1 \"{}\"\n{}",
-            self.file_name(),
-            self.body()
-        )
+        format!("{COMMON}\n#line 1 \"{}\"\n{}", self.file_name(), self.body())
     }
 
     fn index(self) -> usize {
-        Self::ALL
-            .iter()
-            .position(|&f| f == self)
-            .expect("listed in ALL")
+        Self::ALL.iter().position(|&f| f == self).expect("listed in ALL")
     }
 }
 
@@ -112,51 +96,24 @@ pub struct CompiledImage {
 pub fn compile(file: KernelFile, arch: &str, extra: &[&str]) -> Result<CompiledImage, CudaError> {
     let src = CString::new(file.source()).expect("kernel sources contain no NUL");
     let name = CString::new(file.file_name()).expect("file names contain no NUL");
-    let mut options = vec![
-        format!("--gpu-architecture={arch}"),
-        "-std=c++17".to_string(),
-        "--generate-line-info".to_string(),
-    ];
+    let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".to_string(), "--generate-line-info".to_string()];
     options.extend(extra.iter().map(|s| s.to_string()));
-    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| CudaError::Nvrtc {
-        file: file.file_name(),
-        arch: arch.into(),
-        log: format!("{e:?}"),
-    })?;
+    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| CudaError::Nvrtc { file: file.file_name(), arch: arch.into(), log: format!("{e:?}") })?;
     // SAFETY: `prog` was just created and is destroyed exactly once below; the
     // option strings outlive the call.
     let compiled = unsafe { nvrtc::compile_program(prog, &options) };
     // SAFETY: `prog` is a live program; the log exists after any compile attempt.
-    let log = unsafe { nvrtc::get_program_log(prog) }
-        .map(|raw| c_chars_to_string(&raw))
-        .unwrap_or_default();
-    let result = compiled
-        .map_err(|e| CudaError::Nvrtc {
+    let log = unsafe { nvrtc::get_program_log(prog) }.map(|raw| c_chars_to_string(&raw)).unwrap_or_default();
+    let result = compiled.map_err(|e| CudaError::Nvrtc { file: file.file_name(), arch: arch.into(), log: format!("{e:?}\n{log}") }).and_then(|()| {
+        let is_cubin = arch.starts_with("sm_");
+        // SAFETY: compilation succeeded, so the program holds its output.
+        let image = if is_cubin { unsafe { get_cubin(prog) } } else { unsafe { nvrtc::get_ptx(prog) }.map(|p| p.iter().map(|&c| c as u8).collect()) };
+        image.map(|image| CompiledImage { arch: arch.into(), image, is_cubin, log: log.clone() }).map_err(|e| CudaError::Nvrtc {
             file: file.file_name(),
             arch: arch.into(),
-            log: format!("{e:?}\n{log}"),
+            log: format!("reading output: {e:?}"),
         })
-        .and_then(|()| {
-            let is_cubin = arch.starts_with("sm_");
-            // SAFETY: compilation succeeded, so the program holds its output.
-            let image = if is_cubin {
-                unsafe { get_cubin(prog) }
-            } else {
-                unsafe { nvrtc::get_ptx(prog) }.map(|p| p.iter().map(|&c| c as u8).collect())
-            };
-            image
-                .map(|image| CompiledImage {
-                    arch: arch.into(),
-                    image,
-                    is_cubin,
-                    log: log.clone(),
-                })
-                .map_err(|e| CudaError::Nvrtc {
-                    file: file.file_name(),
-                    arch: arch.into(),
-                    log: format!("reading output: {e:?}"),
-                })
-        });
+    });
     // SAFETY: destroyed once; nothing refers to it afterwards.
     let _ = unsafe { nvrtc::destroy_program(prog) };
     result
@@ -173,11 +130,7 @@ unsafe fn get_cubin(prog: nvrtc_sys::nvrtcProgram) -> Result<Vec<u8>, nvrtc::Nvr
 }
 
 fn c_chars_to_string(raw: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = raw
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let bytes: Vec<u8> = raw.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -197,11 +150,7 @@ fn cached_image(file: KernelFile, arch: &str) -> Result<Arc<CompiledImage>, Cuda
     }
     // Compile outside the lock: files are independent and NVRTC is thread-safe.
     let img = Arc::new(compile(file, arch, &[])?);
-    image_cache()
-        .lock()
-        .expect("image cache lock")
-        .entry(key)
-        .or_insert(img.clone());
+    image_cache().lock().expect("image cache lock").entry(key).or_insert(img.clone());
     Ok(img)
 }
 
@@ -216,12 +165,7 @@ pub struct KernelCache {
 impl KernelCache {
     /// `arch` is the NVRTC target, e.g. `sm_90`.
     pub fn new(ctx: Arc<CudaContext>, arch: String) -> Self {
-        Self {
-            ctx,
-            arch,
-            modules: Default::default(),
-            functions: Mutex::new(HashMap::new()),
-        }
+        Self { ctx, arch, modules: Default::default(), functions: Mutex::new(HashMap::new()) }
     }
 
     /// The NVRTC target the kernels are built for.
@@ -235,38 +179,18 @@ impl KernelCache {
             return Ok(m.clone());
         }
         let img = cached_image(file, &self.arch)?;
-        let ptx = if img.is_cubin {
-            Ptx::from_binary(img.image.clone())
-        } else {
-            Ptx::from_src(
-                String::from_utf8_lossy(&img.image)
-                    .trim_end_matches('\0')
-                    .to_string(),
-            )
-        };
+        let ptx = if img.is_cubin { Ptx::from_binary(img.image.clone()) } else { Ptx::from_src(String::from_utf8_lossy(&img.image).trim_end_matches('\0').to_string()) };
         let module = self.ctx.load_module(ptx)?;
         Ok(slot.get_or_init(|| module).clone())
     }
 
     /// The kernel `name` of `file`, loading the module on first use.
-    pub fn function(
-        &self,
-        file: KernelFile,
-        name: &'static str,
-    ) -> Result<CudaFunction, CudaError> {
-        if let Some(f) = self
-            .functions
-            .lock()
-            .expect("function cache lock")
-            .get(name)
-        {
+    pub fn function(&self, file: KernelFile, name: &'static str) -> Result<CudaFunction, CudaError> {
+        if let Some(f) = self.functions.lock().expect("function cache lock").get(name) {
             return Ok(f.clone());
         }
         let f = self.module(file)?.load_function(name)?;
-        self.functions
-            .lock()
-            .expect("function cache lock")
-            .insert(name, f.clone());
+        self.functions.lock().expect("function cache lock").insert(name, f.clone());
         Ok(f)
     }
 
@@ -293,12 +217,7 @@ mod tests {
                 current = rest.split('\'').next().unwrap_or("").to_string();
             }
             if line.contains("spill stores") {
-                let n = line
-                    .split("bytes stack frame,")
-                    .nth(1)
-                    .and_then(|s| s.split_whitespace().next())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
+                let n = line.split("bytes stack frame,").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(0);
                 out.push((current.clone(), n));
             }
         }
@@ -314,30 +233,18 @@ mod tests {
         eprintln!("NVRTC: {lib}");
         for file in KernelFile::ALL {
             for arch in ["compute_80", "compute_90", "sm_80", "sm_90"] {
-                let img =
-                    compile(file, arch, &["--ptxas-options=-v"]).unwrap_or_else(|e| panic!("{e}"));
-                assert!(
-                    !img.image.is_empty(),
-                    "{} for {arch}: empty image",
-                    file.file_name()
-                );
+                let img = compile(file, arch, &["--ptxas-options=-v"]).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!img.image.is_empty(), "{} for {arch}: empty image", file.file_name());
                 if arch == "sm_90" {
                     for (func, spill) in spills(&img.log) {
-                        eprintln!(
-                            "{:<14} {:<32} sm_90 spill stores {spill} B",
-                            file.file_name(),
-                            func
-                        );
+                        eprintln!("{:<14} {:<32} sm_90 spill stores {spill} B", file.file_name(), func);
                         if file == KernelFile::Flash {
                             assert_eq!(spill, 0, "{func} spills registers on sm_90:\n{}", img.log);
                         }
                     }
                 }
             }
-            eprintln!(
-                "compiled {} for compute_80, compute_90, sm_80, sm_90",
-                file.file_name()
-            );
+            eprintln!("compiled {} for compute_80, compute_90, sm_80, sm_90", file.file_name());
         }
     }
 }

@@ -23,10 +23,7 @@ pub mod probe;
 
 use super::{Backend, BackendError, DecodeShape, Dtype, PrefillShape, Result, RowRun};
 use cudarc::cublas::{result as cublas, sys as cublas_sys, CudaBlas};
-use cudarc::driver::{
-    result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream,
-    DevicePtr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use kernels::{KernelCache, KernelFile};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -40,11 +37,7 @@ pub enum CudaError {
     #[error("cuBLAS: {0:?}")]
     Cublas(#[from] cublas::CublasError),
     #[error("NVRTC could not compile {file} for {arch}: {log}")]
-    Nvrtc {
-        file: &'static str,
-        arch: String,
-        log: String,
-    },
+    Nvrtc { file: &'static str, arch: String, log: String },
     #[error("unsupported: {0}")]
     Unsupported(String),
 }
@@ -78,12 +71,7 @@ pub enum PrefillKernel {
 }
 
 impl PrefillKernel {
-    pub const ALL: [PrefillKernel; 4] = [
-        PrefillKernel::Auto,
-        PrefillKernel::General,
-        PrefillKernel::Flash128,
-        PrefillKernel::Flash64,
-    ];
+    pub const ALL: [PrefillKernel; 4] = [PrefillKernel::Auto, PrefillKernel::General, PrefillKernel::Flash128, PrefillKernel::Flash64];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -106,14 +94,7 @@ impl PrefillKernel {
 impl std::str::FromStr for PrefillKernel {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown prefill kernel `{s}` (expected auto, general, flash128 or flash64)"
-                )
-            })
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| format!("unknown prefill kernel `{s}` (expected auto, general, flash128 or flash64)"))
     }
 }
 
@@ -210,19 +191,13 @@ fn shape_err(msg: String) -> BackendError {
 
 fn check(what: &str, have: usize, need: usize) -> Result<()> {
     if have < need {
-        return Err(shape_err(format!(
-            "{what}: buffer holds {have} elements, needs {need}"
-        )));
+        return Err(shape_err(format!("{what}: buffer holds {have} elements, needs {need}")));
     }
     Ok(())
 }
 
 fn to_i32(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| {
-        shape_err(format!(
-            "{what} = {v} exceeds the 32-bit range the kernels index with"
-        ))
-    })
+    i32::try_from(v).map_err(|_| shape_err(format!("{what} = {v} exceeds the 32-bit range the kernels index with")))
 }
 
 /// Kernel names are `base_suffix`; the names are static so the function
@@ -243,10 +218,7 @@ impl CudaBackend {
     /// all at once by [`CudaBackend::load_all_kernels`]).
     pub fn new(device_ordinal: usize, dtype: Dtype) -> Result<Self> {
         if let Err(why) = probe::cuda_backend_libraries_present() {
-            return Err(BackendError::Unavailable {
-                backend: "cuda",
-                reason: why,
-            });
+            return Err(BackendError::Unavailable { backend: "cuda", reason: why });
         }
         let ctx = CudaContext::new(device_ordinal)?;
         // One stream carries all work, so cross-stream event tracking is
@@ -257,31 +229,15 @@ impl CudaBackend {
         let stream = ctx.new_stream()?;
         let (major, minor) = ctx.compute_capability()?;
         if major < 8 {
-            return Err(BackendError::Unavailable {
-                backend: "cuda",
-                reason: format!(
-                    "compute capability {major}.{minor}: the kernels need 8.0 (Ampere) or newer"
-                ),
-            });
+            return Err(BackendError::Unavailable { backend: "cuda", reason: format!("compute capability {major}.{minor}: the kernels need 8.0 (Ampere) or newer") });
         }
-        let sm_count = ctx
-            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as u32;
-        let max_smem_optin = ctx.attribute(
-            drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-        )? as u32;
+        let sm_count = ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let max_smem_optin = ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
         keep_freed_memory_in_pool(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(CudaError::from)?;
         // Default math: no TF32 for f32 GEMMs (they must match the CPU to 1e-4).
         // SAFETY: `blas.handle()` is a live handle owned by `blas`.
-        unsafe {
-            cublas_sys::cublasSetMathMode(
-                *blas.handle(),
-                cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-            )
-        }
-        .result()
-        .map_err(CudaError::from)?;
+        unsafe { cublas_sys::cublasSetMathMode(*blas.handle(), cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH) }.result().map_err(CudaError::from)?;
         let kernels = KernelCache::new(ctx.clone(), format!("sm_{major}{minor}"));
         Ok(Self {
             ctx,
@@ -331,15 +287,8 @@ impl CudaBackend {
         self.ctx.bind_to_thread()?;
         // SAFETY: `buf` is writable for its full length, which is passed; the
         // device handle belongs to this backend's context.
-        unsafe {
-            drv_sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, self.ctx.cu_device())
-        }
-        .result()?;
-        let bytes: Vec<u8> = buf
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
+        unsafe { drv_sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, self.ctx.cu_device()) }.result()?;
+        let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
     /// The stream all of this backend's work is queued on (the NCCL
@@ -359,9 +308,7 @@ impl CudaBackend {
     }
     /// Restarts the high-water mark at the bytes now in use.
     pub fn reset_peak_memory(&self) {
-        self.memory
-            .peak
-            .store(self.memory.live.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.memory.peak.store(self.memory.live.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// When on, every buffer an operation creates is filled with NaN before
@@ -401,15 +348,7 @@ impl CudaBackend {
         // reads (or poisons it just below).
         let mem = unsafe { self.stream.alloc::<u8>(bytes) }?;
         self.memory.add(bytes as u64);
-        let buf = CudaBuf {
-            mem,
-            dtype,
-            len,
-            _tracked: Tracked {
-                tracker: self.memory.clone(),
-                bytes: bytes as u64,
-            },
-        };
+        let buf = CudaBuf { mem, dtype, len, _tracked: Tracked { tracker: self.memory.clone(), bytes: bytes as u64 } };
         if self.poison_outputs() {
             self.memset(&buf, 0xff)?;
         }
@@ -419,14 +358,7 @@ impl CudaBackend {
     fn memset(&self, buf: &CudaBuf, byte: u8) -> Result<()> {
         // SAFETY: the range lies inside `buf`'s allocation; the memset is
         // ordered on the stream that owns and frees it.
-        unsafe {
-            drv::memset_d8_async(
-                buf.device_ptr(),
-                byte,
-                buf.mem.len(),
-                self.stream.cu_stream(),
-            )
-        }?;
+        unsafe { drv::memset_d8_async(buf.device_ptr(), byte, buf.mem.len(), self.stream.cu_stream()) }?;
         Ok(())
     }
 
@@ -450,17 +382,11 @@ impl CudaBackend {
         match dtype {
             Dtype::Fp32 => unsafe { drv::memcpy_htod_async(dst, host, self.stream.cu_stream()) }?,
             Dtype::Bf16 => {
-                let v: Vec<u16> = host
-                    .iter()
-                    .map(|&x| half::bf16::from_f32(x).to_bits())
-                    .collect();
+                let v: Vec<u16> = host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
                 unsafe { drv::memcpy_htod_async(dst, &v[..], self.stream.cu_stream()) }?
             }
             Dtype::Fp16 => {
-                let v: Vec<u16> = host
-                    .iter()
-                    .map(|&x| half::f16::from_f32(x).to_bits())
-                    .collect();
+                let v: Vec<u16> = host.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
                 unsafe { drv::memcpy_htod_async(dst, &v[..], self.stream.cu_stream()) }?
             }
         }
@@ -475,20 +401,12 @@ impl CudaBackend {
     /// A buffer of `len` pseudo-random values uniform in `[-scale, scale)`,
     /// generated on the device from `seed` (for benchmarks on non-zero data
     /// without a host round trip).
-    pub fn random_uniform(
-        &self,
-        dtype: Dtype,
-        len: usize,
-        seed: u64,
-        scale: f32,
-    ) -> Result<CudaBuf> {
+    pub fn random_uniform(&self, dtype: Dtype, len: usize, seed: u64, scale: f32) -> Result<CudaBuf> {
         let out = self.alloc(dtype, len)?;
         if len == 0 {
             return Ok(out);
         }
-        let f = self
-            .kernels
-            .function(KernelFile::Elementwise, kernel_name!("fill_uniform", dtype))?;
+        let f = self.kernels.function(KernelFile::Elementwise, kernel_name!("fill_uniform", dtype))?;
         let (p, n) = (out.device_ptr(), len as u64);
         let grid = self.grid_for(len.div_ceil(8));
         self.launch(&f, grid, THREADS, 0, |a| {
@@ -503,22 +421,11 @@ impl CudaBackend {
     }
 
     /// Launches `f` on the backend's stream with the arguments `args` pushes.
-    fn launch<'a>(
-        &'a self,
-        f: &'a CudaFunction,
-        grid: impl Into<GridDim>,
-        block: u32,
-        smem: u32,
-        args: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
-    ) -> Result<()> {
+    fn launch<'a>(&'a self, f: &'a CudaFunction, grid: impl Into<GridDim>, block: u32, smem: u32, args: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>)) -> Result<()> {
         let grid = grid.into().0;
         let mut builder = self.stream.launch_builder(f);
         args(&mut builder);
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: smem,
-        };
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         // SAFETY: every caller passes the argument list its kernel declares
         // (device addresses as u64, then scalars of the declared widths), with
         // buffers whose sizes were checked against the kernel's accesses.
@@ -529,20 +436,14 @@ impl CudaBackend {
     fn same_dtype(&self, what: &str, bufs: &[&CudaBuf]) -> Result<Dtype> {
         let d = bufs[0].dtype;
         if let Some(b) = bufs.iter().find(|b| b.dtype != d) {
-            return Err(shape_err(format!(
-                "{what}: mixed dtypes {} and {}",
-                d, b.dtype
-            )));
+            return Err(shape_err(format!("{what}: mixed dtypes {} and {}", d, b.dtype)));
         }
         Ok(d)
     }
 
     fn expect_f32(&self, what: &str, b: &CudaBuf) -> Result<()> {
         if b.dtype != Dtype::Fp32 {
-            return Err(shape_err(format!(
-                "{what}: log-sum-exp buffers are f32, got {}",
-                b.dtype
-            )));
+            return Err(shape_err(format!("{what}: log-sum-exp buffers are f32, got {}", b.dtype)));
         }
         Ok(())
     }
@@ -553,9 +454,7 @@ impl CudaBackend {
             return Ok(t.device_ptr(&self.stream).0);
         }
         // Same formula and precision as `cpu::sinusoid`.
-        let host: Vec<f64> = (0..d.div_ceil(2).max(1))
-            .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / d as f64))
-            .collect();
+        let host: Vec<f64> = (0..d.div_ceil(2).max(1)).map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / d as f64)).collect();
         let t = self.stream.clone_htod(&host)?;
         let p = t.device_ptr(&self.stream).0;
         tables.insert(d, t);
@@ -564,122 +463,51 @@ impl CudaBackend {
 
     /// Copies row runs between two buffers of rows of `row_bytes`. `table`
     /// holds (src_row, dst_row, len, first_flat_row) per non-empty run.
-    fn copy_row_runs(
-        &self,
-        dst: u64,
-        src: u64,
-        row_bytes: usize,
-        table: &[u64],
-        total_rows: usize,
-    ) -> Result<()> {
+    fn copy_row_runs(&self, dst: u64, src: u64, row_bytes: usize, table: &[u64], total_rows: usize) -> Result<()> {
         if total_rows == 0 || row_bytes == 0 {
             return Ok(());
         }
         let runs = self.stream.clone_htod(table)?;
         let (runs_ptr, _s) = runs.device_ptr(&self.stream);
         let f = self.kernels.function(KernelFile::Copy, "copy_row_runs")?;
-        let (rb, nruns, total) = (
-            row_bytes as u64,
-            (table.len() / 4) as i32,
-            total_rows as u64,
-        );
+        let (rb, nruns, total) = (row_bytes as u64, (table.len() / 4) as i32, total_rows as u64);
         let grid = total_rows.min(65_535 * 16) as u32;
         self.launch(&f, grid, THREADS, 0, |a| {
-            a.arg(&dst)
-                .arg(&src)
-                .arg(&rb)
-                .arg(&runs_ptr)
-                .arg(&nruns)
-                .arg(&total);
+            a.arg(&dst).arg(&src).arg(&rb).arg(&runs_ptr).arg(&nruns).arg(&total);
         })?;
         // `runs` is freed on the stream after the kernel: stream order keeps it alive.
         Ok(())
     }
 
-    fn prefill_general(
-        &self,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        out: &CudaBuf,
-        lse: &CudaBuf,
-        s: PrefillShape,
-    ) -> Result<()> {
+    fn prefill_general(&self, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, out: &CudaBuf, lse: &CudaBuf, s: PrefillShape) -> Result<()> {
         if s.head_dim > 256 {
-            return Err(BackendError::Device(format!(
-                "prefill attention supports head_dim up to 256, got {}",
-                s.head_dim
-            )));
+            return Err(BackendError::Device(format!("prefill attention supports head_dim up to 256, got {}", s.head_dim)));
         }
         if s.heads > 65_535 || s.nseq > 65_535 {
-            return Err(shape_err(format!(
-                "prefill: {} heads x {} sequences exceed the grid limit",
-                s.heads, s.nseq
-            )));
+            return Err(shape_err(format!("prefill: {} heads x {} sequences exceed the grid limit", s.heads, s.nseq)));
         }
-        let f = self.kernels.function(
-            KernelFile::Prefill,
-            kernel_name!("prefill_general", q.dtype),
-        )?;
+        let f = self.kernels.function(KernelFile::Prefill, kernel_name!("prefill_general", q.dtype))?;
         // K and V tiles of 32 rows (pitch d + 1) and one query row per warp, as f32.
         let smem = ((2 * 32 * (s.head_dim + 1) + 8 * s.head_dim) * 4) as u32;
         self.allow_smem(&f, smem)?;
         let grid = (s.sq.div_ceil(8) as u32, s.heads as u32, s.nseq as u32);
-        let (qp, kp, vp, op, lp) = (
-            q.device_ptr(),
-            k.device_ptr(),
-            v.device_ptr(),
-            out.device_ptr(),
-            lse.device_ptr(),
-        );
-        let (sq, skv, stride, heads, d, off) = (
-            to_i32("sq", s.sq)?,
-            to_i32("skv", s.skv)?,
-            to_i32("kv_seq_stride", s.kv_seq_stride)?,
-            to_i32("heads", s.heads)?,
-            to_i32("head_dim", s.head_dim)?,
-            to_i32("q_offset", s.q_offset)?,
-        );
+        let (qp, kp, vp, op, lp) = (q.device_ptr(), k.device_ptr(), v.device_ptr(), out.device_ptr(), lse.device_ptr());
+        let (sq, skv, stride, heads, d, off) =
+            (to_i32("sq", s.sq)?, to_i32("skv", s.skv)?, to_i32("kv_seq_stride", s.kv_seq_stride)?, to_i32("heads", s.heads)?, to_i32("head_dim", s.head_dim)?, to_i32("q_offset", s.q_offset)?);
         let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
         self.launch(&f, grid, 256, smem, |a| {
-            a.arg(&qp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&op)
-                .arg(&lp)
-                .arg(&sq)
-                .arg(&skv)
-                .arg(&stride)
-                .arg(&heads)
-                .arg(&d)
-                .arg(&off)
-                .arg(&scale_log2);
+            a.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&sq).arg(&skv).arg(&stride).arg(&heads).arg(&d).arg(&off).arg(&scale_log2);
         })
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn prefill_flash(
-        &self,
-        warps: u32,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        out: &CudaBuf,
-        lse: &CudaBuf,
-        s: PrefillShape,
-    ) -> Result<()> {
+    fn prefill_flash(&self, warps: u32, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, out: &CudaBuf, lse: &CudaBuf, s: PrefillShape) -> Result<()> {
         let name = match (warps, q.dtype) {
             (8, Dtype::Bf16) => "flash_fwd_d128_w8_bf16",
             (8, Dtype::Fp16) => "flash_fwd_d128_w8_f16",
             (4, Dtype::Bf16) => "flash_fwd_d128_w4_bf16",
             (4, Dtype::Fp16) => "flash_fwd_d128_w4_f16",
-            _ => {
-                return Err(CudaError::Unsupported(format!(
-                    "tensor-core prefill with {warps} warps in {}",
-                    q.dtype
-                ))
-                .into())
-            }
+            _ => return Err(CudaError::Unsupported(format!("tensor-core prefill with {warps} warps in {}", q.dtype)).into()),
         };
         let f = self.kernels.function(KernelFile::Flash, name)?;
         let bm = 16 * warps as usize;
@@ -688,39 +516,14 @@ impl CudaBackend {
         self.allow_smem(&f, smem)?;
         let mblocks = s.sq.div_ceil(bm);
         if mblocks > 65_535 || s.nseq > 65_535 {
-            return Err(shape_err(format!(
-                "prefill: {mblocks} query blocks or {} sequences exceed the grid limit",
-                s.nseq
-            )));
+            return Err(shape_err(format!("prefill: {mblocks} query blocks or {} sequences exceed the grid limit", s.nseq)));
         }
         let grid = (s.heads as u32, mblocks as u32, s.nseq as u32);
-        let (qp, kp, vp, op, lp) = (
-            q.device_ptr(),
-            k.device_ptr(),
-            v.device_ptr(),
-            out.device_ptr(),
-            lse.device_ptr(),
-        );
-        let (sq, skv, stride, heads, off) = (
-            to_i32("sq", s.sq)?,
-            to_i32("skv", s.skv)?,
-            to_i32("kv_seq_stride", s.kv_seq_stride)?,
-            to_i32("heads", s.heads)?,
-            to_i32("q_offset", s.q_offset)?,
-        );
+        let (qp, kp, vp, op, lp) = (q.device_ptr(), k.device_ptr(), v.device_ptr(), out.device_ptr(), lse.device_ptr());
+        let (sq, skv, stride, heads, off) = (to_i32("sq", s.sq)?, to_i32("skv", s.skv)?, to_i32("kv_seq_stride", s.kv_seq_stride)?, to_i32("heads", s.heads)?, to_i32("q_offset", s.q_offset)?);
         let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
         self.launch(&f, grid, 32 * warps, smem, |a| {
-            a.arg(&qp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&op)
-                .arg(&lp)
-                .arg(&sq)
-                .arg(&skv)
-                .arg(&stride)
-                .arg(&heads)
-                .arg(&off)
-                .arg(&scale_log2);
+            a.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&sq).arg(&skv).arg(&stride).arg(&heads).arg(&off).arg(&scale_log2);
         })
     }
 
@@ -728,17 +531,10 @@ impl CudaBackend {
     /// the default 48 KiB.
     fn allow_smem(&self, f: &CudaFunction, bytes: u32) -> Result<()> {
         if bytes > self.max_smem_optin {
-            return Err(CudaError::Unsupported(format!(
-                "kernel needs {bytes} B of shared memory, the device allows {}",
-                self.max_smem_optin
-            ))
-            .into());
+            return Err(CudaError::Unsupported(format!("kernel needs {bytes} B of shared memory, the device allows {}", self.max_smem_optin)).into());
         }
         if bytes > 48 * 1024 {
-            f.set_attribute(
-                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )?;
+            f.set_attribute(drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
         }
         Ok(())
     }
@@ -773,12 +569,7 @@ fn keep_freed_memory_in_pool(ctx: &Arc<CudaContext>) -> Result<()> {
     // handle belongs to `ctx`, which is current.
     unsafe {
         drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
-        drv_sys::cuMemPoolSetAttribute(
-            pool,
-            drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()?;
+        drv_sys::cuMemPoolSetAttribute(pool, drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut std::ffi::c_void).result()?;
     }
     Ok(())
 }
@@ -812,13 +603,9 @@ fn download_raw(stream: &CudaStream, buf: &CudaBuf) -> Result<Vec<f32>> {
             unsafe { drv::memcpy_dtoh_async(&mut v[..], src, stream.cu_stream()) }?;
             stream.synchronize()?;
             if buf.dtype == Dtype::Bf16 {
-                v.into_iter()
-                    .map(|b| half::bf16::from_bits(b).to_f32())
-                    .collect()
+                v.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
             } else {
-                v.into_iter()
-                    .map(|b| half::f16::from_bits(b).to_f32())
-                    .collect()
+                v.into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect()
             }
         }
     })
@@ -852,15 +639,7 @@ impl Backend for CudaBackend {
         self.zeros_of(Dtype::Fp32, len)
     }
 
-    fn embed(
-        &self,
-        table: &CudaBuf,
-        d: usize,
-        tokens: &[u32],
-        nseq: usize,
-        n: usize,
-        pos0: usize,
-    ) -> Result<CudaBuf> {
+    fn embed(&self, table: &CudaBuf, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<CudaBuf> {
         let rows = nseq * n;
         check("embed tokens", tokens.len(), rows)?;
         let tokens = &tokens[..rows];
@@ -874,21 +653,12 @@ impl Backend for CudaBackend {
         let tok = self.stream.clone_htod(tokens)?;
         let (tok_ptr, _s) = tok.device_ptr(&self.stream);
         let freq = self.freq_table(d)?;
-        let f = self
-            .kernels
-            .function(KernelFile::Embed, kernel_name!("embed", table.dtype))?;
+        let f = self.kernels.function(KernelFile::Embed, kernel_name!("embed", table.dtype))?;
         let (op, tp) = (out.device_ptr(), table.device_ptr());
         let (rows64, d64, n64, pos64) = (rows as u64, d as u64, n as u64, pos0 as u64);
         let grid = rows.min(65_535 * 16) as u32;
         self.launch(&f, grid, THREADS, 0, |a| {
-            a.arg(&op)
-                .arg(&tp)
-                .arg(&tok_ptr)
-                .arg(&freq)
-                .arg(&rows64)
-                .arg(&d64)
-                .arg(&n64)
-                .arg(&pos64);
+            a.arg(&op).arg(&tp).arg(&tok_ptr).arg(&freq).arg(&rows64).arg(&d64).arg(&n64).arg(&pos64);
         })?;
         Ok(out)
     }
@@ -901,11 +671,7 @@ impl Backend for CudaBackend {
             return self.zeros_of(dtype, m * n);
         }
         let out = self.alloc(dtype, m * n)?;
-        let (mi, ki, ni) = (
-            to_i32("matmul m", m)?,
-            to_i32("matmul k", k)?,
-            to_i32("matmul n", n)?,
-        );
+        let (mi, ki, ni) = (to_i32("matmul m", m)?, to_i32("matmul k", k)?, to_i32("matmul n", n)?);
         let (alpha, beta) = (1.0f32, 0.0f32);
         let t = cuda_data_type(dtype);
         // Row-major C[m,n] = X[m,k] W[k,n] is column-major C^T = W^T X^T:
@@ -940,14 +706,7 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn rmsnorm(
-        &self,
-        x: &CudaBuf,
-        weight: &CudaBuf,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<CudaBuf> {
+    fn rmsnorm(&self, x: &CudaBuf, weight: &CudaBuf, rows: usize, cols: usize, eps: f32) -> Result<CudaBuf> {
         check("rmsnorm x", x.len, rows * cols)?;
         check("rmsnorm weight", weight.len, cols)?;
         let dtype = self.same_dtype("rmsnorm", &[x, weight])?;
@@ -956,20 +715,10 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         if rows > i32::MAX as usize {
-            return Err(shape_err(format!(
-                "rmsnorm: {rows} rows exceed the grid limit"
-            )));
+            return Err(shape_err(format!("rmsnorm: {rows} rows exceed the grid limit")));
         }
-        let f = self
-            .kernels
-            .function(KernelFile::Norm, kernel_name!("rmsnorm", dtype))?;
-        let (op, xp, wp, r, c) = (
-            out.device_ptr(),
-            x.device_ptr(),
-            weight.device_ptr(),
-            rows as u64,
-            cols as u64,
-        );
+        let f = self.kernels.function(KernelFile::Norm, kernel_name!("rmsnorm", dtype))?;
+        let (op, xp, wp, r, c) = (out.device_ptr(), x.device_ptr(), weight.device_ptr(), rows as u64, cols as u64);
         self.launch(&f, rows as u32, 256, 0, |a| {
             a.arg(&op).arg(&xp).arg(&wp).arg(&r).arg(&c).arg(&eps);
         })?;
@@ -980,9 +729,7 @@ impl Backend for CudaBackend {
         if x.len == 0 {
             return Ok(());
         }
-        let f = self
-            .kernels
-            .function(KernelFile::Elementwise, kernel_name!("gelu", x.dtype))?;
+        let f = self.kernels.function(KernelFile::Elementwise, kernel_name!("gelu", x.dtype))?;
         let (p, n) = (x.device_ptr(), x.len as u64);
         self.launch(&f, self.grid_for(x.len.div_ceil(8)), THREADS, 0, |a| {
             a.arg(&p).arg(&n);
@@ -995,9 +742,7 @@ impl Backend for CudaBackend {
         if gate.len == 0 {
             return Ok(());
         }
-        let f = self
-            .kernels
-            .function(KernelFile::Elementwise, kernel_name!("gelu_mul", dtype))?;
+        let f = self.kernels.function(KernelFile::Elementwise, kernel_name!("gelu_mul", dtype))?;
         let (g, u, n) = (gate.device_ptr(), up.device_ptr(), gate.len as u64);
         self.launch(&f, self.grid_for(gate.len.div_ceil(8)), THREADS, 0, |a| {
             a.arg(&g).arg(&u).arg(&n);
@@ -1010,49 +755,26 @@ impl Backend for CudaBackend {
         if x.len == 0 {
             return Ok(());
         }
-        let f = self
-            .kernels
-            .function(KernelFile::Elementwise, kernel_name!("add", dtype))?;
+        let f = self.kernels.function(KernelFile::Elementwise, kernel_name!("add", dtype))?;
         let (xp, yp, n) = (x.device_ptr(), y.device_ptr(), x.len as u64);
         self.launch(&f, self.grid_for(x.len.div_ceil(8)), THREADS, 0, |a| {
             a.arg(&xp).arg(&yp).arg(&n);
         })
     }
 
-    fn split_qkv(
-        &self,
-        qkv: &CudaBuf,
-        rows: usize,
-        width: usize,
-    ) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
+    fn split_qkv(&self, qkv: &CudaBuf, rows: usize, width: usize) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
         check("split_qkv", qkv.len, rows * 3 * width)?;
         let es = qkv.dtype.size_bytes();
-        let parts = [
-            self.alloc(qkv.dtype, rows * width)?,
-            self.alloc(qkv.dtype, rows * width)?,
-            self.alloc(qkv.dtype, rows * width)?,
-        ];
+        let parts = [self.alloc(qkv.dtype, rows * width)?, self.alloc(qkv.dtype, rows * width)?, self.alloc(qkv.dtype, rows * width)?];
         if rows > 0 && width > 0 {
-            let f = self
-                .kernels
-                .function(KernelFile::Copy, "copy_rows_strided")?;
-            let (dst_pitch, src_pitch, row_bytes, nrows) = (
-                (width * es) as u64,
-                (3 * width * es) as u64,
-                (width * es) as u64,
-                rows as u64,
-            );
+            let f = self.kernels.function(KernelFile::Copy, "copy_rows_strided")?;
+            let (dst_pitch, src_pitch, row_bytes, nrows) = ((width * es) as u64, (3 * width * es) as u64, (width * es) as u64, rows as u64);
             let grid = rows.min(65_535 * 16) as u32;
             for (i, part) in parts.iter().enumerate() {
                 let dst = part.device_ptr();
                 let src = qkv.device_ptr() + (i * width * es) as u64;
                 self.launch(&f, grid, THREADS, 0, |a| {
-                    a.arg(&dst)
-                        .arg(&dst_pitch)
-                        .arg(&src)
-                        .arg(&src_pitch)
-                        .arg(&row_bytes)
-                        .arg(&nrows);
+                    a.arg(&dst).arg(&dst_pitch).arg(&src).arg(&src_pitch).arg(&row_bytes).arg(&nrows);
                 })?;
             }
         }
@@ -1072,23 +794,11 @@ impl Backend for CudaBackend {
             at += run.len;
         }
         let out = self.alloc(src.dtype, total * cols)?;
-        self.copy_row_runs(
-            out.device_ptr(),
-            src.device_ptr(),
-            cols * src.dtype.size_bytes(),
-            &table,
-            total,
-        )?;
+        self.copy_row_runs(out.device_ptr(), src.device_ptr(), cols * src.dtype.size_bytes(), &table, total)?;
         Ok(out)
     }
 
-    fn scatter_rows(
-        &self,
-        dst: &mut CudaBuf,
-        cols: usize,
-        runs: &[RowRun],
-        src: &CudaBuf,
-    ) -> Result<()> {
+    fn scatter_rows(&self, dst: &mut CudaBuf, cols: usize, runs: &[RowRun], src: &CudaBuf) -> Result<()> {
         self.same_dtype("scatter_rows", &[dst, src])?;
         let mut table = Vec::with_capacity(runs.len() * 4);
         let mut at = 0usize;
@@ -1100,31 +810,16 @@ impl Backend for CudaBackend {
             }
             at += run.len;
         }
-        self.copy_row_runs(
-            dst.device_ptr(),
-            src.device_ptr(),
-            cols * src.dtype.size_bytes(),
-            &table,
-            at,
-        )
+        self.copy_row_runs(dst.device_ptr(), src.device_ptr(), cols * src.dtype.size_bytes(), &table, at)
     }
 
-    fn attention_prefill(
-        &self,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        s: PrefillShape,
-    ) -> Result<(CudaBuf, CudaBuf)> {
+    fn attention_prefill(&self, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, s: PrefillShape) -> Result<(CudaBuf, CudaBuf)> {
         let width = s.heads * s.head_dim;
         check("prefill q", q.len, s.nseq * s.sq * width)?;
         check("prefill k", k.len, s.nseq * s.kv_seq_stride * width)?;
         check("prefill v", v.len, s.nseq * s.kv_seq_stride * width)?;
         if s.skv > s.kv_seq_stride {
-            return Err(shape_err(format!(
-                "prefill skv {} exceeds kv_seq_stride {}",
-                s.skv, s.kv_seq_stride
-            )));
+            return Err(shape_err(format!("prefill skv {} exceeds kv_seq_stride {}", s.skv, s.kv_seq_stride)));
         }
         let dtype = self.same_dtype("prefill", &[q, k, v])?;
         let out = self.alloc(dtype, s.nseq * s.sq * width)?;
@@ -1134,40 +829,24 @@ impl Backend for CudaBackend {
         }
         let tensor_cores = s.head_dim == 128 && dtype != Dtype::Fp32;
         match self.prefill_kernel() {
-            PrefillKernel::Auto | PrefillKernel::Flash128 if tensor_cores => {
-                self.prefill_flash(8, q, k, v, &out, &lse, s)?
-            }
-            PrefillKernel::Flash64 if tensor_cores => {
-                self.prefill_flash(4, q, k, v, &out, &lse, s)?
-            }
+            PrefillKernel::Auto | PrefillKernel::Flash128 if tensor_cores => self.prefill_flash(8, q, k, v, &out, &lse, s)?,
+            PrefillKernel::Flash64 if tensor_cores => self.prefill_flash(4, q, k, v, &out, &lse, s)?,
             _ => self.prefill_general(q, k, v, &out, &lse, s)?,
         }
         Ok((out, lse))
     }
 
-    fn attention_decode(
-        &self,
-        q: &CudaBuf,
-        k_cache: &CudaBuf,
-        v_cache: &CudaBuf,
-        s: DecodeShape,
-    ) -> Result<(CudaBuf, CudaBuf)> {
+    fn attention_decode(&self, q: &CudaBuf, k_cache: &CudaBuf, v_cache: &CudaBuf, s: DecodeShape) -> Result<(CudaBuf, CudaBuf)> {
         let width = s.heads * s.head_dim;
         check("decode q", q.len, s.nseq * width)?;
         check("decode k cache", k_cache.len, s.nseq * s.cap * width)?;
         check("decode v cache", v_cache.len, s.nseq * s.cap * width)?;
         if s.len > s.cap {
-            return Err(shape_err(format!(
-                "decode len {} exceeds cache capacity {}",
-                s.len, s.cap
-            )));
+            return Err(shape_err(format!("decode len {} exceeds cache capacity {}", s.len, s.cap)));
         }
         let dtype = self.same_dtype("decode", &[q, k_cache, v_cache])?;
         if s.head_dim > 256 {
-            return Err(BackendError::Device(format!(
-                "decode attention supports head_dim up to 256, got {}",
-                s.head_dim
-            )));
+            return Err(BackendError::Device(format!("decode attention supports head_dim up to 256, got {}", s.head_dim)));
         }
         let out = self.alloc(dtype, s.nseq * width)?;
         let lse = self.alloc(Dtype::Fp32, s.nseq * s.heads)?;
@@ -1175,94 +854,37 @@ impl Backend for CudaBackend {
             return Ok((out, lse));
         }
         if s.nseq > 65_535 || s.heads > 65_535 {
-            return Err(shape_err(format!(
-                "decode: {} sequences x {} heads exceed the grid limit",
-                s.nseq, s.heads
-            )));
+            return Err(shape_err(format!("decode: {} sequences x {} heads exceed the grid limit", s.nseq, s.heads)));
         }
         // Enough chunks for about four blocks per SM, none under 64 rows.
         let pairs = s.nseq * s.heads;
         let target = (4 * self.sm_count as usize).div_ceil(pairs).max(1);
-        let nsplit = if s.len == 0 {
-            0
-        } else {
-            target.min(s.len.div_ceil(64)).max(1)
-        };
-        let chunk = if nsplit == 0 {
-            0
-        } else {
-            s.len.div_ceil(nsplit)
-        };
+        let nsplit = if s.len == 0 { 0 } else { target.min(s.len.div_ceil(64)).max(1) };
+        let chunk = if nsplit == 0 { 0 } else { s.len.div_ceil(nsplit) };
         let nsplit = if chunk == 0 { 0 } else { s.len.div_ceil(chunk) };
         let part_o = self.alloc(Dtype::Fp32, (pairs * nsplit * s.head_dim).max(1))?;
         let part_lse = self.alloc(Dtype::Fp32, (pairs * nsplit).max(1))?;
-        let (qp, kp, vp, pop, plp) = (
-            q.device_ptr(),
-            k_cache.device_ptr(),
-            v_cache.device_ptr(),
-            part_o.device_ptr(),
-            part_lse.device_ptr(),
-        );
-        let (cap, len, heads, d) = (
-            to_i32("cap", s.cap)?,
-            to_i32("len", s.len)?,
-            to_i32("heads", s.heads)?,
-            to_i32("head_dim", s.head_dim)?,
-        );
+        let (qp, kp, vp, pop, plp) = (q.device_ptr(), k_cache.device_ptr(), v_cache.device_ptr(), part_o.device_ptr(), part_lse.device_ptr());
+        let (cap, len, heads, d) = (to_i32("cap", s.cap)?, to_i32("len", s.len)?, to_i32("heads", s.heads)?, to_i32("head_dim", s.head_dim)?);
         let (chunk_i, nsplit_i) = (to_i32("chunk", chunk)?, to_i32("splits", nsplit)?);
         if nsplit > 0 {
-            let f = self
-                .kernels
-                .function(KernelFile::Decode, kernel_name!("decode_partial", dtype))?;
+            let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_partial", dtype))?;
             // Threads per head row: eight elements each, a power of two up to 32.
             let tpr = s.head_dim.div_ceil(8).next_power_of_two() as i32;
             let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
-            self.launch(
-                &f,
-                (nsplit as u32, s.heads as u32, s.nseq as u32),
-                128,
-                0,
-                |a| {
-                    a.arg(&qp)
-                        .arg(&kp)
-                        .arg(&vp)
-                        .arg(&pop)
-                        .arg(&plp)
-                        .arg(&cap)
-                        .arg(&len)
-                        .arg(&heads)
-                        .arg(&d)
-                        .arg(&tpr)
-                        .arg(&chunk_i)
-                        .arg(&scale_log2);
-                },
-            )?;
+            self.launch(&f, (nsplit as u32, s.heads as u32, s.nseq as u32), 128, 0, |a| {
+                a.arg(&qp).arg(&kp).arg(&vp).arg(&pop).arg(&plp).arg(&cap).arg(&len).arg(&heads).arg(&d).arg(&tpr).arg(&chunk_i).arg(&scale_log2);
+            })?;
         }
-        let f = self
-            .kernels
-            .function(KernelFile::Decode, kernel_name!("decode_combine", dtype))?;
+        let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_combine", dtype))?;
         let (op, lp) = (out.device_ptr(), lse.device_ptr());
         self.launch(&f, (s.heads as u32, s.nseq as u32, 1), 128, 0, |a| {
-            a.arg(&pop)
-                .arg(&plp)
-                .arg(&op)
-                .arg(&lp)
-                .arg(&nsplit_i)
-                .arg(&heads)
-                .arg(&d);
+            a.arg(&pop).arg(&plp).arg(&op).arg(&lp).arg(&nsplit_i).arg(&heads).arg(&d);
         })?;
         Ok((out, lse))
     }
 
-    fn merge_partials(
-        &self,
-        o: &mut CudaBuf,
-        lse: &mut CudaBuf,
-        o2: &CudaBuf,
-        lse2: &CudaBuf,
-        rows: usize,
-        head_dim: usize,
-    ) -> Result<()> {
+    fn merge_partials(&self, o: &mut CudaBuf, lse: &mut CudaBuf, o2: &CudaBuf, lse2: &CudaBuf, rows: usize, head_dim: usize) -> Result<()> {
         check("merge o", o.len, rows * head_dim)?;
         check("merge o2", o2.len, rows * head_dim)?;
         check("merge lse", lse.len, rows)?;
@@ -1273,17 +895,8 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let f = self
-            .kernels
-            .function(KernelFile::Merge, kernel_name!("merge_partials", dtype))?;
-        let (op, lp, o2p, l2p, r, d) = (
-            o.device_ptr(),
-            lse.device_ptr(),
-            o2.device_ptr(),
-            lse2.device_ptr(),
-            rows as u64,
-            head_dim as u64,
-        );
+        let f = self.kernels.function(KernelFile::Merge, kernel_name!("merge_partials", dtype))?;
+        let (op, lp, o2p, l2p, r, d) = (o.device_ptr(), lse.device_ptr(), o2.device_ptr(), lse2.device_ptr(), rows as u64, head_dim as u64);
         let grid = rows.div_ceil(8).min(i32::MAX as usize) as u32;
         self.launch(&f, grid, 256, 0, |a| {
             a.arg(&op).arg(&lp).arg(&o2p).arg(&l2p).arg(&r).arg(&d);
@@ -1299,15 +912,8 @@ impl Backend for CudaBackend {
             return Ok(vec![0; rows]);
         }
         let out = self.alloc(Dtype::Fp32, rows)?; // u32 results, same size as f32
-        let f = self
-            .kernels
-            .function(KernelFile::Argmax, kernel_name!("argmax", logits.dtype))?;
-        let (xp, op, r, c) = (
-            logits.device_ptr(),
-            out.device_ptr(),
-            rows as u64,
-            cols as u64,
-        );
+        let f = self.kernels.function(KernelFile::Argmax, kernel_name!("argmax", logits.dtype))?;
+        let (xp, op, r, c) = (logits.device_ptr(), out.device_ptr(), rows as u64, cols as u64);
         self.launch(&f, rows.min(i32::MAX as usize) as u32, 256, 0, |a| {
             a.arg(&xp).arg(&op).arg(&r).arg(&c);
         })?;
@@ -1320,9 +926,7 @@ impl Backend for CudaBackend {
     }
 
     fn mark(&self) -> Result<CudaEvent> {
-        let ev = self
-            .ctx
-            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let ev = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         ev.record(&self.stream)?;
         Ok(ev)
     }

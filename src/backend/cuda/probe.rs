@@ -41,10 +41,7 @@ impl LibraryReport {
     /// empty when it can.
     pub fn missing(&self) -> Vec<String> {
         let mut out = self.missing_for_backend();
-        for (what, found) in [
-            ("cuBLASLt (libcublasLt.so)", &self.cublaslt),
-            ("NCCL (libnccl.so)", &self.nccl),
-        ] {
+        for (what, found) in [("cuBLASLt (libcublasLt.so)", &self.cublaslt), ("NCCL (libnccl.so)", &self.nccl)] {
             if found.is_none() {
                 out.push(format!("{what} not found"));
             }
@@ -55,20 +52,14 @@ impl LibraryReport {
     /// Reasons the CUDA backend alone (one GPU, no collectives) cannot run.
     pub fn missing_for_backend(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (what, found) in [
-            ("CUDA driver (libcuda.so.1)", &self.driver),
-            ("NVRTC (libnvrtc.so.13/.12)", &self.nvrtc),
-            ("cuBLAS (libcublas.so)", &self.cublas),
-        ] {
+        for (what, found) in [("CUDA driver (libcuda.so.1)", &self.driver), ("NVRTC (libnvrtc.so.13/.12)", &self.nvrtc), ("cuBLAS (libcublas.so)", &self.cublas)] {
             if found.is_none() {
                 out.push(format!("{what} not found"));
             }
         }
         match self.gpu_count {
             Some(0) => out.push("the CUDA driver sees no GPU".into()),
-            None if self.driver.is_some() => {
-                out.push("the CUDA driver could not be initialised".into())
-            }
+            None if self.driver.is_some() => out.push("the CUDA driver could not be initialised".into()),
             _ => {}
         }
         out
@@ -85,21 +76,12 @@ impl LibraryReport {
         }
         let cuda = |v: &Option<String>| v.as_ref().map(|v| format!("CUDA {v}"));
         let mut out = vec![
-            line(
-                "CUDA driver",
-                &self.driver,
-                Some(&cuda(&self.driver_cuda_version)),
-            ),
+            line("CUDA driver", &self.driver, Some(&cuda(&self.driver_cuda_version))),
             line("NVRTC", &self.nvrtc, Some(&cuda(&self.nvrtc_version))),
             line("cuBLAS", &self.cublas, Some(&self.cublas_version)),
             line("cuBLASLt", &self.cublaslt, None),
             line("NCCL", &self.nccl, Some(&self.nccl_version)),
-            format!(
-                "visible GPUs: {}",
-                self.gpu_count
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|| "unknown (no driver)".into())
-            ),
+            format!("visible GPUs: {}", self.gpu_count.map(|n| n.to_string()).unwrap_or_else(|| "unknown (no driver)".into())),
         ];
         out.extend(self.notes.iter().map(|n| format!("note: {n}")));
         out
@@ -161,14 +143,10 @@ pub fn probe_cuda_libraries() -> LibraryReport {
         let mut v: c_int = 0;
         // SAFETY: the driver library is present (checked above), so the
         // binding can resolve the symbol; `v` is a valid out-pointer.
-        if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
-            == cudarc::driver::sys::CUresult::CUDA_SUCCESS
-        {
+        if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
             r.driver_cuda_version = Some(format!("{}.{}", v / 1000, (v % 1000) / 10));
         }
-        r.gpu_count = match cudarc::driver::result::init()
-            .and_then(|()| cudarc::driver::result::device::get_count())
-        {
+        r.gpu_count = match cudarc::driver::result::init().and_then(|()| cudarc::driver::result::device::get_count()) {
             Ok(n) => Some(n.max(0) as usize),
             Err(e) => {
                 r.notes.push(format!("cuInit failed: {e:?}"));
@@ -179,20 +157,14 @@ pub fn probe_cuda_libraries() -> LibraryReport {
     if r.nvrtc.is_some() {
         let (mut major, mut minor): (c_int, c_int) = (0, 0);
         // SAFETY: NVRTC is present; both out-pointers are valid.
-        if unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
-            == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS
-        {
+        if unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) } == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
             r.nvrtc_version = Some(format!("{major}.{minor}"));
         }
     }
     if r.cublas.is_some() {
         use cudarc::cublas::sys::{cublasGetProperty, cublasStatus_t, libraryPropertyType};
         let mut parts = [0 as c_int; 3];
-        let props = [
-            libraryPropertyType::MAJOR_VERSION,
-            libraryPropertyType::MINOR_VERSION,
-            libraryPropertyType::PATCH_LEVEL,
-        ];
+        let props = [libraryPropertyType::MAJOR_VERSION, libraryPropertyType::MINOR_VERSION, libraryPropertyType::PATCH_LEVEL];
         // SAFETY: cuBLAS is present; each out-pointer is valid. No handle is needed.
         let ok = props.iter().zip(parts.iter_mut()).all(|(&p, out)| unsafe { cublasGetProperty(p, out) } == cublasStatus_t::CUBLAS_STATUS_SUCCESS);
         if ok {
@@ -201,12 +173,7 @@ pub fn probe_cuda_libraries() -> LibraryReport {
     }
     if r.nccl.is_some() {
         if let Ok(code) = cudarc::nccl::result::get_nccl_version() {
-            r.nccl_version = Some(format!(
-                "{}.{}.{}",
-                code / 10000,
-                (code % 10000) / 100,
-                code % 100
-            ));
+            r.nccl_version = Some(format!("{}.{}.{}", code / 10000, (code % 10000) / 100, code % 100));
         }
     }
     r
@@ -225,10 +192,7 @@ pub fn cuda_backend_libraries_present() -> Result<LibraryReport, String> {
     explain(probe_cuda_libraries(), LibraryReport::missing_for_backend)
 }
 
-fn explain(
-    report: LibraryReport,
-    missing: fn(&LibraryReport) -> Vec<String>,
-) -> Result<LibraryReport, String> {
+fn explain(report: LibraryReport, missing: fn(&LibraryReport) -> Vec<String>) -> Result<LibraryReport, String> {
     let missing = missing(&report);
     if missing.is_empty() {
         Ok(report)
@@ -262,9 +226,6 @@ mod tests {
     #[test]
     fn a_library_that_does_not_exist_is_not_loadable() {
         assert!(!can_dlopen("libfapool-does-not-exist.so.7"));
-        assert_eq!(
-            first_loadable(&["libfapool-does-not-exist.so".into()]),
-            None
-        );
+        assert_eq!(first_loadable(&["libfapool-does-not-exist.so".into()]), None);
     }
 }
