@@ -10,6 +10,7 @@
 //! marks it hands out (see `metrics`).
 
 pub mod cpu;
+pub mod cuda;
 
 use std::ops::Range;
 
@@ -36,6 +37,48 @@ pub enum BackendKind {
     Cpu,
     /// The CUDA backend (cuBLAS, NVRTC kernels, NCCL).
     Cuda,
+}
+
+/// Element type of a backend's activations, weights and KV caches.
+///
+/// Log-sum-exp buffers are f32 whatever the model dtype. The CPU backend
+/// always computes in f32; the CUDA backend stores this type and accumulates
+/// in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// bfloat16 (the GPU default).
+    #[default]
+    Bf16,
+    /// IEEE half precision.
+    Fp16,
+    /// IEEE single precision.
+    Fp32,
+}
+
+impl Dtype {
+    /// Bytes of one element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            Dtype::Bf16 | Dtype::Fp16 => 2,
+            Dtype::Fp32 => 4,
+        }
+    }
+
+    /// The name job specs and results files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::Fp16 => "fp16",
+            Dtype::Fp32 => "fp32",
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Shape of a causal prefill attention call.

@@ -7,6 +7,7 @@
 //! over MPI. This module must not know about strategies or results files.
 
 pub mod mpi_transport;
+pub mod nccl_transport;
 
 use crate::backend::Backend;
 use mpi::topology::{Color, Communicator, SimpleCommunicator};

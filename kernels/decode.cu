@@ -1,0 +1,161 @@
+// Decode attention (one query per sequence) by split-KV, as in
+// flash-decoding: the first `len` cache rows of each (sequence, head) are cut
+// into `nsplit` chunks; `decode_partial` computes, for one chunk per block,
+// the normalised partial output and its log-sum-exp, and `decode_combine`
+// merges the chunks by their log-sum-exp. Memory-bound: every cache element
+// is read once, with 16-byte loads.
+//
+// Layout: q is [nseq, heads * d]; the caches are [nseq, cap, heads * d]. A
+// row of one head is handled by `tpr` threads (a power of two <= 32) of eight
+// elements each, so d <= 256 and eight-element runs past d read as zero.
+
+#define DECODE_THREADS 128
+#define DECODE_UNROLL 4
+
+template <typename T>
+__device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,
+                                    int cap, int len, int heads, int d, int tpr, int chunk, float scale_log2) {
+    // Per-group (m, l) and accumulators, for the block-level merge at the end.
+    __shared__ float s_m[DECODE_THREADS];
+    __shared__ float s_l[DECODE_THREADS];
+    __shared__ float s_acc[DECODE_THREADS * 8];
+    int split = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+    int nsplit = gridDim.x;
+    int groups = DECODE_THREADS / tpr;
+    int g = threadIdx.x / tpr;
+    int sub = threadIdx.x % tpr;
+    int c0 = sub * 8;
+    int valid = d - c0;  // elements of this thread's run that exist (may be <= 0)
+    u64 width = (u64)heads * d;
+
+    float qv[8];
+    if (valid > 0) {
+        load8_guarded(q + (u64)n * width + (u64)h * d + c0, valid, qv);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) qv[i] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qv[i] *= scale_log2;
+
+    int start = split * chunk;
+    int end = min(len, start + chunk);
+    const T* kbase = kc + (u64)n * cap * width + (u64)h * d + c0;
+    const T* vbase = vc + (u64)n * cap * width + (u64)h * d + c0;
+
+    float m = FAPOOL_NEG_INF, l = 0.0f;
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+
+    // Each group takes rows base+g, base+g+groups, ...; DECODE_UNROLL rows are
+    // loaded before any is used, to keep enough bytes in flight. The trip
+    // count is the same for every thread, since the shuffles below need the
+    // whole warp.
+    for (int base = start; base < end; base += groups * DECODE_UNROLL) {
+        float kv[DECODE_UNROLL][8], vv[DECODE_UNROLL][8];
+#pragma unroll
+        for (int u = 0; u < DECODE_UNROLL; ++u) {
+            int j = base + g + u * groups;
+            if (j < end && valid > 0) {
+                load8_guarded(kbase + (u64)j * width, valid, kv[u]);
+                load8_guarded(vbase + (u64)j * width, valid, vv[u]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) kv[u][i] = vv[u][i] = 0.0f;
+            }
+        }
+        float s[DECODE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DECODE_UNROLL; ++u) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dot += qv[i] * kv[u][i];
+            for (int o = tpr / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o, tpr);
+            s[u] = (base + g + u * groups < end) ? dot : FAPOOL_NEG_INF;
+        }
+        float mx = m;
+#pragma unroll
+        for (int u = 0; u < DECODE_UNROLL; ++u) mx = fmaxf(mx, s[u]);
+        if (mx != FAPOOL_NEG_INF) {
+            float alpha = fast_exp2(m - mx);  // 0 while m is still -inf
+            l *= alpha;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] *= alpha;
+#pragma unroll
+            for (int u = 0; u < DECODE_UNROLL; ++u) {
+                float p = fast_exp2(s[u] - mx);
+                l += p;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[i] += p * vv[u][i];
+            }
+            m = mx;
+        }
+    }
+
+    // Merge the groups of the block.
+    if (sub == 0) {
+        s_m[g] = m;
+        s_l[g] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s_acc[threadIdx.x * 8 + i] = acc[i];
+    __syncthreads();
+    float M = FAPOOL_NEG_INF;
+    for (int i = 0; i < groups; ++i) M = fmaxf(M, s_m[i]);
+    float L = 0.0f;
+    if (M != FAPOOL_NEG_INF)
+        for (int i = 0; i < groups; ++i) L += s_l[i] * fast_exp2(s_m[i] - M);
+    u64 part = ((u64)n * heads + h) * nsplit + split;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float o = 0.0f;
+        if (L > 0.0f) {
+            int owner = c / 8;  // thread index within a group that holds column c
+            for (int i = 0; i < groups; ++i) {
+                float w = fast_exp2(s_m[i] - M);
+                o += w * s_acc[(i * tpr + owner) * 8 + c % 8];
+            }
+            o /= L;
+        }
+        part_o[part * d + c] = o;
+    }
+    if (threadIdx.x == 0) part_lse[part] = L > 0.0f ? (M + log2f(L)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
+}
+
+template <typename T>
+__device__ void decode_combine_impl(const float* part_o, const float* part_lse, T* out, float* lse,
+                                    int nsplit, int heads, int d) {
+    int h = blockIdx.x, n = blockIdx.y;
+    u64 row = (u64)n * heads + h;
+    const float* pl = part_lse + row * nsplit;
+    float M = FAPOOL_NEG_INF;
+    for (int s = 0; s < nsplit; ++s) M = fmaxf(M, pl[s]);
+    float L = 0.0f;
+    if (M != FAPOOL_NEG_INF)
+        for (int s = 0; s < nsplit; ++s) L += expf(pl[s] - M);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float o = 0.0f;
+        if (L > 0.0f) {
+            for (int s = 0; s < nsplit; ++s) o += expf(pl[s] - M) * part_o[(row * nsplit + s) * d + c];
+            o /= L;
+        }
+        out[row * d + c] = from_f32<T>(o);
+    }
+    if (threadIdx.x == 0) lse[row] = L > 0.0f ? M + logf(L) : FAPOOL_NEG_INF;
+}
+
+#define DECODE(T, SUFFIX)                                                                          \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                   \
+        decode_partial_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o,               \
+                                float* part_lse, int cap, int len, int heads, int d, int tpr,      \
+                                int chunk, float scale_log2) {                                     \
+        decode_partial_impl<T>(q, kc, vc, part_o, part_lse, cap, len, heads, d, tpr, chunk,        \
+                               scale_log2);                                                        \
+    }                                                                                              \
+    extern "C" __global__ void decode_combine_##SUFFIX(const float* part_o, const float* part_lse, \
+                                                       T* out, float* lse, int nsplit, int heads,  \
+                                                       int d) {                                    \
+        decode_combine_impl<T>(part_o, part_lse, out, lse, nsplit, heads, d);                      \
+    }
+
+FAPOOL_FOR_EACH_TYPE(DECODE)

@@ -1,0 +1,174 @@
+//! NCCL transport for device buffers (the CUDA backend).
+//!
+//! Each group gets its own NCCL communicator when it is created: group rank 0
+//! asks NCCL for a unique id, broadcasts its 128 bytes over the group's MPI
+//! communicator, and every member calls `ncclCommInitRank` (a collective over
+//! the group). Communicators are keyed by `Group::id`. Collectives and
+//! point-to-point messages are queued on the backend's stream, so they are
+//! ordered with the kernels around them and timed by the same events; the
+//! element type NCCL moves is the buffer's own dtype (bf16, fp16, or f32 for
+//! log-sum-exp buffers), so the bytes on the wire are the bytes the buffer
+//! holds.
+//!
+//! NVLink SHARP (multicast) is left to the environment (`NCCL_NVLS_ENABLE`):
+//! this module sets no NCCL option. It must not know about strategies or
+//! categories of traffic; `Comm` records those.
+
+use super::{CommError, Group, Result, Transport};
+use crate::backend::cuda::{CudaBackend, CudaBuf};
+use crate::backend::Dtype;
+use cudarc::nccl::{result as nccl, sys as nccl_sys};
+use mpi::traits::*;
+use std::collections::BTreeMap;
+
+/// One NCCL communicator, aborted when dropped.
+struct NcclComm {
+    raw: nccl_sys::ncclComm_t,
+    size: usize,
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // Abort rather than destroy: destroy may wait for peers, and ranks
+        // drop their communicators at different times at exit. The owning
+        // transport synchronises the stream first, so nothing is in flight.
+        // SAFETY: `raw` is a live communicator owned by this value only.
+        let _ = unsafe { nccl::comm_abort(self.raw) };
+    }
+}
+
+/// Moves [`CudaBuf`]s with NCCL on the backend's stream.
+#[derive(Default)]
+pub struct NcclTransport {
+    comms: BTreeMap<usize, NcclComm>,
+    /// The stream to drain before communicators are torn down.
+    stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
+}
+
+impl Drop for NcclTransport {
+    fn drop(&mut self) {
+        if let Some(s) = &self.stream {
+            let _ = s.synchronize();
+        }
+        self.comms.clear();
+    }
+}
+
+fn nccl_err(what: &str, e: nccl::NcclError) -> CommError {
+    CommError::Nccl(format!("{what}: {e:?}"))
+}
+
+fn data_type(d: Dtype) -> nccl_sys::ncclDataType_t {
+    match d {
+        Dtype::Bf16 => nccl_sys::ncclDataType_t::ncclBfloat16,
+        Dtype::Fp16 => nccl_sys::ncclDataType_t::ncclFloat16,
+        Dtype::Fp32 => nccl_sys::ncclDataType_t::ncclFloat32,
+    }
+}
+
+impl NcclTransport {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn comm(&self, group: &Group) -> Result<&NcclComm> {
+        self.comms.get(&group.id).ok_or_else(|| CommError::Nccl(format!("group `{}` (id {}) has no NCCL communicator: it was not attached", group.name, group.id)))
+    }
+
+    fn stream_of(backend: &CudaBackend) -> nccl_sys::cudaStream_t {
+        backend.stream().cu_stream() as nccl_sys::cudaStream_t
+    }
+
+    fn peer(group: &Group, peer: usize) -> Result<i32> {
+        if peer >= group.size() {
+            return Err(CommError::Size(format!("peer {peer} is outside group `{}` of {} ranks", group.name, group.size())));
+        }
+        Ok(peer as i32)
+    }
+}
+
+impl Transport<CudaBackend> for NcclTransport {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn attach(&mut self, backend: &CudaBackend, group: &Group) -> Result<()> {
+        // The bindings abort the process on a missing library: look first.
+        if crate::backend::cuda::probe::nccl_library().is_none() {
+            return Err(CommError::Nccl("the NCCL library (libnccl.so) was not found".into()));
+        }
+        let mut id = [0u8; 128];
+        if group.rank() == 0 {
+            let uid = nccl::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+            for (b, c) in id.iter_mut().zip(uid.internal.iter()) {
+                *b = *c as u8;
+            }
+        }
+        group.comm.process_at_rank(0).broadcast_into(&mut id[..]);
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (c, b) in internal.iter_mut().zip(id.iter()) {
+            *c = *b as std::ffi::c_char;
+        }
+        // NCCL binds the communicator to the calling thread's current device.
+        backend.bind_to_thread()?;
+        let mut raw: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer; every member of the group
+        // makes this call with the same id, size and its own rank.
+        unsafe { nccl::comm_init_rank(&mut raw, group.size() as i32, nccl_sys::ncclUniqueId { internal }, group.rank() as i32) }.map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        self.stream.get_or_insert_with(|| backend.stream().clone());
+        self.comms.insert(group.id, NcclComm { raw, size: group.size() });
+        Ok(())
+    }
+
+    fn all_reduce_sum(&self, backend: &CudaBackend, group: &Group, buf: &mut CudaBuf) -> Result<()> {
+        let c = self.comm(group)?;
+        let p = buf.device_ptr();
+        // SAFETY: in-place reduction over `len` elements of the buffer's own
+        // type, queued on the stream that owns the buffer.
+        unsafe { nccl::all_reduce(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), nccl_sys::ncclRedOp_t::ncclSum, c.raw, Self::stream_of(backend)) }
+            .map_err(|e| nccl_err("ncclAllReduce", e))?;
+        Ok(())
+    }
+
+    fn all_gather(&self, backend: &CudaBackend, group: &Group, send: &CudaBuf, recv: &mut CudaBuf) -> Result<()> {
+        let c = self.comm(group)?;
+        if recv.len() != send.len() * c.size {
+            return Err(CommError::Size(format!("all_gather on `{}`: recv {} != {} x {}", group.name, recv.len(), c.size, send.len())));
+        }
+        if recv.dtype() != send.dtype() {
+            return Err(CommError::Size(format!("all_gather on `{}`: send is {}, recv is {}", group.name, send.dtype(), recv.dtype())));
+        }
+        // SAFETY: `recv` holds size x len(send) elements of the same type
+        // (checked above); both are queued on their owning stream.
+        unsafe { nccl::all_gather(send.device_ptr() as *const _, recv.device_ptr() as *mut _, send.len(), data_type(send.dtype()), c.raw, Self::stream_of(backend)) }
+            .map_err(|e| nccl_err("ncclAllGather", e))?;
+        Ok(())
+    }
+
+    fn broadcast(&self, backend: &CudaBackend, group: &Group, root: usize, buf: &mut CudaBuf) -> Result<()> {
+        let c = self.comm(group)?;
+        let root = Self::peer(group, root)?;
+        let p = buf.device_ptr();
+        // SAFETY: in-place broadcast of the buffer's `len` elements.
+        unsafe { nccl::broadcast(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), root, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclBroadcast", e))?;
+        Ok(())
+    }
+
+    /// The receiver must post a buffer of the same length and dtype: NCCL
+    /// cannot detect a mismatch (it would hang or corrupt), unlike MPI.
+    fn send(&self, backend: &CudaBackend, group: &Group, dst: usize, buf: &CudaBuf) -> Result<()> {
+        let c = self.comm(group)?;
+        let peer = Self::peer(group, dst)?;
+        // SAFETY: reads the buffer's `len` elements on its owning stream.
+        unsafe { nccl::send(buf.device_ptr() as *const _, buf.len(), data_type(buf.dtype()), peer, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclSend", e))?;
+        Ok(())
+    }
+
+    fn recv(&self, backend: &CudaBackend, group: &Group, src: usize, buf: &mut CudaBuf) -> Result<()> {
+        let c = self.comm(group)?;
+        let peer = Self::peer(group, src)?;
+        // SAFETY: writes the buffer's `len` elements on its owning stream.
+        unsafe { nccl::recv(buf.device_ptr() as *mut _, buf.len(), data_type(buf.dtype()), peer, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclRecv", e))?;
+        Ok(())
+    }
+}
