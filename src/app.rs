@@ -32,7 +32,7 @@ pub fn validate(job: &Path, ranks: usize, local_ranks: Option<usize>, gpus: Opti
         Ok(j) => j,
         Err(e) => return e,
     };
-    let elem = if gpus.is_some() { dtype_bytes(job.run.dtype) } else { 4 };
+    let elem = if gpus.is_some() { job.run.dtype.size_bytes() } else { 4 };
     let facts = LaunchFacts {
         world_size: ranks,
         max_local_ranks: local_ranks.unwrap_or(ranks),
@@ -50,13 +50,6 @@ pub fn validate(job: &Path, ranks: usize, local_ranks: Option<usize>, gpus: Opti
             eprintln!("fapool: {e}");
             Exit::Usage
         }
-    }
-}
-
-fn dtype_bytes(d: spec::Dtype) -> usize {
-    match d {
-        spec::Dtype::Fp32 => 4,
-        _ => 2,
     }
 }
 
@@ -109,23 +102,82 @@ fn start_mpi() -> Result<Cluster, Exit> {
     Ok(cluster)
 }
 
-/// Chooses the backend; under `auto` a missing GPU stack falls back to CPU with a message.
-fn choose_backend(kind: BackendKind, cluster: &Cluster) -> Result<BackendKind, Exit> {
+/// The backend a run will use.
+enum Chosen {
+    Cpu,
+    Cuda(crate::backend::cuda::probe::LibraryReport),
+}
+
+/// Chooses the backend before touching any GPU library: under `auto` a
+/// missing CUDA stack or GPU falls back to the CPU backend with a message;
+/// under `cuda` it is an error.
+fn choose_backend(kind: BackendKind, cluster: &Cluster) -> Result<Chosen, Exit> {
+    use crate::backend::cuda::probe;
     match kind {
-        BackendKind::Cpu => Ok(BackendKind::Cpu),
-        BackendKind::Auto => {
-            if cluster.rank == 0 {
-                eprintln!("fapool: no usable CUDA stack in this build; using the CPU backend");
+        BackendKind::Cpu => Ok(Chosen::Cpu),
+        BackendKind::Auto => match probe::cuda_libraries_present() {
+            Ok(r) => Ok(Chosen::Cuda(r)),
+            Err(why) => {
+                if cluster.rank == 0 {
+                    eprintln!("fapool: CUDA backend unavailable ({why}); using the CPU backend");
+                }
+                Ok(Chosen::Cpu)
             }
-            Ok(BackendKind::Cpu)
-        }
-        BackendKind::Cuda => {
+        },
+        BackendKind::Cuda => probe::cuda_libraries_present().map(Chosen::Cuda).map_err(|why| {
             if cluster.rank == 0 {
-                eprintln!("fapool: the CUDA backend is not available in this build");
+                eprintln!("fapool: the CUDA backend cannot run here: {why}");
             }
-            Err(Exit::Cuda)
-        }
+            Exit::Cuda
+        }),
     }
+}
+
+/// What a CUDA launch provides (no device is touched: the probe counted GPUs).
+fn cuda_facts(job: &JobSpec, cluster: &Cluster, report: &crate::backend::cuda::probe::LibraryReport, device_bytes: Option<u64>) -> LaunchFacts {
+    let budget = job.run.memory_budget_gib.map(|g| (g * GIB) as u64).or(device_bytes).unwrap_or(80 << 30);
+    LaunchFacts { world_size: cluster.world_size, max_local_ranks: cluster.max_local_ranks, visible_gpus: report.gpu_count, memory_budget_bytes: budget, elem_bytes: job.run.dtype.size_bytes() }
+}
+
+/// Energy from NVML, matched to the rank's GPU by PCI bus id.
+struct Nvml(crate::energy::GpuMonitor);
+
+impl EnergyMeter for Nvml {
+    fn joules(&self) -> Option<f64> {
+        self.0.energy_j().ok()
+    }
+}
+
+/// Starts the CUDA backend on this rank's GPU (after the job was validated).
+fn start_cuda(job: &JobSpec, cluster: &Cluster) -> Result<(crate::backend::cuda::CudaBackend, Option<Nvml>), Exit> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        eprintln!("fapool: rank {}: {what}: {e}", cluster.rank);
+        Exit::Cuda
+    };
+    let be = crate::backend::cuda::CudaBackend::new(cluster.local_rank, job.run.dtype).map_err(|e| fail("starting the CUDA backend", &e))?;
+    be.load_all_kernels().map_err(|e| fail("compiling the kernels", &e))?;
+    let nvml = be.pci_bus_id().ok().and_then(|bus| crate::energy::GpuMonitor::new(&bus).ok()).map(Nvml);
+    if nvml.is_none() && cluster.rank == 0 {
+        eprintln!("fapool: NVML unavailable: energy is recorded as not measured");
+    }
+    Ok((be, nvml))
+}
+
+/// Name, UUID and PCI bus id of every rank's device, gathered on all ranks.
+fn gather_devices(cluster: &Cluster, mine: [String; 3]) -> Vec<crate::results::DeviceInfo> {
+    const W: usize = 96;
+    let mut buf = vec![0u8; 3 * W];
+    for (i, s) in mine.iter().enumerate() {
+        let b = s.as_bytes();
+        buf[i * W..i * W + b.len().min(W)].copy_from_slice(&b[..b.len().min(W)]);
+    }
+    let mut all = vec![0u8; 3 * W * cluster.world_size];
+    cluster.world().all_gather_into(&buf[..], &mut all[..]);
+    let field = |c: &[u8]| String::from_utf8_lossy(c).trim_end_matches('\0').to_string();
+    all.chunks(3 * W)
+        .enumerate()
+        .map(|(r, c)| crate::results::DeviceInfo { world_rank: r as u32, name: field(&c[..W]), uuid: field(&c[W..2 * W]), pci_bus_id: field(&c[2 * W..]) })
+        .collect()
 }
 
 fn cpu_facts(job: &JobSpec, cluster: &Cluster) -> LaunchFacts {
@@ -191,9 +243,25 @@ pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Exit {
     let path = args.resume.clone().or(args.out.clone()).unwrap_or_else(|| PathBuf::from(format!("results/{}-{}.h5", job.run.name, crate::results::utc_now().replace([':', '-'], ""))));
     let target = Target { path, resume: args.resume.is_some(), force: args.force };
     match kind {
-        _ => {
+        Chosen::Cpu => {
             let facts = cpu_facts(&job, &cluster);
-            run_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &text, &target, &facts, None, args.timeout_s)
+            run_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &text, &target, &facts, None, args.timeout_s, Vec::new(), None)
+        }
+        Chosen::Cuda(report) => {
+            // Every rule is checked before any GPU work.
+            if let Err(e) = validate_launch(&job, &cuda_facts(&job, &cluster, &report, None), &cluster) {
+                return e;
+            }
+            let (be, nvml) = match start_cuda(&job, &cluster) {
+                Ok(x) => x,
+                Err(e) => return e,
+            };
+            let facts = cuda_facts(&job, &cluster, &report, be.total_memory_bytes().ok());
+            let mine = [be.device_name().unwrap_or_default(), nvml.as_ref().map(|n| n.0.uuid().to_string()).unwrap_or_default(), be.pci_bus_id().unwrap_or_default()];
+            let devices = gather_devices(&cluster, mine);
+            let versions = (report.nvrtc_version.clone(), report.nccl_version.clone(), nvml.as_ref().map(|n| n.0.driver_version().to_string()));
+            let meter = nvml.as_ref().map(|n| n as &dyn EnergyMeter);
+            run_on(&be, Box::new(crate::comm::nccl_transport::NcclTransport::new()), &cluster, &job, &text, &target, &facts, meter, args.timeout_s, devices, Some(versions))
         }
     }
 }
@@ -312,6 +380,8 @@ fn run_on<'a, B: Backend>(
     facts: &LaunchFacts,
     energy: Option<&dyn EnergyMeter>,
     timeout_s: f64,
+    devices: Vec<crate::results::DeviceInfo>,
+    versions: Option<(Option<String>, Option<String>, Option<String>)>,
 ) -> Exit {
     let cfg = match validate_launch(job, facts, cluster) {
         Ok(m) => m,
@@ -368,7 +438,12 @@ fn run_on<'a, B: Backend>(
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 let _ = std::fs::create_dir_all(dir);
             }
-            Durable::create(path, &provenance(job, text, cluster, be.name(), comm.transport_name()))
+            let mut prov = provenance(job, text, cluster, be.name(), comm.transport_name());
+            prov.devices = devices.clone();
+            if let Some((cuda, nccl, driver)) = versions.clone() {
+                (prov.cuda_version, prov.nccl_version, prov.driver_version) = (cuda, nccl, driver);
+            }
+            Durable::create(path, &prov)
         };
         match opened {
             Ok(d) => file = Some(d),
@@ -553,12 +628,24 @@ pub fn verify(job_path: &Path, backend: Option<BackendKind>, sets: &[String], to
         Ok(c) => c,
         Err(e) => return e,
     };
-    let _kind = match choose_backend(backend.unwrap_or(job.run.backend), &cluster) {
-        Ok(k) => k,
-        Err(e) => return e,
-    };
-    let facts = cpu_facts(&job, &cluster);
-    verify_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &facts, tolerance, teacher_forcing, max_batches)
+    match choose_backend(backend.unwrap_or(job.run.backend), &cluster) {
+        Err(e) => e,
+        Ok(Chosen::Cpu) => {
+            let facts = cpu_facts(&job, &cluster);
+            verify_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &facts, tolerance, teacher_forcing, max_batches)
+        }
+        Ok(Chosen::Cuda(report)) => {
+            if let Err(e) = validate_launch(&job, &cuda_facts(&job, &cluster, &report, None), &cluster) {
+                return e;
+            }
+            let (be, _) = match start_cuda(&job, &cluster) {
+                Ok(x) => x,
+                Err(e) => return e,
+            };
+            let facts = cuda_facts(&job, &cluster, &report, be.total_memory_bytes().ok());
+            verify_on(&be, Box::new(crate::comm::nccl_transport::NcclTransport::new()), &cluster, &job, &facts, tolerance, teacher_forcing, max_batches)
+        }
+    }
 }
 
 /// Relative L2 distance `‖a − b‖ / ‖b‖` (NaN fails every comparison).
@@ -722,6 +809,133 @@ pub fn env() -> Exit {
         println!("hosts:            {:?}", cluster.hosts);
         println!("node-local ranks: {:?} (max {} per node)", cluster.local_ranks, cluster.max_local_ranks);
         println!("memory per node:  {:.1} GiB", memory_total_bytes() as f64 / GIB);
+        for line in crate::backend::cuda::probe::probe_cuda_libraries().lines() {
+            println!("{line}");
+        }
+        match crate::energy::GpuMonitor::new("") {
+            Err(e) => println!("NVML: {e}"),
+            Ok(_) => println!("NVML: available"),
+        }
     }
     Exit::Ok
+}
+
+/// `fapool check-gpu`: every CUDA kernel against the CPU backend.
+pub fn check_gpu(dtype: &str, seed: u64) -> Exit {
+    use crate::backend::Dtype;
+    let dtypes = match dtype {
+        "all" => vec![Dtype::Bf16, Dtype::Fp16, Dtype::Fp32],
+        "bf16" => vec![Dtype::Bf16],
+        "fp16" => vec![Dtype::Fp16],
+        "fp32" => vec![Dtype::Fp32],
+        other => {
+            eprintln!("fapool: --dtype {other}: expected bf16, fp16, fp32 or all");
+            return Exit::Usage;
+        }
+    };
+    if let Err(why) = crate::backend::cuda::probe::cuda_backend_libraries_present() {
+        eprintln!("fapool: the CUDA backend cannot run here: {why}");
+        return Exit::Cuda;
+    }
+    let mut pass = true;
+    for d in dtypes {
+        let be = match crate::backend::cuda::CudaBackend::new(0, d) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("fapool: {e}");
+                return Exit::Cuda;
+            }
+        };
+        println!("{} ({d})", be.device_name().unwrap_or_default());
+        pass &= crate::gpu_checks::print_table(&crate::gpu_checks::check_kernels(&be, seed));
+    }
+    if pass {
+        Exit::Ok
+    } else {
+        Exit::WrongResult
+    }
+}
+
+/// `fapool bench kernels`.
+pub fn bench_kernels(dtype: crate::backend::Dtype, seq: &[usize], iters: usize, out: Option<&Path>) -> Exit {
+    if let Err(why) = crate::backend::cuda::probe::cuda_backend_libraries_present() {
+        eprintln!("fapool: bench kernels needs a GPU: {why}");
+        return Exit::Cuda;
+    }
+    let be = match crate::backend::cuda::CudaBackend::new(0, dtype) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("fapool: {e}");
+            return Exit::Cuda;
+        }
+    };
+    let rows = match crate::gpu_checks::bench_kernels(&be, seq, iters) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fapool: {e}");
+            return Exit::Cuda;
+        }
+    };
+    let rows: Vec<crate::bench::Row> = rows.into_iter().map(|r| crate::bench::Row { what: r.what, shape: r.shape, median_ms: r.median_ms, figure: r.figure, unit: r.unit.into(), busbw_gbs: f64::NAN }).collect();
+    let device = be.device_name().unwrap_or_default();
+    println!("{device}, {dtype}");
+    crate::bench::print_table(&rows);
+    if let Some(p) = out {
+        if let Err(e) = crate::bench::write_h5(p, "kernels", &device, &rows) {
+            eprintln!("fapool: writing {}: {e}", p.display());
+            return Exit::Failure;
+        }
+    }
+    Exit::Ok
+}
+
+/// `fapool bench comm` (under mpirun).
+pub fn bench_comm(backend: Option<BackendKind>, dtype: crate::backend::Dtype, sizes_mib: &[usize], iters: usize, out: Option<&Path>) -> Exit {
+    let cluster = match start_mpi() {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let sizes: Vec<usize> = sizes_mib.iter().map(|m| m << 20).collect();
+    fn go<'a, B: Backend>(be: &'a B, t: Box<dyn Transport<B> + 'a>, cluster: &Cluster, sizes: &[usize], iters: usize, out: Option<&Path>, device: &str) -> Exit {
+        let (comm, world) = match world_comm(be, t, cluster) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("fapool: {e}");
+                return Exit::Mpi;
+            }
+        };
+        match crate::bench::bench_comm(be, &comm, &world, sizes, 3, iters) {
+            Ok(rows) if cluster.rank == 0 => {
+                println!("{} ranks, {} transport, {device}", cluster.world_size, comm.transport_name());
+                crate::bench::print_table(&rows);
+                if let Some(p) = out {
+                    if let Err(e) = crate::bench::write_h5(p, "comm", device, &rows) {
+                        eprintln!("fapool: writing {}: {e}", p.display());
+                        return Exit::Failure;
+                    }
+                }
+                Exit::Ok
+            }
+            Ok(_) => Exit::Ok,
+            Err(e) => {
+                eprintln!("fapool: rank {}: {e}", cluster.rank);
+                Exit::Nccl
+            }
+        }
+    }
+    match choose_backend(backend.unwrap_or(BackendKind::Auto), &cluster) {
+        Err(e) => e,
+        Ok(Chosen::Cpu) => go(&CpuBackend, Box::new(MpiTransport), &cluster, &sizes, iters, out, "cpu"),
+        Ok(Chosen::Cuda(_)) => {
+            let be = match crate::backend::cuda::CudaBackend::new(cluster.local_rank, dtype) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("fapool: {e}");
+                    return Exit::Cuda;
+                }
+            };
+            let device = be.device_name().unwrap_or_default();
+            go(&be, Box::new(crate::comm::nccl_transport::NcclTransport::new()), &cluster, &sizes, iters, out, &device)
+        }
+    }
 }

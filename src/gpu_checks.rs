@@ -440,12 +440,19 @@ pub fn bench_kernels(b: &CudaBackend, seq_lens: &[usize], iters: usize) -> GpuRe
         let bytes = 2.0 * s as f64 * width as f64 * dt.size_bytes() as f64;
         rows.push(BenchRow { what: "decode attention (split-KV)".into(), shape: format!("len {s}, {heads}x{hd}"), median_ms: secs * 1e3, figure: bytes / secs / 1e12, unit: "TB/s" });
     }
-    for (m, k, n) in [(8192usize, 8192usize, 8192usize), (16_384, 4096, 12_288)] {
+    // 8192³ and dense-4l's GEMMs at 16K tokens: QKV, output projection, FFN up, FFN down.
+    for (m, k, n) in [(8192usize, 8192usize, 8192usize), (16_384, 4096, 12_288), (16_384, 4096, 4096), (16_384, 4096, 16_384), (16_384, 16_384, 4096)] {
         let x = b.random_uniform(dt, m * k, 5, 1.0)?;
         let w = b.random_uniform(dt, k * n, 6, 0.02)?;
         let secs = time_op(b, iters, || b.matmul(&x, &w, m, k, n).map(|_| ()))?;
         rows.push(BenchRow { what: "matmul (cuBLAS)".into(), shape: format!("[{m}x{k}]x[{k}x{n}]"), median_ms: secs * 1e3, figure: 2.0 * (m * k * n) as f64 / secs / 1e12, unit: "TFLOP/s" });
     }
+    // RMSNorm of 16K rows of 4096: one read and one write of the activations.
+    let (rows_n, d) = (16_384usize, 4096usize);
+    let x = b.random_uniform(dt, rows_n * d, 7, 1.0)?;
+    let g = b.random_uniform(dt, d, 8, 1.0)?;
+    let secs = time_op(b, iters, || b.rmsnorm(&x, &g, rows_n, d, 1e-6).map(|_| ()))?;
+    rows.push(BenchRow { what: "rmsnorm".into(), shape: format!("[{rows_n}x{d}]"), median_ms: secs * 1e3, figure: 2.0 * (rows_n * d * dt.size_bytes()) as f64 / secs / 1e12, unit: "TB/s" });
     Ok(rows)
 }
 

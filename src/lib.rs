@@ -9,6 +9,7 @@
 pub mod analyze;
 pub mod app;
 pub mod backend;
+pub mod bench;
 pub mod cluster;
 pub mod comm;
 pub mod control;

@@ -79,6 +79,50 @@ enum Cmd {
     },
     /// Show what fapool finds: MPI, ranks, GPUs, CUDA/NCCL/NVML libraries.
     Env,
+    /// Measure kernels (one GPU) or communication (every rank of the launch).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+    /// Check every CUDA kernel against the CPU backend on fresh random inputs (outputs poisoned first).
+    CheckGpu {
+        /// bf16, fp16, fp32 or all.
+        #[arg(long, default_value = "all")]
+        dtype: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// GEMMs on dense-4l's shapes, causal prefill attention, decode attention and RMSNorm on this rank's GPU.
+    Kernels {
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: fapool::backend::Dtype,
+        /// Sequence lengths for attention.
+        #[arg(long, value_delimiter = ',', default_value = "4096,16384,65536")]
+        seq: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Also write the table to this HDF5 file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// All-reduce, all-gather, broadcast and send/recv over message sizes, through the comm layer (run under mpirun).
+    Comm {
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: fapool::backend::Dtype,
+        /// Message sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,256,1024")]
+        sizes_mib: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -89,6 +133,9 @@ fn main() {
         Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => app::verify(&job, backend, &set, tolerance, teacher_forcing, max_batches),
         Cmd::Analyze { files } => app::analyze(&files),
         Cmd::Env => app::env(),
+        Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => app::bench_kernels(dtype, &seq, iters, out.as_deref()),
+        Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => app::bench_comm(backend, dtype, &sizes_mib, iters, out.as_deref()),
+        Cmd::CheckGpu { dtype, seed } => app::check_gpu(&dtype, seed),
     };
     std::process::exit(exit.code());
 }

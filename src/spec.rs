@@ -25,15 +25,7 @@ fn rule(rule: &'static str, detail: impl Into<String>) -> SpecError {
     SpecError::Rule { rule, detail: detail.into() }
 }
 
-/// Element type of weights and activations on GPU (the CPU backend is f32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    #[default]
-    Bf16,
-    Fp16,
-    Fp32,
-}
+pub use crate::backend::Dtype;
 
 /// `[run]`: how the job runs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
