@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""PyTorch reference for fapool's GPU targets, timed on the same GPU in the
+same call: cuBLAS GEMMs on dense-4l's shapes, causal attention (FlashAttention-2
+and cuDNN backends), decode attention at long KV, the whole dense-4l prefill
+(eager) and decode step (CUDA graph), and, under a 2-process launch, NCCL
+collectives through torch.distributed.
+
+    python3 scripts/torch_reference.py kernels --out ref.json
+    mpirun -np 2 python3 scripts/torch_reference.py nccl --out ref-nccl.json
+
+Medians of CUDA-event timings after warm-up, on random data. FLOP counting:
+attention 4*B*H*S^2*D (halved for causal); the model 2*tokens*params(layers)
+plus attention plus the LM head on the last token.
+"""
+import argparse, json, math, os, statistics, sys
+
+import torch
+import torch.nn.functional as F
+
+
+def median_ms(fn, iters=10, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def kernels(out):
+    dev, dt = "cuda", torch.bfloat16
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    for m, k, n in [(8192, 8192, 8192), (16384, 4096, 12288), (16384, 4096, 4096), (16384, 4096, 16384), (16384, 16384, 4096)]:
+        x = torch.randn(m, k, device=dev, dtype=dt); w = torch.randn(k, n, device=dev, dtype=dt) * 0.02
+        ms = median_ms(lambda: x @ w)
+        res[f"gemm_{m}x{k}x{n}_tflops"] = 2 * m * k * n / ms / 1e9
+    copy = torch.empty(1 << 30, device=dev, dtype=torch.uint8); dst = torch.empty_like(copy)
+    ms = median_ms(lambda: dst.copy_(copy))
+    res["copy_TBps"] = 2 * copy.numel() / ms / 1e9
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    h, d = 32, 128
+    for s in [4096, 16384, 65536]:
+        q, k, v = (torch.randn(1, h, s, d, device=dev, dtype=dt) for _ in range(3))
+        flops = 4 * h * s * s * d / 2
+        for name, be in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+            try:
+                with sdpa_kernel(be):
+                    ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), iters=5)
+                res[f"sdpa_{name}_causal_S{s}_tflops"] = flops / ms / 1e9
+            except Exception as e:  # a backend may be unavailable
+                res[f"sdpa_{name}_causal_S{s}_error"] = str(e)[:200]
+        # Decode: one query against s cached rows.
+        qd = torch.randn(1, h, 1, d, device=dev, dtype=dt)
+        ms = median_ms(lambda: F.scaled_dot_product_attention(qd, k, v))
+        res[f"decode_attn_B1_L{s}_TBps"] = 2 * s * h * d * 2 / ms / 1e9
+        del q, k, v
+    torch.cuda.empty_cache()
+    model_ref(res)
+    json.dump(res, open(out, "w"), indent=1)
+    for k_, v_ in res.items():
+        print(f"{k_}: {v_}")
+
+
+def model_ref(res):
+    """dense-4l (4 layers, 4096, 32x128, FFN 16384 GELU, RMSNorm, vocab 32000) in eager bf16."""
+    dev, dt = "cuda", torch.bfloat16
+    L, D, H, Dh, Fd, V = 4, 4096, 32, 128, 16384, 32000
+    g = torch.Generator(device=dev).manual_seed(0)
+    mk = lambda *s: (torch.rand(*s, device=dev, generator=g, dtype=torch.float32) * 2 - 1).to(dt) * (3.0 / s[0]) ** 0.5
+    layers = [dict(qkv=mk(D, 3 * D), o=mk(D, D), up=mk(D, Fd), down=mk(Fd, D), n1=torch.ones(D, device=dev, dtype=dt), n2=torch.ones(D, device=dev, dtype=dt)) for _ in range(L)]
+    emb, head, nf = mk(V, D), mk(D, V), torch.ones(D, device=dev, dtype=dt)
+
+    def rms(x, w):
+        return F.rms_norm(x, (D,), w, 1e-6)
+
+    def prefill(tokens):
+        b, s = tokens.shape
+        x = emb[tokens]
+        for p in layers:
+            h = rms(x, p["n1"])
+            q, k, v = (h @ p["qkv"]).view(b, s, 3, H, Dh).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, D)
+            x = x + a @ p["o"]
+            x = x + F.gelu(rms(x, p["n2"]) @ p["up"], approximate="tanh") @ p["down"]
+        return rms(x[:, -1], nf) @ head
+
+    layer_params = 4 * D * D + 2 * D * Fd
+    for s, b in [(512, 32), (4096, 4), (16384, 1), (65536, 1)]:
+        tok = torch.randint(0, V, (b, s), device=dev)
+        with torch.no_grad():
+            ms = median_ms(lambda: prefill(tok), iters=5, warmup=2)
+        flops = 2 * b * s * L * layer_params + L * 4 * b * H * s * s * Dh / 2 + 2 * b * D * V
+        res[f"torch_prefill_S{s}_B{b}_ms"] = ms
+        res[f"torch_prefill_S{s}_B{b}_tflops"] = flops / ms / 1e9
+    # Decode step with a KV cache, captured as a CUDA graph.
+    for b, ctx in [(64, 4096), (16, 16384), (4, 65536)]:
+        kc = [torch.randn(b, H, ctx + 1, Dh, device=dev, dtype=dt) for _ in range(L)]
+        vc = [torch.randn(b, H, ctx + 1, Dh, device=dev, dtype=dt) for _ in range(L)]
+        tok = torch.randint(0, V, (b, 1), device=dev)
+
+        def step():
+            x = emb[tok]
+            for i, p in enumerate(layers):
+                h = rms(x, p["n1"])
+                q, k, v = (h @ p["qkv"]).view(b, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
+                kc[i][:, :, ctx:ctx + 1] = k
+                vc[i][:, :, ctx:ctx + 1] = v
+                a = F.scaled_dot_product_attention(q, kc[i], vc[i]).transpose(1, 2).reshape(b, 1, D)
+                x = x + a @ p["o"]
+                x = x + F.gelu(rms(x, p["n2"]) @ p["up"], approximate="tanh") @ p["down"]
+            return (rms(x[:, -1], nf) @ head).argmax(-1)
+
+        with torch.no_grad():
+            res[f"torch_decode_B{b}_S{ctx}_ms"] = median_ms(step)
+            s_ = torch.cuda.Stream()
+            s_.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s_):
+                step()
+            torch.cuda.current_stream().wait_stream(s_)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            res[f"torch_decode_B{b}_S{ctx}_graph_ms"] = median_ms(graph.replay)
+        weights = (L * layer_params + 2 * V * D) * 2
+        kv = L * 2 * b * H * (ctx + 1) * Dh * 2
+        res[f"decode_floor_B{b}_S{ctx}_bytes"] = weights + kv
+        del kc, vc
+        torch.cuda.empty_cache()
+
+
+def nccl(out):
+    import torch.distributed as dist
+    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", 0)))
+    world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29555")
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    res = {}
+    for mib in [1, 16, 256, 1024]:
+        n = mib * (1 << 20) // 2
+        x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        outs = torch.empty(n * world, device="cuda", dtype=torch.bfloat16)
+        for name, fn, factor, moved in [
+            ("allreduce", lambda: dist.all_reduce(x), 2 * (world - 1) / world, 1),
+            ("broadcast", lambda: dist.broadcast(x, 0), 1, 1),
+            ("allgather", lambda: dist.all_gather_into_tensor(outs, x), (world - 1) / world, world),
+        ]:
+            ms = median_ms(fn, iters=20)
+            t = torch.tensor([ms], device="cuda"); dist.all_reduce(t, op=dist.ReduceOp.MAX); ms = t.item()
+            res[f"{name}_{mib}MiB_ms"] = ms
+            res[f"{name}_{mib}MiB_busbw_GBps"] = moved * n * 2 / ms / 1e6 * factor
+    if rank == 0:
+        json.dump(res, open(out, "w"), indent=1)
+        for k_, v_ in res.items():
+            print(f"{k_}: {v_}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["kernels", "nccl"])
+    ap.add_argument("--out", default="torch-reference.json")
+    a = ap.parse_args()
+    (kernels if a.what == "kernels" else nccl)(a.out)
