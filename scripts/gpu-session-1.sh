@@ -3,7 +3,7 @@
 # and the whole model, in one call (outputs under $OUT).
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-B=target/release/fapool
+B=${B:-.gpu/fapool}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee $OUT/smi.txt
 $B env 2>&1 | tee $OUT/env.txt
 timeout 150 $B check-gpu --dtype all 2>&1 | tee $OUT/check-gpu.txt
