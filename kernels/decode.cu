@@ -122,6 +122,85 @@ __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float*
     if (threadIdx.x == 0) part_lse[part] = L > 0.0f ? (M + log2f(L)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
 }
 
+
+// Row-major variant for heads whose rows are whole 16-byte runs (head_dim a
+// multiple of 8, `tpr = head_dim / 8` threads per head, and a block of
+// `hg * tpr` threads, a multiple of 32, covering `hg` heads). A block reads
+// each cache row of its heads as one contiguous run (8 KB for 32 x 128 in
+// bf16) instead of one head's 256 bytes at a time, and every half-warp owns
+// one head for the whole chunk, so no merge inside the block is needed.
+#define DECODE_ROWS_THREADS 512
+#define DECODE_ROWS_UNROLL 4
+
+template <typename T>
+__device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,
+                                 int cap, int len, int heads, int d, int hg, int chunk, float scale_log2) {
+    int split = blockIdx.x, n = blockIdx.z;
+    int nsplit = gridDim.x;
+    int tpr = d / 8;
+    int h = blockIdx.y * hg + threadIdx.x / tpr;
+    bool live = h < heads;
+    int hh = live ? h : heads - 1;  // out-of-range heads shadow the last one; their results are dropped
+    int c0 = (threadIdx.x % tpr) * 8;
+    u64 width = (u64)heads * d;
+
+    float qv[8];
+    load8(q + (u64)n * width + (u64)hh * d + c0, qv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qv[i] *= scale_log2;
+
+    int start = split * chunk;
+    int end = min(len, start + chunk);
+    const T* kp = kc + (u64)n * cap * width + (u64)hh * d + c0;
+    const T* vp = vc + (u64)n * cap * width + (u64)hh * d + c0;
+
+    float m = FAPOOL_NEG_INF, l = 0.0f, acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+
+    for (int j = start; j < end; j += DECODE_ROWS_UNROLL) {
+        float kv[DECODE_ROWS_UNROLL][8], vv[DECODE_ROWS_UNROLL][8];
+#pragma unroll
+        for (int u = 0; u < DECODE_ROWS_UNROLL; ++u) {
+            if (j + u < end) {
+                load8(kp + (u64)(j + u) * width, kv[u]);
+                load8(vp + (u64)(j + u) * width, vv[u]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) kv[u][i] = vv[u][i] = 0.0f;
+            }
+        }
+        float s[DECODE_ROWS_UNROLL];
+        float mx = m;
+#pragma unroll
+        for (int u = 0; u < DECODE_ROWS_UNROLL; ++u) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dot += qv[i] * kv[u][i];
+            for (int o = tpr / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o, tpr);
+            s[u] = (j + u < end) ? dot : FAPOOL_NEG_INF;
+            mx = fmaxf(mx, s[u]);
+        }
+        float alpha = fast_exp2(m - mx);
+        l *= alpha;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] *= alpha;
+#pragma unroll
+        for (int u = 0; u < DECODE_ROWS_UNROLL; ++u) {
+            float p = fast_exp2(s[u] - mx);
+            l += p;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] += p * vv[u][i];
+        }
+        m = mx;
+    }
+    if (!live) return;
+    u64 part = ((u64)n * heads + h) * nsplit + split;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) part_o[part * d + c0 + i] = l > 0.0f ? acc[i] / l : 0.0f;
+    if (c0 == 0) part_lse[part] = l > 0.0f ? (m + log2f(l)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
+}
+
 template <typename T>
 __device__ void decode_combine_impl(const float* part_o, const float* part_lse, T* out, float* lse,
                                     int nsplit, int heads, int d) {
@@ -151,6 +230,13 @@ __device__ void decode_combine_impl(const float* part_o, const float* part_lse, 
                                 int chunk, float scale_log2) {                                     \
         decode_partial_impl<T>(q, kc, vc, part_o, part_lse, cap, len, heads, d, tpr, chunk,        \
                                scale_log2);                                                        \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(DECODE_ROWS_THREADS)                              \
+        decode_rows_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,  \
+                             int cap, int len, int heads, int d, int hg, int chunk,                 \
+                             float scale_log2) {                                                    \
+        decode_rows_impl<T>(q, kc, vc, part_o, part_lse, cap, len, heads, d, hg, chunk,            \
+                            scale_log2);                                                           \
     }                                                                                              \
     extern "C" __global__ void decode_combine_##SUFFIX(const float* part_o, const float* part_lse, \
                                                        T* out, float* lse, int nsplit, int heads,  \

@@ -856,9 +856,18 @@ impl Backend for CudaBackend {
         if s.nseq > 65_535 || s.heads > 65_535 {
             return Err(shape_err(format!("decode: {} sequences x {} heads exceed the grid limit", s.nseq, s.heads)));
         }
-        // Enough chunks for about four blocks per SM, none under 64 rows.
+        // Row-major kernel when a block can cover whole 16-byte head rows:
+        // a block streams contiguous cache rows of `hg` heads.
+        let tpr_rows = s.head_dim / 8;
+        let rows_kernel = s.head_dim % 8 == 0 && tpr_rows.is_power_of_two() && tpr_rows <= 32 && dtype != Dtype::Fp32;
+        let hg = if rows_kernel { (512 / tpr_rows).min(s.heads) } else { 0 };
+        let rows_kernel = rows_kernel && (hg * tpr_rows) % 32 == 0;
+        let head_groups = if rows_kernel { s.heads.div_ceil(hg) } else { s.heads };
+        // Enough chunks for `blocks_per_sm` blocks per SM (2 for the row-major
+        // kernel's 512-thread blocks, 4 for the 128-thread one), none under 64 rows.
+        let per_sm = std::env::var("FAPOOL_DECODE_BLOCKS_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(if rows_kernel { 2 } else { 4 });
         let pairs = s.nseq * s.heads;
-        let target = (4 * self.sm_count as usize).div_ceil(pairs).max(1);
+        let target = (per_sm * self.sm_count as usize).div_ceil(s.nseq * head_groups).max(1);
         let nsplit = if s.len == 0 { 0 } else { target.min(s.len.div_ceil(64)).max(1) };
         let chunk = if nsplit == 0 { 0 } else { s.len.div_ceil(nsplit) };
         let nsplit = if chunk == 0 { 0 } else { s.len.div_ceil(chunk) };
@@ -867,11 +876,17 @@ impl Backend for CudaBackend {
         let (qp, kp, vp, pop, plp) = (q.device_ptr(), k_cache.device_ptr(), v_cache.device_ptr(), part_o.device_ptr(), part_lse.device_ptr());
         let (cap, len, heads, d) = (to_i32("cap", s.cap)?, to_i32("len", s.len)?, to_i32("heads", s.heads)?, to_i32("head_dim", s.head_dim)?);
         let (chunk_i, nsplit_i) = (to_i32("chunk", chunk)?, to_i32("splits", nsplit)?);
-        if nsplit > 0 {
+        let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
+        if nsplit > 0 && rows_kernel {
+            let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_rows", dtype))?;
+            let hg_i = hg as i32;
+            self.launch(&f, (nsplit as u32, head_groups as u32, s.nseq as u32), (hg * tpr_rows) as u32, 0, |a| {
+                a.arg(&qp).arg(&kp).arg(&vp).arg(&pop).arg(&plp).arg(&cap).arg(&len).arg(&heads).arg(&d).arg(&hg_i).arg(&chunk_i).arg(&scale_log2);
+            })?;
+        } else if nsplit > 0 {
             let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_partial", dtype))?;
             // Threads per head row: eight elements each, a power of two up to 32.
             let tpr = s.head_dim.div_ceil(8).next_power_of_two() as i32;
-            let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
             self.launch(&f, (nsplit as u32, s.heads as u32, s.nseq as u32), 128, 0, |a| {
                 a.arg(&qp).arg(&kp).arg(&vp).arg(&pop).arg(&plp).arg(&cap).arg(&len).arg(&heads).arg(&d).arg(&tpr).arg(&chunk_i).arg(&scale_log2);
             })?;
