@@ -501,6 +501,19 @@ fn run_on<'a, B: Backend>(
             }
         }
         for (c, cat) in job.workload.categories.iter().enumerate() {
+            // Warm-up: the category's first pending batch, unrecorded, with two output tokens.
+            let pending = (i..plan.len()).take_while(|&k| plan[k].0 == si && plan[k].1 == c).find(|&k| done[k] == 0);
+            if let (true, Some(k)) = (job.run.warmup, pending) {
+                let mut shape = shape_of(&plan[k].2, job);
+                shape.out_tokens = shape.out_tokens.min(2);
+                let prompts = wl.batch_prompts(&plan[k].2);
+                let cap = crate::memory::max_sequences(&cfg, sspec, shape.seq_len, shape.out_tokens, cluster.world_size, facts.elem_bytes, facts.memory_budget_bytes, shape.nseq);
+                if let Err(e) = run_batch(be, &comm, strategy.as_mut(), shape, &prompts, cap, true, false, None, None) {
+                    eprintln!("fapool: rank {}: warm-up of {} {}: {e}", cluster.rank, sspec.name(), cat.name);
+                    return Exit::Failure;
+                }
+                world.comm.barrier();
+            }
             while i < plan.len() && plan[i].0 == si && plan[i].1 == c {
                 let b = &plan[i].2;
                 let global = i as u64;

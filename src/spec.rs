@@ -36,11 +36,15 @@ pub struct RunSpec {
     pub dtype: Dtype,
     /// Per-rank device memory budget (GiB); default: the device's memory.
     pub memory_budget_gib: Option<f64>,
+    /// Run each category's first batch once, unrecorded and with two output
+    /// tokens, before measuring it (kernel selection, allocations, NCCL
+    /// connections), so first-batch set-up costs do not enter the figures.
+    pub warmup: bool,
 }
 
 impl Default for RunSpec {
     fn default() -> Self {
-        Self { name: "job".into(), backend: BackendKind::Auto, dtype: Dtype::Bf16, memory_budget_gib: None }
+        Self { name: "job".into(), backend: BackendKind::Auto, dtype: Dtype::Bf16, memory_budget_gib: None, warmup: true }
     }
 }
 

@@ -92,7 +92,7 @@ fn reported(stdout: &str) -> usize {
 fn twenty_sigkills_lose_no_completed_batch_and_resume_completes_the_sweep() {
     let dir = scratch("sigkill");
     let out = dir.join("sweep.h5");
-    let set = "workload.sequences_per_category=400";
+    let set = "workload.sequences_per_category=1000";
     let mut rng = fapool::workload::Rng::new(2024);
     let mut trials = 0;
     let mut reported_total = 0;
@@ -132,7 +132,7 @@ fn twenty_sigkills_lose_no_completed_batch_and_resume_completes_the_sweep() {
     println!("crash trials: {trials} SIGKILLs, {reported_total} batches held at the last kill, 0 lost");
     let o = mpirun(4, &["run", &quickstart_job(), "--backend", "cpu", "--resume", out.to_str().unwrap(), "--set", set]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(batches_once(&out).len(), expected(400));
+    assert_eq!(batches_once(&out).len(), expected(1000));
     assert_eq!(read_run(&out).unwrap().status, Some(RunStatus::Complete));
 }
 
@@ -161,12 +161,16 @@ fn a_hung_rank_makes_every_rank_exit_with_the_timeout_code() {
 fn a_pool_rank_with_an_unusable_device_makes_the_batch_run_base_only() {
     let dir = scratch("fallback");
     let out = dir.join("fallback.h5");
-    // quickstart on 4 ranks: rank 3 is pool rank 1. Global batch 16 is the
-    // first batch of fapool (after the baseline's 16); its category is short,
-    // so use the first long batch of fapool: 16 + 4 + 4 = 24.
+    // quickstart on 4 ranks: rank 3 is pool rank 1. The fault fires at the
+    // run's global batch number of fapool's first `long` batch (batches run
+    // strategy by strategy, category by category).
+    let job = fapool::spec::parse_job(&std::fs::read_to_string(quickstart_job()).unwrap(), &[]).unwrap();
+    let w = fapool::workload::Workload::new(&job.workload, 512);
+    let per_category: Vec<usize> = (0..job.workload.categories.len()).map(|c| w.batches(c).len()).collect();
+    let first_long = per_category.iter().sum::<usize>() + per_category[0] + per_category[1];
     let mut cmd = Command::new("mpirun");
     cmd.args(["--oversubscribe", "-np", "4", BIN, "run", &quickstart_job(), "--backend", "cpu", "--out", out.to_str().unwrap()]);
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("FAPOOL_FAULT", "device:rank=3:batch=24");
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("FAPOOL_FAULT", format!("device:rank=3:batch={first_long}"));
     let o = cmd.output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let run = read_run(&out).unwrap();

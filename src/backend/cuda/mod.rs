@@ -863,9 +863,10 @@ impl Backend for CudaBackend {
         let hg = if rows_kernel { (512 / tpr_rows).min(s.heads) } else { 0 };
         let rows_kernel = rows_kernel && (hg * tpr_rows) % 32 == 0;
         let head_groups = if rows_kernel { s.heads.div_ceil(hg) } else { s.heads };
-        // Enough chunks for `blocks_per_sm` blocks per SM (2 for the row-major
-        // kernel's 512-thread blocks, 4 for the 128-thread one), none under 64 rows.
-        let per_sm = std::env::var("FAPOOL_DECODE_BLOCKS_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(if rows_kernel { 2 } else { 4 });
+        // Enough chunks for `blocks_per_sm` blocks per SM (1 for the row-major
+        // kernel's 512-thread blocks, which measured fastest on an H200; 4 for
+        // the 128-thread one), none under 64 rows.
+        let per_sm = std::env::var("FAPOOL_DECODE_BLOCKS_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(if rows_kernel { 1 } else { 4 });
         let pairs = s.nseq * s.heads;
         let target = (per_sm * self.sm_count as usize).div_ceil(s.nseq * head_groups).max(1);
         let nsplit = if s.len == 0 { 0 } else { target.min(s.len.div_ceil(64)).max(1) };
