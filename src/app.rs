@@ -501,9 +501,13 @@ fn run_on<'a, B: Backend>(
             }
         }
         for (c, cat) in job.workload.categories.iter().enumerate() {
-            // Warm-up: the category's first pending batch, unrecorded, with two output tokens.
-            let pending = (i..plan.len()).take_while(|&k| plan[k].0 == si && plan[k].1 == c).find(|&k| done[k] == 0);
-            if let (true, Some(k)) = (job.run.warmup, pending) {
+            // Warm-up: the category's first and last pending batches (its
+            // shortest and longest sequences, so a pool the category activates
+            // is warmed too), unrecorded, with two output tokens.
+            let pending: Vec<usize> = (i..plan.len()).take_while(|&k| plan[k].0 == si && plan[k].1 == c).filter(|&k| done[k] == 0).collect();
+            let mut warm: Vec<usize> = pending.first().into_iter().chain(pending.last()).copied().collect();
+            warm.dedup();
+            for k in warm.into_iter().filter(|_| job.run.warmup) {
                 let mut shape = shape_of(&plan[k].2, job);
                 shape.out_tokens = shape.out_tokens.min(2);
                 let prompts = wl.batch_prompts(&plan[k].2);

@@ -36,9 +36,10 @@ pub struct RunSpec {
     pub dtype: Dtype,
     /// Per-rank device memory budget (GiB); default: the device's memory.
     pub memory_budget_gib: Option<f64>,
-    /// Run each category's first batch once, unrecorded and with two output
-    /// tokens, before measuring it (kernel selection, allocations, NCCL
-    /// connections), so first-batch set-up costs do not enter the figures.
+    /// Run each category's first and last batches once, unrecorded and with
+    /// two output tokens, before measuring it (kernel selection, allocations,
+    /// NCCL connections, the pool's first activation), so set-up costs do not
+    /// enter the figures.
     pub warmup: bool,
 }
 
