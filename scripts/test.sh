@@ -8,5 +8,7 @@ bash scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 # mpirun refuses root unless told; oversubscription lets 8 ranks share 2 cores.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
 cargo build --all-targets
 cargo test -- --test-threads=2

@@ -193,7 +193,7 @@ fn label(name: &str, m: &Measured) -> String {
 
 fn write_comparison(entries: &[(&str, &str, Measured)], out: &mut dyn Write) -> Result<()> {
     let baseline = entries.iter().find(|e| e.1 == "baseline").map(|e| &e.2.stored.summary);
-    let mut t = Table::new(vec!["strategy", "kind", "batches", "TTFT ms", "TPOT ms", "p50 ms", "p99 ms", "TPS", "peak GB", "comm %", "J/token", "TPOT ×", "TPS ×"], 2);
+    let mut t = Table::new(vec!["strategy", "kind", "batches", "TTFT ms", "TPOT ms", "p50 ms", "p99 ms", "TPS", "peak GB", "est GB", "comm %", "J/token", "TPOT ×", "TPS ×"], 2);
     for (name, kind, m) in entries {
         let (s, a) = (&m.stored.summary, &m.stored.aggregates);
         let (tpot_x, tps_x) = match baseline {
@@ -210,6 +210,7 @@ fn write_comparison(entries: &[(&str, &str, Measured)], out: &mut dyn Write) -> 
             num(s.tpot.p99 * 1e3),
             num(s.tps),
             a.peak_memory_max_gb().map_or("n/m".into(), num),
+            num(a.memory_estimate_max_bytes as f64 / 1e9),
             format!("{:.1}", a.comm_share() * 100.0),
             a.energy_j_per_token(s.total_tokens).map_or("n/m".into(), num),
             tpot_x,
@@ -365,7 +366,7 @@ mod tests {
         }
         let text = analyze_to_string(std::slice::from_ref(&path.0));
         let r = row(&text, "short", "baseline");
-        assert_eq!(r[10], "n/m", "{text}");
+        assert_eq!(r[11], "n/m", "{text}");
     }
 
     #[test]

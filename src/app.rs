@@ -105,7 +105,7 @@ fn start_mpi() -> Result<Cluster, Exit> {
 /// The backend a run will use.
 enum Chosen {
     Cpu,
-    Cuda(crate::backend::cuda::probe::LibraryReport),
+    Cuda(Box<crate::backend::cuda::probe::LibraryReport>),
 }
 
 /// Chooses the backend before touching any GPU library: under `auto` a
@@ -116,7 +116,7 @@ fn choose_backend(kind: BackendKind, cluster: &Cluster) -> Result<Chosen, Exit> 
     match kind {
         BackendKind::Cpu => Ok(Chosen::Cpu),
         BackendKind::Auto => match probe::cuda_libraries_present() {
-            Ok(r) => Ok(Chosen::Cuda(r)),
+            Ok(r) => Ok(Chosen::Cuda(Box::new(r))),
             Err(why) => {
                 if cluster.rank == 0 {
                     eprintln!("fapool: CUDA backend unavailable ({why}); using the CPU backend");
@@ -124,7 +124,7 @@ fn choose_backend(kind: BackendKind, cluster: &Cluster) -> Result<Chosen, Exit> 
                 Ok(Chosen::Cpu)
             }
         },
-        BackendKind::Cuda => probe::cuda_libraries_present().map(Chosen::Cuda).map_err(|why| {
+        BackendKind::Cuda => probe::cuda_libraries_present().map(|r| Chosen::Cuda(Box::new(r))).map_err(|why| {
             if cluster.rank == 0 {
                 eprintln!("fapool: the CUDA backend cannot run here: {why}");
             }
@@ -174,10 +174,7 @@ fn gather_devices(cluster: &Cluster, mine: [String; 3]) -> Vec<crate::results::D
     let mut all = vec![0u8; 3 * W * cluster.world_size];
     cluster.world().all_gather_into(&buf[..], &mut all[..]);
     let field = |c: &[u8]| String::from_utf8_lossy(c).trim_end_matches('\0').to_string();
-    all.chunks(3 * W)
-        .enumerate()
-        .map(|(r, c)| crate::results::DeviceInfo { world_rank: r as u32, name: field(&c[..W]), uuid: field(&c[W..2 * W]), pci_bus_id: field(&c[2 * W..]) })
-        .collect()
+    all.chunks(3 * W).enumerate().map(|(r, c)| crate::results::DeviceInfo { world_rank: r as u32, name: field(&c[..W]), uuid: field(&c[W..2 * W]), pci_bus_id: field(&c[2 * W..]) }).collect()
 }
 
 fn cpu_facts(job: &JobSpec, cluster: &Cluster) -> LaunchFacts {
@@ -893,7 +890,8 @@ pub fn bench_kernels(dtype: crate::backend::Dtype, seq: &[usize], iters: usize, 
             return Exit::Cuda;
         }
     };
-    let rows: Vec<crate::bench::Row> = rows.into_iter().map(|r| crate::bench::Row { what: r.what, shape: r.shape, median_ms: r.median_ms, figure: r.figure, unit: r.unit.into(), busbw_gbs: f64::NAN }).collect();
+    let rows: Vec<crate::bench::Row> =
+        rows.into_iter().map(|r| crate::bench::Row { what: r.what, shape: r.shape, median_ms: r.median_ms, figure: r.figure, unit: r.unit.into(), busbw_gbs: f64::NAN }).collect();
     let device = be.device_name().unwrap_or_default();
     println!("{device}, {dtype}");
     crate::bench::print_table(&rows);

@@ -88,7 +88,7 @@ pub fn bench_comm<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, sizes: 
             }
             let t = median(times);
             let algbw = moved * (len * elem) as f64 / t / 1e9;
-            rows.push(Row { what: what.into(), shape: format!("{} MiB x {n} ranks", len * elem >> 20), median_ms: t * 1e3, figure: algbw, unit: "GB/s alg".into(), busbw_gbs: algbw * factor });
+            rows.push(Row { what: what.into(), shape: format!("{} MiB x {n} ranks", (len * elem) >> 20), median_ms: t * 1e3, figure: algbw, unit: "GB/s alg".into(), busbw_gbs: algbw * factor });
             Ok(())
         };
         let nf = n as f64;
@@ -97,16 +97,7 @@ pub fn bench_comm<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, sizes: 
         // all_gather: `bytes` per rank; like nccl-tests, bandwidth counts the gathered size, bus factor (n-1)/n.
         let gather_src = be.upload(&vec![1.0f32; len])?;
         let mut sink = be.zeros(0)?;
-        record(
-            "all_gather (per-rank size)",
-            (nf - 1.0) / nf,
-            nf,
-            &mut |_b| {
-                comm.all_gather(Category::KvReplication, world, &gather_src).map(|_| ())
-            },
-            Category::KvReplication,
-            &mut sink,
-        )?;
+        record("all_gather (per-rank size)", (nf - 1.0) / nf, nf, &mut |_b| comm.all_gather(Category::KvReplication, world, &gather_src).map(|_| ()), Category::KvReplication, &mut sink)?;
         if n > 1 {
             record(
                 "send/recv (rank 0 -> 1)",

@@ -6,6 +6,10 @@
 //! and comm (collectives) → metrics (`metrics`, timed in `runner`) → results
 //! file (`results`) → analysis (`analyze`). `memory` models what fits.
 
+// Weight shards are addressed as lists of column runs; a list of one run is
+// the common case, not a mistaken `Vec` of a range.
+#![allow(clippy::single_range_in_vec_init)]
+
 pub mod analyze;
 pub mod app;
 pub mod backend;

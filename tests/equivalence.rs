@@ -209,3 +209,96 @@ fn verify_reports_a_mismatch_as_wrong_result() {
     assert_eq!(out.status.code(), Some(8), "{}", text(&out));
     assert!(text(&out).contains("FAIL"));
 }
+
+/// The 4- and 8-rank layouts of the multi-GPU runs, on the CPU backend
+/// (a tiny model with 8 heads so TP=8 divides them).
+fn eight_head_header() -> String {
+    tiny_job_header(4, 5).replace("preset = \"tiny\"", "preset = \"tiny\"\nheads = 8\nhead_dim = 8")
+}
+
+fn verify_with(np: usize, tag: &str, strategies: &str) -> String {
+    let dir = scratch(tag);
+    let path = job(&dir, tag, &format!("{}{}", eight_head_header(), strategies));
+    let out = mpirun(np, &["verify", path.to_str().unwrap(), "--tolerance", "1e-4"]);
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("all strategies reproduce the single-rank model"), "{t}");
+    t
+}
+
+#[test]
+fn four_rank_layouts_tp4_tp2xpp2_and_base2_pool2() {
+    let t = verify_with(
+        4,
+        "layouts4",
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 4
+pp = 1
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 2
+[[strategy]]
+kind = "fapool"
+name = "b2p2-contiguous-overlap"
+base = 2
+pool_max = 2
+partition = "contiguous"
+micro_batches = 2
+overlap = true
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b2p2-zigzag-no-overlap"
+base = 2
+pool_max = 2
+partition = "zigzag"
+micro_batches = 2
+overlap = false
+{FAPOOL}
+"#
+        ),
+    );
+    assert!(rows(&t, "b2p2-zigzag-no-overlap").iter().any(|&(_, p)| p == 2), "{t}");
+}
+
+#[test]
+fn eight_rank_layouts_tp4xpp2_tp8_base4_pool4_and_base2_pool6() {
+    let t = verify_with(
+        8,
+        "layouts8",
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 4
+pp = 2
+[[strategy]]
+kind = "baseline"
+tp = 8
+pp = 1
+[[strategy]]
+kind = "fapool"
+name = "b4p4"
+base = 4
+pool_max = 4
+partition = "zigzag"
+micro_batches = 2
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b2p6"
+base = 2
+pool_max = 6
+partition = "contiguous"
+micro_batches = 2
+threshold = 32
+tokens_per_pool_gpu = 8
+"#
+        ),
+    );
+    assert!(rows(&t, "b4p4").iter().any(|&(_, p)| p == 4), "{t}");
+    assert!(rows(&t, "b2p6").iter().any(|&(_, p)| p == 6), "{t}");
+}

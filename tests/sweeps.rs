@@ -81,6 +81,24 @@ fn sigusr1_stops_at_a_safe_point_and_resume_completes_every_batch_once() {
     let all = batches_once(&out);
     assert!(all.len() > before);
     assert_eq!(all.len(), expected(60));
+
+    // The resumed file holds what an uninterrupted run's holds, timings aside.
+    let whole = dir.join("whole.h5");
+    let o = mpirun(4, &["run", &quickstart_job(), "--backend", "cpu", "--out", whole.to_str().unwrap(), "--set", set]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (resumed, uninterrupted) = (read_run(&out).unwrap(), read_run(&whole).unwrap());
+    let untimed = |r: &fapool::results::RunData| -> Vec<_> {
+        r.strategies
+            .iter()
+            .flat_map(|s| {
+                s.categories.iter().flat_map(move |c| {
+                    c.batches.iter().map(move |b| (s.info.name.clone(), c.name.clone(), b.batch_index, b.seq_len, b.num_sequences, b.micro_batches, b.pool_effective, b.tokens.clone()))
+                })
+            })
+            .collect()
+    };
+    assert_eq!(untimed(&resumed), untimed(&uninterrupted));
+    assert_eq!(resumed.provenance.roles, uninterrupted.provenance.roles);
 }
 
 /// The batches a run reported complete on stdout before it died.

@@ -131,10 +131,10 @@ impl<B: Backend> LayerShard<B> {
             ffn_norm: be.upload(&w.full(Tensor::FfnNorm(l)))?,
             qkv: be.upload(&w.shard(Tensor::Qkv(l), 0..d, &w.qkv_columns(heads.clone())))?,
             out: be.upload(&w.shard(Tensor::Out(l), heads.start * dh..heads.end * dh, &[0..d]))?,
-            up: be.upload(&w.shard(Tensor::Up(l), 0..d, &[cols.clone()]))?,
+            up: be.upload(&w.shard(Tensor::Up(l), 0..d, std::slice::from_ref(&cols)))?,
             gate: match c.ffn_kind {
                 FfnKind::Gelu => None,
-                FfnKind::GatedGelu => Some(be.upload(&w.shard(Tensor::Gate(l), 0..d, &[cols.clone()]))?),
+                FfnKind::GatedGelu => Some(be.upload(&w.shard(Tensor::Gate(l), 0..d, std::slice::from_ref(&cols)))?),
             },
             down: be.upload(&w.shard(Tensor::Down(l), cols, &[0..d]))?,
             heads: hl,
