@@ -78,7 +78,7 @@ pub struct RankRecord {
     pub prefill_s: f64,
     pub decode_s: f64,
     pub comm: BTreeMap<Category, CommStat>,
-    /// Peak device memory (process RSS on CPU) so far, bytes.
+    /// Peak device memory during the batch (process RSS on CPU), bytes.
     pub peak_memory_bytes: Option<u64>,
     /// The analytical estimate for this rank, bytes.
     pub memory_estimate_bytes: u64,

@@ -62,6 +62,8 @@ pub fn run_batch<B: Backend>(
     forced: Option<&[u32]>,
     energy: Option<&dyn EnergyMeter>,
 ) -> Result<BatchRun, StrategyError> {
+    be.synchronize()?;
+    be.reset_peak_memory();
     let setup = strategy.begin_batch(shape, micro_batch_cap, pool_usable)?;
     let out = shape.out_tokens;
     be.synchronize()?;

@@ -288,6 +288,10 @@ impl Backend for CpuBackend {
     fn peak_memory_bytes(&self) -> Option<u64> {
         process_peak_rss_bytes()
     }
+    fn reset_peak_memory(&self) {
+        // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux).
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
 }
 
 /// Peak resident set size of this process (`VmHWM`), the CPU backend's

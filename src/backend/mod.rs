@@ -189,6 +189,10 @@ pub trait Backend {
     fn elapsed_s(&self, from: &Self::Mark, to: &Self::Mark) -> Result<f64>;
     /// Waits for all queued device work.
     fn synchronize(&self) -> Result<()>;
-    /// Peak device memory of this process, bytes, where the backend can tell.
+    /// Peak device memory since the last [`Backend::reset_peak_memory`]
+    /// (or start-up), bytes, where the backend can tell.
     fn peak_memory_bytes(&self) -> Option<u64>;
+    /// Starts a new peak-memory window at the current use (each batch gets
+    /// its own peak, comparable with its estimate).
+    fn reset_peak_memory(&self) {}
 }

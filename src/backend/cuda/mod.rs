@@ -959,4 +959,7 @@ impl Backend for CudaBackend {
     fn peak_memory_bytes(&self) -> Option<u64> {
         Some(self.memory.peak.load(Ordering::Relaxed))
     }
+    fn reset_peak_memory(&self) {
+        CudaBackend::reset_peak_memory(self);
+    }
 }
