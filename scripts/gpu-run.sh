@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/perf-notes.md, as one command on a machine
+# with one or two GPUs: `scripts/gpu-run.sh [STEP...]` (default: all). Each
+# step's log goes to $OUT/logs (one archive at the end) and its tail to
+# $OUT/summary.txt. B names the fapool binary (default target/release/fapool).
+#
+# Steps: check (kernels against the CPU), kernels (fapool bench kernels and
+# the PyTorch reference), comm (NCCL through fapool and torch.distributed, 2
+# GPUs), verify (strategy equivalence on 2 GPUs, fp32 and bf16), model (whole
+# dense-4l on one GPU), sweep (jobs/gpu-2.toml on 2 GPUs).
+set -uo pipefail
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+B=${B:-target/release/fapool}
+OUT=${OUT:-results/gpu-run}
+L=$OUT/logs
+mkdir -p "$L"
+step() {
+    local name=$1
+    shift
+    echo "=== $name: $*" | tee -a "$OUT/summary.txt"
+    ("$@") >"$L/$name.txt" 2>&1
+    echo "exit $?" | tee -a "$OUT/summary.txt"
+    tail -n "${TAILN:-40}" "$L/$name.txt" >>"$OUT/summary.txt"
+}
+steps=${*:-check kernels comm verify model sweep}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$L/smi.txt" 2>&1
+for s in $steps; do
+    case $s in
+    check) TAILN=3 step check-gpu timeout 150 "$B" check-gpu --dtype all ;;
+    kernels)
+        step bench-kernels timeout 120 "$B" bench kernels --dtype bf16 --iters 10 --out "$OUT/bench-kernels.h5"
+        step torch-kernels timeout 180 python3 scripts/torch_reference.py kernels --out "$L/torch-kernels.json"
+        ;;
+    comm)
+        step bench-comm timeout 120 mpirun -np 2 "$B" bench comm --sizes-mib 1,16,256,1024 --iters 20 --out "$OUT/bench-comm.h5"
+        step torch-nccl timeout 120 mpirun -np 2 python3 scripts/torch_reference.py nccl --out "$L/torch-nccl.json"
+        ;;
+    verify)
+        step verify-fp32 timeout 240 mpirun -np 2 "$B" verify jobs/gpu-verify-fp32.toml --tolerance 1e-4
+        step verify-bf16 timeout 240 mpirun -np 2 "$B" verify jobs/gpu-verify-bf16.toml --tolerance 2e-2 --teacher-forcing
+        ;;
+    model)
+        step model timeout 200 mpirun -np 1 "$B" run jobs/gpu-1-model.toml --out "$OUT/model.h5"
+        TAILN=80 step model-analyze "$B" analyze "$OUT/model.h5"
+        ;;
+    sweep)
+        step sweep timeout 400 mpirun -np 2 "$B" run jobs/gpu-2.toml --out "$OUT/gpu-2.h5"
+        TAILN=120 step sweep-analyze "$B" analyze "$OUT/gpu-2.h5"
+        ;;
+    *) echo "unknown step $s" >&2 ;;
+    esac
+done
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"
