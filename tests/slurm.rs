@@ -215,7 +215,9 @@ fn a_job_warned_of_its_time_limit_stops_requeues_itself_and_resumes_its_results_
     job.wait_until("completed", |j| j.field("JobState") == "COMPLETED");
     let log = job.log_text();
     let file = dir.join(format!("results/smoke-{}.h5", job.id));
-    assert!(log.contains("rank 0: stopping") && log.contains("step exited with 7"), "the ranks did not get USR1:\n{log}");
+    // The ranks got USR1 (any of them may be the first to stop; srun then
+    // ends the others, so not every rank gets to say so).
+    assert!(log.contains(": stopping") && log.contains("step exited with 7"), "the ranks did not get USR1:\n{log}");
     assert!(log.contains(&format!("--resume {}", file.display())), "the requeued run did not resume:\n{log}");
     assert_eq!(job.field("ExitCode"), "0:0", "{log}");
 }
