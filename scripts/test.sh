@@ -11,4 +11,4 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo build --all-targets
-cargo test -- --test-threads=2
+cargo test --no-fail-fast -- --test-threads=2
