@@ -11,4 +11,10 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo build --all-targets
-cargo test --no-fail-fast -- --test-threads=2
+log=$(mktemp)
+status=0
+cargo test --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"
