@@ -5,18 +5,22 @@
 mod common;
 use common::*;
 
-/// Runs `fapool verify` on `np` ranks over the given strategies; asserts every
-/// comparison passed and returns the table.
-fn verify(np: usize, tag: &str, strategies: &str) -> String {
+/// Runs `fapool verify` on `np` ranks over the given strategies after a job
+/// header; asserts every comparison passed and returns the table.
+fn verify_job(np: usize, tag: &str, header: &str, strategies: &str) -> String {
     let dir = scratch(tag);
-    let toml = format!("{}{}", tiny_job_header(6, 6), strategies);
-    let path = job(&dir, tag, &toml);
+    let path = job(&dir, tag, &format!("{header}{strategies}"));
     let out = mpirun(np, &["verify", path.to_str().unwrap(), "--tolerance", "1e-4"]);
     let t = text(&out);
     assert!(out.status.success(), "verify failed on {np} ranks:\n{t}");
     assert!(t.contains("all strategies reproduce the single-rank model"), "{t}");
     assert!(!t.contains("FAIL"), "{t}");
     t
+}
+
+/// `verify_job` on the tiny model.
+fn verify(np: usize, tag: &str, strategies: &str) -> String {
+    verify_job(np, tag, &tiny_job_header(6, 6), strategies)
 }
 
 /// Rows of the verify table for one strategy: (category, pool size).
@@ -217,12 +221,7 @@ fn eight_head_header() -> String {
 }
 
 fn verify_with(np: usize, tag: &str, strategies: &str) -> String {
-    let dir = scratch(tag);
-    let path = job(&dir, tag, &format!("{}{}", eight_head_header(), strategies));
-    let out = mpirun(np, &["verify", path.to_str().unwrap(), "--tolerance", "1e-4"]);
-    let t = text(&out);
-    assert!(out.status.success() && t.contains("all strategies reproduce the single-rank model"), "{t}");
-    t
+    verify_job(np, tag, &eight_head_header(), strategies)
 }
 
 #[test]
