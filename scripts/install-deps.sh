@@ -13,6 +13,9 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 dpkg -s python3-h5py >/dev/null 2>&1 || need+=(python3-h5py python3-numpy)
 command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
+# Open MPI's launcher looks for an ssh agent even for ranks on one node.
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+command -v pkill >/dev/null 2>&1 || need+=(procps)
 
 if ((${#need[@]})); then
   SUDO=""
