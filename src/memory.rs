@@ -37,8 +37,10 @@ pub fn busiest_rank_bytes(m: &ModelConfig, s: &StrategySpec, seq_len: usize, nse
                 let block = sl.div_ceil(pool);
                 let pool_weights = l * 4 * d * a;
                 let kv = n * (block + out_tokens as u64) * 2 * l * a;
-                // The replicated K/V of one layer, the block's q/k/v and output.
-                let pool_act = n * sl * 2 * a + n * block * (d + 4 * a + d);
+                // The replicated K/V of one layer twice (as gathered, then in
+                // sequence order), and the block's input, fused QKV, q/k/v,
+                // attention output and projected output.
+                let pool_act = n * sl * 4 * a + n * block * (d + 3 * a + 3 * a + a + d);
                 ((base_weights + base_act).max(pool_weights + kv + pool_act)) * e
             }
         }
