@@ -5,13 +5,13 @@
 use crate::backend::Backend;
 use crate::cluster::Cluster;
 use crate::comm::{Category, Comm, CommStat, Group, Transport};
-use crate::metrics::{BatchRecord, CategorySummary, RankRecord};
+use crate::metrics::{BatchRecord, RankRecord};
 use crate::model::ModelConfig;
 use crate::spec::{JobSpec, StrategySpec};
 use crate::strategy::baseline::Baseline;
 use crate::strategy::fapool::Fapool;
 use crate::strategy::{BatchSetup, BatchShape, Strategy, StrategyError};
-use crate::workload::{Batch, Workload};
+use crate::workload::Batch;
 use mpi::traits::*;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -270,11 +270,6 @@ pub fn gather_batch<B: Backend>(
     }
 }
 
-/// Summary of one category from its batches.
-pub fn summarize(batches: &[BatchRecord], wall_s: f64) -> CategorySummary {
-    CategorySummary::from_batches(batches, wall_s)
-}
-
 /// The shape of a batch of the workload.
 pub fn shape_of(b: &Batch, job: &JobSpec) -> BatchShape {
     BatchShape { nseq: b.sequences.len(), seq_len: b.seq_len, out_tokens: job.workload.output_tokens }
@@ -284,11 +279,6 @@ pub fn shape_of(b: &Batch, job: &JobSpec) -> BatchShape {
 pub fn batch_flops(cfg: &ModelConfig, shape: BatchShape) -> f64 {
     let (n, s) = (shape.nseq as u64, shape.seq_len as u64);
     cfg.prefill_flops(n, s) + (1..shape.out_tokens as u64).map(|k| cfg.decode_flops(n, s + k)).sum::<f64>()
-}
-
-/// The workload of a job.
-pub fn workload<'a>(job: &'a JobSpec, cfg: &ModelConfig) -> Workload<'a> {
-    Workload::new(&job.workload, cfg.vocab)
 }
 
 /// Everything `run` and `verify` share: the comm layer over the world.
