@@ -8,7 +8,7 @@ use crate::cluster::Cluster;
 use crate::comm::mpi_transport::MpiTransport;
 use crate::comm::{Group, Transport};
 use crate::exit::Exit;
-use crate::metrics::CategorySummary;
+use crate::metrics::{relative_l2, worst_error, CategorySummary};
 use crate::model::ModelConfig;
 use crate::runner::{build_strategy, gather_batch, run_batch, shape_of, world_comm, EnergyMeter};
 use crate::spec::{self, BaselineSpec, JobSpec, LaunchFacts, StrategySpec};
@@ -148,8 +148,11 @@ impl EnergyMeter for Nvml {
     }
 }
 
-/// Starts the CUDA backend on this rank's GPU (after the job was validated).
-fn start_cuda(job: &JobSpec, cluster: &Cluster) -> Result<(crate::backend::cuda::CudaBackend, Option<Nvml>), Exit> {
+/// Checks every rule (before any GPU work), then starts the CUDA backend on
+/// this rank's GPU; returns it, its NVML monitor and the launch facts with the
+/// device's memory as the default budget.
+fn start_cuda(job: &JobSpec, cluster: &Cluster, report: &crate::backend::cuda::probe::LibraryReport) -> Result<(crate::backend::cuda::CudaBackend, Option<Nvml>, LaunchFacts), Exit> {
+    validate_launch(job, &cuda_facts(job, cluster, report, None), cluster)?;
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         eprintln!("fapool: rank {}: {what}: {e}", cluster.rank);
         Exit::Cuda
@@ -160,7 +163,8 @@ fn start_cuda(job: &JobSpec, cluster: &Cluster) -> Result<(crate::backend::cuda:
     if nvml.is_none() && cluster.rank == 0 {
         eprintln!("fapool: NVML unavailable: energy is recorded as not measured");
     }
-    Ok((be, nvml))
+    let facts = cuda_facts(job, cluster, report, be.total_memory_bytes().ok());
+    Ok((be, nvml, facts))
 }
 
 /// Name, UUID and PCI bus id of every rank's device, gathered on all ranks.
@@ -245,15 +249,10 @@ pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Exit {
             run_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &text, &target, &facts, None, args.timeout_s, Vec::new(), None)
         }
         Chosen::Cuda(report) => {
-            // Every rule is checked before any GPU work.
-            if let Err(e) = validate_launch(&job, &cuda_facts(&job, &cluster, &report, None), &cluster) {
-                return e;
-            }
-            let (be, nvml) = match start_cuda(&job, &cluster) {
+            let (be, nvml, facts) = match start_cuda(&job, &cluster, &report) {
                 Ok(x) => x,
                 Err(e) => return e,
             };
-            let facts = cuda_facts(&job, &cluster, &report, be.total_memory_bytes().ok());
             let mine = [be.device_name().unwrap_or_default(), nvml.as_ref().map(|n| n.0.uuid().to_string()).unwrap_or_default(), be.pci_bus_id().unwrap_or_default()];
             let devices = gather_devices(&cluster, mine);
             let versions = (report.nvrtc_version.clone(), report.nccl_version.clone(), nvml.as_ref().map(|n| n.0.driver_version().to_string()));
@@ -649,30 +648,13 @@ pub fn verify(job_path: &Path, backend: Option<BackendKind>, sets: &[String], to
             verify_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &facts, tolerance, teacher_forcing, max_batches)
         }
         Ok(Chosen::Cuda(report)) => {
-            if let Err(e) = validate_launch(&job, &cuda_facts(&job, &cluster, &report, None), &cluster) {
-                return e;
-            }
-            let (be, _) = match start_cuda(&job, &cluster) {
+            let (be, _, facts) = match start_cuda(&job, &cluster, &report) {
                 Ok(x) => x,
                 Err(e) => return e,
             };
-            let facts = cuda_facts(&job, &cluster, &report, be.total_memory_bytes().ok());
             verify_on(&be, Box::new(crate::comm::nccl_transport::NcclTransport::new()), &cluster, &job, &facts, tolerance, teacher_forcing, max_batches)
         }
     }
-}
-
-/// Relative L2 distance `‖a − b‖ / ‖b‖` (NaN fails every comparison).
-pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -700,7 +682,10 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
     let mut strategies = Vec::new();
     for s in &job.strategies {
         match build(s) {
-            Ok(b) => strategies.push((s.clone(), b)),
+            Ok(b) => {
+                let roles = gather_roles(&world, b.as_ref());
+                strategies.push((s.clone(), b, roles));
+            }
             Err(e) => {
                 eprintln!("fapool: {e}");
                 return Exit::Failure;
@@ -733,7 +718,7 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
             // The single-rank model against a cache-free recomputation (CPU, first batch of each category).
             if let (Some(r), true, 0) = (reference_out.as_ref(), be.name() == "cpu", b.index) {
                 let naive = crate::strategy::naive::generate_logits(&cfg, &prompts, shape.nseq, shape.seq_len, &r.batch.tokens, shape.out_tokens);
-                let err = naive.map(|n| n.iter().zip(&r.logits).map(|(a, b)| rel_l2(b, a)).fold(0.0f64, f64::max)).unwrap_or(f64::INFINITY);
+                let err = naive.map(|n| worst_error(n.iter().zip(&r.logits).map(|(a, b)| relative_l2(b, a)))).unwrap_or(f64::INFINITY);
                 let pass = err <= tolerance;
                 failures += usize::from(!pass);
                 println!(
@@ -752,10 +737,9 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
             // Reference tokens to every rank (the strategies' leaders need them to force).
             let mut ref_tokens = reference_out.as_ref().map(|g| g.batch.tokens.clone()).unwrap_or_else(|| vec![0; shape.nseq * shape.out_tokens]);
             world.comm.process_at_rank(0).broadcast_into(&mut ref_tokens[..]);
-            for (spec, s) in strategies.iter_mut() {
-                let roles = gather_roles(&world, s.as_ref());
+            for (spec, s, roles) in strategies.iter_mut() {
                 let forced = teacher.then_some(&ref_tokens[..]);
-                let g = match run(s.as_mut(), forced, &roles) {
+                let g = match run(s.as_mut(), forced, roles) {
                     Ok(g) => g,
                     Err(e) => {
                         eprintln!("fapool: rank {}: {}: {e}", cluster.rank, spec.name());
@@ -763,7 +747,7 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
                     }
                 };
                 if let (Some(g), Some(r)) = (g, reference_out.as_ref()) {
-                    let err = g.logits.iter().zip(&r.logits).map(|(a, b)| rel_l2(a, b)).fold(0.0f64, |m, e| if e.is_nan() || m.is_nan() { f64::NAN } else { m.max(e) });
+                    let err = worst_error(g.logits.iter().zip(&r.logits).map(|(a, b)| relative_l2(a, b)));
                     let steps_ok = g.logits.len() == r.logits.len();
                     let tokens_ok = g.batch.tokens == r.batch.tokens;
                     let pass = steps_ok && err <= tolerance && (teacher || tokens_ok);

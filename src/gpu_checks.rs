@@ -43,33 +43,7 @@ pub fn tolerance(dtype: Dtype) -> f64 {
     }
 }
 
-/// `||a - b|| / ||b||` over all elements. Positions where both hold the same
-/// infinity (a log-sum-exp of `-inf` for a row without keys) agree and are
-/// left out; an infinity on one side only gives `inf`, a NaN anywhere `NaN`.
-pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() {
-        return f64::NAN;
-    }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if x.is_nan() || y.is_nan() {
-            return f64::NAN;
-        }
-        if x.is_infinite() || y.is_infinite() {
-            if x == y {
-                continue;
-            }
-            return f64::INFINITY;
-        }
-        let d = x as f64 - y as f64;
-        num += d * d;
-        den += y as f64 * y as f64;
-    }
-    if den == 0.0 {
-        return if num == 0.0 { 0.0 } else { num.sqrt() };
-    }
-    (num / den).sqrt()
-}
+pub use crate::metrics::relative_l2;
 
 /// Deterministic normal samples (splitmix64 + Box-Muller), so a failing
 /// check can be rerun with the same inputs.
@@ -122,7 +96,7 @@ impl<'a> Checker<'a> {
         let row = match outcome {
             Ok(pairs) => {
                 // The worst output of the op decides.
-                let error = pairs.iter().map(|(g, c)| relative_l2(g, c)).fold(0.0f64, |acc, e| if e.is_nan() || acc.is_nan() { f64::NAN } else { acc.max(e) });
+                let error = crate::metrics::worst_error(pairs.iter().map(|(g, c)| relative_l2(g, c)));
                 CheckRow { op: op.into(), shape, dtype, error, tolerance: tol, pass: error.is_finite() && error <= tol, note: String::new() }
             }
             Err(e) => CheckRow { op: op.into(), shape, dtype, error: f64::NAN, tolerance: tol, pass: false, note: e.to_string() },

@@ -161,6 +161,40 @@ impl CategorySummary {
     }
 }
 
+/// `||a - b|| / ||b||` over all elements. Positions where both hold the same
+/// infinity (a log-sum-exp of `-inf` for a row without keys) agree and are
+/// left out; an infinity on one side only gives `inf`, a NaN anywhere `NaN`.
+pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::NAN;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if x.is_nan() || y.is_nan() {
+            return f64::NAN;
+        }
+        if x.is_infinite() || y.is_infinite() {
+            if x == y {
+                continue;
+            }
+            return f64::INFINITY;
+        }
+        let d = x as f64 - y as f64;
+        num += d * d;
+        den += y as f64 * y as f64;
+    }
+    if den == 0.0 {
+        return if num == 0.0 { 0.0 } else { num.sqrt() };
+    }
+    (num / den).sqrt()
+}
+
+/// The largest of several errors; a NaN anywhere makes the result NaN, so
+/// it can never pass a tolerance.
+pub fn worst_error(errors: impl IntoIterator<Item = f64>) -> f64 {
+    errors.into_iter().fold(0.0, |m, e| if e.is_nan() || m.is_nan() { f64::NAN } else { m.max(e) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
