@@ -123,56 +123,8 @@ __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float*
 }
 
 
-// Row-major variant for heads whose rows are whole 16-byte runs (head_dim a
-// multiple of 8, `tpr = head_dim / 8` threads per head, and a block of
-// `hg * tpr` threads, a multiple of 32, covering `hg` heads). A block reads
-// each cache row of its heads as one contiguous run (8 KB for 32 x 128 in
-// bf16) instead of one head's 256 bytes at a time, and every half-warp owns
-// one head for the whole chunk, so no merge inside the block is needed.
 #define DECODE_ROWS_THREADS 512
 #define DECODE_ROWS_UNROLL 8
-
-// Eight elements kept as raw bits until used: 4 registers for the 16-bit
-// types instead of 8 floats, so twice as many rows can be in flight.
-template <typename T> struct Raw8 { uint4 a; };
-template <> struct Raw8<float> { uint4 a, b; };
-template <typename T> __device__ __forceinline__ Raw8<T> ld_stream8(const T* p) {
-    Raw8<T> r;
-    r.a = __ldcs(reinterpret_cast<const uint4*>(p));
-    return r;
-}
-template <> __device__ __forceinline__ Raw8<float> ld_stream8<float>(const float* p) {
-    Raw8<float> r;
-    r.a = __ldcs(reinterpret_cast<const uint4*>(p));
-    r.b = __ldcs(reinterpret_cast<const uint4*>(p) + 1);
-    return r;
-}
-template <typename T> __device__ __forceinline__ void zero8(Raw8<T>& r) { r.a = make_uint4(0, 0, 0, 0); }
-template <> __device__ __forceinline__ void zero8<float>(Raw8<float>& r) { r.a = r.b = make_uint4(0, 0, 0, 0); }
-__device__ __forceinline__ void unpack8(const Raw8<bf16>& r, float v[8]) {
-    unsigned w[4] = {r.a.x, r.a.y, r.a.z, r.a.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-__device__ __forceinline__ void unpack8(const Raw8<f16>& r, float v[8]) {
-    unsigned w[4] = {r.a.x, r.a.y, r.a.z, r.a.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f16 lo, hi;
-        lo.bits = (unsigned short)(w[i] & 0xffffu);
-        hi.bits = (unsigned short)(w[i] >> 16);
-        v[2 * i] = to_f32(lo);
-        v[2 * i + 1] = to_f32(hi);
-    }
-}
-__device__ __forceinline__ void unpack8(const Raw8<float>& r, float v[8]) {
-    unsigned w[8] = {r.a.x, r.a.y, r.a.z, r.a.w, r.b.x, r.b.y, r.b.z, r.b.w};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __uint_as_float(w[i]);
-}
 
 // Row-major variant for heads whose rows are whole 16-byte runs (head_dim a
 // multiple of 8, `tpr = head_dim / 8` threads per head, and a block of
