@@ -8,13 +8,20 @@
 // Layout: q is [nseq, heads * d]; the caches are [nseq, cap, heads * d]. A
 // row of one head is handled by `tpr` threads (a power of two <= 32) of eight
 // elements each, so d <= 256 and eight-element runs past d read as zero.
+//
+// With a non-null `len_ptr` the length is read from device memory (the
+// decode step's scalars) and the grid is laid out for `cap` rows: chunks
+// past the length write an empty partial (output 0, log-sum-exp -inf), which
+// the combine ignores. A recorded step then replays at any length.
 
 #define DECODE_THREADS 128
 #define DECODE_UNROLL 4
 
 template <typename T>
 __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,
-                                    int cap, int len, int heads, int d, int tpr, int chunk, float scale_log2) {
+                                    int cap, int len, const int* len_ptr, int heads, int d, int tpr, int chunk,
+                                    float scale_log2) {
+    if (len_ptr) len = min(*len_ptr, cap);
     // Per-group (m, l) and accumulators, for the block-level merge at the end.
     __shared__ float s_m[DECODE_THREADS];
     __shared__ float s_l[DECODE_THREADS];
@@ -134,7 +141,9 @@ __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float*
 // one head for the whole chunk, so no merge inside the block is needed.
 template <typename T>
 __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,
-                                 int cap, int len, int heads, int d, int hg, int chunk, float scale_log2) {
+                                 int cap, int len, const int* len_ptr, int heads, int d, int hg, int chunk,
+                                 float scale_log2) {
+    if (len_ptr) len = min(*len_ptr, cap);
     int split = blockIdx.x, n = blockIdx.z;
     int nsplit = gridDim.x;
     int tpr = d / 8;
@@ -230,16 +239,16 @@ __device__ void decode_combine_impl(const float* part_o, const float* part_lse, 
 #define DECODE(T, SUFFIX)                                                                          \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                   \
         decode_partial_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o,               \
-                                float* part_lse, int cap, int len, int heads, int d, int tpr,      \
-                                int chunk, float scale_log2) {                                     \
-        decode_partial_impl<T>(q, kc, vc, part_o, part_lse, cap, len, heads, d, tpr, chunk,        \
-                               scale_log2);                                                        \
+                                float* part_lse, int cap, int len, const int* len_ptr, int heads,  \
+                                int d, int tpr, int chunk, float scale_log2) {                     \
+        decode_partial_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, d, tpr,      \
+                               chunk, scale_log2);                                                 \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(DECODE_ROWS_THREADS)                              \
         decode_rows_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,  \
-                             int cap, int len, int heads, int d, int hg, int chunk,                 \
-                             float scale_log2) {                                                    \
-        decode_rows_impl<T>(q, kc, vc, part_o, part_lse, cap, len, heads, d, hg, chunk,            \
+                             int cap, int len, const int* len_ptr, int heads, int d, int hg,        \
+                             int chunk, float scale_log2) {                                         \
+        decode_rows_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, d, hg, chunk,   \
                             scale_log2);                                                           \
     }                                                                                              \
     extern "C" __global__ void decode_combine_##SUFFIX(const float* part_o, const float* part_lse, \

@@ -7,7 +7,8 @@
 # Steps: check (kernels against the CPU), kernels (fapool bench kernels and
 # the PyTorch reference), comm (NCCL through fapool and torch.distributed, 2
 # GPUs), verify (strategy equivalence on 2 GPUs, fp32 and bf16), model (whole
-# dense-4l on one GPU), sweep (jobs/gpu-2.toml on 2 GPUs).
+# dense-4l on one GPU), model-eager (the same with decode steps not recorded
+# as CUDA graphs), sweep (jobs/gpu-2.toml on 2 GPUs).
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 B=${B:-target/release/fapool}
@@ -42,6 +43,10 @@ for s in $steps; do
     model)
         step model timeout 200 mpirun -np 1 "$B" run jobs/gpu-1-model.toml --out "$OUT/model.h5"
         TAILN=80 step model-analyze "$B" analyze "$OUT/model.h5"
+        ;;
+    model-eager)
+        step model-eager timeout 200 mpirun -np 1 "$B" run jobs/gpu-1-model.toml --set run.cuda_graphs=false --out "$OUT/model-eager.h5"
+        TAILN=80 step model-eager-analyze "$B" analyze "$OUT/model-eager.h5"
         ;;
     sweep)
         step sweep timeout 400 mpirun -np 2 "$B" run jobs/gpu-2.toml --out "$OUT/gpu-2.h5"

@@ -246,7 +246,7 @@ pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Exit {
     match kind {
         Chosen::Cpu => {
             let facts = cpu_facts(&job, &cluster);
-            run_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &text, &target, &facts, None, args.timeout_s, Vec::new(), None)
+            run_on(&CpuBackend::new(), Box::new(MpiTransport), &cluster, &job, &text, &target, &facts, None, args.timeout_s, Vec::new(), None)
         }
         Chosen::Cuda(report) => {
             let (be, nvml, facts) = match start_cuda(&job, &cluster, &report) {
@@ -508,7 +508,7 @@ fn run_on<'a, B: Backend>(
                 shape.out_tokens = shape.out_tokens.min(2);
                 let prompts = wl.batch_prompts(&plan[k].2);
                 let cap = crate::memory::max_sequences(&cfg, sspec, shape.seq_len, shape.out_tokens, cluster.world_size, facts.elem_bytes, facts.memory_budget_bytes, shape.nseq);
-                if let Err(e) = run_batch(be, &comm, strategy.as_mut(), shape, &prompts, cap, true, false, None, None) {
+                if let Err(e) = run_batch(be, &comm, strategy.as_mut(), shape, &prompts, cap, true, false, None, None, job.run.cuda_graphs) {
                     eprintln!("fapool: rank {}: warm-up of {} {}: {e}", cluster.rank, sspec.name(), cat.name);
                     return Exit::Failure;
                 }
@@ -545,7 +545,7 @@ fn run_on<'a, B: Backend>(
                 let cap = crate::memory::max_sequences(&cfg, sspec, shape.seq_len, shape.out_tokens, cluster.world_size, facts.elem_bytes, facts.memory_budget_bytes, shape.nseq);
                 let est = crate::memory::busiest_rank_bytes(&cfg, sspec, shape.seq_len, cap.min(shape.nseq), shape.out_tokens, cluster.world_size, facts.elem_bytes);
                 world.comm.barrier();
-                let r = match run_batch(be, &comm, strategy.as_mut(), shape, &prompts, cap, all_usable == 1, false, None, energy) {
+                let r = match run_batch(be, &comm, strategy.as_mut(), shape, &prompts, cap, all_usable == 1, false, None, energy, job.run.cuda_graphs) {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("fapool: rank {}: {} {} batch {}: {e}", cluster.rank, sspec.name(), cat.name, b.index);
@@ -645,7 +645,7 @@ pub fn verify(job_path: &Path, backend: Option<BackendKind>, sets: &[String], to
         Err(e) => e,
         Ok(Chosen::Cpu) => {
             let facts = cpu_facts(&job, &cluster);
-            verify_on(&CpuBackend, Box::new(MpiTransport), &cluster, &job, &facts, tolerance, teacher_forcing, max_batches)
+            verify_on(&CpuBackend::new(), Box::new(MpiTransport), &cluster, &job, &facts, tolerance, teacher_forcing, max_batches)
         }
         Ok(Chosen::Cuda(report)) => {
             let (be, _, facts) = match start_cuda(&job, &cluster, &report) {
@@ -705,7 +705,7 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
             let prompts = wl.batch_prompts(&b);
             let run = |s: &mut dyn Strategy<B>, forced: Option<&[u32]>, roles: &[String]| {
                 world.comm.barrier();
-                let r = run_batch(be, &comm, s, shape, &prompts, shape.nseq, true, true, forced, None)?;
+                let r = run_batch(be, &comm, s, shape, &prompts, shape.nseq, true, true, forced, None, job.run.cuda_graphs)?;
                 Ok::<_, crate::strategy::StrategyError>(gather_batch(be, &world, s, &r, &b, shape, shape.nseq, 0.0, 0, roles))
             };
             let reference_out = match run(reference.as_mut(), None, &roles_ref) {
@@ -924,7 +924,7 @@ pub fn bench_comm(backend: Option<BackendKind>, dtype: crate::backend::Dtype, si
     }
     match choose_backend(backend.unwrap_or(BackendKind::Auto), &cluster) {
         Err(e) => e,
-        Ok(Chosen::Cpu) => go(&CpuBackend, Box::new(MpiTransport), &cluster, &sizes, iters, out, "cpu"),
+        Ok(Chosen::Cpu) => go(&CpuBackend::new(), Box::new(MpiTransport), &cluster, &sizes, iters, out, "cpu"),
         Ok(Chosen::Cuda(_)) => {
             let be = match crate::backend::cuda::CudaBackend::new(cluster.local_rank, dtype) {
                 Ok(b) => b,

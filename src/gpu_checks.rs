@@ -16,8 +16,8 @@
 //! kernel-validation commands (`examples/gpu_check.rs`) and tests on a GPU.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::{CudaBackend, CudaBuf, PrefillKernel};
-use crate::backend::{Backend, DecodeShape, Dtype, PrefillShape, RowRun};
+use crate::backend::cuda::{CudaBackend, CudaBuf, CudaRecording, PrefillKernel};
+use crate::backend::{Backend, DecodeShape, Dtype, PrefillShape, RowRun, StepVars};
 
 /// One comparison of a GPU op with the CPU reference.
 #[derive(Clone, Debug, PartialEq)]
@@ -232,6 +232,72 @@ impl<'a> Checker<'a> {
         self.push("attention_decode", shape, dt, outcome);
     }
 
+    /// A miniature decode step from the step scalars (embed the step's
+    /// tokens, store them as the new K and V row, attend with them as the
+    /// query), run eagerly, or recorded once as a graph and replayed, at
+    /// several positions (one of them storing nothing, as a pool rank that
+    /// does not own the step's token). Compares the outputs and the caches
+    /// of every step with the CPU doing the same.
+    fn decode_steps(&mut self, s: DecodeShape, vocab: usize, record: bool) {
+        let dt = self.gpu.dtype();
+        let width = s.heads * s.head_dim;
+        let outcome = (|| {
+            let (table, table_g) = self.input(vocab * width, 1.0)?;
+            let (mut kc, mut kg) = self.input(s.nseq * s.cap * width, 1.0)?;
+            let (mut vc, mut vg) = self.input(s.nseq * s.cap * width, 1.0)?;
+            // The frequency table is made outside the recording (as prefill does).
+            self.gpu.embed(&table_g, width, &[0], 1, 1, 0)?;
+            let vars = |pos: usize, store: bool, len: usize, rng: &mut Rng| StepVars {
+                pos,
+                store_at: store.then_some(len - 1),
+                len,
+                tokens: (0..s.nseq).map(|_| (rng.next_u64() % vocab as u64) as u32).collect(),
+            };
+            let plan = [(s.len + 1000, true, s.len + 1), (s.len + 1001, true, s.len + 2), (s.len + 1002, false, s.len + 2), (s.len + 1003, true, s.len + 3)];
+            let step_gpu = |g: &CudaBackend, kg: &mut CudaBuf, vg: &mut CudaBuf| -> GpuResult<(CudaBuf, CudaBuf)> {
+                let x = g.embed_step(&table_g, width, s.nseq)?;
+                g.store_step(kg, &x, s.nseq, s.cap, width)?;
+                g.store_step(vg, &x, s.nseq, s.cap, width)?;
+                g.attention_decode_step(&x, kg, vg, s)
+            };
+            let mut pairs = Vec::new();
+            let mut recorded: Option<(CudaRecording, CudaBuf, CudaBuf)> = None;
+            for (i, &(pos, store, len)) in plan.iter().enumerate() {
+                let v = vars(pos, store, len, &mut self.rng);
+                self.gpu.set_step(&v)?;
+                let (og, lg) = if record {
+                    if recorded.is_none() {
+                        self.gpu.capture_begin()?;
+                        let out = step_gpu(self.gpu, &mut kg, &mut vg);
+                        let rec = self.gpu.capture_end();
+                        let (o, l) = out?;
+                        recorded = Some((rec?, o, l));
+                    }
+                    let (rec, o, l) = recorded.as_ref().expect("recorded above");
+                    self.gpu.replay(rec)?;
+                    (self.gpu.download(o)?, self.gpu.download(l)?)
+                } else {
+                    let (o, l) = step_gpu(self.gpu, &mut kg, &mut vg)?;
+                    (self.gpu.download(&o)?, self.gpu.download(&l)?)
+                };
+                self.cpu.set_step(&v)?;
+                let x = self.cpu.embed_step(&table, width, s.nseq)?;
+                self.cpu.store_step(&mut kc, &x, s.nseq, s.cap, width)?;
+                self.cpu.store_step(&mut vc, &x, s.nseq, s.cap, width)?;
+                let (o, l) = self.cpu.attention_decode_step(&x, &kc, &vc, s)?;
+                pairs.push((og, o));
+                pairs.push((lg, l));
+                if i + 1 == plan.len() {
+                    pairs.push((self.gpu.download(&kg)?, kc.clone()));
+                    pairs.push((self.gpu.download(&vg)?, vc.clone()));
+                }
+            }
+            Ok(pairs)
+        })();
+        let shape = format!("nseq {} cap {} len {}..{} heads {}x{}, 4 steps", s.nseq, s.cap, s.len + 1, s.len + 3, s.heads, s.head_dim);
+        self.push(if record { "decode_step[recorded]" } else { "decode_step[eager]" }, shape, dt, outcome);
+    }
+
     fn merge(&mut self, rows: usize, head_dim: usize) {
         let dt = self.gpu.dtype();
         let outcome = (|| {
@@ -274,7 +340,7 @@ impl<'a> Checker<'a> {
 pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     let poisoned = backend.poison_outputs();
     backend.set_poison_outputs(true);
-    let mut c = Checker { gpu: backend, cpu: CpuBackend, rng: Rng(seed), rows: Vec::new() };
+    let mut c = Checker { gpu: backend, cpu: CpuBackend::new(), rng: Rng(seed), rows: Vec::new() };
 
     // Tiny model: d 64, 4 heads of 16, FFN 256, vocab 512.
     c.embed(512, 64, 2, 7, 3);
@@ -295,6 +361,9 @@ pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     c.decode(DecodeShape { nseq: 2, cap: 20, len: 13, heads: 4, head_dim: 16 });
     c.decode(DecodeShape { nseq: 2, cap: 8, len: 0, heads: 4, head_dim: 16 });
     c.decode(DecodeShape { nseq: 3, cap: 1, len: 1, heads: 4, head_dim: 16 });
+    for record in [false, true] {
+        c.decode_steps(DecodeShape { nseq: 2, cap: 40, len: 30, heads: 4, head_dim: 16 }, 64, record);
+    }
 
     // dense-4l-like: d 4096, 32 heads of 128.
     c.embed(1000, 4096, 1, 17, 40_000);
@@ -319,6 +388,9 @@ pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     }
     c.decode(DecodeShape { nseq: 2, cap: 5000, len: 4099, heads: 32, head_dim: 128 });
     c.decode(DecodeShape { nseq: 1, cap: 64, len: 0, heads: 32, head_dim: 128 });
+    for record in [false, true] {
+        c.decode_steps(DecodeShape { nseq: 3, cap: 4200, len: 4096, heads: 32, head_dim: 128 }, 100, record);
+    }
 
     backend.set_poison_outputs(poisoned);
     c.rows

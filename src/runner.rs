@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::cluster::Cluster;
-use crate::comm::{Category, Comm, CommStat, Group, Transport};
+use crate::comm::{Category, Comm, CommStat, Group, RecordedMessages, Transport};
 use crate::metrics::{BatchRecord, RankRecord};
 use crate::model::ModelConfig;
 use crate::spec::{JobSpec, StrategySpec};
@@ -46,9 +46,47 @@ pub struct BatchRun {
     pub comm: BTreeMap<Category, CommStat>,
 }
 
+/// A decode step recorded once and replayed at every later step of a batch.
+struct RecordedStep<B: Backend> {
+    graph: B::Graph,
+    /// The leader's logits buffer, rewritten by every replay.
+    logits: Option<B::Buf>,
+    messages: RecordedMessages<B::Mark>,
+}
+
+/// Runs the device half of one decode step: replays the batch's recording,
+/// or records it now (`record`, where the backend can) and replays it, or
+/// runs it eagerly. Returns the leader's logits.
+fn decode_step_device<'r, B: Backend>(
+    be: &B,
+    comm: &Comm<'_, B>,
+    strategy: &mut dyn Strategy<B>,
+    record: bool,
+    recorded: &'r mut Option<RecordedStep<B>>,
+    eager: &'r mut Option<B::Buf>,
+) -> Result<Option<&'r B::Buf>, StrategyError> {
+    if recorded.is_none() && record && be.capture_begin()? {
+        let from = comm.begin_recording();
+        let logits = strategy.decode_device();
+        // End the recording whatever happened, so the stream leaves capture mode.
+        let graph = be.capture_end();
+        let messages = comm.end_recording(from);
+        let logits = logits?;
+        *recorded = Some(RecordedStep { graph: graph?, logits, messages });
+    }
+    if let Some(r) = recorded.as_ref() {
+        be.replay(&r.graph)?;
+        return Ok(r.logits.as_ref());
+    }
+    *eager = strategy.decode_device()?;
+    Ok(eager.as_ref())
+}
+
 /// Runs one batch: prefill, then greedy decode. `forced` (leader only,
 /// `[nseq, out]`) feeds the given tokens instead of the generated ones
-/// (teacher forcing), so logits can be compared step by step.
+/// (teacher forcing), so logits can be compared step by step. With
+/// `graphs`, the first decode step is recorded (a CUDA graph) and replayed
+/// for the others, where the backend can record.
 #[allow(clippy::too_many_arguments)]
 pub fn run_batch<B: Backend>(
     be: &B,
@@ -61,6 +99,7 @@ pub fn run_batch<B: Backend>(
     keep_logits: bool,
     forced: Option<&[u32]>,
     energy: Option<&dyn EnergyMeter>,
+    graphs: bool,
 ) -> Result<BatchRun, StrategyError> {
     be.synchronize()?;
     be.reset_peak_memory();
@@ -81,13 +120,20 @@ pub fn run_batch<B: Backend>(
         LeaderRun { ttft_s: prefill_s, tokens, logits: o.logits.into_iter().collect(), ..Default::default() }
     });
     let mut last = t0.elapsed().as_secs_f64();
+    let (mut recorded, mut eager) = (None, None);
     for step in 1..out {
         let prev: Vec<u32> = match (&leader, forced) {
             (Some(_), Some(f)) => (0..shape.nseq).map(|n| f[n * out + step - 1]).collect(),
             (Some(l), None) => (0..shape.nseq).map(|n| l.tokens[n * out + step - 1]).collect(),
             (None, _) => Vec::new(),
         };
-        let o = strategy.decode(step, &prev, keep_logits)?;
+        let Some(vars) = strategy.decode_begin(step, &prev)? else { continue };
+        be.set_step(&vars)?;
+        let logits = decode_step_device(be, comm, strategy, graphs, &mut recorded, &mut eager)?;
+        let o = strategy.decode_end(logits, keep_logits)?;
+        if let Some(r) = recorded.as_ref() {
+            comm.account_replay(&r.messages)?;
+        }
         if let (Some(l), Some(o)) = (leader.as_mut(), o) {
             let now = t0.elapsed().as_secs_f64();
             l.itl_s.push(now - last);
@@ -102,6 +148,7 @@ pub fn run_batch<B: Backend>(
     }
     be.synchronize()?;
     let wall_s = t0.elapsed().as_secs_f64();
+    drop((recorded, eager));
     let e2 = energy.and_then(|e| e.joules());
     if let Some(l) = leader.as_mut() {
         l.e2e_s = wall_s;

@@ -41,11 +41,15 @@ pub struct RunSpec {
     /// NCCL connections, the pool's first activation), so set-up costs do not
     /// enter the figures.
     pub warmup: bool,
+    /// Record each batch's first decode step as a CUDA graph and replay it
+    /// for the other steps (CUDA backend; the CPU backend always runs steps
+    /// one operation at a time).
+    pub cuda_graphs: bool,
 }
 
 impl Default for RunSpec {
     fn default() -> Self {
-        Self { name: "job".into(), backend: BackendKind::Auto, dtype: Dtype::Bf16, memory_budget_gib: None, warmup: true }
+        Self { name: "job".into(), backend: BackendKind::Auto, dtype: Dtype::Bf16, memory_budget_gib: None, warmup: true, cuda_graphs: true }
     }
 }
 

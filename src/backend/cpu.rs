@@ -3,12 +3,27 @@
 //! against. GEMMs go through `matrixmultiply`; everything else is plain loops
 //! kept simple enough to read as the definition of the operation.
 
-use super::{Backend, BackendError, DecodeShape, PrefillShape, Result, RowRun};
+use super::{Backend, BackendError, DecodeShape, PrefillShape, Result, RowRun, StepVars};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// The CPU backend (single-threaded per rank: one MPI rank per core).
-#[derive(Clone, Debug, Default)]
-pub struct CpuBackend;
+///
+/// It cannot record device work, so decode steps always run eagerly; the
+/// step scalars live on the host.
+#[derive(Debug, Default)]
+pub struct CpuBackend {
+    step: Mutex<StepVars>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn step(&self) -> StepVars {
+        self.step.lock().expect("step lock").clone()
+    }
+}
 
 fn check(what: &str, have: usize, need: usize) -> Result<()> {
     if have < need {
@@ -70,6 +85,7 @@ fn attend_one(q: &[f32], k: &[f32], v: &[f32], key_rows: usize, row_stride: usiz
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Mark = Instant;
+    type Graph = ();
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -276,6 +292,36 @@ impl Backend for CpuBackend {
             .collect())
     }
 
+    fn set_step(&self, vars: &StepVars) -> Result<()> {
+        *self.step.lock().expect("step lock") = vars.clone();
+        Ok(())
+    }
+
+    fn embed_step(&self, table: &Vec<f32>, d: usize, nseq: usize) -> Result<Vec<f32>> {
+        let s = self.step();
+        self.embed(table, d, &s.tokens, nseq, 1, s.pos)
+    }
+
+    fn store_step(&self, cache: &mut Vec<f32>, src: &Vec<f32>, nseq: usize, cap: usize, width: usize) -> Result<()> {
+        let Some(at) = self.step().store_at else { return Ok(()) };
+        if at >= cap {
+            return Err(BackendError::Shape(format!("store_step row {at} is outside a cache of {cap} rows")));
+        }
+        let runs: Vec<RowRun> = (0..nseq).map(|n| RowRun::new(n * cap + at, 1)).collect();
+        self.scatter_rows(cache, width, &runs, src)
+    }
+
+    fn attention_decode_step(&self, q: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, shape: DecodeShape) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.attention_decode(q, k_cache, v_cache, DecodeShape { len: self.step().len, ..shape })
+    }
+
+    fn capture_end(&self) -> Result<()> {
+        Err(BackendError::Unavailable { backend: "cpu", reason: "the CPU backend cannot record device work".into() })
+    }
+    fn replay(&self, _graph: &()) -> Result<()> {
+        Err(BackendError::Unavailable { backend: "cpu", reason: "the CPU backend cannot record device work".into() })
+    }
+
     fn mark(&self) -> Result<Instant> {
         Ok(Instant::now())
     }
@@ -322,7 +368,7 @@ mod tests {
 
     #[test]
     fn matmul_matches_the_definition() {
-        let be = CpuBackend;
+        let be = CpuBackend::new();
         let (m, k, n) = (5, 7, 3);
         let (x, w) = (random(m * k, 1), random(k * n, 2));
         let out = be.matmul(&x, &w, m, k, n).unwrap();
@@ -336,7 +382,7 @@ mod tests {
 
     #[test]
     fn rmsnorm_gives_unit_root_mean_square() {
-        let be = CpuBackend;
+        let be = CpuBackend::new();
         let x = random(4 * 16, 3);
         let ones = vec![1.0; 16];
         let y = be.rmsnorm(&x, &ones, 4, 16, 0.0).unwrap();
@@ -348,7 +394,7 @@ mod tests {
 
     #[test]
     fn prefill_attention_is_causal_softmax_with_its_log_sum_exp() {
-        let be = CpuBackend;
+        let be = CpuBackend::new();
         let (s, h, dh) = (6, 2, 4);
         let w = h * dh;
         let (q, k, v) = (random(s * w, 4), random(s * w, 5), random(s * w, 6));
@@ -370,7 +416,7 @@ mod tests {
 
     #[test]
     fn a_query_block_at_an_offset_equals_those_rows_of_the_full_prefill() {
-        let be = CpuBackend;
+        let be = CpuBackend::new();
         let (n, s, h, dh) = (2, 10, 2, 4);
         let w = h * dh;
         let (q, k, v) = (random(n * s * w, 7), random(n * s * w, 8), random(n * s * w, 9));
@@ -385,7 +431,7 @@ mod tests {
 
     #[test]
     fn merging_split_kv_partials_equals_attention_over_the_whole_cache() {
-        let be = CpuBackend;
+        let be = CpuBackend::new();
         let (n, cap, h, dh) = (3, 12, 2, 8);
         let w = h * dh;
         let (q, k, v) = (random(n * w, 10), random(n * cap * w, 11), random(n * cap * w, 12));
@@ -405,7 +451,7 @@ mod tests {
 
     #[test]
     fn an_empty_slice_is_neutral_in_the_merge() {
-        let be = CpuBackend;
+        let be = CpuBackend::new();
         let (n, h, dh) = (2, 2, 4);
         let q = random(n * h * dh, 13);
         let kv = random(n * 4 * h * dh, 14);
@@ -419,7 +465,7 @@ mod tests {
 
     #[test]
     fn embedding_adds_sinusoidal_positions_from_pos0() {
-        let be = CpuBackend;
+        let be = CpuBackend::new();
         let d = 8;
         let table = random(10 * d, 15);
         let x = be.embed(&table, d, &[3, 4], 1, 2, 5).unwrap();
@@ -433,7 +479,7 @@ mod tests {
 
     #[test]
     fn argmax_takes_the_first_of_ties_and_shapes_are_checked() {
-        let be = CpuBackend;
+        let be = CpuBackend::new();
         assert_eq!(be.argmax(&vec![1.0, 3.0, 3.0, 0.0, -1.0, -2.0], 2, 3).unwrap(), vec![1, 0]);
         assert!(matches!(be.matmul(&vec![0.0; 3], &vec![0.0; 4], 2, 2, 2), Err(BackendError::Shape(_))));
     }

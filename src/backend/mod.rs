@@ -111,6 +111,22 @@ pub struct DecodeShape {
     pub head_dim: usize,
 }
 
+/// The scalars of one decode step. A strategy writes them with
+/// [`Backend::set_step`] before the step's device work, and the `*_step`
+/// operations read them from device memory, so a step captured once (a CUDA
+/// graph) replays correctly at every later position.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepVars {
+    /// Absolute position of the new token (its positional encoding).
+    pub pos: usize,
+    /// Cache row (per sequence) the new K/V goes to; `None`: this rank stores none.
+    pub store_at: Option<usize>,
+    /// Cached rows each sequence attends to, the new one included.
+    pub len: usize,
+    /// The step's input token of each sequence (ranks that embed; else empty).
+    pub tokens: Vec<u32>,
+}
+
 /// A run of consecutive rows: `len` rows starting at `start`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowRun {
@@ -137,6 +153,8 @@ pub trait Backend {
     type Buf;
     /// A point in the device's timeline (an instant on CPU, an event on GPU).
     type Mark;
+    /// A recorded sequence of device work that can be replayed (a CUDA graph).
+    type Graph;
 
     fn name(&self) -> &'static str;
     /// Number of elements in `buf`.
@@ -182,6 +200,30 @@ pub trait Backend {
     fn merge_partials(&self, o: &mut Self::Buf, lse: &mut Self::Buf, o2: &Self::Buf, lse2: &Self::Buf, rows: usize, head_dim: usize) -> Result<()>;
     /// Index of the largest value of each row (first one on ties).
     fn argmax(&self, logits: &Self::Buf, rows: usize, cols: usize) -> Result<Vec<u32>>;
+
+    /// Sets the scalars the `*_step` operations read (outside any capture).
+    fn set_step(&self, vars: &StepVars) -> Result<()>;
+    /// [`Backend::embed`] of one token per sequence: the step's tokens at the
+    /// step's position.
+    fn embed_step(&self, table: &Self::Buf, d: usize, nseq: usize) -> Result<Self::Buf>;
+    /// Writes row `n` of `src` (`[nseq, width]`) to row `store_at` of
+    /// sequence `n` of `cache` (`[nseq, cap, width]`); nothing without a `store_at`.
+    fn store_step(&self, cache: &mut Self::Buf, src: &Self::Buf, nseq: usize, cap: usize, width: usize) -> Result<()>;
+    /// [`Backend::attention_decode`] over the step's `len` rows (`shape.len`
+    /// is ignored: the work is laid out for any length up to `shape.cap`).
+    fn attention_decode_step(&self, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, shape: DecodeShape) -> Result<(Self::Buf, Self::Buf)>;
+
+    /// Starts recording instead of running device work; `false` when this
+    /// backend cannot record (the caller then runs the work eagerly).
+    /// Between this and [`Backend::capture_end`] nothing may wait for the
+    /// device or read device memory on the host.
+    fn capture_begin(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Ends a recording begun by [`Backend::capture_begin`].
+    fn capture_end(&self) -> Result<Self::Graph>;
+    /// Queues one replay of a recording.
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
 
     /// A point in the device timeline, for timing.
     fn mark(&self) -> Result<Self::Mark>;

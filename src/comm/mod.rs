@@ -120,6 +120,21 @@ struct Pending<M> {
     to: M,
 }
 
+/// The messages of a recorded step (see [`Comm::begin_recording`]): their
+/// categories, bytes and the marks around each, which every replay records again.
+pub struct RecordedMessages<M> {
+    messages: Vec<Pending<M>>,
+}
+
+impl<M> RecordedMessages<M> {
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+}
+
 /// The recorded traffic of one rank since the last [`Comm::take_stats`].
 struct Log<M> {
     pending: Vec<Pending<M>>,
@@ -278,6 +293,34 @@ impl<'a, B: Backend> Comm<'a, B> {
         let t = Instant::now();
         group.comm.process_at_rank(src as i32).receive_into(tokens);
         self.record_host(category, std::mem::size_of_val(tokens), t);
+    }
+
+    /// Starts setting aside the messages of a step being recorded (a CUDA
+    /// graph): they are not sent now, so they are accounted once per replay
+    /// by [`Comm::account_replay`] instead of when issued.
+    pub fn begin_recording(&self) -> usize {
+        self.log.borrow().pending.len()
+    }
+
+    /// The messages issued since `begin_recording` returned `from`.
+    pub fn end_recording(&self, from: usize) -> RecordedMessages<B::Mark> {
+        let mut log = self.log.borrow_mut();
+        let from = from.min(log.pending.len());
+        RecordedMessages { messages: log.pending.split_off(from) }
+    }
+
+    /// Accounts one replay of recorded messages (waits for their marks).
+    pub fn account_replay(&self, rec: &RecordedMessages<B::Mark>) -> Result<()> {
+        self.beat();
+        let mut log = self.log.borrow_mut();
+        for p in &rec.messages {
+            let secs = self.backend.elapsed_s(&p.from, &p.to)?;
+            let stat = log.totals.entry(p.category).or_default();
+            stat.calls += 1;
+            stat.bytes += p.bytes;
+            stat.seconds += secs;
+        }
+        Ok(())
     }
 
     /// Resolves pending timings and returns the totals since the last call.

@@ -3,8 +3,8 @@
 //! `stage * t + tp_rank`. Prefill is micro-batched with a fill/drain
 //! schedule; decode steps flow through the stages one after another.
 
-use super::{split_even, BatchSetup, BatchShape, EdgeWeights, KvCache, LayerShard, Result, StepOut, Strategy, TpMath};
-use crate::backend::Backend;
+use super::{split_even, BatchSetup, BatchShape, EdgeWeights, KvCache, LayerShard, Phase, Result, StepOut, Strategy, TpMath};
+use crate::backend::{Backend, StepVars};
 use crate::comm::{Category, Comm, Group};
 use crate::model::{ModelConfig, Weights};
 use crate::spec::BaselineSpec;
@@ -57,39 +57,45 @@ impl<'a, 'c, B: Backend> Baseline<'a, 'c, B> {
         TpMath { be: self.be, comm: self.comm, cfg: self.cfg }
     }
 
-    /// Runs this stage's layers on `x` (rows of sequences `seqs`, `s` tokens each from `pos`).
-    fn run_stage(&mut self, x: &mut B::Buf, seqs: std::ops::Range<usize>, s: usize, pos: usize) -> Result<()> {
+    /// Runs this stage's layers on `x` (rows of sequences `seqs` in `phase`).
+    fn run_stage(&mut self, x: &mut B::Buf, seqs: std::ops::Range<usize>, phase: Phase) -> Result<()> {
         let math = TpMath { be: self.be, comm: self.comm, cfg: self.cfg };
         let cache = self.cache.as_mut().expect("begin_batch allocates the cache");
         let group = self.tp_group.as_ref().expect("deployed ranks have a tp group");
         for (i, layer) in self.layers.iter().enumerate() {
-            math.layer(layer, i, x, seqs.clone(), s, pos, cache, group)?;
+            math.layer(layer, i, x, seqs.clone(), phase, cache, group)?;
         }
         Ok(())
     }
 
-    /// One pass through the pipeline for sequences `seqs` (`s` tokens at `pos`).
-    /// Stage 0 embeds `tokens`; the last stage returns the step's output.
-    fn pipeline_pass(&mut self, tokens: &[u32], seqs: std::ops::Range<usize>, s: usize, pos: usize, keep_logits: bool) -> Result<Option<StepOut>> {
+    /// One pass through the pipeline for sequences `seqs` in `phase`. Stage 0
+    /// embeds (`tokens` in prefill, the step's tokens in decode); the last
+    /// stage's tp0 returns the logits of each sequence's last token.
+    fn pipeline_pass(&mut self, tokens: &[u32], seqs: std::ops::Range<usize>, phase: Phase) -> Result<Option<B::Buf>> {
         let (stage, _) = self.place.expect("deployed rank");
-        let d = self.cfg.d_model;
+        let (d, s) = (self.cfg.d_model, phase.tokens());
         let nseq = seqs.len();
         let pp = self.pp_group.as_ref().expect("pp group");
         let mut x = if stage == 0 {
             let edge = self.edge.as_ref().expect("edge weights");
-            self.be.embed(&edge.embedding, d, tokens, nseq, s, pos)?
+            match phase {
+                Phase::Prefill(_) => self.be.embed(&edge.embedding, d, tokens, nseq, s, 0)?,
+                Phase::Decode => self.be.embed_step(&edge.embedding, d, nseq)?,
+            }
         } else {
             self.comm.recv(Category::PpP2p, pp, stage - 1, nseq * s * d)?
         };
-        self.run_stage(&mut x, seqs, s, pos)?;
+        self.run_stage(&mut x, seqs, phase)?;
         if stage + 1 < self.pp {
             let pp = self.pp_group.as_ref().expect("pp group");
             self.comm.send(Category::PpP2p, pp, stage + 1, &x)?;
             return Ok(None);
         }
-        let math = self.math();
-        let logits = math.head(self.edge.as_ref().expect("edge weights"), &x, nseq, s)?;
-        Ok(Some(math.sample(&logits, nseq, keep_logits)?))
+        if !self.is_last_tp0() {
+            // The leader alone computes the head and samples.
+            return Ok(None);
+        }
+        Ok(Some(self.math().head(self.edge.as_ref().expect("edge weights"), &x, nseq, s)?))
     }
 
     fn is_last_tp0(&self) -> bool {
@@ -137,8 +143,9 @@ impl<'a, 'c, B: Backend> Strategy<B> for Baseline<'a, 'c, B> {
         // stage hands it over; the blocking hand-off orders the schedule.
         for seqs in split_even(shape.nseq, self.batch_micro_batches) {
             let tokens = if stage == 0 { &prompts[seqs.start * s..seqs.end * s] } else { &[][..] };
-            if let Some(out) = self.pipeline_pass(tokens, seqs, s, 0, keep_logits)? {
-                outs.push(out);
+            let nseq = seqs.len();
+            if let Some(logits) = self.pipeline_pass(tokens, seqs, Phase::Prefill(s))? {
+                outs.push(self.math().sample(&logits, nseq, keep_logits)?);
             }
         }
         if stage + 1 < self.pp {
@@ -149,7 +156,7 @@ impl<'a, 'c, B: Backend> Strategy<B> for Baseline<'a, 'c, B> {
         Ok(self.is_last_tp0().then_some(StepOut { tokens, logits }))
     }
 
-    fn decode(&mut self, step: usize, leader_tokens: &[u32], keep_logits: bool) -> Result<Option<StepOut>> {
+    fn decode_begin(&mut self, step: usize, leader_tokens: &[u32]) -> Result<Option<StepVars>> {
         let Some((stage, tp_rank)) = self.place else { return Ok(None) };
         let shape = self.shape.expect("begin_batch first");
         let mut tokens = vec![0u32; shape.nseq];
@@ -166,9 +173,24 @@ impl<'a, 'c, B: Backend> Strategy<B> for Baseline<'a, 'c, B> {
                 self.comm.recv_tokens(Category::PpP2p, self.pp_group.as_ref().expect("pp"), self.pp - 1, &mut tokens);
             }
             self.comm.broadcast_tokens(Category::Control, self.tp_group.as_ref().expect("tp"), 0, &mut tokens);
+        } else {
+            tokens.clear();
         }
-        let out = self.pipeline_pass(&tokens, 0..shape.nseq, 1, shape.seq_len + step - 1, keep_logits)?;
-        Ok(out.filter(|_| self.is_last_tp0()))
+        let pos = shape.seq_len + step - 1;
+        Ok(Some(StepVars { pos, store_at: Some(pos), len: pos + 1, tokens }))
+    }
+
+    fn decode_device(&mut self) -> Result<Option<B::Buf>> {
+        let nseq = self.shape.expect("begin_batch first").nseq;
+        self.pipeline_pass(&[], 0..nseq, Phase::Decode)
+    }
+
+    fn decode_end(&mut self, logits: Option<&B::Buf>, keep_logits: bool) -> Result<Option<StepOut>> {
+        let nseq = self.shape.expect("begin_batch first").nseq;
+        match logits {
+            Some(l) if self.is_last_tp0() => Ok(Some(self.math().sample(l, nseq, keep_logits)?)),
+            _ => Ok(None),
+        }
     }
 
     fn end_batch(&mut self) -> Result<()> {

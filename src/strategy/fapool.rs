@@ -5,8 +5,8 @@
 //! Ranks `0..B` are the base, `B..B+launched` the pool. The bridge group is
 //! the base root plus every pool rank (bridge rank `1 + i` is pool rank `i`).
 
-use super::{pool_segments, split_even, BatchSetup, BatchShape, EdgeWeights, KvCache, LayerShard, PoolPolicy, Result, StepOut, Strategy, TpMath};
-use crate::backend::{Backend, DecodeShape, PrefillShape, RowRun};
+use super::{pool_segments, split_even, BatchSetup, BatchShape, EdgeWeights, KvCache, LayerShard, Phase, PoolPolicy, Result, StepOut, Strategy, TpMath};
+use crate::backend::{Backend, DecodeShape, PrefillShape, RowRun, StepVars};
 use crate::comm::{Category, Comm, Group};
 use crate::model::{ModelConfig, Tensor, Weights};
 use crate::spec::FapoolSpec;
@@ -174,22 +174,26 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
 
     // ----- base group, pool inactive: plain Megatron TP over the base -----
 
-    fn base_only_pass(&mut self, tokens: &[u32], seqs: Range<usize>, s: usize, pos: usize, keep_logits: bool) -> Result<Option<StepOut>> {
+    /// Sequences `seqs` in `phase` on the base alone; the logits of each
+    /// sequence's last token on the base root.
+    fn base_only_pass(&mut self, tokens: &[u32], seqs: Range<usize>, phase: Phase) -> Result<Option<B::Buf>> {
         let Place::Base(r) = self.place else { return Ok(None) };
         let math = TpMath { be: self.be, comm: self.comm, cfg: self.cfg };
         let edge = self.edge.as_ref().expect("base edge weights");
-        let nseq = seqs.len();
-        let mut x = self.be.embed(&edge.embedding, self.cfg.d_model, tokens, nseq, s, pos)?;
+        let (nseq, d) = (seqs.len(), self.cfg.d_model);
+        let mut x = match phase {
+            Phase::Prefill(s) => self.be.embed(&edge.embedding, d, tokens, nseq, s, 0)?,
+            Phase::Decode => self.be.embed_step(&edge.embedding, d, nseq)?,
+        };
         let cache = self.cache.as_mut().expect("base cache");
         let group = self.base.as_ref().expect("base group");
         for (l, layer) in self.base_layers.iter().enumerate() {
-            math.layer(layer, l, &mut x, seqs.clone(), s, pos, cache, group)?;
+            math.layer(layer, l, &mut x, seqs.clone(), phase, cache, group)?;
         }
         if r != 0 {
             return Ok(None);
         }
-        let logits = math.head(edge, &x, nseq, s)?;
-        Ok(Some(math.sample(&logits, nseq, keep_logits)?))
+        Ok(Some(math.head(edge, &x, nseq, phase.tokens())?))
     }
 
     // ----- base group, pool active -----
@@ -263,12 +267,13 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
         Ok(Some(math.sample(&logits, nseq, keep_logits)?))
     }
 
-    fn base_decode_with_pool(&mut self, tokens: &[u32], pos: usize, keep_logits: bool) -> Result<Option<StepOut>> {
+    /// The base's half of a decode step with the pool active; the logits on the base root.
+    fn base_decode_with_pool(&mut self) -> Result<Option<B::Buf>> {
         let Place::Base(r) = self.place else { return Ok(None) };
         let nseq = self.shape.expect("batch").nseq;
         let d = self.cfg.d_model;
         let edge = self.edge.as_ref().expect("base edge weights");
-        let mut x = self.be.embed(&edge.embedding, d, tokens, nseq, 1, pos)?;
+        let mut x = self.be.embed_step(&edge.embedding, d, nseq)?;
         for l in 0..self.cfg.layers {
             let mut attn = self.be.zeros(nseq * d)?;
             if r == 0 {
@@ -283,9 +288,7 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
         if r != 0 {
             return Ok(None);
         }
-        let math = self.math();
-        let logits = math.head(edge, &x, nseq, 1)?;
-        Ok(Some(math.sample(&logits, nseq, keep_logits)?))
+        Ok(Some(self.math().head(edge, &x, nseq, 1)?))
     }
 
     // ----- pool ranks -----
@@ -395,6 +398,9 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
         Ok(())
     }
 
+    /// Pool rank `i`'s half of a decode step: the owner of this step's token
+    /// (the step's `store_at`) caches its K/V, every active rank attends to
+    /// its share (the step's `len`), and the partials are combined to the root.
     fn pool_decode(&mut self) -> Result<()> {
         let Place::Pool(i) = self.place else { return Ok(()) };
         let p = self.layout.p;
@@ -403,7 +409,6 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
         }
         let nseq = self.shape.expect("batch").nseq;
         let (d, a, dh, heads) = (self.cfg.d_model, self.cfg.attn_width(), self.cfg.head_dim, self.cfg.heads);
-        let owner = self.layout.decode_owner();
         for l in 0..self.cfg.layers {
             let mut h = self.be.zeros(nseq * d)?;
             if i == 0 {
@@ -412,13 +417,10 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
             self.comm.broadcast(Category::AttentionSync, self.active_group(), 0, &mut h)?;
             let qkv = self.be.matmul(&h, &self.pool_layers[l].qkv, nseq, d, 3 * a)?;
             let (q, k, v) = self.be.split_qkv(&qkv, nseq, a)?;
-            let len = self.layout.cached[i] + usize::from(i == owner);
             let cache = self.cache.as_mut().expect("pool cache");
-            if i == owner {
-                cache.store(self.be, l, 0..nseq, self.layout.cached[i], 1, &k, &v)?;
-            }
-            let shape = DecodeShape { nseq, cap: cache.cap, len, heads, head_dim: dh };
-            let (mut o, mut lse) = self.be.attention_decode(&q, &cache.k[l], &cache.v[l], shape)?;
+            cache.store_step(self.be, l, &k, &v)?;
+            let shape = DecodeShape { nseq, cap: cache.cap, len: 0, heads, head_dim: dh };
+            let (mut o, mut lse) = self.be.attention_decode_step(&q, &cache.k[l], &cache.v[l], shape)?;
             // Binary-tree combine of the partial outputs by their log-sum-exp.
             let group = self.active_group();
             let mut k = 1;
@@ -443,7 +445,6 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
                 self.comm.send(Category::PoolToBase, self.bridge(), 0, &out)?;
             }
         }
-        self.layout.cached[owner] += 1;
         Ok(())
     }
 
@@ -516,8 +517,9 @@ impl<'a, 'c, B: Backend> Strategy<B> for Fapool<'a, 'c, B> {
         let mut outs = Vec::new();
         for seqs in split_even(shape.nseq, self.micro_batches) {
             let tokens = prompts[seqs.start * s..seqs.end * s].to_vec();
-            if let Some(o) = self.base_only_pass(&tokens, seqs, s, 0, keep_logits)? {
-                outs.push(o);
+            let nseq = seqs.len();
+            if let Some(logits) = self.base_only_pass(&tokens, seqs, Phase::Prefill(s))? {
+                outs.push(self.math().sample(&logits, nseq, keep_logits)?);
             }
         }
         if !self.is_leader() {
@@ -528,22 +530,50 @@ impl<'a, 'c, B: Backend> Strategy<B> for Fapool<'a, 'c, B> {
         Ok(Some(StepOut { tokens, logits }))
     }
 
-    fn decode(&mut self, step: usize, leader_tokens: &[u32], keep_logits: bool) -> Result<Option<StepOut>> {
+    fn decode_begin(&mut self, step: usize, leader_tokens: &[u32]) -> Result<Option<StepVars>> {
         let shape = self.shape.expect("begin_batch first");
         let pos = shape.seq_len + step - 1;
+        match self.place {
+            Place::Pool(i) if i < self.layout.p => {
+                let owner = self.layout.decode_owner();
+                let cached = self.layout.cached[i];
+                Ok(Some(StepVars { pos, store_at: (i == owner).then_some(cached), len: cached + usize::from(i == owner), tokens: Vec::new() }))
+            }
+            Place::Base(_) => {
+                let mut tokens = vec![0u32; shape.nseq];
+                if self.is_leader() {
+                    tokens.copy_from_slice(&leader_tokens[..shape.nseq]);
+                }
+                self.comm.broadcast_tokens(Category::Control, self.base_group(), 0, &mut tokens);
+                // With the pool active the base neither caches nor attends.
+                let (store_at, len) = if self.layout.p > 0 { (None, 0) } else { (Some(pos), pos + 1) };
+                Ok(Some(StepVars { pos, store_at, len, tokens }))
+            }
+            Place::Pool(_) | Place::Idle => Ok(None),
+        }
+    }
+
+    fn decode_device(&mut self) -> Result<Option<B::Buf>> {
+        let nseq = self.shape.expect("begin_batch first").nseq;
+        match self.place {
+            Place::Pool(_) => self.pool_decode().map(|_| None),
+            Place::Base(_) if self.layout.p > 0 => self.base_decode_with_pool(),
+            Place::Base(_) => self.base_only_pass(&[], 0..nseq, Phase::Decode),
+            Place::Idle => Ok(None),
+        }
+    }
+
+    fn decode_end(&mut self, logits: Option<&B::Buf>, keep_logits: bool) -> Result<Option<StepOut>> {
+        let nseq = self.shape.expect("begin_batch first").nseq;
         if let Place::Pool(_) = self.place {
-            return self.pool_decode().map(|_| None);
+            if self.layout.p > 0 {
+                let owner = self.layout.decode_owner();
+                self.layout.cached[owner] += 1;
+            }
         }
-        let Place::Base(_) = self.place else { return Ok(None) };
-        let mut tokens = vec![0u32; shape.nseq];
-        if self.is_leader() {
-            tokens.copy_from_slice(&leader_tokens[..shape.nseq]);
-        }
-        self.comm.broadcast_tokens(Category::Control, self.base_group(), 0, &mut tokens);
-        if self.layout.p > 0 {
-            self.base_decode_with_pool(&tokens, pos, keep_logits)
-        } else {
-            self.base_only_pass(&tokens, 0..shape.nseq, 1, pos, keep_logits)
+        match logits {
+            Some(l) if self.is_leader() => Ok(Some(self.math().sample(l, nseq, keep_logits)?)),
+            _ => Ok(None),
         }
     }
 

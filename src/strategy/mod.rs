@@ -12,7 +12,7 @@ pub mod baseline;
 pub mod fapool;
 pub mod naive;
 
-use crate::backend::{Backend, DecodeShape, PrefillShape, RowRun};
+use crate::backend::{Backend, DecodeShape, PrefillShape, RowRun, StepVars};
 use crate::comm::{Category, Comm, CommError, Group};
 use crate::model::{FfnKind, ModelConfig, Tensor, Weights};
 use crate::spec::{FapoolSpec, Partition};
@@ -71,9 +71,19 @@ pub trait Strategy<B: Backend> {
     fn begin_batch(&mut self, shape: BatchShape, micro_batch_cap: usize, pool_usable: bool) -> Result<BatchSetup>;
     /// Runs the prompt (`[nseq, seq_len]` tokens, known on every rank).
     fn prefill(&mut self, prompts: &[u32], keep_logits: bool) -> Result<Option<StepOut>>;
-    /// Generates the token at output index `step` (1-based after prefill's 0)
-    /// from the previous tokens, which only the leader needs to pass.
-    fn decode(&mut self, step: usize, leader_tokens: &[u32], keep_logits: bool) -> Result<Option<StepOut>>;
+    /// Host half of the decode step that generates output index `step`
+    /// (1-based after prefill's 0): shares the previous tokens (only the
+    /// leader passes them) and returns this rank's step scalars for
+    /// [`Backend::set_step`], or `None` when the rank has no part in the step.
+    fn decode_begin(&mut self, step: usize, leader_tokens: &[u32]) -> Result<Option<StepVars>>;
+    /// Device half: the step's kernels and messages, reading the scalars set
+    /// with [`Backend::set_step`]. It neither waits for the device nor
+    /// changes host state, so it can be recorded once and replayed at every
+    /// later step of the batch. Returns the logits `[nseq, vocab]` on the leader.
+    fn decode_device(&mut self) -> Result<Option<B::Buf>>;
+    /// Samples the leader's logits (from this step's [`Strategy::decode_device`]
+    /// or a replay of it) and advances host state.
+    fn decode_end(&mut self, logits: Option<&B::Buf>, keep_logits: bool) -> Result<Option<StepOut>>;
     fn end_batch(&mut self) -> Result<()>;
 }
 
@@ -93,6 +103,26 @@ pub fn role_of(spec: &crate::spec::StrategySpec, rank: usize, world: usize) -> S
             } else {
                 "idle".into()
             }
+        }
+    }
+}
+
+/// Which tokens a layer processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The prompt: this many tokens per sequence from position 0.
+    Prefill(usize),
+    /// One token per sequence at the step's position (the backend's step
+    /// scalars), attending to the step's cached length.
+    Decode,
+}
+
+impl Phase {
+    /// Tokens per sequence.
+    pub fn tokens(self) -> usize {
+        match self {
+            Phase::Prefill(s) => s,
+            Phase::Decode => 1,
         }
     }
 }
@@ -186,6 +216,13 @@ impl<B: Backend> KvCache<B> {
         seqs.map(|s| RowRun::new(s * self.cap + pos, n)).collect()
     }
 
+    /// Stores the step's `k`, `v` (`[nseq, width]`) at the step's `store_at` row.
+    pub fn store_step(&mut self, be: &B, layer: usize, k: &B::Buf, v: &B::Buf) -> Result<()> {
+        be.store_step(&mut self.k[layer], k, self.nseq, self.cap, self.width)?;
+        be.store_step(&mut self.v[layer], v, self.nseq, self.cap, self.width)?;
+        Ok(())
+    }
+
     /// Stores `k`, `v` (`[len(seqs) * n, width]`) at positions `pos..pos+n`.
     pub fn store(&mut self, be: &B, layer: usize, seqs: std::ops::Range<usize>, pos: usize, n: usize, k: &B::Buf, v: &B::Buf) -> Result<()> {
         let runs = self.runs(seqs, pos, n);
@@ -204,27 +241,29 @@ pub struct TpMath<'a, 'c, B: Backend> {
 }
 
 impl<'a, 'c, B: Backend> TpMath<'a, 'c, B> {
-    /// Attention of `nseq` sequences of `s` new tokens at positions
-    /// `pos..pos+s` (prefill when `pos == 0`, a decode step when `s == 1`).
+    /// Attention of `seqs` in `phase` (the prompt, or one decode step).
     /// `l` indexes this rank's layers (and so its cache), not the model's.
     /// Returns this rank's partial output (before the all-reduce).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention(&self, layer: &LayerShard<B>, l: usize, h: &B::Buf, seqs: std::ops::Range<usize>, s: usize, pos: usize, cache: &mut KvCache<B>) -> Result<B::Buf> {
+    pub fn attention(&self, layer: &LayerShard<B>, l: usize, h: &B::Buf, seqs: std::ops::Range<usize>, phase: Phase, cache: &mut KvCache<B>) -> Result<B::Buf> {
         let (d, dh) = (self.cfg.d_model, self.cfg.head_dim);
-        let (nseq, width) = (seqs.len(), layer.heads * dh);
+        let (nseq, width, s) = (seqs.len(), layer.heads * dh, phase.tokens());
         let rows = nseq * s;
         let qkv = self.be.matmul(h, &layer.qkv, rows, d, 3 * width)?;
         let (q, k, v) = self.be.split_qkv(&qkv, rows, width)?;
-        cache.store(self.be, l, seqs.clone(), pos, s, &k, &v)?;
-        let o = if pos == 0 {
-            let shape = PrefillShape { nseq, sq: s, skv: s, kv_seq_stride: s, heads: layer.heads, head_dim: dh, q_offset: 0 };
-            self.be.attention_prefill(&q, &k, &v, shape)?.0
-        } else {
-            if s != 1 || seqs.len() != cache.nseq {
-                return Err(StrategyError::Protocol("decode attends one new token of every sequence".into()));
+        let o = match phase {
+            Phase::Prefill(s) => {
+                cache.store(self.be, l, seqs.clone(), 0, s, &k, &v)?;
+                let shape = PrefillShape { nseq, sq: s, skv: s, kv_seq_stride: s, heads: layer.heads, head_dim: dh, q_offset: 0 };
+                self.be.attention_prefill(&q, &k, &v, shape)?.0
             }
-            let shape = DecodeShape { nseq, cap: cache.cap, len: pos + 1, heads: layer.heads, head_dim: dh };
-            self.be.attention_decode(&q, &cache.k[l], &cache.v[l], shape)?.0
+            Phase::Decode => {
+                if seqs.len() != cache.nseq {
+                    return Err(StrategyError::Protocol("decode attends one new token of every sequence".into()));
+                }
+                cache.store_step(self.be, l, &k, &v)?;
+                let shape = DecodeShape { nseq, cap: cache.cap, len: 0, heads: layer.heads, head_dim: dh };
+                self.be.attention_decode_step(&q, &cache.k[l], &cache.v[l], shape)?.0
+            }
         };
         Ok(self.be.matmul(&o, &layer.out, rows, width, d)?)
     }
@@ -258,10 +297,10 @@ impl<'a, 'c, B: Backend> TpMath<'a, 'c, B> {
 
     /// A whole decoder layer with tensor parallelism over `group`.
     #[allow(clippy::too_many_arguments)]
-    pub fn layer(&self, layer: &LayerShard<B>, l: usize, x: &mut B::Buf, seqs: std::ops::Range<usize>, s: usize, pos: usize, cache: &mut KvCache<B>, group: &Group) -> Result<()> {
-        let rows = seqs.len() * s;
+    pub fn layer(&self, layer: &LayerShard<B>, l: usize, x: &mut B::Buf, seqs: std::ops::Range<usize>, phase: Phase, cache: &mut KvCache<B>, group: &Group) -> Result<()> {
+        let rows = seqs.len() * phase.tokens();
         let h = self.be.rmsnorm(x, &layer.attn_norm, rows, self.cfg.d_model, self.cfg.norm_eps)?;
-        let mut a = self.attention(layer, l, &h, seqs, s, pos, cache)?;
+        let mut a = self.attention(layer, l, &h, seqs, phase, cache)?;
         self.comm.all_reduce(Category::TpAllreduce, group, &mut a)?;
         self.be.add_assign(x, &a)?;
         self.ffn_block(layer, x, rows, group)

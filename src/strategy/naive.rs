@@ -11,7 +11,7 @@ use crate::model::{FfnKind, ModelConfig, Tensor, Weights};
 /// Logits of every generated step, `[nseq, vocab]` each, feeding `tokens`
 /// (`[nseq, out]`, the tokens to append after each step) back in.
 pub fn generate_logits(cfg: &ModelConfig, prompts: &[u32], nseq: usize, s: usize, tokens: &[u32], out: usize) -> Result<Vec<Vec<f32>>> {
-    let be = CpuBackend;
+    let be = CpuBackend::new();
     let w = Weights::new(cfg);
     let (d, a, f, v) = (cfg.d_model, cfg.attn_width(), cfg.ffn, cfg.vocab);
     let mut steps = Vec::with_capacity(out);

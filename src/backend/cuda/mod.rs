@@ -21,9 +21,9 @@
 pub mod kernels;
 pub mod probe;
 
-use super::{Backend, BackendError, DecodeShape, Dtype, PrefillShape, Result, RowRun};
+use super::{Backend, BackendError, DecodeShape, Dtype, PrefillShape, Result, RowRun, StepVars};
 use cudarc::cublas::{result as cublas, sys as cublas_sys, CudaBlas};
-use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use kernels::{KernelCache, KernelFile};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -128,16 +128,54 @@ impl Drop for Tracked {
     }
 }
 
+/// One block of device memory that buffers created while recording are
+/// carved from (a recording must not allocate from the stream-ordered pool:
+/// its addresses have to stay fixed for every replay). Freed when the last
+/// buffer carved from it and the recording that uses it are gone.
+#[derive(Debug)]
+struct ArenaChunk {
+    ctx: Arc<CudaContext>,
+    ptr: u64,
+    _tracked: Tracked,
+}
+
+impl Drop for ArenaChunk {
+    fn drop(&mut self) {
+        // Work that used the chunk may still be queued: wait for it first.
+        let _ = self.ctx.synchronize();
+        // SAFETY: `ptr` came from `malloc_sync` and nothing uses it any more.
+        let _ = unsafe { drv::free_sync(self.ptr) };
+    }
+}
+
+/// The chunks of the recording in progress and the bump offset in the last one.
+#[derive(Debug, Default)]
+struct Arena {
+    chunks: Vec<(Arc<ArenaChunk>, usize)>,
+    used: usize,
+}
+
+const ARENA_CHUNK_BYTES: usize = 16 << 20;
+
+/// Where a buffer's bytes live.
+#[derive(Debug)]
+enum Mem {
+    /// The stream-ordered pool, freed on the stream when dropped.
+    Pool(CudaSlice<u8>),
+    /// Part of a recording's arena chunk.
+    Arena { ptr: u64, bytes: usize, _chunk: Arc<ArenaChunk> },
+}
+
 /// A device buffer: `len` elements of `dtype`.
 ///
 /// Freed (stream-ordered) when dropped. Allocations are at least 16 bytes
 /// and 16-byte aligned, which the vectorised kernels rely on.
 #[derive(Debug)]
 pub struct CudaBuf {
-    mem: CudaSlice<u8>,
+    mem: Mem,
     dtype: Dtype,
     len: usize,
-    _tracked: Tracked,
+    _tracked: Option<Tracked>,
 }
 
 impl CudaBuf {
@@ -160,10 +198,28 @@ impl CudaBuf {
     /// `self` lives; work queued on the backend's stream may use it until the
     /// buffer is dropped, since frees are ordered on the same stream.
     pub fn device_ptr(&self) -> u64 {
-        let (ptr, _sync) = self.mem.device_ptr(self.mem.stream());
-        ptr
+        match &self.mem {
+            Mem::Pool(m) => m.device_ptr(m.stream()).0,
+            Mem::Arena { ptr, .. } => *ptr,
+        }
+    }
+    fn allocated_bytes(&self) -> usize {
+        match &self.mem {
+            Mem::Pool(m) => m.len(),
+            Mem::Arena { bytes, .. } => *bytes,
+        }
     }
 }
+
+/// A recorded decode step (a CUDA graph) and the arena its buffers live in.
+pub struct CudaRecording {
+    graph: CudaGraph,
+    _arena: Vec<Arc<ArenaChunk>>,
+}
+
+/// The decode step's scalars in device memory, as int32:
+/// `[pos, store_at (or -1), len, 0, token of each sequence...]`.
+const STEP_HEADER: usize = 4;
 
 /// The CUDA backend for one device.
 pub struct CudaBackend {
@@ -181,6 +237,12 @@ pub struct CudaBackend {
     prefill_kernel: AtomicU8,
     /// Sinusoid frequency tables by model width (f64, as the CPU computes them).
     freq_tables: Mutex<HashMap<usize, CudaSlice<f64>>>,
+    /// The decode step's scalars (see [`STEP_HEADER`]) and their capacity in int32s.
+    step: Mutex<Option<CudaSlice<i32>>>,
+    /// A recording is in progress: buffers come from `arena`, marks are
+    /// recorded as graph nodes.
+    capturing: AtomicBool,
+    arena: Mutex<Arena>,
 }
 
 const THREADS: u32 = 256;
@@ -253,6 +315,9 @@ impl CudaBackend {
             poison_outputs: AtomicBool::new(false),
             prefill_kernel: AtomicU8::new(PrefillKernel::Auto.to_u8()),
             freq_tables: Mutex::new(HashMap::new()),
+            step: Mutex::new(None),
+            capturing: AtomicBool::new(false),
+            arena: Mutex::new(Arena::default()),
         })
     }
 
@@ -344,11 +409,16 @@ impl CudaBackend {
     /// Allocates `len` elements of `dtype` (uninitialised unless poisoning is on).
     pub fn alloc(&self, dtype: Dtype, len: usize) -> Result<CudaBuf> {
         let bytes = (len * dtype.size_bytes()).max(16).next_multiple_of(16);
-        // SAFETY: the memory is uninitialised; every caller writes what it
-        // reads (or poisons it just below).
-        let mem = unsafe { self.stream.alloc::<u8>(bytes) }?;
-        self.memory.add(bytes as u64);
-        let buf = CudaBuf { mem, dtype, len, _tracked: Tracked { tracker: self.memory.clone(), bytes: bytes as u64 } };
+        let buf = if self.capturing.load(Ordering::Relaxed) {
+            let (ptr, chunk) = self.arena_alloc(bytes)?;
+            CudaBuf { mem: Mem::Arena { ptr, bytes, _chunk: chunk }, dtype, len, _tracked: None }
+        } else {
+            // SAFETY: the memory is uninitialised; every caller writes what it
+            // reads (or poisons it just below).
+            let mem = unsafe { self.stream.alloc::<u8>(bytes) }?;
+            self.memory.add(bytes as u64);
+            CudaBuf { mem: Mem::Pool(mem), dtype, len, _tracked: Some(Tracked { tracker: self.memory.clone(), bytes: bytes as u64 }) }
+        };
         if self.poison_outputs() {
             self.memset(&buf, 0xff)?;
         }
@@ -358,10 +428,37 @@ impl CudaBackend {
     fn memset(&self, buf: &CudaBuf, byte: u8) -> Result<()> {
         // SAFETY: the range lies inside `buf`'s allocation; the memset is
         // ordered on the stream that owns and frees it.
-        unsafe { drv::memset_d8_async(buf.device_ptr(), byte, buf.mem.len(), self.stream.cu_stream()) }?;
+        unsafe { drv::memset_d8_async(buf.device_ptr(), byte, buf.allocated_bytes(), self.stream.cu_stream()) }?;
         Ok(())
     }
 
+    /// `bytes` (a multiple of 16) from the recording's arena, 256-byte aligned.
+    fn arena_alloc(&self, bytes: usize) -> Result<(u64, Arc<ArenaChunk>)> {
+        let mut arena = self.arena.lock().expect("arena lock");
+        let fits = arena.chunks.last().is_some_and(|(_, size)| arena.used + bytes <= *size);
+        if !fits {
+            let size = bytes.next_multiple_of(256).max(ARENA_CHUNK_BYTES);
+            // SAFETY: a plain device allocation (allowed while recording in
+            // relaxed mode); freed by `ArenaChunk::drop`.
+            let ptr = unsafe { drv::malloc_sync(size) }?;
+            self.memory.add(size as u64);
+            let chunk = ArenaChunk { ctx: self.ctx.clone(), ptr, _tracked: Tracked { tracker: self.memory.clone(), bytes: size as u64 } };
+            arena.chunks.push((Arc::new(chunk), size));
+            arena.used = 0;
+        }
+        let (chunk, _) = arena.chunks.last().expect("a chunk was just ensured");
+        let ptr = chunk.ptr + arena.used as u64;
+        let chunk = chunk.clone();
+        arena.used += bytes.next_multiple_of(256);
+        Ok((ptr, chunk))
+    }
+
+    /// The address of the step scalars, which must have been set.
+    fn step_ptr(&self) -> Result<u64> {
+        let step = self.step.lock().expect("step lock");
+        let ptr = step.as_ref().map(|s| s.device_ptr(&self.stream).0);
+        ptr.ok_or_else(|| shape_err("a *_step operation ran before set_step".into()))
+    }
     /// `len` zeros of `dtype`.
     pub fn zeros_of(&self, dtype: Dtype, len: usize) -> Result<CudaBuf> {
         let buf = self.alloc(dtype, len)?;
@@ -467,11 +564,25 @@ impl CudaBackend {
         if total_rows == 0 || row_bytes == 0 {
             return Ok(());
         }
+        let nruns = (table.len() / 4) as i32;
+        let (rb, total) = (row_bytes as u64, total_rows as u64);
+        let grid = total_rows.min(65_535 * 16) as u32;
+        if table.len() <= 4 * INLINE_RUNS {
+            // Small tables travel as a kernel argument: no upload, so the copy
+            // can be recorded.
+            let mut inline = RunTable([0; 4 * INLINE_RUNS]);
+            inline.0[..table.len()].copy_from_slice(table);
+            let f = self.kernels.function(KernelFile::Copy, "copy_row_runs_inline")?;
+            return self.launch(&f, grid, THREADS, 0, |a| {
+                a.arg(&dst).arg(&src).arg(&rb).arg(&inline).arg(&nruns).arg(&total);
+            });
+        }
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(shape_err(format!("{nruns} row runs cannot be recorded (at most {INLINE_RUNS})")));
+        }
         let runs = self.stream.clone_htod(table)?;
         let (runs_ptr, _s) = runs.device_ptr(&self.stream);
         let f = self.kernels.function(KernelFile::Copy, "copy_row_runs")?;
-        let (rb, nruns, total) = (row_bytes as u64, (table.len() / 4) as i32, total_rows as u64);
-        let grid = total_rows.min(65_535 * 16) as u32;
         self.launch(&f, grid, THREADS, 0, |a| {
             a.arg(&dst).arg(&src).arg(&rb).arg(&runs_ptr).arg(&nruns).arg(&total);
         })?;
@@ -539,6 +650,87 @@ impl CudaBackend {
         Ok(())
     }
 }
+
+impl CudaBackend {
+    /// Split-KV decode attention over `s.len` rows, or with `from_step` over
+    /// the step's length read on the device, the chunks laid out for `s.cap`.
+    fn decode_attention(&self, q: &CudaBuf, k_cache: &CudaBuf, v_cache: &CudaBuf, s: DecodeShape, from_step: bool) -> Result<(CudaBuf, CudaBuf)> {
+        let width = s.heads * s.head_dim;
+        check("decode q", q.len, s.nseq * width)?;
+        check("decode k cache", k_cache.len, s.nseq * s.cap * width)?;
+        check("decode v cache", v_cache.len, s.nseq * s.cap * width)?;
+        let len_ptr = if from_step { self.step_ptr()? + 8 } else { 0 };
+        // The length the chunks are laid out for.
+        let span = if from_step { s.cap } else { s.len };
+        if s.len > s.cap && !from_step {
+            return Err(shape_err(format!("decode len {} exceeds cache capacity {}", s.len, s.cap)));
+        }
+        let dtype = self.same_dtype("decode", &[q, k_cache, v_cache])?;
+        if s.head_dim > 256 {
+            return Err(BackendError::Device(format!("decode attention supports head_dim up to 256, got {}", s.head_dim)));
+        }
+        let out = self.alloc(dtype, s.nseq * width)?;
+        let lse = self.alloc(Dtype::Fp32, s.nseq * s.heads)?;
+        if s.nseq == 0 || s.heads == 0 || s.head_dim == 0 {
+            return Ok((out, lse));
+        }
+        if s.nseq > 65_535 || s.heads > 65_535 {
+            return Err(shape_err(format!("decode: {} sequences x {} heads exceed the grid limit", s.nseq, s.heads)));
+        }
+        // Row-major kernel when a block can cover whole 16-byte head rows:
+        // a block streams contiguous cache rows of `hg` heads.
+        let tpr_rows = s.head_dim / 8;
+        let rows_kernel = s.head_dim % 8 == 0 && tpr_rows.is_power_of_two() && tpr_rows <= 32 && dtype != Dtype::Fp32;
+        let hg = if rows_kernel { (512 / tpr_rows).min(s.heads) } else { 0 };
+        let rows_kernel = rows_kernel && (hg * tpr_rows) % 32 == 0;
+        let head_groups = if rows_kernel { s.heads.div_ceil(hg) } else { s.heads };
+        // Enough chunks for `blocks_per_sm` blocks per SM (1 for the row-major
+        // kernel's 512-thread blocks, which measured fastest on an H200; 4 for
+        // the 128-thread one), none under 64 rows.
+        let per_sm = std::env::var("FAPOOL_DECODE_BLOCKS_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(if rows_kernel { 1 } else { 4 });
+        let pairs = s.nseq * s.heads;
+        let target = (per_sm * self.sm_count as usize).div_ceil(s.nseq * head_groups).max(1);
+        let nsplit = if span == 0 { 0 } else { target.min(span.div_ceil(64)).max(1) };
+        let chunk = if nsplit == 0 { 0 } else { span.div_ceil(nsplit) };
+        let nsplit = if chunk == 0 { 0 } else { span.div_ceil(chunk) };
+        let part_o = self.alloc(Dtype::Fp32, (pairs * nsplit * s.head_dim).max(1))?;
+        let part_lse = self.alloc(Dtype::Fp32, (pairs * nsplit).max(1))?;
+        let (qp, kp, vp, pop, plp) = (q.device_ptr(), k_cache.device_ptr(), v_cache.device_ptr(), part_o.device_ptr(), part_lse.device_ptr());
+        let (cap, len, heads, d) = (to_i32("cap", s.cap)?, to_i32("len", s.len)?, to_i32("heads", s.heads)?, to_i32("head_dim", s.head_dim)?);
+        let (chunk_i, nsplit_i) = (to_i32("chunk", chunk)?, to_i32("splits", nsplit)?);
+        let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
+        if nsplit > 0 && rows_kernel {
+            let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_rows", dtype))?;
+            let hg_i = hg as i32;
+            self.launch(&f, (nsplit as u32, head_groups as u32, s.nseq as u32), (hg * tpr_rows) as u32, 0, |a| {
+                a.arg(&qp).arg(&kp).arg(&vp).arg(&pop).arg(&plp).arg(&cap).arg(&len).arg(&len_ptr).arg(&heads).arg(&d).arg(&hg_i).arg(&chunk_i).arg(&scale_log2);
+            })?;
+        } else if nsplit > 0 {
+            let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_partial", dtype))?;
+            // Threads per head row: eight elements each, a power of two up to 32.
+            let tpr = s.head_dim.div_ceil(8).next_power_of_two() as i32;
+            self.launch(&f, (nsplit as u32, s.heads as u32, s.nseq as u32), 128, 0, |a| {
+                a.arg(&qp).arg(&kp).arg(&vp).arg(&pop).arg(&plp).arg(&cap).arg(&len).arg(&len_ptr).arg(&heads).arg(&d).arg(&tpr).arg(&chunk_i).arg(&scale_log2);
+            })?;
+        }
+        let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_combine", dtype))?;
+        let (op, lp) = (out.device_ptr(), lse.device_ptr());
+        self.launch(&f, (s.heads as u32, s.nseq as u32, 1), 128, 0, |a| {
+            a.arg(&pop).arg(&plp).arg(&op).arg(&lp).arg(&nsplit_i).arg(&heads).arg(&d);
+        })?;
+        Ok((out, lse))
+    }
+}
+
+/// Row runs passed by value to `copy_row_runs_inline` (kernels/copy.cu).
+const INLINE_RUNS: usize = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RunTable([u64; 4 * INLINE_RUNS]);
+
+// SAFETY: plain old data with the layout of the kernel's `RunTable`.
+unsafe impl DeviceRepr for RunTable {}
 
 /// Launch grid dimensions from a block count or a triple.
 struct GridDim((u32, u32, u32));
@@ -615,6 +807,7 @@ impl Backend for CudaBackend {
     type Buf = CudaBuf;
     /// A recorded CUDA event (created with timing enabled).
     type Mark = CudaEvent;
+    type Graph = CudaRecording;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -837,67 +1030,7 @@ impl Backend for CudaBackend {
     }
 
     fn attention_decode(&self, q: &CudaBuf, k_cache: &CudaBuf, v_cache: &CudaBuf, s: DecodeShape) -> Result<(CudaBuf, CudaBuf)> {
-        let width = s.heads * s.head_dim;
-        check("decode q", q.len, s.nseq * width)?;
-        check("decode k cache", k_cache.len, s.nseq * s.cap * width)?;
-        check("decode v cache", v_cache.len, s.nseq * s.cap * width)?;
-        if s.len > s.cap {
-            return Err(shape_err(format!("decode len {} exceeds cache capacity {}", s.len, s.cap)));
-        }
-        let dtype = self.same_dtype("decode", &[q, k_cache, v_cache])?;
-        if s.head_dim > 256 {
-            return Err(BackendError::Device(format!("decode attention supports head_dim up to 256, got {}", s.head_dim)));
-        }
-        let out = self.alloc(dtype, s.nseq * width)?;
-        let lse = self.alloc(Dtype::Fp32, s.nseq * s.heads)?;
-        if s.nseq == 0 || s.heads == 0 || s.head_dim == 0 {
-            return Ok((out, lse));
-        }
-        if s.nseq > 65_535 || s.heads > 65_535 {
-            return Err(shape_err(format!("decode: {} sequences x {} heads exceed the grid limit", s.nseq, s.heads)));
-        }
-        // Row-major kernel when a block can cover whole 16-byte head rows:
-        // a block streams contiguous cache rows of `hg` heads.
-        let tpr_rows = s.head_dim / 8;
-        let rows_kernel = s.head_dim % 8 == 0 && tpr_rows.is_power_of_two() && tpr_rows <= 32 && dtype != Dtype::Fp32;
-        let hg = if rows_kernel { (512 / tpr_rows).min(s.heads) } else { 0 };
-        let rows_kernel = rows_kernel && (hg * tpr_rows) % 32 == 0;
-        let head_groups = if rows_kernel { s.heads.div_ceil(hg) } else { s.heads };
-        // Enough chunks for `blocks_per_sm` blocks per SM (1 for the row-major
-        // kernel's 512-thread blocks, which measured fastest on an H200; 4 for
-        // the 128-thread one), none under 64 rows.
-        let per_sm = std::env::var("FAPOOL_DECODE_BLOCKS_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(if rows_kernel { 1 } else { 4 });
-        let pairs = s.nseq * s.heads;
-        let target = (per_sm * self.sm_count as usize).div_ceil(s.nseq * head_groups).max(1);
-        let nsplit = if s.len == 0 { 0 } else { target.min(s.len.div_ceil(64)).max(1) };
-        let chunk = if nsplit == 0 { 0 } else { s.len.div_ceil(nsplit) };
-        let nsplit = if chunk == 0 { 0 } else { s.len.div_ceil(chunk) };
-        let part_o = self.alloc(Dtype::Fp32, (pairs * nsplit * s.head_dim).max(1))?;
-        let part_lse = self.alloc(Dtype::Fp32, (pairs * nsplit).max(1))?;
-        let (qp, kp, vp, pop, plp) = (q.device_ptr(), k_cache.device_ptr(), v_cache.device_ptr(), part_o.device_ptr(), part_lse.device_ptr());
-        let (cap, len, heads, d) = (to_i32("cap", s.cap)?, to_i32("len", s.len)?, to_i32("heads", s.heads)?, to_i32("head_dim", s.head_dim)?);
-        let (chunk_i, nsplit_i) = (to_i32("chunk", chunk)?, to_i32("splits", nsplit)?);
-        let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
-        if nsplit > 0 && rows_kernel {
-            let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_rows", dtype))?;
-            let hg_i = hg as i32;
-            self.launch(&f, (nsplit as u32, head_groups as u32, s.nseq as u32), (hg * tpr_rows) as u32, 0, |a| {
-                a.arg(&qp).arg(&kp).arg(&vp).arg(&pop).arg(&plp).arg(&cap).arg(&len).arg(&heads).arg(&d).arg(&hg_i).arg(&chunk_i).arg(&scale_log2);
-            })?;
-        } else if nsplit > 0 {
-            let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_partial", dtype))?;
-            // Threads per head row: eight elements each, a power of two up to 32.
-            let tpr = s.head_dim.div_ceil(8).next_power_of_two() as i32;
-            self.launch(&f, (nsplit as u32, s.heads as u32, s.nseq as u32), 128, 0, |a| {
-                a.arg(&qp).arg(&kp).arg(&vp).arg(&pop).arg(&plp).arg(&cap).arg(&len).arg(&heads).arg(&d).arg(&tpr).arg(&chunk_i).arg(&scale_log2);
-            })?;
-        }
-        let f = self.kernels.function(KernelFile::Decode, kernel_name!("decode_combine", dtype))?;
-        let (op, lp) = (out.device_ptr(), lse.device_ptr());
-        self.launch(&f, (s.heads as u32, s.nseq as u32, 1), 128, 0, |a| {
-            a.arg(&pop).arg(&plp).arg(&op).arg(&lp).arg(&nsplit_i).arg(&heads).arg(&d);
-        })?;
-        Ok((out, lse))
+        self.decode_attention(q, k_cache, v_cache, s, false)
     }
 
     fn merge_partials(&self, o: &mut CudaBuf, lse: &mut CudaBuf, o2: &CudaBuf, lse2: &CudaBuf, rows: usize, head_dim: usize) -> Result<()> {
@@ -941,9 +1074,101 @@ impl Backend for CudaBackend {
         Ok(host)
     }
 
+    fn set_step(&self, vars: &StepVars) -> Result<()> {
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(shape_err("set_step while recording: the scalars are inputs of the recording".into()));
+        }
+        let int = |what: &str, v: usize| i32::try_from(v).map_err(|_| shape_err(format!("step {what} = {v} exceeds the int32 the kernels read")));
+        let mut host = vec![int("position", vars.pos)?, vars.store_at.map(|a| int("store row", a)).transpose()?.unwrap_or(-1), int("length", vars.len)?, 0];
+        host.extend(vars.tokens.iter().map(|&t| t as i32));
+        let mut step = self.step.lock().expect("step lock");
+        if step.as_ref().is_none_or(|b| b.len() < host.len()) {
+            // Room for 256 sequences at least, so the address rarely changes
+            // (it never does inside a batch: the token count is fixed there).
+            step.replace(self.stream.alloc_zeros::<i32>(host.len().max(STEP_HEADER + 256))?);
+        }
+        let buf = step.as_mut().expect("just allocated");
+        let (dst, _s) = buf.device_ptr(&self.stream);
+        // SAFETY: `buf` holds at least `host.len()` int32s; the copy from
+        // pageable memory is staged before this returns.
+        unsafe { drv::memcpy_htod_async(dst, &host[..], self.stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    fn embed_step(&self, table: &CudaBuf, d: usize, nseq: usize) -> Result<CudaBuf> {
+        let out = self.alloc(table.dtype, nseq * d)?;
+        if nseq == 0 || d == 0 {
+            return Ok(out);
+        }
+        if self.capturing.load(Ordering::Relaxed) && !self.freq_tables.lock().expect("freq table lock").contains_key(&d) {
+            return Err(shape_err(format!("embed_step while recording needs the width-{d} frequency table: embed once before recording")));
+        }
+        let freq = self.freq_table(d)?;
+        let step = self.step_ptr()?;
+        let f = self.kernels.function(KernelFile::Embed, kernel_name!("embed_step", table.dtype))?;
+        let (op, tp, rows64, d64) = (out.device_ptr(), table.device_ptr(), nseq as u64, d as u64);
+        self.launch(&f, nseq.min(65_535 * 16) as u32, THREADS, 0, |a| {
+            a.arg(&op).arg(&tp).arg(&step).arg(&freq).arg(&rows64).arg(&d64);
+        })?;
+        Ok(out)
+    }
+
+    fn store_step(&self, cache: &mut CudaBuf, src: &CudaBuf, nseq: usize, cap: usize, width: usize) -> Result<()> {
+        check("store_step cache", cache.len, nseq * cap * width)?;
+        check("store_step src", src.len, nseq * width)?;
+        self.same_dtype("store_step", &[cache, src])?;
+        if nseq == 0 || width == 0 {
+            return Ok(());
+        }
+        let step = self.step_ptr()?;
+        let f = self.kernels.function(KernelFile::Copy, "store_rows_at")?;
+        let (dp, sp, rb, n64, cap64) = (cache.device_ptr(), src.device_ptr(), (width * cache.dtype.size_bytes()) as u64, nseq as u64, cap as u64);
+        self.launch(&f, nseq.min(65_535 * 16) as u32, THREADS, 0, |a| {
+            a.arg(&dp).arg(&sp).arg(&rb).arg(&n64).arg(&cap64).arg(&step);
+        })
+    }
+
+    fn attention_decode_step(&self, q: &CudaBuf, k_cache: &CudaBuf, v_cache: &CudaBuf, shape: DecodeShape) -> Result<(CudaBuf, CudaBuf)> {
+        self.decode_attention(q, k_cache, v_cache, shape, true)
+    }
+
+    /// Records in relaxed mode (the arena allocates plain device memory
+    /// while recording); buffers created until [`Backend::capture_end`] come
+    /// from a fresh arena that the recording keeps alive.
+    fn capture_begin(&self) -> Result<bool> {
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(shape_err("a recording is already in progress".into()));
+        }
+        self.stream.begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+        *self.arena.lock().expect("arena lock") = Arena::default();
+        self.capturing.store(true, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn capture_end(&self) -> Result<CudaRecording> {
+        self.capturing.store(false, Ordering::Relaxed);
+        let arena = std::mem::take(&mut *self.arena.lock().expect("arena lock"));
+        let graph = self.stream.end_capture(drv_sys::CUgraphInstantiate_flags(0))?.ok_or_else(|| BackendError::Device("the recording captured no work".into()))?;
+        // Instantiation done; upload now so the first replay pays no set-up.
+        graph.upload()?;
+        Ok(CudaRecording { graph, _arena: arena.chunks.into_iter().map(|(c, _)| c).collect() })
+    }
+
+    fn replay(&self, rec: &CudaRecording) -> Result<()> {
+        Ok(rec.graph.launch()?)
+    }
+
+    /// While recording, the event is recorded as a node of the graph
+    /// (an external record), so every replay records it again and the comm
+    /// layer can time the replayed messages.
     fn mark(&self) -> Result<CudaEvent> {
         let ev = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        ev.record(&self.stream)?;
+        if self.capturing.load(Ordering::Relaxed) {
+            // SAFETY: a live event and the backend's (capturing) stream.
+            unsafe { drv_sys::cuEventRecordWithFlags(ev.cu_event(), self.stream.cu_stream(), drv_sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32) }.result()?;
+        } else {
+            ev.record(&self.stream)?;
+        }
         Ok(ev)
     }
     fn elapsed_s(&self, from: &CudaEvent, to: &CudaEvent) -> Result<f64> {
