@@ -1,8 +1,9 @@
 // Causal prefill attention, tensor-core path: head_dim 128, bf16 or fp16,
 // FlashAttention-2 style.
 //
-// A block of WARPS warps owns BM = 16 * WARPS query rows of one (sequence,
-// head); each warp owns 16 of them and keeps their Q fragments in registers.
+// A block of WARPS warps owns BM = 16 * MF * WARPS query rows of one
+// (sequence, head); each warp owns 16 * MF of them (MF = 1: Q fragments in
+// registers; MF = 2: Q re-read from shared memory, K/V fragments reused).
 // Key/value tiles of BN = 64 rows are staged in shared memory by cp.async,
 // double-buffered so the next tile loads while this one is used. Scores
 // S = Q K^T and the update O += P V run on mma.sync.m16n8k16 with f32
@@ -90,14 +91,20 @@ __device__ __forceinline__ void load_tile(unsigned tile, const T* src, u64 ld, i
     }
 }
 
-template <typename T, int WARPS>
+template <typename T, int WARPS, int MF>
 __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                T* __restrict__ out, float* __restrict__ lse, int sq, int skv, int kv_stride,
                                int heads, int q_offset, float scale_log2) {
-    constexpr int BM = 16 * WARPS;
+    // MF m16 fragments (16 * MF query rows) per warp. With MF = 1 the warp
+    // keeps its Q fragments in registers; with MF = 2 it re-reads them from
+    // shared memory every tile, and each K/V fragment it loads feeds two
+    // MMAs instead of one (half the shared-memory traffic per FLOP).
+    constexpr int WROWS = 16 * MF;
+    constexpr int BM = WROWS * WARPS;
     constexpr int THREADS = 32 * WARPS;
     constexpr int Q_BYTES = BM * FA_ROW_BYTES;
     constexpr int KV_BYTES = FA_BN * FA_ROW_BYTES;
+    constexpr bool Q_IN_REGS = MF == 1;
     extern __shared__ __align__(128) unsigned char fa_smem[];
     const unsigned s_q = smem_addr(fa_smem);
     const unsigned s_k = s_q + Q_BYTES;           // two K buffers
@@ -134,22 +141,29 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
     cp_async_wait<1>();
     __syncthreads();
 
-    // Q fragments of this warp's 16 rows: A operands for the 8 k-steps of d.
-    unsigned qf[8][4];
+    // Q fragments of this warp's rows: A operands for the 8 k-steps of d.
+    unsigned qf[Q_IN_REGS ? 8 : 1][4];
+    if constexpr (Q_IN_REGS) {
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk)
-        ldmatrix_x4(s_q + swz(warp * 16 + (lane & 15), 2 * kk + (lane >> 4)), qf[kk][0], qf[kk][1], qf[kk][2],
-                    qf[kk][3]);
+        for (int kk = 0; kk < 8; ++kk)
+            ldmatrix_x4(s_q + swz(warp * 16 + (lane & 15), 2 * kk + (lane >> 4)), qf[kk][0], qf[kk][1], qf[kk][2],
+                        qf[kk][3]);
+    }
 
-    float o[16][4];
+    float o[MF][16][4];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    // Two rows per thread: row_a = lane/4, row_b = lane/4 + 8 of the warp's 16.
-    float m_a = FAPOOL_NEG_INF, m_b = FAPOOL_NEG_INF;  // running max of raw scores
-    float l_a = 0.0f, l_b = 0.0f;                      // this thread's share of the sums
-    const int row_a = m0 + warp * 16 + (lane >> 2);
-    const int qpos_a = q_offset + row_a, qpos_b = qpos_a + 8;
-    const int warp_last_pos = q_offset + m0 + warp * 16 + 15;
+    for (int mi = 0; mi < MF; ++mi)
+#pragma unroll
+        for (int i = 0; i < 16; ++i) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.0f;
+    // Two rows per thread and fragment: lane/4 and lane/4 + 8 of its 16.
+    float m_a[MF], m_b[MF], l_a[MF], l_b[MF];  // running max of raw scores; this thread's share of the sums
+#pragma unroll
+    for (int mi = 0; mi < MF; ++mi) {
+        m_a[mi] = m_b[mi] = FAPOOL_NEG_INF;
+        l_a[mi] = l_b[mi] = 0.0f;
+    }
+    const int wrow0 = m0 + warp * WROWS;  // first query row of this warp
+    const int warp_last_pos = q_offset + wrow0 + WROWS - 1;
 
     for (int t = 0; t < n_tiles; ++t) {
         const int buf = t & 1;
@@ -159,84 +173,112 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
         // Warps whose rows all sit above this tile skip it (uniform per warp).
         if (n0 <= warp_last_pos) {
             const unsigned kt = s_k + buf * KV_BYTES, vt = s_v + buf * KV_BYTES;
-            float s[8][4];
+            float s[MF][8][4];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+            for (int mi = 0; mi < MF; ++mi)
+#pragma unroll
+                for (int i = 0; i < 8; ++i) s[mi][i][0] = s[mi][i][1] = s[mi][i][2] = s[mi][i][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < 8; ++kk) {
+                unsigned qa[MF][4];
+                if constexpr (Q_IN_REGS) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) qa[0][i] = qf[kk][i];
+                } else {
+#pragma unroll
+                    for (int mi = 0; mi < MF; ++mi)
+                        ldmatrix_x4(s_q + swz(warp * WROWS + mi * 16 + (lane & 15), 2 * kk + (lane >> 4)), qa[mi][0],
+                                    qa[mi][1], qa[mi][2], qa[mi][3]);
+                }
 #pragma unroll
                 for (int np = 0; np < 4; ++np) {
                     unsigned b0, b1, b2, b3;
                     ldmatrix_x4(kt + swz(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)), b0, b1,
                                 b2, b3);
-                    mma_16816(T(), s[2 * np], qf[kk], b0, b1);
-                    mma_16816(T(), s[2 * np + 1], qf[kk], b2, b3);
+#pragma unroll
+                    for (int mi = 0; mi < MF; ++mi) {
+                        mma_16816(T(), s[mi][2 * np], qa[mi], b0, b1);
+                        mma_16816(T(), s[mi][2 * np + 1], qa[mi], b2, b3);
+                    }
                 }
             }
-            // Mask only where the tile crosses this warp's diagonal or the end of K.
-            if (n0 + FA_BN - 1 > q_offset + m0 + warp * 16 || n0 + FA_BN > skv) {
+            unsigned p[4][MF][4];  // P, packed: the A fragments of the 4 k-steps of P V
+#pragma unroll
+            for (int mi = 0; mi < MF; ++mi) {
+                const int frow0 = wrow0 + mi * 16;
+                const int qpos_a = q_offset + frow0 + (lane >> 2), qpos_b = qpos_a + 8;
+                // Mask only where the tile crosses this fragment's diagonal or the end of K.
+                if (n0 + FA_BN - 1 > q_offset + frow0 || n0 + FA_BN > skv) {
+#pragma unroll
+                    for (int nt = 0; nt < 8; ++nt) {
+                        int col = n0 + nt * 8 + 2 * (lane & 3);
+                        if (col > qpos_a || col >= skv) s[mi][nt][0] = FAPOOL_NEG_INF;
+                        if (col + 1 > qpos_a || col + 1 >= skv) s[mi][nt][1] = FAPOOL_NEG_INF;
+                        if (col > qpos_b || col >= skv) s[mi][nt][2] = FAPOOL_NEG_INF;
+                        if (col + 1 > qpos_b || col + 1 >= skv) s[mi][nt][3] = FAPOOL_NEG_INF;
+                    }
+                }
+                // Online softmax on raw scores; exponents in base 2.
+                float mx_a = m_a[mi], mx_b = m_b[mi];
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
-                    int col = n0 + nt * 8 + 2 * (lane & 3);
-                    if (col > qpos_a || col >= skv) s[nt][0] = FAPOOL_NEG_INF;
-                    if (col + 1 > qpos_a || col + 1 >= skv) s[nt][1] = FAPOOL_NEG_INF;
-                    if (col > qpos_b || col >= skv) s[nt][2] = FAPOOL_NEG_INF;
-                    if (col + 1 > qpos_b || col + 1 >= skv) s[nt][3] = FAPOOL_NEG_INF;
+                    mx_a = fmaxf(mx_a, fmaxf(s[mi][nt][0], s[mi][nt][1]));
+                    mx_b = fmaxf(mx_b, fmaxf(s[mi][nt][2], s[mi][nt][3]));
                 }
-            }
-            // Online softmax on raw scores; exponents in base 2.
-            float mx_a = m_a, mx_b = m_b;
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+                // A row with no key yet keeps max -inf; use 0 so no inf - inf appears.
+                const float ms_a = (mx_a == FAPOOL_NEG_INF ? 0.0f : mx_a) * scale_log2;
+                const float ms_b = (mx_b == FAPOOL_NEG_INF ? 0.0f : mx_b) * scale_log2;
+                const float alpha_a = fast_exp2(m_a[mi] * scale_log2 - ms_a);
+                const float alpha_b = fast_exp2(m_b[mi] * scale_log2 - ms_b);
+                m_a[mi] = mx_a;
+                m_b[mi] = mx_b;
+                float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
-                mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
-            }
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-            // A row with no key yet keeps max -inf; use 0 so no inf - inf appears.
-            const float ms_a = (mx_a == FAPOOL_NEG_INF ? 0.0f : mx_a) * scale_log2;
-            const float ms_b = (mx_b == FAPOOL_NEG_INF ? 0.0f : mx_b) * scale_log2;
-            const float alpha_a = fast_exp2(m_a * scale_log2 - ms_a);
-            const float alpha_b = fast_exp2(m_b * scale_log2 - ms_b);
-            m_a = mx_a;
-            m_b = mx_b;
-            float sum_a = 0.0f, sum_b = 0.0f;
+                for (int nt = 0; nt < 8; ++nt) {
+                    s[mi][nt][0] = fast_exp2(fmaf(s[mi][nt][0], scale_log2, -ms_a));
+                    s[mi][nt][1] = fast_exp2(fmaf(s[mi][nt][1], scale_log2, -ms_a));
+                    s[mi][nt][2] = fast_exp2(fmaf(s[mi][nt][2], scale_log2, -ms_b));
+                    s[mi][nt][3] = fast_exp2(fmaf(s[mi][nt][3], scale_log2, -ms_b));
+                    sum_a += s[mi][nt][0] + s[mi][nt][1];
+                    sum_b += s[mi][nt][2] + s[mi][nt][3];
+                }
+                l_a[mi] = l_a[mi] * alpha_a + sum_a;
+                l_b[mi] = l_b[mi] * alpha_b + sum_b;
+                // P as bf16/fp16 A fragments now, so the f32 scores die here.
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                s[nt][0] = fast_exp2(fmaf(s[nt][0], scale_log2, -ms_a));
-                s[nt][1] = fast_exp2(fmaf(s[nt][1], scale_log2, -ms_a));
-                s[nt][2] = fast_exp2(fmaf(s[nt][2], scale_log2, -ms_b));
-                s[nt][3] = fast_exp2(fmaf(s[nt][3], scale_log2, -ms_b));
-                sum_a += s[nt][0] + s[nt][1];
-                sum_b += s[nt][2] + s[nt][3];
-            }
-            l_a = l_a * alpha_a + sum_a;
-            l_b = l_b * alpha_b + sum_b;
+                for (int kk = 0; kk < 4; ++kk) {
+                    p[kk][mi][0] = pack2(T(), s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                    p[kk][mi][1] = pack2(T(), s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                    p[kk][mi][2] = pack2(T(), s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                    p[kk][mi][3] = pack2(T(), s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+                }
 #pragma unroll
-            for (int dt = 0; dt < 16; ++dt) {
-                o[dt][0] *= alpha_a;
-                o[dt][1] *= alpha_a;
-                o[dt][2] *= alpha_b;
-                o[dt][3] *= alpha_b;
+                for (int dt = 0; dt < 16; ++dt) {
+                    o[mi][dt][0] *= alpha_a;
+                    o[mi][dt][1] *= alpha_a;
+                    o[mi][dt][2] *= alpha_b;
+                    o[mi][dt][3] *= alpha_b;
+                }
             }
             // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are exactly the
             // A fragment of k-step kk.
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                unsigned a[4];
-                a[0] = pack2(T(), s[2 * kk][0], s[2 * kk][1]);
-                a[1] = pack2(T(), s[2 * kk][2], s[2 * kk][3]);
-                a[2] = pack2(T(), s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                a[3] = pack2(T(), s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                unsigned (*a)[4] = p[kk];
 #pragma unroll
                 for (int dp = 0; dp < 8; ++dp) {
                     unsigned b0, b1, b2, b3;
                     ldmatrix_x4_trans(vt + swz(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)),
                                       b0, b1, b2, b3);
-                    mma_16816(T(), o[2 * dp], a, b0, b1);
-                    mma_16816(T(), o[2 * dp + 1], a, b2, b3);
+#pragma unroll
+                    for (int mi = 0; mi < MF; ++mi) {
+                        mma_16816(T(), o[mi][2 * dp], a[mi], b0, b1);
+                        mma_16816(T(), o[mi][2 * dp + 1], a[mi], b2, b3);
+                    }
                 }
             }
         }
@@ -244,46 +286,54 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
         __syncthreads();
         if (t + 2 < n_tiles) {
             const int n2 = n0 + 2 * FA_BN;
-            load_tile<T, FA_BN, THREADS>(s_k + buf * KV_BYTES, kb + (u64)n2 * ld, ld, skv - n2);
-            load_tile<T, FA_BN, THREADS>(s_v + buf * KV_BYTES, vb + (u64)n2 * ld, ld, skv - n2);
+            const u64 off = ((u64)n * kv_stride + n2) * ld + (u64)h * FA_D;
+            load_tile<T, FA_BN, THREADS>(s_k + buf * KV_BYTES, k + off, ld, skv - n2);
+            load_tile<T, FA_BN, THREADS>(s_v + buf * KV_BYTES, v + off, ld, skv - n2);
         }
         cp_async_commit();
     }
     cp_async_wait<0>();
 
     // Epilogue: finish the row sums across the quad, normalise, store.
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f;
-    const float inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-    const int row_b = row_a + 8;
-    T* oa = out + ((u64)n * sq + row_a) * ld + (u64)h * FA_D + 2 * (lane & 3);
-    T* ob = oa + 8 * ld;
 #pragma unroll
-    for (int dt = 0; dt < 16; ++dt) {
-        if (row_a < sq) *reinterpret_cast<unsigned*>(oa + dt * 8) = pack2(T(), o[dt][0] * inv_a, o[dt][1] * inv_a);
-        if (row_b < sq) *reinterpret_cast<unsigned*>(ob + dt * 8) = pack2(T(), o[dt][2] * inv_b, o[dt][3] * inv_b);
-    }
-    if ((lane & 3) == 0) {
-        float* lrow = lse + ((u64)n * heads + h) * sq;
-        if (row_a < sq) lrow[row_a] = l_a > 0.0f ? (m_a * scale_log2 + log2f(l_a)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
-        if (row_b < sq) lrow[row_b] = l_b > 0.0f ? (m_b * scale_log2 + log2f(l_b)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
+    for (int mi = 0; mi < MF; ++mi) {
+        float la = l_a[mi], lb = l_b[mi];
+        la += __shfl_xor_sync(0xffffffffu, la, 1);
+        la += __shfl_xor_sync(0xffffffffu, la, 2);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+        const float inv_a = la > 0.0f ? 1.0f / la : 0.0f;
+        const float inv_b = lb > 0.0f ? 1.0f / lb : 0.0f;
+        const int row_a = wrow0 + mi * 16 + (lane >> 2), row_b = row_a + 8;
+        T* oa = out + ((u64)n * sq + row_a) * ld + (u64)h * FA_D + 2 * (lane & 3);
+        T* ob = oa + 8 * ld;
+#pragma unroll
+        for (int dt = 0; dt < 16; ++dt) {
+            if (row_a < sq) *reinterpret_cast<unsigned*>(oa + dt * 8) = pack2(T(), o[mi][dt][0] * inv_a, o[mi][dt][1] * inv_a);
+            if (row_b < sq) *reinterpret_cast<unsigned*>(ob + dt * 8) = pack2(T(), o[mi][dt][2] * inv_b, o[mi][dt][3] * inv_b);
+        }
+        if ((lane & 3) == 0) {
+            float* lrow = lse + ((u64)n * heads + h) * sq;
+            if (row_a < sq) lrow[row_a] = la > 0.0f ? (m_a[mi] * scale_log2 + log2f(la)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
+            if (row_b < sq) lrow[row_b] = lb > 0.0f ? (m_b[mi] * scale_log2 + log2f(lb)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
+        }
     }
 }
 
-// Dynamic shared memory: (16 * WARPS + 4 * 64) rows of 256 bytes.
-#define FLASH(T, SUFFIX, WARPS)                                                                    \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)                                    \
-        flash_fwd_d128_w##WARPS##_##SUFFIX(const T* q, const T* k, const T* v, T* out, float* lse, \
-                                           int sq, int skv, int kv_stride, int heads,              \
-                                           int q_offset, float scale_log2) {                       \
-        flash_fwd_d128<T, WARPS>(q, k, v, out, lse, sq, skv, kv_stride, heads, q_offset,           \
-                                 scale_log2);                                                      \
+// Dynamic shared memory: (16 * MF * WARPS + 4 * 64) rows of 256 bytes. The
+// MF = 2 variant fits two blocks per SM (registers and shared memory).
+#define FLASH(T, SUFFIX, WARPS, MF, NAME, MINB)                                                    \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                 \
+        flash_fwd_d128_##NAME##_##SUFFIX(const T* q, const T* k, const T* v, T* out, float* lse,   \
+                                         int sq, int skv, int kv_stride, int heads, int q_offset,  \
+                                         float scale_log2) {                                       \
+        flash_fwd_d128<T, WARPS, MF>(q, k, v, out, lse, sq, skv, kv_stride, heads, q_offset,       \
+                                     scale_log2);                                                  \
     }
 
-FLASH(bf16, bf16, 8)
-FLASH(f16, f16, 8)
-FLASH(bf16, bf16, 4)
-FLASH(f16, f16, 4)
+FLASH(bf16, bf16, 8, 1, w8, 1)
+FLASH(f16, f16, 8, 1, w8, 1)
+FLASH(bf16, bf16, 4, 1, w4, 1)
+FLASH(f16, f16, 4, 1, w4, 1)
+FLASH(bf16, bf16, 4, 2, w4m2, 2)
+FLASH(f16, f16, 4, 2, w4m2, 2)

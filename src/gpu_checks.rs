@@ -374,7 +374,8 @@ pub fn check_kernels(backend: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     c.gather_scatter(20, 4096, &[RowRun::new(15, 5), RowRun::new(0, 3)]);
     c.argmax(3, 32_000);
     c.merge(32 * 3, 128);
-    let kernels: &[PrefillKernel] = if backend.dtype() == Dtype::Fp32 { &[PrefillKernel::General] } else { &[PrefillKernel::General, PrefillKernel::Flash128, PrefillKernel::Flash64] };
+    let kernels: &[PrefillKernel] =
+        if backend.dtype() == Dtype::Fp32 { &[PrefillKernel::General] } else { &[PrefillKernel::General, PrefillKernel::Flash128, PrefillKernel::Flash64, PrefillKernel::Flash128W4] };
     let dense = |nseq, sq, skv, stride, heads, q_offset| PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads, head_dim: 128, q_offset };
     for &k in kernels {
         // A pool rank's block: queries 280..480 against K/V rows 0..480 of 512.
@@ -460,7 +461,7 @@ pub fn bench_kernels(b: &CudaBackend, seq_lens: &[usize], iters: usize) -> GpuRe
         let v = b.random_uniform(dt, s * width, 3, 1.0)?;
         let shape = PrefillShape { nseq: 1, sq: s, skv: s, kv_seq_stride: s, heads, head_dim: hd, q_offset: 0 };
         let flops = 2.0 * 2.0 * (s as f64).powi(2) * hd as f64 * heads as f64 / 2.0;
-        for kernel in [PrefillKernel::Flash128, PrefillKernel::Flash64, PrefillKernel::General] {
+        for kernel in [PrefillKernel::Flash128, PrefillKernel::Flash64, PrefillKernel::Flash128W4, PrefillKernel::General] {
             if dt == Dtype::Fp32 && kernel != PrefillKernel::General {
                 continue;
             }

@@ -239,7 +239,12 @@ mod tests {
                     for (func, spill) in spills(&img.log) {
                         eprintln!("{:<14} {:<32} sm_90 spill stores {spill} B", file.file_name(), func);
                         if file == KernelFile::Flash {
-                            assert_eq!(spill, 0, "{func} spills registers on sm_90:\n{}", img.log);
+                            // The two-fragment kernel sits at 255 registers and
+                            // spills 12 bytes (loop-invariant values, reloaded
+                            // once per tile); it is still the fastest
+                            // (docs/perf-notes.md). Anything more is a regression.
+                            let budget = if func.contains("_w4m2_") { 16 } else { 0 };
+                            assert!(spill <= budget, "{func} spills {spill} B of registers on sm_90 (budget {budget} B):\n{}", img.log);
                         }
                     }
                 }
