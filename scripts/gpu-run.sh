@@ -8,7 +8,9 @@
 # the PyTorch reference), comm (NCCL through fapool and torch.distributed, 2
 # GPUs), verify (strategy equivalence on 2 GPUs, fp32 and bf16), model (whole
 # dense-4l on one GPU), model-eager (the same with decode steps not recorded
-# as CUDA graphs), sweep (jobs/gpu-2.toml on 2 GPUs).
+# as CUDA graphs), decode (decode steps at the PyTorch reference's shapes,
+# recorded and eager: jobs/gpu-1-decode.toml), sweep (jobs/gpu-2.toml on 2
+# GPUs).
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 B=${B:-target/release/fapool}
@@ -23,7 +25,7 @@ step() {
     echo "exit $?" | tee -a "$OUT/summary.txt"
     tail -n "${TAILN:-40}" "$L/$name.txt" >>"$OUT/summary.txt"
 }
-steps=${*:-check kernels comm verify model sweep}
+steps=${*:-check kernels comm verify model model-eager decode sweep}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$L/smi.txt" 2>&1
 for s in $steps; do
     case $s in
@@ -47,6 +49,16 @@ for s in $steps; do
     model-eager)
         step model-eager timeout 200 mpirun -np 1 "$B" run jobs/gpu-1-model.toml --set run.cuda_graphs=false --out "$OUT/model-eager.h5"
         TAILN=80 step model-eager-analyze "$B" analyze "$OUT/model-eager.h5"
+        ;;
+    decode)
+        for shape in 64:4096 16:16384 4:65536; do
+            n=${shape%%:*} len=${shape##*:}
+            for graphs in true false; do
+                tag=B$n-S$len-$([ $graphs = true ] && echo graph || echo eager)
+                TAILN=12 step "decode-$tag" timeout 120 mpirun -np 1 "$B" run jobs/gpu-1-decode.toml --set workload.sequences_per_category=$n \
+                    --set "workload.category.0.lengths=[$len]" --set workload.category.0.name=B$n-S$len --set run.cuda_graphs=$graphs --out "$OUT/decode-$tag.h5"
+            done
+        done
         ;;
     sweep)
         step sweep timeout 400 mpirun -np 2 "$B" run jobs/gpu-2.toml --out "$OUT/gpu-2.h5"

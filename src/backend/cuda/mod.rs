@@ -694,13 +694,12 @@ impl CudaBackend {
         let hg = if rows_kernel { (512 / tpr_rows).min(s.heads) } else { 0 };
         let rows_kernel = rows_kernel && (hg * tpr_rows) % 32 == 0;
         let head_groups = if rows_kernel { s.heads.div_ceil(hg) } else { s.heads };
-        // Enough chunks for `blocks_per_sm` blocks per SM (1 for the row-major
+        // `blocks_per_sm` blocks per SM at a time (1 for the row-major
         // kernel's 512-thread blocks, which measured fastest on an H200; 4 for
-        // the 128-thread one), none under 64 rows.
+        // the 128-thread one).
         let per_sm = std::env::var("FAPOOL_DECODE_BLOCKS_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(if rows_kernel { 1 } else { 4 });
         let pairs = s.nseq * s.heads;
-        let target = (per_sm * self.sm_count as usize).div_ceil(s.nseq * head_groups).max(1);
-        let nsplit = if span == 0 { 0 } else { target.min(span.div_ceil(64)).max(1) };
+        let nsplit = decode_splits(span, s.nseq * head_groups, per_sm * self.sm_count as usize);
         let chunk = if nsplit == 0 { 0 } else { span.div_ceil(nsplit) };
         let nsplit = if chunk == 0 { 0 } else { span.div_ceil(chunk) };
         let part_o = self.alloc(Dtype::Fp32, (pairs * nsplit * s.head_dim).max(1))?;
@@ -730,6 +729,21 @@ impl CudaBackend {
         })?;
         Ok((out, lse))
     }
+}
+
+/// Chunks per (sequence, head group) for split-KV decode over `span` rows,
+/// with `groups` (sequence, head group) pairs and `slots` blocks running at
+/// once: the count that minimises waves × (rows per chunk + a 64-row
+/// per-block overhead), none under 64 rows. Filling the slots exactly
+/// matters: 16 sequences at 9 chunks each make 144 blocks on 132 SMs, and
+/// the 12 left over double the kernel's time.
+fn decode_splits(span: usize, groups: usize, slots: usize) -> usize {
+    if span == 0 || groups == 0 {
+        return 0;
+    }
+    let slots = slots.max(1);
+    let most = span.div_ceil(64).clamp(1, 4 * slots);
+    (1..=most).min_by_key(|&n| (groups * n).div_ceil(slots) * (span.div_ceil(n) + 64)).unwrap_or(1)
 }
 
 /// Row runs passed by value to `copy_row_runs_inline` (kernels/copy.cu).
@@ -1196,5 +1210,24 @@ impl Backend for CudaBackend {
     }
     fn reset_peak_memory(&self) {
         CudaBackend::reset_peak_memory(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_splits;
+
+    #[test]
+    fn decode_splits_fill_the_slots_in_whole_waves() {
+        // 4 sequences at 64K: 33 chunks each, 132 blocks on 132 SMs.
+        assert_eq!(decode_splits(65_664, 4, 132), 33);
+        // 16 sequences at 16K: 8 chunks (128 blocks), not 9 (144: two waves).
+        assert_eq!(decode_splits(16_512, 16, 132), 8);
+        // 64 sequences at 4K: 2 chunks (128 blocks).
+        assert_eq!(decode_splits(4_224, 64, 132), 2);
+        // Short caches are not cut under 64 rows; nothing to do gives no chunks.
+        assert_eq!(decode_splits(100, 1, 132), 2);
+        assert_eq!(decode_splits(0, 4, 132), 0);
+        assert_eq!(decode_splits(5000, 0, 132), 0);
     }
 }
