@@ -236,6 +236,10 @@ mod tests {
                 let img = compile(file, arch, &["--ptxas-options=-v"]).unwrap_or_else(|e| panic!("{e}"));
                 assert!(!img.image.is_empty(), "{} for {arch}: empty image", file.file_name());
                 if arch == "sm_90" {
+                    // For disassembly (`nvdisasm`): FAPOOL_CUBIN_DIR=dir keeps the images.
+                    if let Ok(dir) = std::env::var("FAPOOL_CUBIN_DIR") {
+                        std::fs::write(std::path::Path::new(&dir).join(format!("{}.sm_90.cubin", file.file_name())), &img.image).expect("write the cubin");
+                    }
                     for (func, spill) in spills(&img.log) {
                         eprintln!("{:<14} {:<32} sm_90 spill stores {spill} B", file.file_name(), func);
                         if file == KernelFile::Flash {
