@@ -71,8 +71,10 @@ fn decode_step_device<'r, B: Backend>(
         // End the recording whatever happened, so the stream leaves capture mode.
         let graph = be.capture_end();
         let messages = comm.end_recording(from);
-        let logits = logits?;
-        *recorded = Some(RecordedStep { graph: graph?, logits, messages });
+        let hint = |e: String| StrategyError::Protocol(format!("recording the decode step as a CUDA graph failed: {e} (run.cuda_graphs = false runs the steps op by op)"));
+        let logits = logits.map_err(|e| hint(e.to_string()))?;
+        let graph = graph.map_err(|e| hint(e.to_string()))?;
+        *recorded = Some(RecordedStep { graph, logits, messages });
     }
     if let Some(r) = recorded.as_ref() {
         be.replay(&r.graph)?;

@@ -478,6 +478,43 @@ mod tests {
     }
 
     #[test]
+    fn step_operations_read_the_step_scalars() {
+        let be = CpuBackend::new();
+        let (nseq, cap, h, dh, d) = (2, 6, 2, 4, 8);
+        let width = h * dh;
+        let table = random(10 * d, 16);
+        be.set_step(&StepVars { pos: 7, store_at: Some(3), len: 4, tokens: vec![9, 2] }).unwrap();
+        // Embedding: the step's tokens at the step's position.
+        assert_eq!(be.embed_step(&table, d, nseq).unwrap(), be.embed(&table, d, &[9, 2], nseq, 1, 7).unwrap());
+        // Store: row 3 of each sequence, nothing else.
+        let before = random(nseq * cap * width, 17);
+        let row = random(nseq * width, 18);
+        let mut cache = before.clone();
+        be.store_step(&mut cache, &row, nseq, cap, width).unwrap();
+        for n in 0..nseq {
+            for r in 0..cap {
+                let at = (n * cap + r) * width;
+                let want = if r == 3 { &row[n * width..(n + 1) * width] } else { &before[at..at + width] };
+                assert_eq!(&cache[at..at + width], want, "sequence {n} row {r}");
+            }
+        }
+        // Attention: over the step's length whatever the shape says.
+        let q = random(nseq * width, 19);
+        let shape = DecodeShape { nseq, cap, len: 0, heads: h, head_dim: dh };
+        assert_eq!(be.attention_decode_step(&q, &cache, &cache, shape).unwrap(), be.attention_decode(&q, &cache, &cache, DecodeShape { len: 4, ..shape }).unwrap());
+        // A rank that owns no new row stores nothing; a row past the cache is refused.
+        be.set_step(&StepVars { pos: 8, store_at: None, len: 4, tokens: vec![] }).unwrap();
+        let mut untouched = cache.clone();
+        be.store_step(&mut untouched, &random(nseq * width, 20), nseq, cap, width).unwrap();
+        assert_eq!(untouched, cache);
+        be.set_step(&StepVars { pos: 8, store_at: Some(cap), len: 4, tokens: vec![] }).unwrap();
+        assert!(matches!(be.store_step(&mut untouched, &row, nseq, cap, width), Err(BackendError::Shape(_))));
+        // The CPU cannot record: steps run op by op.
+        assert!(!be.capture_begin().unwrap());
+        assert!(be.capture_end().is_err());
+    }
+
+    #[test]
     fn argmax_takes_the_first_of_ties_and_shapes_are_checked() {
         let be = CpuBackend::new();
         assert_eq!(be.argmax(&vec![1.0, 3.0, 3.0, 0.0, -1.0, -2.0], 2, 3).unwrap(), vec![1, 0]);
