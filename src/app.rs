@@ -139,6 +139,25 @@ fn cuda_facts(job: &JobSpec, cluster: &Cluster, report: &crate::backend::cuda::p
     LaunchFacts { world_size: cluster.world_size, max_local_ranks: cluster.max_local_ranks, visible_gpus: report.gpu_count, memory_budget_bytes: budget, elem_bytes: job.run.dtype.size_bytes() }
 }
 
+/// A meter that measures nothing and takes `FAPOOL_TEST_METER_DELAY_MS`
+/// per read (CPU backend only): the tests use it to check that reading
+/// energy counters stays out of the batch's clocks.
+struct SlowMeter(std::time::Duration);
+
+impl SlowMeter {
+    fn from_env() -> Option<Self> {
+        let ms: u64 = std::env::var("FAPOOL_TEST_METER_DELAY_MS").ok()?.parse().ok()?;
+        Some(Self(std::time::Duration::from_millis(ms)))
+    }
+}
+
+impl EnergyMeter for SlowMeter {
+    fn joules(&self) -> Option<f64> {
+        std::thread::sleep(self.0);
+        None
+    }
+}
+
 /// Energy from NVML, matched to the rank's GPU by PCI bus id.
 struct Nvml(crate::energy::GpuMonitor);
 
@@ -246,7 +265,9 @@ pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Exit {
     match kind {
         Chosen::Cpu => {
             let facts = cpu_facts(&job, &cluster);
-            run_on(&CpuBackend::new(), Box::new(MpiTransport), &cluster, &job, &text, &target, &facts, None, args.timeout_s, Vec::new(), None)
+            let slow = SlowMeter::from_env();
+            let meter = slow.as_ref().map(|m| m as &dyn EnergyMeter);
+            run_on(&CpuBackend::new(), Box::new(MpiTransport), &cluster, &job, &text, &target, &facts, meter, args.timeout_s, Vec::new(), None)
         }
         Chosen::Cuda(report) => {
             let (be, nvml, facts) = match start_cuda(&job, &cluster, &report) {

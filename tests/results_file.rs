@@ -97,3 +97,27 @@ fn an_existing_results_file_is_not_overwritten_without_force() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(read_run(&out).unwrap().status, Some(RunStatus::Complete));
 }
+
+#[test]
+fn reading_energy_counters_stays_out_of_e2e_and_the_inter_token_latencies() {
+    // Every energy read takes 60 ms here; E2E must still be TTFT plus the
+    // inter-token latencies (what separates them is a few lines of host code).
+    let dir = scratch("slow-meter");
+    let out = dir.join("s.h5");
+    let job = repo_root().join("jobs/quickstart.toml");
+    let args = ["run", job.to_str().unwrap(), "--backend", "cpu", "--out", out.to_str().unwrap(), "--set", "workload.sequences_per_category=2", "--set", "run.warmup=false"];
+    let o = mpirun_with_env(4, &["FAPOOL_TEST_METER_DELAY_MS=60"], &args);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = read_run(&out).expect("results file reads back");
+    let mut batches = 0;
+    for s in &run.strategies {
+        for c in &s.categories {
+            for b in &c.batches {
+                let gap = b.e2e_s - b.ttft_s - b.itl_s.iter().sum::<f64>();
+                assert!(gap.abs() < 0.02, "{} {} batch {}: E2E - TTFT - sum(ITL) = {gap} s", s.info.name, c.name, b.batch_index);
+                batches += 1;
+            }
+        }
+    }
+    assert!(batches > 0);
+}

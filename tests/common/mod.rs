@@ -28,6 +28,18 @@ pub fn mpirun(np: usize, args: &[&str]) -> Output {
     mpi_env(&mut cmd).output().expect("mpirun runs")
 }
 
+/// `mpirun -np N fapool ARGS...` with `VAR=value` set on every rank.
+pub fn mpirun_with_env(np: usize, vars: &[&str], args: &[&str]) -> Output {
+    let np = np.to_string();
+    let mut cmd = Command::new("mpirun");
+    cmd.arg("--oversubscribe");
+    for v in vars {
+        cmd.args(["-x", v]);
+    }
+    cmd.args(["-np", &np, BIN]).args(args);
+    mpi_env(&mut cmd).output().expect("mpirun runs")
+}
+
 /// `fapool ARGS...` without mpirun (a singleton MPI process where MPI starts).
 pub fn fapool(args: &[&str]) -> Output {
     let mut cmd = Command::new(BIN);
