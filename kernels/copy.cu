@@ -16,6 +16,11 @@ struct RunTable {
     u64 v[4 * INLINE_RUNS];
 };
 
+// Whether 16-byte accesses are possible for rows of `row_bytes` (and pitches).
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, u64 bytes) {
+    return ((reinterpret_cast<u64>(a) | reinterpret_cast<u64>(b) | bytes) & 15) == 0;
+}
+
 __device__ __forceinline__ void copy_row(unsigned char* d, const unsigned char* s, u64 row_bytes, bool vec) {
     if (vec) {
         for (u64 c = threadIdx.x; c < row_bytes / 16; c += blockDim.x)
@@ -27,7 +32,7 @@ __device__ __forceinline__ void copy_row(unsigned char* d, const unsigned char* 
 
 __device__ void copy_runs_impl(unsigned char* dst, const unsigned char* src, u64 row_bytes, const u64* runs,
                                int nruns, u64 total_rows) {
-    bool vec = ((reinterpret_cast<u64>(dst) | reinterpret_cast<u64>(src) | row_bytes) & 15) == 0;
+    bool vec = aligned16(dst, src, row_bytes);
     for (u64 flat = blockIdx.x; flat < total_rows; flat += gridDim.x) {
         // Last run whose first flat row is <= flat (runs are in flat order).
         int lo = 0, hi = nruns - 1;
@@ -42,17 +47,8 @@ __device__ void copy_runs_impl(unsigned char* dst, const unsigned char* src, u64
 
 extern "C" __global__ void copy_rows_strided(unsigned char* dst, u64 dst_pitch, const unsigned char* src,
                                              u64 src_pitch, u64 row_bytes, u64 rows) {
-    bool vec = ((reinterpret_cast<u64>(dst) | reinterpret_cast<u64>(src) | dst_pitch | src_pitch | row_bytes) & 15) == 0;
-    for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        unsigned char* d = dst + r * dst_pitch;
-        const unsigned char* s = src + r * src_pitch;
-        if (vec) {
-            for (u64 c = threadIdx.x; c < row_bytes / 16; c += blockDim.x)
-                reinterpret_cast<uint4*>(d)[c] = reinterpret_cast<const uint4*>(s)[c];
-        } else {
-            for (u64 c = threadIdx.x; c < row_bytes; c += blockDim.x) d[c] = s[c];
-        }
-    }
+    bool vec = aligned16(dst, src, dst_pitch | src_pitch | row_bytes);
+    for (u64 r = blockIdx.x; r < rows; r += gridDim.x) copy_row(dst + r * dst_pitch, src + r * src_pitch, row_bytes, vec);
 }
 
 extern "C" __global__ void copy_row_runs(unsigned char* dst, const unsigned char* src, u64 row_bytes,
@@ -70,7 +66,7 @@ extern "C" __global__ void store_rows_at(unsigned char* dst, const unsigned char
                                          u64 cap, const int* step) {
     int at = step[1];
     if (at < 0 || (u64)at >= cap) return;
-    bool vec = ((reinterpret_cast<u64>(dst) | reinterpret_cast<u64>(src) | row_bytes) & 15) == 0;
+    bool vec = aligned16(dst, src, row_bytes);
     for (u64 n = blockIdx.x; n < nseq; n += gridDim.x)
         copy_row(dst + (n * cap + (u64)at) * row_bytes, src + n * row_bytes, row_bytes, vec);
 }

@@ -155,7 +155,6 @@ pub fn run_batch<B: Backend>(
     }
     be.synchronize()?;
     let wall_s = clock();
-    drop((recorded, eager));
     let e2 = energy.and_then(|e| e.joules());
     if let Some(l) = leader.as_mut() {
         l.e2e_s = wall_s;

@@ -32,6 +32,11 @@ fn check(what: &str, have: usize, need: usize) -> Result<()> {
     Ok(())
 }
 
+/// What `capture_end` and `replay` answer: `capture_begin` never starts a recording.
+fn cannot_record() -> BackendError {
+    BackendError::Unavailable { backend: "cpu", reason: "the CPU backend cannot record device work".into() }
+}
+
 /// Sinusoidal absolute position encoding value for `(pos, dim)` of a `d`-wide model.
 pub fn sinusoid(pos: usize, dim: usize, d: usize) -> f32 {
     let i = (dim / 2) as f64;
@@ -316,10 +321,10 @@ impl Backend for CpuBackend {
     }
 
     fn capture_end(&self) -> Result<()> {
-        Err(BackendError::Unavailable { backend: "cpu", reason: "the CPU backend cannot record device work".into() })
+        Err(cannot_record())
     }
     fn replay(&self, _graph: &()) -> Result<()> {
-        Err(BackendError::Unavailable { backend: "cpu", reason: "the CPU backend cannot record device work".into() })
+        Err(cannot_record())
     }
 
     fn mark(&self) -> Result<Instant> {

@@ -126,15 +126,6 @@ pub struct RecordedMessages<M> {
     messages: Vec<Pending<M>>,
 }
 
-impl<M> RecordedMessages<M> {
-    pub fn len(&self) -> usize {
-        self.messages.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-    }
-}
-
 /// The recorded traffic of one rank since the last [`Comm::take_stats`].
 struct Log<M> {
     pending: Vec<Pending<M>>,

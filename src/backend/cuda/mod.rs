@@ -140,6 +140,7 @@ impl Drop for Tracked {
 struct ArenaChunk {
     ctx: Arc<CudaContext>,
     ptr: u64,
+    bytes: usize,
     _tracked: Tracked,
 }
 
@@ -155,7 +156,7 @@ impl Drop for ArenaChunk {
 /// The chunks of the recording in progress and the bump offset in the last one.
 #[derive(Debug, Default)]
 struct Arena {
-    chunks: Vec<(Arc<ArenaChunk>, usize)>,
+    chunks: Vec<Arc<ArenaChunk>>,
     used: usize,
 }
 
@@ -222,8 +223,11 @@ pub struct CudaRecording {
 }
 
 /// The decode step's scalars in device memory, as int32:
-/// `[pos, store_at (or -1), len, 0, token of each sequence...]`.
+/// `[pos, store_at (or -1), len, 0, token of each sequence...]` (the
+/// kernels read them at these offsets).
 const STEP_HEADER: usize = 4;
+/// Byte offset of `len` in the step scalars.
+const STEP_LEN_BYTES: u64 = 8;
 
 /// The CUDA backend for one device.
 pub struct CudaBackend {
@@ -241,7 +245,7 @@ pub struct CudaBackend {
     prefill_kernel: AtomicU8,
     /// Sinusoid frequency tables by model width (f64, as the CPU computes them).
     freq_tables: Mutex<HashMap<usize, CudaSlice<f64>>>,
-    /// The decode step's scalars (see [`STEP_HEADER`]) and their capacity in int32s.
+    /// The decode step's scalars (see [`STEP_HEADER`]), allocated on first use.
     step: Mutex<Option<CudaSlice<i32>>>,
     /// A recording is in progress: buffers come from `arena`, marks are
     /// recorded as graph nodes.
@@ -439,20 +443,19 @@ impl CudaBackend {
     /// `bytes` (a multiple of 16) from the recording's arena, 256-byte aligned.
     fn arena_alloc(&self, bytes: usize) -> Result<(u64, Arc<ArenaChunk>)> {
         let mut arena = self.arena.lock().expect("arena lock");
-        let fits = arena.chunks.last().is_some_and(|(_, size)| arena.used + bytes <= *size);
+        let fits = arena.chunks.last().is_some_and(|c| arena.used + bytes <= c.bytes);
         if !fits {
             let size = bytes.next_multiple_of(256).max(ARENA_CHUNK_BYTES);
             // SAFETY: a plain device allocation (allowed while recording in
             // relaxed mode); freed by `ArenaChunk::drop`.
             let ptr = unsafe { drv::malloc_sync(size) }?;
             self.memory.add(size as u64);
-            let chunk = ArenaChunk { ctx: self.ctx.clone(), ptr, _tracked: Tracked { tracker: self.memory.clone(), bytes: size as u64 } };
-            arena.chunks.push((Arc::new(chunk), size));
+            let tracked = Tracked { tracker: self.memory.clone(), bytes: size as u64 };
+            arena.chunks.push(Arc::new(ArenaChunk { ctx: self.ctx.clone(), ptr, bytes: size, _tracked: tracked }));
             arena.used = 0;
         }
-        let (chunk, _) = arena.chunks.last().expect("a chunk was just ensured");
+        let chunk = arena.chunks.last().expect("a chunk was just ensured").clone();
         let ptr = chunk.ptr + arena.used as u64;
-        let chunk = chunk.clone();
         arena.used += bytes.next_multiple_of(256);
         Ok((ptr, chunk))
     }
@@ -553,6 +556,9 @@ impl CudaBackend {
         let mut tables = self.freq_tables.lock().expect("freq table lock");
         if let Some(t) = tables.get(&d) {
             return Ok(t.device_ptr(&self.stream).0);
+        }
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(shape_err(format!("the width-{d} frequency table cannot be uploaded while recording: embed once before recording")));
         }
         // Same formula and precision as `cpu::sinusoid`.
         let host: Vec<f64> = (0..d.div_ceil(2).max(1)).map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / d as f64)).collect();
@@ -659,9 +665,7 @@ impl CudaBackend {
         }
         Ok(())
     }
-}
 
-impl CudaBackend {
     /// Split-KV decode attention over `s.len` rows, or with `from_step` over
     /// the step's length read on the device, the chunks laid out for `s.cap`.
     fn decode_attention(&self, q: &CudaBuf, k_cache: &CudaBuf, v_cache: &CudaBuf, s: DecodeShape, from_step: bool) -> Result<(CudaBuf, CudaBuf)> {
@@ -669,7 +673,7 @@ impl CudaBackend {
         check("decode q", q.len, s.nseq * width)?;
         check("decode k cache", k_cache.len, s.nseq * s.cap * width)?;
         check("decode v cache", v_cache.len, s.nseq * s.cap * width)?;
-        let len_ptr = if from_step { self.step_ptr()? + 8 } else { 0 };
+        let len_ptr = if from_step { self.step_ptr()? + STEP_LEN_BYTES } else { 0 };
         // The length the chunks are laid out for.
         let span = if from_step { s.cap } else { s.len };
         if s.len > s.cap && !from_step {
@@ -1124,9 +1128,6 @@ impl Backend for CudaBackend {
         if nseq == 0 || d == 0 {
             return Ok(out);
         }
-        if self.capturing.load(Ordering::Relaxed) && !self.freq_tables.lock().expect("freq table lock").contains_key(&d) {
-            return Err(shape_err(format!("embed_step while recording needs the width-{d} frequency table: embed once before recording")));
-        }
         let freq = self.freq_table(d)?;
         let step = self.step_ptr()?;
         let f = self.kernels.function(KernelFile::Embed, kernel_name!("embed_step", table.dtype))?;
@@ -1175,7 +1176,7 @@ impl Backend for CudaBackend {
         let graph = self.stream.end_capture(drv_sys::CUgraphInstantiate_flags(0))?.ok_or_else(|| BackendError::Device("the recording captured no work".into()))?;
         // Instantiation done; upload now so the first replay pays no set-up.
         graph.upload()?;
-        Ok(CudaRecording { graph, _arena: arena.chunks.into_iter().map(|(c, _)| c).collect() })
+        Ok(CudaRecording { graph, _arena: arena.chunks })
     }
 
     fn replay(&self, rec: &CudaRecording) -> Result<()> {
