@@ -14,7 +14,6 @@ pub struct Cluster {
     pub world_size: usize,
     /// Rank among the ranks of this node (binds the GPU).
     pub local_rank: usize,
-    pub local_size: usize,
     /// Most ranks any node holds.
     pub max_local_ranks: usize,
     /// Host of every world rank.
@@ -24,7 +23,22 @@ pub struct Cluster {
     pub mpi_library: String,
 }
 
-const HOST_BYTES: usize = 64;
+/// Longest string [`Cluster::all_gather_strings`] carries (longer ones are cut).
+const STRING_BYTES: usize = 96;
+
+/// Every rank's `fields` (the same count on every rank), by world rank.
+fn gather_strings(world: &SimpleCommunicator, fields: &[String]) -> Vec<Vec<String>> {
+    let mut mine = vec![0u8; STRING_BYTES * fields.len()];
+    for (i, s) in fields.iter().enumerate() {
+        let b = s.as_bytes();
+        let n = b.len().min(STRING_BYTES);
+        mine[i * STRING_BYTES..i * STRING_BYTES + n].copy_from_slice(&b[..n]);
+    }
+    let mut all = vec![0u8; mine.len() * world.size() as usize];
+    world.all_gather_into(&mine[..], &mut all[..]);
+    let field = |c: &[u8]| String::from_utf8_lossy(c).trim_end_matches('\0').to_string();
+    all.chunks(mine.len().max(1)).map(|rank| rank.chunks(STRING_BYTES).map(field).collect()).collect()
+}
 
 impl Cluster {
     /// Starts MPI (once per process) and learns the layout.
@@ -38,16 +52,11 @@ impl Cluster {
         let mut max_local = 0u64;
         world.all_reduce_into(&(local_size as u64), &mut max_local, mpi::collective::SystemOperation::max());
         let host = mpi::environment::processor_name().unwrap_or_else(|_| "unknown".into());
-        let mut mine = [0u8; HOST_BYTES];
-        let hb = host.as_bytes();
-        mine[..hb.len().min(HOST_BYTES)].copy_from_slice(&hb[..hb.len().min(HOST_BYTES)]);
-        let mut all = vec![0u8; HOST_BYTES * world_size];
-        world.all_gather_into(&mine[..], &mut all[..]);
-        let hosts = all.chunks(HOST_BYTES).map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string()).collect();
+        let hosts = gather_strings(&world, &[host]).into_iter().map(|mut h| h.remove(0)).collect();
         let mut locals = vec![0u64; world_size];
         world.all_gather_into(&(local_rank as u64), &mut locals[..]);
         let mpi_library = mpi::environment::library_version().unwrap_or_else(|_| "unknown".into()).split('\0').next().unwrap_or("").lines().next().unwrap_or("").trim().to_string();
-        Ok(Self { universe, rank, world_size, local_rank, local_size, max_local_ranks: max_local as usize, hosts, local_ranks: locals.into_iter().map(|x| x as usize).collect(), mpi_library })
+        Ok(Self { universe, rank, world_size, local_rank, max_local_ranks: max_local as usize, hosts, local_ranks: locals.into_iter().map(|x| x as usize).collect(), mpi_library })
     }
 
     /// A panic on one rank aborts the whole job instead of leaving the
@@ -66,6 +75,12 @@ impl Cluster {
 
     pub fn world(&self) -> SimpleCommunicator {
         self.universe.world()
+    }
+
+    /// Every rank's `fields` (the same count on every rank), by world rank;
+    /// collective over the world. Strings longer than 96 bytes are cut.
+    pub fn all_gather_strings(&self, fields: &[String]) -> Vec<Vec<String>> {
+        gather_strings(&self.world(), fields)
     }
 
     /// `SLURM_NTASKS` when running under Slurm.

@@ -3,6 +3,7 @@
 //! injection the tests use. Fault injection is compiled in but inert unless
 //! `FAPOOL_FAULT` is set.
 
+use crate::exit::Exit;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,20 @@ pub fn stop_requested() -> bool {
     STOP_REQUESTED.load(Ordering::SeqCst)
 }
 
+/// Ends every rank of the job with `code` (`MPI_Abort`): what a rank does
+/// when it cannot go on and its peers may be waiting for it in a collective.
+pub fn abort_job(code: Exit) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: MPI_Abort may be called at any time after MPI_Init; it ends
+    // every rank of the job and does not return.
+    unsafe {
+        mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code.code());
+    }
+    unreachable!("MPI_Abort returned")
+}
+
 /// A fault to inject at a given world rank and global batch number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultKind {
@@ -37,6 +52,23 @@ pub enum FaultKind {
     Exit,
     /// The rank reports its device unusable before the batch.
     Device,
+    /// A device (CUDA) error in the batch's work on that rank.
+    DeviceError,
+    /// A communication (NCCL) error in the batch's work on that rank.
+    CommError,
+}
+
+/// What an injected fault leaves the batch to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultEffect {
+    /// Nothing happened: run the batch.
+    None,
+    /// Run the batch, but the pool's device is unusable.
+    DeviceUnusable,
+    /// The batch fails with a device error.
+    DeviceError,
+    /// The batch fails with a communication error.
+    CommError,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +91,8 @@ impl Fault {
             "hang" => FaultKind::Hang,
             "exit" => FaultKind::Exit,
             "device" => FaultKind::Device,
+            "device-error" => FaultKind::DeviceError,
+            "comm-error" => FaultKind::CommError,
             _ => return None,
         };
         let (mut rank, mut batch) = (None, None);
@@ -73,35 +107,45 @@ impl Fault {
         Some(Self { kind, rank: rank?, batch: batch? })
     }
 
-    /// Applies the fault if it is due; returns whether the device is usable.
-    pub fn apply(self, rank: usize, batch: u64) -> bool {
+    /// Applies the fault if it is due (a hang or an exit happens here).
+    pub fn apply(self, rank: usize, batch: u64) -> FaultEffect {
         if self.rank != rank || self.batch != batch {
-            return true;
+            return FaultEffect::None;
         }
         match self.kind {
             FaultKind::Hang => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
             FaultKind::Exit => std::process::exit(42),
-            FaultKind::Device => false,
+            FaultKind::Device => FaultEffect::DeviceUnusable,
+            FaultKind::DeviceError => FaultEffect::DeviceError,
+            FaultKind::CommError => FaultEffect::CommError,
         }
     }
 }
 
-/// Aborts the whole job when this rank makes no progress for `timeout`.
+/// Aborts the whole job (exit [`Exit::Timeout`]) when this rank makes no
+/// progress for `timeout`.
 ///
 /// Progress is a heartbeat the runner beats at every batch boundary and the
 /// comm layer at every message; a rank stuck in a collective whose peer hangs
-/// stops beating. The abort goes through `MPI_Abort`, which ends every rank.
+/// stops beating. Every rank's watchdog fires at about the same moment, but
+/// the failure must be in the results file before any rank aborts: rank 0
+/// (which owns the file) runs `on_timeout` — marking the batch failed — and
+/// then aborts; every other rank waits [`Watchdog::grace`] first, so rank 0's
+/// abort normally ends it, and aborts itself only if rank 0 could not.
 pub struct Watchdog {
     beat: Arc<AtomicU64>,
     origin: Instant,
 }
 
-/// Exit code of a watchdog abort (documented in the README).
-pub const TIMEOUT_EXIT: i32 = 6;
-
 impl Watchdog {
+    /// How long ranks other than 0 wait after their own timeout before
+    /// aborting: longer than rank 0 needs to mark the file.
+    pub fn grace(timeout: Duration) -> Duration {
+        timeout.max(Duration::from_secs(10))
+    }
+
     pub fn start(timeout: Duration, rank: usize, on_timeout: impl Fn() + Send + 'static) -> Self {
         let beat = Arc::new(AtomicU64::new(0));
         let origin = Instant::now();
@@ -112,12 +156,12 @@ impl Watchdog {
             let idle = origin.elapsed().saturating_sub(last);
             if idle > timeout {
                 eprintln!("fapool: rank {rank}: no progress for {:.0} s (--timeout {:.0} s); aborting the job", idle.as_secs_f64(), timeout.as_secs_f64());
-                on_timeout();
-                // SAFETY: MPI_Abort may be called once MPI is initialized; it
-                // ends every rank of the job and does not return.
-                unsafe {
-                    mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, TIMEOUT_EXIT);
+                if rank == 0 {
+                    on_timeout();
+                } else {
+                    std::thread::sleep(Self::grace(timeout));
                 }
+                abort_job(Exit::Timeout);
             }
         });
         Self { beat, origin }
@@ -155,6 +199,8 @@ mod tests {
     fn faults_parse_with_rank_and_batch() {
         assert_eq!(Fault::parse("hang:rank=1:batch=2"), Some(Fault { kind: FaultKind::Hang, rank: 1, batch: 2 }));
         assert_eq!(Fault::parse("device:batch=0:rank=3"), Some(Fault { kind: FaultKind::Device, rank: 3, batch: 0 }));
+        assert_eq!(Fault::parse("device-error:rank=0:batch=1"), Some(Fault { kind: FaultKind::DeviceError, rank: 0, batch: 1 }));
+        assert_eq!(Fault::parse("comm-error:rank=2:batch=0"), Some(Fault { kind: FaultKind::CommError, rank: 2, batch: 0 }));
         assert_eq!(Fault::parse("explode:rank=1:batch=2"), None);
         assert_eq!(Fault::parse("hang:rank=1"), None);
     }
@@ -162,8 +208,9 @@ mod tests {
     #[test]
     fn a_device_fault_only_fires_at_its_rank_and_batch() {
         let f = Fault { kind: FaultKind::Device, rank: 2, batch: 5 };
-        assert!(f.apply(1, 5));
-        assert!(f.apply(2, 4));
-        assert!(!f.apply(2, 5));
+        assert_eq!(f.apply(1, 5), FaultEffect::None);
+        assert_eq!(f.apply(2, 4), FaultEffect::None);
+        assert_eq!(f.apply(2, 5), FaultEffect::DeviceUnusable);
+        assert_eq!(Fault { kind: FaultKind::DeviceError, ..f }.apply(2, 5), FaultEffect::DeviceError);
     }
 }

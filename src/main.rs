@@ -1,8 +1,8 @@
 //! The `fapool` command line.
 
 use clap::{Parser, Subcommand};
-use fapool::app;
 use fapool::backend::BackendKind;
+use fapool::commands::{self, run::RunArgs, validate::ValidateArgs, verify::VerifyArgs};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -127,15 +127,15 @@ enum BenchCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let exit = match cli.cmd {
-        Cmd::Run { job, out, force, resume, timeout, backend, set } => app::run(&job, app::RunArgs { out, resume, force, backend, timeout_s: timeout }, &set),
-        Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => app::validate(&job, ranks, local_ranks, gpus, memory_gib, &set),
-        Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => app::verify(&job, backend, &set, tolerance, teacher_forcing, max_batches),
-        Cmd::Analyze { files } => app::analyze(&files),
-        Cmd::Env => app::env(),
-        Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => app::bench_kernels(dtype, &seq, iters, out.as_deref()),
-        Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => app::bench_comm(backend, dtype, &sizes_mib, iters, out.as_deref()),
-        Cmd::CheckGpu { dtype, seed } => app::check_gpu(&dtype, seed),
+    let outcome = match cli.cmd {
+        Cmd::Run { job, out, force, resume, timeout, backend, set } => commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout }, &set),
+        Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => commands::validate::validate(&job, ValidateArgs { ranks, local_ranks, gpus, memory_gib }, &set),
+        Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => commands::verify::verify(&job, VerifyArgs { backend, tolerance, teacher_forcing, max_batches }, &set),
+        Cmd::Analyze { files } => commands::analyze::analyze(&files),
+        Cmd::Env => commands::env::env(),
+        Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => commands::bench::kernels(dtype, &seq, iters, out.as_deref()),
+        Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => commands::bench::comm(backend, dtype, &sizes_mib, iters, out.as_deref()),
+        Cmd::CheckGpu { dtype, seed } => commands::check_gpu::check_gpu(&dtype, seed),
     };
-    std::process::exit(exit.code());
+    std::process::exit(commands::finish(outcome));
 }

@@ -1,5 +1,5 @@
-//! Metrics: what one batch and one rank measured, and the summaries SPEC
-//! section 4 defines (TTFT, TPOT, ITL, TPS, paper TPOT, percentiles).
+//! Metrics: what one batch and one rank measured, and the summaries defined
+//! in `docs/results-schema.md` (TTFT, TPOT, ITL, TPS, paper TPOT, percentiles).
 //!
 //! Plain data and arithmetic only: no MPI, no device calls, no file I/O.
 

@@ -18,7 +18,8 @@ pub enum FfnKind {
     GatedGelu,
 }
 
-/// Dimensions of a dense decoder-only model (SPEC section 1).
+/// Dimensions of a dense decoder-only model (the presets are described in
+/// `docs/design.md`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub name: String,
@@ -101,11 +102,6 @@ impl ModelConfig {
     /// FLOPs of one decode step of `nseq` sequences with `ctx` cached tokens.
     pub fn decode_flops(&self, nseq: u64, ctx: u64) -> f64 {
         self.layer_gemm_flops(nseq) + 4.0 * (nseq * ctx) as f64 * self.attn_width() as f64 * self.layers as f64 + 2.0 * (nseq * (self.d_model * self.vocab) as u64) as f64
-    }
-
-    /// Bytes of the KV cache per token (all layers) at `elem_bytes` per value.
-    pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> u64 {
-        (2 * self.layers * self.attn_width() * elem_bytes) as u64
     }
 }
 

@@ -1,5 +1,5 @@
 //! The workload: sequence-length categories, seeded lengths and Zipf-like
-//! prompt tokens, and batches of one length (SPEC section 3).
+//! prompt tokens, and batches of one length (defaults in `docs/design.md`).
 //!
 //! Every value is a pure function of the seed, the category and the sequence
 //! index, so any rank count generates the same workload with no messages.

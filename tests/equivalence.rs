@@ -1,26 +1,86 @@
 //! Every strategy reproduces the single-rank model: logits within 1e-4
 //! relative (f32) and identical greedy tokens, on batches below and above the
-//! pool threshold, for every layout the suite supports (SPEC section 2).
+//! pool threshold, for every layout the suite supports.
+//!
+//! Each layout is written once and runs per device (`per_device!`): on the
+//! CPU backend always, and on CUDA (fp32, one rank per GPU) where the machine
+//! has a GPU for every rank; elsewhere the CUDA instance says SKIPPED and
+//! passes, unless `FAPOOL_REQUIRE_GPU=1` asks for GPUs and none is there.
 
 mod common;
 use common::*;
 
+/// The backend a test instance runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    /// `fapool verify` arguments selecting this device.
+    fn args(self) -> Vec<&'static str> {
+        match self {
+            Device::Cpu => vec!["--backend", "cpu"],
+            Device::Cuda => vec!["--backend", "cuda", "--set", "run.dtype=\"fp32\""],
+        }
+    }
+
+    /// Why this device cannot run `np` ranks here, if it cannot.
+    fn unavailable(self, np: usize) -> Option<String> {
+        if self == Device::Cpu {
+            return None;
+        }
+        let gpus = match fapool::backend::cuda::probe::cuda_libraries_present() {
+            Ok(r) => r.gpu_count.unwrap_or(0),
+            Err(why) => {
+                assert!(std::env::var("FAPOOL_REQUIRE_GPU").as_deref() != Ok("1"), "FAPOOL_REQUIRE_GPU=1 but the CUDA backend cannot run: {why}");
+                return Some(why);
+            }
+        };
+        (gpus < np).then(|| format!("{np} ranks need {np} GPUs, {gpus} visible"))
+    }
+}
+
+/// Instantiates a test body `fn(Device)` for the CPU and for CUDA.
+macro_rules! per_device {
+    ($name:ident, $np:expr, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn cpu() {
+                ($body)(Device::Cpu)
+            }
+            #[test]
+            fn cuda() {
+                if let Some(why) = Device::Cuda.unavailable($np) {
+                    eprintln!("SKIPPED {}::cuda: {why}", stringify!($name));
+                    return;
+                }
+                ($body)(Device::Cuda)
+            }
+        }
+    };
+}
+
 /// Runs `fapool verify` on `np` ranks over the given strategies after a job
 /// header; asserts every comparison passed and returns the table.
-fn verify_job(np: usize, tag: &str, header: &str, strategies: &str) -> String {
-    let dir = scratch(tag);
+fn verify_job(device: Device, np: usize, tag: &str, header: &str, strategies: &str) -> String {
+    let dir = scratch(&format!("{tag}-{device:?}"));
     let path = job(&dir, tag, &format!("{header}{strategies}"));
-    let out = mpirun(np, &["verify", path.to_str().unwrap(), "--tolerance", "1e-4"]);
+    let mut args = vec!["verify", path.to_str().unwrap(), "--tolerance", "1e-4"];
+    args.extend(device.args());
+    let out = mpirun(np, &args);
     let t = text(&out);
-    assert!(out.status.success(), "verify failed on {np} ranks:\n{t}");
+    assert!(out.status.success(), "verify failed on {np} ranks ({device:?}):\n{t}");
     assert!(t.contains("all strategies reproduce the single-rank model"), "{t}");
     assert!(!t.contains("FAIL"), "{t}");
     t
 }
 
 /// `verify_job` on the tiny model.
-fn verify(np: usize, tag: &str, strategies: &str) -> String {
-    verify_job(np, tag, &tiny_job_header(6, 6), strategies)
+fn verify(device: Device, np: usize, tag: &str, strategies: &str) -> String {
+    verify_job(device, np, tag, &tiny_job_header(6, 6), strategies)
 }
 
 /// Rows of the verify table for one strategy: (category, pool size).
@@ -37,9 +97,9 @@ fn rows<'a>(table: &'a str, strategy: &str) -> Vec<(&'a str, usize)> {
 
 const FAPOOL: &str = "threshold = 32\ntokens_per_pool_gpu = 16\n";
 
-#[test]
-fn two_ranks_baseline_tp2_pp2_and_fapool_base1_pool1() {
+per_device!(two_ranks_baseline_tp2_pp2_and_fapool_base1_pool1, 2, |device: Device| {
     let t = verify(
+        device,
         2,
         "np2",
         &format!(
@@ -80,11 +140,11 @@ micro_batches = 2
         assert!(r.iter().any(|&(c, p)| c == "below" && p == 0), "{s}: no batch below the threshold ran base-only:\n{t}");
         assert!(r.iter().any(|&(c, p)| c == "above" && p == 1), "{s}: no batch above the threshold used the pool:\n{t}");
     }
-}
+});
 
-#[test]
-fn four_ranks_tp2xpp2_and_fapool_base2_pool2_with_and_without_overlap() {
+per_device!(four_ranks_tp2xpp2_and_fapool_base2_pool2_with_and_without_overlap, 4, |device: Device| {
     let t = verify(
+        device,
         4,
         "np4",
         &format!(
@@ -124,13 +184,13 @@ overlap = false
     );
     assert!(rows(&t, "b2p2-zigzag-mb2-overlap").iter().any(|&(_, p)| p == 2), "{t}");
     assert!(!rows(&t, "baseline-tp2-pp2").is_empty(), "{t}");
-}
+});
 
-#[test]
-fn a_pool_request_larger_than_the_launched_pool_is_capped() {
+per_device!(a_pool_request_larger_than_the_launched_pool_is_capped, 4, |device: Device| {
     // base 2 + pool up to 4 on 4 ranks: two pool ranks are launched; the
     // policy asks for ceil(64/16) = 4 and gets 2.
     let t = verify(
+        device,
         4,
         "capped",
         &format!(
@@ -149,11 +209,11 @@ micro_batches = 2
     let r = rows(&t, "b2p4-on-4-ranks");
     assert!(r.iter().any(|&(c, p)| c == "above" && p == 2), "{t}");
     assert!(r.iter().all(|&(_, p)| p <= 2), "{t}");
-}
+});
 
-#[test]
-fn six_ranks_fapool_base2_pool4_contiguous_and_zigzag() {
+per_device!(six_ranks_fapool_base2_pool4_contiguous_and_zigzag, 6, |device: Device| {
     let t = verify(
+        device,
         6,
         "np6",
         &format!(
@@ -184,11 +244,11 @@ micro_batches = 2
         assert!(r.iter().any(|&(_, p)| p == 3), "{s}:\n{t}");
         assert!(r.iter().any(|&(_, p)| p == 0), "{s}:\n{t}");
     }
-}
+});
 
-#[test]
-fn eight_ranks_baseline_tp4xpp2() {
+per_device!(eight_ranks_baseline_tp4xpp2, 8, |device: Device| {
     let t = verify(
+        device,
         8,
         "np8",
         r#"
@@ -200,7 +260,7 @@ micro_batches = 3
 "#,
     );
     assert!(!rows(&t, "baseline-tp4-pp2").is_empty(), "{t}");
-}
+});
 
 #[test]
 fn verify_reports_a_mismatch_as_wrong_result() {
@@ -220,13 +280,13 @@ fn eight_head_header() -> String {
     tiny_job_header(4, 5).replace("preset = \"tiny\"", "preset = \"tiny\"\nheads = 8\nhead_dim = 8")
 }
 
-fn verify_with(np: usize, tag: &str, strategies: &str) -> String {
-    verify_job(np, tag, &eight_head_header(), strategies)
+fn verify_with(device: Device, np: usize, tag: &str, strategies: &str) -> String {
+    verify_job(device, np, tag, &eight_head_header(), strategies)
 }
 
-#[test]
-fn four_rank_layouts_tp4_tp2xpp2_and_base2_pool2() {
+per_device!(four_rank_layouts_tp4_tp2xpp2_and_base2_pool2, 4, |device: Device| {
     let t = verify_with(
+        device,
         4,
         "layouts4",
         &format!(
@@ -261,11 +321,11 @@ overlap = false
         ),
     );
     assert!(rows(&t, "b2p2-zigzag-no-overlap").iter().any(|&(_, p)| p == 2), "{t}");
-}
+});
 
-#[test]
-fn eight_rank_layouts_tp4xpp2_tp8_base4_pool4_and_base2_pool6() {
+per_device!(eight_rank_layouts_tp4xpp2_tp8_base4_pool4_and_base2_pool6, 8, |device: Device| {
     let t = verify_with(
+        device,
         8,
         "layouts8",
         &format!(
@@ -300,4 +360,23 @@ tokens_per_pool_gpu = 8
     );
     assert!(rows(&t, "b4p4").iter().any(|&(_, p)| p == 4), "{t}");
     assert!(rows(&t, "b2p6").iter().any(|&(_, p)| p == 6), "{t}");
+});
+
+/// dense-4l on GPUs (too large for the CPU backend in a test): the fp32 jobs
+/// with identical tokens and logits within 1e-4, and bf16 under teacher
+/// forcing within 2e-2, every 2-rank layout against the single-GPU run.
+#[test]
+fn dense_4l_layouts_on_gpus_in_fp32_and_bf16() {
+    if let Some(why) = Device::Cuda.unavailable(2) {
+        eprintln!("SKIPPED dense_4l_layouts_on_gpus_in_fp32_and_bf16: {why}");
+        return;
+    }
+    for (job, extra) in [("jobs/gpu-verify-fp32.toml", vec!["--tolerance", "1e-4"]), ("jobs/gpu-verify-bf16.toml", vec!["--tolerance", "2e-2", "--teacher-forcing"])] {
+        let path = repo_root().join(job);
+        let mut args = vec!["verify", path.to_str().unwrap()];
+        args.extend(extra);
+        let out = mpirun(2, &args);
+        let t = text(&out);
+        assert!(out.status.success() && t.contains("all strategies reproduce the single-rank model"), "{job}:\n{t}");
+    }
 }

@@ -1,5 +1,5 @@
 //! Bad input gets a clear error naming the broken rule, with a non-zero exit,
-//! before any work (SPEC section 3).
+//! before any work.
 
 mod common;
 use common::*;

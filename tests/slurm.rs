@@ -1,6 +1,6 @@
 //! The batch scripts in `slurm/` under a real Slurm: a single-node cluster
 //! that `scripts/slurm-local.sh` installs and starts once for this test
-//! binary, and stops when the binary exits (SPEC section 7).
+//! binary, and stops when the binary exits.
 //!
 //! Where Slurm cannot be installed or started (not root, no apt-get), these
 //! tests print why and pass, except under CI (`CI=true`), where they fail.

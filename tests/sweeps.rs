@@ -210,8 +210,8 @@ fn a_batch_over_the_memory_budget_is_split_with_identical_results() {
     let s = &job.strategies[0];
     assert!(matches!(s, StrategySpec::Baseline(_)));
     // A budget that fits 2 but not 4 sequences of 128 tokens.
-    let two = fapool::memory::busiest_rank_bytes(&cfg, s, 128, 2, 8, 4, 4);
-    let four = fapool::memory::busiest_rank_bytes(&cfg, s, 128, 4, 8, 4, 4);
+    let bytes = |nseq| s.deployment().memory_bytes(&cfg, fapool::strategy::BatchShape { nseq, seq_len: 128, out_tokens: 8 }, 4, 4);
+    let (two, four) = (bytes(2), bytes(4));
     assert!(two < four);
     let budget_gib = (two + (four - two) / 4) as f64 / (1u64 << 30) as f64;
     let dir = scratch("membudget");

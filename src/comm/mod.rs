@@ -19,8 +19,6 @@ use std::time::Instant;
 /// Errors of the communication layer.
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
-    #[error("MPI: {0}")]
-    Mpi(String),
     #[error("NCCL: {0}")]
     Nccl(String),
     #[error(transparent)]
@@ -31,7 +29,8 @@ pub enum CommError {
 
 pub type Result<T> = std::result::Result<T, CommError>;
 
-/// What a message is for (SPEC section 4). The names are the results file's.
+/// What a message is for. The names are the results file's
+/// (`docs/results-schema.md` defines each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Category {
     /// Tensor-parallel all-reduce after row-parallel GEMMs.

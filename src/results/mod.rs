@@ -22,8 +22,10 @@
 mod aggregate;
 mod attrs;
 mod cloexec;
+pub mod durable;
 mod reader;
 mod rows;
+mod schema;
 mod writer;
 
 #[cfg(test)]
@@ -41,11 +43,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The schema this code writes and reads. Readers reject any other version.
-pub const SCHEMA_VERSION: u32 = 1;
-
-/// The value of the root attribute `format`, which marks a fapool results file.
-pub const FORMAT_NAME: &str = "fapool-results";
+pub use schema::{FORMAT_NAME, SCHEMA_VERSION};
 
 /// Errors of the results file.
 #[derive(Debug, thiserror::Error)]

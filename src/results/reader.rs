@@ -3,25 +3,13 @@
 
 use super::attrs;
 use super::rows::{BatchRow, CommRow, DeviceRow, RankRow, RoleRowH5, SummaryRow};
-use super::writer::{PROVENANCE, STRATEGIES};
-use super::{CategoryData, DeviceInfo, Provenance, Result, ResultsError, RoleRow, RunData, RunStatus, Seeds, StrategyData, StrategyInfo, FORMAT_NAME, SCHEMA_VERSION};
+use super::schema::{check_format, PROVENANCE, STRATEGIES};
+use super::{CategoryData, DeviceInfo, Provenance, Result, ResultsError, RoleRow, RunData, RunStatus, Seeds, StrategyData, StrategyInfo};
 use crate::metrics::{BatchRecord, RankRecord};
 use hdf5::types::VarLenUnicode;
 use hdf5::{File, Group};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Refuses files that are not fapool results files or use another schema.
-pub(crate) fn check_format(file: &File, path: &Path) -> Result<()> {
-    if attrs::get_str(file, "format")?.as_deref() != Some(FORMAT_NAME) {
-        return Err(ResultsError::NotResultsFile { path: path.to_path_buf() });
-    }
-    let found = attrs::get_scalar::<u32>(file, "schema_version")?.unwrap_or(0);
-    if found != SCHEMA_VERSION {
-        return Err(ResultsError::UnsupportedSchema { path: path.to_path_buf(), found });
-    }
-    Ok(())
-}
 
 /// Reads a whole results file: provenance, strategies, and for each
 /// category its batches (with ITL and tokens), rank rows, summary and

@@ -5,7 +5,8 @@
 use super::aggregate::RankAggregates;
 use super::attrs::{self, vlen};
 use super::rows::{BatchRow, CommRow, DeviceRow, PayloadOffsets, RankRow, RoleRowH5, SummaryRow};
-use super::{Provenance, Result, ResultsError, RunStatus, StoredSummary, StrategyInfo, FORMAT_NAME, SCHEMA_VERSION};
+use super::schema::{FORMAT_NAME, PROVENANCE, SCHEMA_VERSION, STRATEGIES};
+use super::{Provenance, Result, ResultsError, RunStatus, StoredSummary, StrategyInfo};
 use crate::metrics::{BatchRecord, CategorySummary, RankRecord};
 use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, Extent, File, Group, H5Type};
@@ -17,9 +18,6 @@ const BATCH_CHUNK: usize = 64;
 const RANK_CHUNK: usize = 256;
 const ITL_CHUNK: usize = 4096;
 const TOKEN_ROWS_CHUNK: usize = 64;
-
-pub(crate) const STRATEGIES: &str = "strategies";
-pub(crate) const PROVENANCE: &str = "provenance";
 
 /// An open results file that a run appends to.
 pub struct ResultsFile {
@@ -107,7 +105,7 @@ impl ResultsFile {
         let path = path.as_ref().to_path_buf();
         let file = File::open_rw(&path).map_err(|source| ResultsError::Open { path: path.clone(), source })?;
         super::cloexec::keep_from_children(&path);
-        super::reader::check_format(&file, &path)?;
+        super::schema::check_format(&file, &path)?;
         let results = Self { file, path };
         results.trim_unreferenced_rows()?;
         results.flush()?;

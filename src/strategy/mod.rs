@@ -1,21 +1,29 @@
-//! Strategies: who computes what, as the paper's dataflow (SPEC section 2).
+//! Strategies: who computes what. Each strategy is a folder with two parts:
 //!
-//! A strategy is a few functions per phase (prefill, decode) calling backend
-//! and comm operations. It holds no timers and writes no files: the runner
-//! times phases on the leader rank and the comm layer accounts for messages.
+//! - a **layout** (pure arithmetic, no MPI and no device): the ranks it needs,
+//!   the role of every rank and the groups it belongs to, the rules it checks
+//!   against the model, and its memory estimate for a batch shape. This is
+//!   the [`Deployment`] the job spec, the runner, the results file and the
+//!   planner all ask, so "who does what" has one source of truth;
+//! - a **dataflow** (what each rank does per phase, prefill and decode),
+//!   calling backend and comm operations, implementing [`Strategy`].
 //!
-//! The shared pieces live here: tensor-parallel layer math used by the
-//! baseline and by FA Pool's base group, the KV cache, the pool activation
-//! policy and the block partitions.
+//! Strategies hold no timers and write no files: the runner times phases and
+//! the comm layer accounts for every message. Shared pieces (tensor-parallel
+//! layer math, layer shards, the KV cache, the binary tree, group
+//! construction) live in [`common`]. The one `match` on strategy kinds is in
+//! [`registry`]: adding a strategy means adding its folder and one line there.
 
 pub mod baseline;
+pub mod common;
 pub mod fapool;
 pub mod naive;
+pub mod registry;
 
-use crate::backend::{Backend, DecodeShape, PrefillShape, RowRun, StepVars};
-use crate::comm::{Category, Comm, CommError, Group};
-use crate::model::{FfnKind, ModelConfig, Tensor, Weights};
-use crate::spec::{FapoolSpec, Partition};
+use crate::backend::{Backend, StepVars};
+use crate::comm::{Comm, CommError, Group};
+use crate::model::ModelConfig;
+use crate::rules::Violation;
 
 /// Errors while executing a strategy.
 #[derive(Debug, thiserror::Error)]
@@ -24,11 +32,17 @@ pub enum StrategyError {
     Backend(#[from] crate::backend::BackendError),
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// The dataflow was driven out of order (a bug, not bad input).
     #[error("{0}")]
     Protocol(String),
 }
 
 pub type Result<T> = std::result::Result<T, StrategyError>;
+
+/// A protocol error: an operation called out of order.
+pub fn protocol(what: impl Into<String>) -> StrategyError {
+    StrategyError::Protocol(what.into())
+}
 
 /// The shape of one batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +50,13 @@ pub struct BatchShape {
     pub nseq: usize,
     pub seq_len: usize,
     pub out_tokens: usize,
+}
+
+impl BatchShape {
+    /// Prompt plus generated tokens of one sequence (the KV cache's length).
+    pub fn context(&self) -> usize {
+        self.seq_len + self.out_tokens
+    }
 }
 
 /// How a strategy will run a batch, decided in `begin_batch`.
@@ -58,18 +79,23 @@ pub struct StepOut {
     pub logits: Option<Vec<f32>>,
 }
 
-/// A deployment strategy as seen by one rank.
+impl StepOut {
+    /// The outputs of consecutive micro-batches as one.
+    pub fn concat(parts: &[StepOut], keep_logits: bool) -> StepOut {
+        let tokens = parts.iter().flat_map(|o| o.tokens.iter().copied()).collect();
+        let logits = keep_logits.then(|| parts.iter().flat_map(|o| o.logits.clone().unwrap_or_default()).collect());
+        StepOut { tokens, logits }
+    }
+}
+
+/// A deployment strategy as seen by one rank: the dataflow of its phases.
 pub trait Strategy<B: Backend> {
-    fn name(&self) -> &str;
-    /// This rank's role ("tp", "stage1-tp0", "base", "pool", "idle", ...).
-    fn role(&self) -> String;
-    /// The rank that ends each step holding the generated tokens.
-    fn is_leader(&self) -> bool;
     /// Prepares a batch of `shape`, at most `micro_batch_cap` sequences per
     /// micro-batch; `pool_usable` is false when a pool rank reported its
     /// device unusable (FA Pool then runs the batch on the base alone).
     fn begin_batch(&mut self, shape: BatchShape, micro_batch_cap: usize, pool_usable: bool) -> Result<BatchSetup>;
-    /// Runs the prompt (`[nseq, seq_len]` tokens, known on every rank).
+    /// Runs the prompt (`[nseq, seq_len]` tokens, known on every rank); the
+    /// first generated tokens on the leader.
     fn prefill(&mut self, prompts: &[u32], keep_logits: bool) -> Result<Option<StepOut>>;
     /// Host half of the decode step that generates output index `step`
     /// (1-based after prefill's 0): shares the previous tokens (only the
@@ -87,328 +113,103 @@ pub trait Strategy<B: Backend> {
     fn end_batch(&mut self) -> Result<()>;
 }
 
-/// The role world rank `rank` of `world` plays in a strategy (as the
-/// strategy itself reports it once built).
-pub fn role_of(spec: &crate::spec::StrategySpec, rank: usize, world: usize) -> String {
-    match spec {
-        crate::spec::StrategySpec::Baseline(b) if rank >= b.tp * b.pp => "idle".into(),
-        crate::spec::StrategySpec::Baseline(b) if b.pp == 1 => format!("tp{}", rank % b.tp),
-        crate::spec::StrategySpec::Baseline(b) => format!("stage{}-tp{}", rank / b.tp, rank % b.tp),
-        crate::spec::StrategySpec::Fapool(f) => {
-            let launched = PoolPolicy::from_spec(f, world).launched;
-            if rank < f.base {
-                format!("base{rank}")
-            } else if rank < f.base + launched {
-                format!("pool{}", rank - f.base)
+/// Ranks that form disjoint groups of one kind (e.g. every stage's TP
+/// group): each rank belongs to at most one of them, so one collective split
+/// creates them all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupFamily {
+    /// The family's name, e.g. `tp` (groups are named `<strategy>/<family><index>`).
+    pub name: &'static str,
+    /// The groups, each as world ranks in group-rank order.
+    pub groups: Vec<Vec<usize>>,
+}
+
+impl GroupFamily {
+    /// The group of the family that holds world rank `rank`, and its index.
+    pub fn group_of(&self, rank: usize) -> Option<(usize, &[usize])> {
+        self.groups.iter().enumerate().find(|(_, g)| g.contains(&rank)).map(|(i, g)| (i, g.as_slice()))
+    }
+}
+
+/// Who does what in a launch of a given world size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The role of every world rank ("tp0", "stage1-tp0", "base0", "pool2",
+    /// "idle", ...), as the results file records it.
+    pub roles: Vec<String>,
+    /// The communicators the strategy creates when it is built.
+    pub groups: Vec<GroupFamily>,
+    /// The world rank that ends every step holding the generated tokens.
+    pub leader: usize,
+}
+
+impl Layout {
+    /// The role name of ranks outside the deployment.
+    pub const IDLE: &'static str = "idle";
+
+    /// World ranks the strategy runs on.
+    pub fn ranks_used(&self) -> Vec<usize> {
+        self.roles.iter().enumerate().filter(|(_, r)| r.as_str() != Self::IDLE).map(|(i, _)| i).collect()
+    }
+
+    /// The family named `name`.
+    pub fn family(&self, name: &str) -> Option<&GroupFamily> {
+        self.groups.iter().find(|f| f.name == name)
+    }
+}
+
+/// Fewest and most world ranks a strategy can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RankRange {
+    pub min: usize,
+    pub max: usize,
+}
+
+/// What a strategy is before any rank runs it. Pure: no MPI, no device.
+pub trait Deployment {
+    /// The kind name job specs and results files use (`baseline`, `fapool`).
+    fn kind(&self) -> &'static str;
+    /// The strategy's name: given in the spec, or derived from its settings.
+    fn name(&self) -> String;
+    /// Ranks it can run on.
+    fn rank_range(&self) -> RankRange;
+    /// The rules its settings must satisfy with this model.
+    fn check(&self, model: &ModelConfig) -> std::result::Result<(), Violation>;
+    /// Roles and groups of a launch of `world` ranks (`world` within
+    /// [`Deployment::rank_range`]).
+    fn layout(&self, world: usize) -> Layout;
+    /// Device bytes the busiest rank needs for a batch of `shape`, with
+    /// values of `elem` bytes: weights (as sharded), KV cache, activations
+    /// and communication buffers.
+    fn memory_bytes(&self, model: &ModelConfig, shape: BatchShape, world: usize, elem: usize) -> u64;
+
+    /// Most sequences of `shape` one micro-batch may hold within `budget`
+    /// bytes (at least 1: jobs where one sequence does not fit are refused
+    /// before any work), at most `shape.nseq`.
+    fn max_sequences(&self, model: &ModelConfig, shape: BatchShape, world: usize, elem: usize, budget: u64) -> usize {
+        let fits = |n: usize| self.memory_bytes(model, BatchShape { nseq: n, ..shape }, world, elem) <= budget;
+        let cap = shape.nseq.max(1);
+        if fits(cap) {
+            return cap;
+        }
+        let (mut lo, mut hi) = (1usize, cap);
+        while lo + 1 < hi {
+            let mid = (lo + hi) / 2;
+            if fits(mid) {
+                lo = mid;
             } else {
-                "idle".into()
+                hi = mid;
             }
         }
+        lo
     }
 }
 
-/// Which tokens a layer processes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// The prompt: this many tokens per sequence from position 0.
-    Prefill(usize),
-    /// One token per sequence at the step's position (the backend's step
-    /// scalars), attending to the step's cached length.
-    Decode,
-}
-
-impl Phase {
-    /// Tokens per sequence.
-    pub fn tokens(self) -> usize {
-        match self {
-            Phase::Prefill(s) => s,
-            Phase::Decode => 1,
-        }
-    }
-}
-
-/// Splits `n` items into `m` nearly equal consecutive parts (no empty part
-/// when `m <= n`).
-pub fn split_even(n: usize, m: usize) -> Vec<std::ops::Range<usize>> {
-    let m = m.clamp(1, n.max(1));
-    (0..m).map(|j| j * n / m..(j + 1) * n / m).collect()
-}
-
-/// One rank's shard of a decoder layer (tensor parallel over `heads` and FFN columns).
-pub struct LayerShard<B: Backend> {
-    pub attn_norm: B::Buf,
-    pub ffn_norm: B::Buf,
-    pub qkv: B::Buf,
-    pub out: B::Buf,
-    pub up: B::Buf,
-    pub gate: Option<B::Buf>,
-    pub down: B::Buf,
-    /// Heads on this rank.
-    pub heads: usize,
-    /// FFN columns on this rank.
-    pub ffn: usize,
-}
-
-impl<B: Backend> LayerShard<B> {
-    /// Shard `rank` of `tp` of layer `l`.
-    pub fn load(be: &B, w: &Weights, l: usize, rank: usize, tp: usize) -> Result<Self> {
-        let c = w.cfg;
-        let (d, hl, fl) = (c.d_model, c.heads / tp, c.ffn / tp);
-        let heads = rank * hl..(rank + 1) * hl;
-        let (dh, cols) = (c.head_dim, rank * fl..(rank + 1) * fl);
-        Ok(Self {
-            attn_norm: be.upload(&w.full(Tensor::AttnNorm(l)))?,
-            ffn_norm: be.upload(&w.full(Tensor::FfnNorm(l)))?,
-            qkv: be.upload(&w.shard(Tensor::Qkv(l), 0..d, &w.qkv_columns(heads.clone())))?,
-            out: be.upload(&w.shard(Tensor::Out(l), heads.start * dh..heads.end * dh, &[0..d]))?,
-            up: be.upload(&w.shard(Tensor::Up(l), 0..d, std::slice::from_ref(&cols)))?,
-            gate: match c.ffn_kind {
-                FfnKind::Gelu => None,
-                FfnKind::GatedGelu => Some(be.upload(&w.shard(Tensor::Gate(l), 0..d, std::slice::from_ref(&cols)))?),
-            },
-            down: be.upload(&w.shard(Tensor::Down(l), cols, &[0..d]))?,
-            heads: hl,
-            ffn: fl,
-        })
-    }
-}
-
-/// Embedding table, final norm and LM head.
-pub struct EdgeWeights<B: Backend> {
-    pub embedding: B::Buf,
-    pub final_norm: B::Buf,
-    pub head: B::Buf,
-}
-
-impl<B: Backend> EdgeWeights<B> {
-    pub fn load(be: &B, w: &Weights, embedding: bool, head: bool) -> Result<Self> {
-        let none = || be.zeros(0);
-        Ok(Self {
-            embedding: if embedding { be.upload(&w.full(Tensor::Embedding))? } else { none()? },
-            final_norm: if head { be.upload(&w.full(Tensor::FinalNorm))? } else { none()? },
-            head: if head { be.upload(&w.full(Tensor::Head))? } else { none()? },
-        })
-    }
-}
-
-/// K and V caches of the layers a rank serves: `[nseq, cap, width]` each.
-pub struct KvCache<B: Backend> {
-    pub k: Vec<B::Buf>,
-    pub v: Vec<B::Buf>,
-    pub nseq: usize,
-    pub cap: usize,
-    pub width: usize,
-}
-
-impl<B: Backend> KvCache<B> {
-    pub fn new(be: &B, layers: usize, nseq: usize, cap: usize, width: usize) -> Result<Self> {
-        let mut k = Vec::with_capacity(layers);
-        let mut v = Vec::with_capacity(layers);
-        for _ in 0..layers {
-            k.push(be.zeros(nseq * cap * width)?);
-            v.push(be.zeros(nseq * cap * width)?);
-        }
-        Ok(Self { k, v, nseq, cap, width })
-    }
-
-    /// Row runs of `n` positions from `pos` for sequences `seqs` of the cache.
-    pub fn runs(&self, seqs: std::ops::Range<usize>, pos: usize, n: usize) -> Vec<RowRun> {
-        seqs.map(|s| RowRun::new(s * self.cap + pos, n)).collect()
-    }
-
-    /// Stores the step's `k`, `v` (`[nseq, width]`) at the step's `store_at` row.
-    pub fn store_step(&mut self, be: &B, layer: usize, k: &B::Buf, v: &B::Buf) -> Result<()> {
-        be.store_step(&mut self.k[layer], k, self.nseq, self.cap, self.width)?;
-        be.store_step(&mut self.v[layer], v, self.nseq, self.cap, self.width)?;
-        Ok(())
-    }
-
-    /// Stores `k`, `v` (`[len(seqs) * n, width]`) at positions `pos..pos+n`.
-    pub fn store(&mut self, be: &B, layer: usize, seqs: std::ops::Range<usize>, pos: usize, n: usize, k: &B::Buf, v: &B::Buf) -> Result<()> {
-        let runs = self.runs(seqs, pos, n);
-        be.scatter_rows(&mut self.k[layer], self.width, &runs, k)?;
-        be.scatter_rows(&mut self.v[layer], self.width, &runs, v)?;
-        Ok(())
-    }
-}
-
-/// The tensor-parallel layer math on one rank (Megatron: column-parallel
-/// QKV and FFN-up, row-parallel output and FFN-down, one all-reduce each).
-pub struct TpMath<'a, 'c, B: Backend> {
+/// What building a strategy on one rank needs.
+pub struct BuildContext<'a, 'c, B: Backend> {
     pub be: &'a B,
     pub comm: &'a Comm<'c, B>,
     pub cfg: &'a ModelConfig,
-}
-
-impl<'a, 'c, B: Backend> TpMath<'a, 'c, B> {
-    /// Attention of `seqs` in `phase` (the prompt, or one decode step).
-    /// `l` indexes this rank's layers (and so its cache), not the model's.
-    /// Returns this rank's partial output (before the all-reduce).
-    pub fn attention(&self, layer: &LayerShard<B>, l: usize, h: &B::Buf, seqs: std::ops::Range<usize>, phase: Phase, cache: &mut KvCache<B>) -> Result<B::Buf> {
-        let (d, dh) = (self.cfg.d_model, self.cfg.head_dim);
-        let (nseq, width, s) = (seqs.len(), layer.heads * dh, phase.tokens());
-        let rows = nseq * s;
-        let qkv = self.be.matmul(h, &layer.qkv, rows, d, 3 * width)?;
-        let (q, k, v) = self.be.split_qkv(&qkv, rows, width)?;
-        let o = match phase {
-            Phase::Prefill(s) => {
-                cache.store(self.be, l, seqs.clone(), 0, s, &k, &v)?;
-                let shape = PrefillShape { nseq, sq: s, skv: s, kv_seq_stride: s, heads: layer.heads, head_dim: dh, q_offset: 0 };
-                self.be.attention_prefill(&q, &k, &v, shape)?.0
-            }
-            Phase::Decode => {
-                if seqs.len() != cache.nseq {
-                    return Err(StrategyError::Protocol("decode attends one new token of every sequence".into()));
-                }
-                cache.store_step(self.be, l, &k, &v)?;
-                let shape = DecodeShape { nseq, cap: cache.cap, len: 0, heads: layer.heads, head_dim: dh };
-                self.be.attention_decode_step(&q, &cache.k[l], &cache.v[l], shape)?.0
-            }
-        };
-        Ok(self.be.matmul(&o, &layer.out, rows, width, d)?)
-    }
-
-    /// This rank's partial FFN output for `rows` normalized rows.
-    pub fn ffn(&self, layer: &LayerShard<B>, h: &B::Buf, rows: usize) -> Result<B::Buf> {
-        let d = self.cfg.d_model;
-        let mut up = self.be.matmul(h, &layer.up, rows, d, layer.ffn)?;
-        let act = match &layer.gate {
-            None => {
-                self.be.gelu(&mut up)?;
-                up
-            }
-            Some(gate) => {
-                let mut g = self.be.matmul(h, gate, rows, d, layer.ffn)?;
-                self.be.gelu_mul(&mut g, &up)?;
-                g
-            }
-        };
-        Ok(self.be.matmul(&act, &layer.down, rows, layer.ffn, d)?)
-    }
-
-    /// `x += all_reduce(ffn(rmsnorm(x)))` over `group`.
-    pub fn ffn_block(&self, layer: &LayerShard<B>, x: &mut B::Buf, rows: usize, group: &Group) -> Result<()> {
-        let h = self.be.rmsnorm(x, &layer.ffn_norm, rows, self.cfg.d_model, self.cfg.norm_eps)?;
-        let mut f = self.ffn(layer, &h, rows)?;
-        self.comm.all_reduce(Category::TpAllreduce, group, &mut f)?;
-        self.be.add_assign(x, &f)?;
-        Ok(())
-    }
-
-    /// A whole decoder layer with tensor parallelism over `group`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn layer(&self, layer: &LayerShard<B>, l: usize, x: &mut B::Buf, seqs: std::ops::Range<usize>, phase: Phase, cache: &mut KvCache<B>, group: &Group) -> Result<()> {
-        let rows = seqs.len() * phase.tokens();
-        let h = self.be.rmsnorm(x, &layer.attn_norm, rows, self.cfg.d_model, self.cfg.norm_eps)?;
-        let mut a = self.attention(layer, l, &h, seqs, phase, cache)?;
-        self.comm.all_reduce(Category::TpAllreduce, group, &mut a)?;
-        self.be.add_assign(x, &a)?;
-        self.ffn_block(layer, x, rows, group)
-    }
-
-    /// Logits of the last token of each of `nseq` sequences of `s` rows.
-    pub fn head(&self, edge: &EdgeWeights<B>, x: &B::Buf, nseq: usize, s: usize) -> Result<B::Buf> {
-        let d = self.cfg.d_model;
-        let last: Vec<RowRun> = (0..nseq).map(|n| RowRun::new(n * s + s - 1, 1)).collect();
-        let xl = if s == 1 { self.be.gather_rows(x, d, &[RowRun::new(0, nseq)])? } else { self.be.gather_rows(x, d, &last)? };
-        let h = self.be.rmsnorm(&xl, &edge.final_norm, nseq, d, self.cfg.norm_eps)?;
-        Ok(self.be.matmul(&h, &edge.head, nseq, d, self.cfg.vocab)?)
-    }
-
-    /// Greedy tokens (and optionally the logits on the host).
-    pub fn sample(&self, logits: &B::Buf, nseq: usize, keep_logits: bool) -> Result<StepOut> {
-        let tokens = self.be.argmax(logits, nseq, self.cfg.vocab)?;
-        let logits = if keep_logits { Some(self.be.download(logits)?) } else { None };
-        Ok(StepOut { tokens, logits })
-    }
-}
-
-/// FA Pool's activation policy (SPEC section 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PoolPolicy {
-    pub threshold: usize,
-    pub tokens_per_pool_gpu: usize,
-    pub pool_max: usize,
-    /// Pool ranks actually launched.
-    pub launched: usize,
-}
-
-impl PoolPolicy {
-    pub fn from_spec(f: &FapoolSpec, world: usize) -> Self {
-        Self { threshold: f.threshold, tokens_per_pool_gpu: f.tokens_per_pool_gpu, pool_max: f.pool_max, launched: world.saturating_sub(f.base).min(f.pool_max) }
-    }
-
-    /// `(requested, effective)` pool size for a batch of sequence length `s`:
-    /// `0 if s <= threshold else min(pool_max, ceil(s / tokens_per_pool_gpu))`,
-    /// then capped by the launched pool ranks.
-    pub fn pool_size(&self, s: usize) -> (usize, usize) {
-        if s <= self.threshold {
-            return (0, 0);
-        }
-        let requested = self.pool_max.min(s.div_ceil(self.tokens_per_pool_gpu));
-        (requested, requested.min(self.launched))
-    }
-}
-
-/// Positions `[start, start+len)` of a sequence of `s` tokens that pool rank
-/// `rank` of `p` owns, in sequence order. Blocks may be empty when `s` is small.
-pub fn pool_segments(partition: Partition, s: usize, p: usize, rank: usize) -> Vec<(usize, usize)> {
-    let clip = |a: usize, b: usize| (a.min(s), b.min(s).saturating_sub(a.min(s)));
-    let segs = match partition {
-        Partition::Contiguous => {
-            let b = s.div_ceil(p);
-            vec![clip(rank * b, (rank + 1) * b)]
-        }
-        Partition::Zigzag => {
-            let c = s.div_ceil(2 * p);
-            let (lo, hi) = (rank, 2 * p - 1 - rank);
-            vec![clip(lo * c, (lo + 1) * c), clip(hi * c, (hi + 1) * c)]
-        }
-    };
-    segs.into_iter().filter(|&(_, len)| len > 0).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn policy_follows_the_formula_not_the_papers_table() {
-        let p = PoolPolicy { threshold: 4096, tokens_per_pool_gpu: 1024, pool_max: 32, launched: 32 };
-        assert_eq!(p.pool_size(4096), (0, 0));
-        // The paper's table lists 4 GPUs for 4097..=5120 tokens; the formula gives 5.
-        assert_eq!(p.pool_size(4097), (5, 5));
-        assert_eq!(p.pool_size(5120), (5, 5));
-        assert_eq!(p.pool_size(65536), (32, 32));
-        let capped = PoolPolicy { launched: 2, ..p };
-        assert_eq!(capped.pool_size(8192), (8, 2));
-    }
-
-    #[test]
-    fn partitions_cover_every_position_once() {
-        for part in [Partition::Contiguous, Partition::Zigzag] {
-            for (s, p) in [(16, 2), (17, 4), (5, 4), (64, 3), (1, 2)] {
-                let mut seen = vec![0; s];
-                for r in 0..p {
-                    for (st, len) in pool_segments(part, s, p, r) {
-                        (st..st + len).for_each(|i| seen[i] += 1);
-                    }
-                }
-                assert!(seen.iter().all(|&c| c == 1), "{part:?} s={s} p={p}: {seen:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn zigzag_pairs_an_early_and_a_late_chunk() {
-        assert_eq!(pool_segments(Partition::Zigzag, 16, 2, 0), vec![(0, 4), (12, 4)]);
-        assert_eq!(pool_segments(Partition::Zigzag, 16, 2, 1), vec![(4, 4), (8, 4)]);
-        assert_eq!(pool_segments(Partition::Contiguous, 16, 2, 1), vec![(8, 8)]);
-    }
-
-    #[test]
-    fn split_even_never_leaves_a_part_empty() {
-        assert_eq!(split_even(5, 2), vec![0..2, 2..5]);
-        assert_eq!(split_even(2, 4), vec![0..1, 1..2]);
-    }
+    /// The world (every rank calls the build collectively).
+    pub world: &'a Group,
 }

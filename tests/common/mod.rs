@@ -8,6 +8,12 @@ use std::process::{Command, Output};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fapool");
 
+/// The fapool binary the launching helpers run: `FAPOOL_TEST_BIN` where set
+/// (a test binary carried to another machine), else the one cargo built.
+pub fn bin() -> String {
+    std::env::var("FAPOOL_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fapool-test-{tag}-{}", std::process::id()));
@@ -24,7 +30,7 @@ fn mpi_env(cmd: &mut Command) -> &mut Command {
 pub fn mpirun(np: usize, args: &[&str]) -> Output {
     let np = np.to_string();
     let mut cmd = Command::new("mpirun");
-    cmd.args(["--oversubscribe", "-np", &np, BIN]).args(args);
+    cmd.args(["--oversubscribe", "-np", &np, &bin()]).args(args);
     mpi_env(&mut cmd).output().expect("mpirun runs")
 }
 
@@ -36,13 +42,13 @@ pub fn mpirun_with_env(np: usize, vars: &[&str], args: &[&str]) -> Output {
     for v in vars {
         cmd.args(["-x", v]);
     }
-    cmd.args(["-np", &np, BIN]).args(args);
+    cmd.args(["-np", &np, &bin()]).args(args);
     mpi_env(&mut cmd).output().expect("mpirun runs")
 }
 
 /// `fapool ARGS...` without mpirun (a singleton MPI process where MPI starts).
 pub fn fapool(args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(args);
     mpi_env(&mut cmd).output().expect("fapool runs")
 }
@@ -87,6 +93,8 @@ lengths = [33, 64]
     )
 }
 
+/// The repository: `FAPOOL_REPO_ROOT` where set (tests run on another
+/// machine), else where cargo built the tests.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("FAPOOL_REPO_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

@@ -1,0 +1,56 @@
+//! `fapool bench`: kernels on one GPU, collectives on every rank of the launch.
+
+use super::{start_mpi, with_backend, BackendRequest, Failure, Launch, OnBackend};
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, BackendKind, Dtype};
+use crate::cluster::Cluster;
+use crate::exit::Exit;
+use std::path::{Path, PathBuf};
+
+/// `fapool bench kernels`.
+pub fn kernels(dtype: Dtype, seq: &[usize], iters: usize, out: Option<&Path>) -> Result<(), Failure> {
+    if let Err(why) = crate::backend::cuda::probe::cuda_backend_libraries_present() {
+        return Err(Failure::new(Exit::Cuda, format!("bench kernels needs a GPU: {why}")));
+    }
+    let be = CudaBackend::new(0, dtype).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
+    let rows = crate::gpu_checks::bench_kernels(&be, seq, iters).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
+    let rows: Vec<crate::bench::Row> =
+        rows.into_iter().map(|r| crate::bench::Row { what: r.what, shape: r.shape, median_ms: r.median_ms, figure: r.figure, unit: r.unit.into(), busbw_gbs: f64::NAN }).collect();
+    let device = be.device_name().unwrap_or_default();
+    println!("{device}, {dtype}");
+    crate::bench::print_table(&rows);
+    if let Some(p) = out {
+        crate::bench::write_h5(p, "kernels", &device, &rows).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", p.display())))?;
+    }
+    Ok(())
+}
+
+struct CommBody {
+    sizes: Vec<usize>,
+    iters: usize,
+    out: Option<PathBuf>,
+}
+
+impl OnBackend for CommBody {
+    fn run<B: Backend>(self, cluster: &Cluster, launch: Launch<'_, B>) -> Result<(), Failure> {
+        let device = launch.devices.first().map(|d| d.name.clone()).unwrap_or_else(|| "cpu".into());
+        let rows = crate::bench::bench_comm(launch.be, &launch.comm, &launch.world, &self.sizes, 3, self.iters).map_err(|e| Failure::new(Exit::Nccl, format!("rank {}: {e}", cluster.rank)))?;
+        if cluster.rank != 0 {
+            return Ok(());
+        }
+        println!("{} ranks, {} transport, {device}", cluster.world_size, launch.comm.transport_name());
+        crate::bench::print_table(&rows);
+        if let Some(p) = &self.out {
+            crate::bench::write_h5(p, "comm", &device, &rows).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", p.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// `fapool bench comm` (under mpirun).
+pub fn comm(backend: Option<BackendKind>, dtype: Dtype, sizes_mib: &[usize], iters: usize, out: Option<&Path>) -> Result<(), Failure> {
+    let cluster = start_mpi()?;
+    let sizes = sizes_mib.iter().map(|m| m << 20).collect();
+    let request = BackendRequest { kind: backend.unwrap_or(BackendKind::Auto), dtype, job: None };
+    with_backend(request, &cluster, CommBody { sizes, iters, out: out.map(Path::to_path_buf) })
+}

@@ -1,0 +1,203 @@
+//! Job specs: the TOML a user writes (`[run]`, `[model]`, `[workload]` and
+//! one `[[strategy]]` table per strategy), its `--set` overrides
+//! ([`overrides`]), and the rules a job must satisfy before any work starts
+//! ([`rules`]).
+//!
+//! Everything here is pure: no MPI, no devices. Each broken rule is a
+//! [`SpecError`] that names the rule, so a user can find it in the README.
+
+pub mod overrides;
+pub mod rules;
+
+pub use crate::strategy::registry::StrategySpec;
+pub use rules::{validate, LaunchFacts};
+
+use crate::backend::BackendKind;
+use crate::model::{FfnKind, ModelConfig};
+use crate::rules::{violation, Violation};
+use serde::{Deserialize, Serialize};
+
+/// A job spec rule violation (or an unreadable spec).
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read job spec {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("job spec is not valid TOML or has a wrong/unknown key: {0}")]
+    Parse(String),
+    #[error("--set {0}: expected key=value with a dotted key")]
+    BadOverride(String),
+    #[error(transparent)]
+    Rule(#[from] Violation),
+}
+
+fn rule(rule: &'static str, detail: impl Into<String>) -> SpecError {
+    SpecError::Rule(violation(rule, detail))
+}
+
+pub use crate::backend::Dtype;
+
+/// `[run]`: how the job runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSpec {
+    pub name: String,
+    pub backend: BackendKind,
+    pub dtype: Dtype,
+    /// Per-rank device memory budget (GiB); default: the device's memory.
+    pub memory_budget_gib: Option<f64>,
+    /// Run each category's first and last batches once, unrecorded and with
+    /// two output tokens, before measuring it (kernel selection, allocations,
+    /// NCCL connections, the pool's first activation), so set-up costs do not
+    /// enter the figures.
+    pub warmup: bool,
+    /// Record each batch's first decode step as a CUDA graph and replay it
+    /// for the other steps (CUDA backend; the CPU backend always runs steps
+    /// one operation at a time).
+    pub cuda_graphs: bool,
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        Self { name: "job".into(), backend: BackendKind::Auto, dtype: Dtype::Bf16, memory_budget_gib: None, warmup: true, cuda_graphs: true }
+    }
+}
+
+/// `[model]`: a preset and optional overrides of its dimensions.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub preset: String,
+    pub layers: Option<usize>,
+    pub d_model: Option<usize>,
+    pub heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub ffn: Option<usize>,
+    pub ffn_kind: Option<FfnKind>,
+    pub vocab: Option<usize>,
+    pub norm_eps: Option<f32>,
+    pub max_seq_len: Option<usize>,
+    pub weights_seed: Option<u64>,
+}
+
+impl ModelSpec {
+    pub fn resolve(&self) -> Result<ModelConfig, SpecError> {
+        let mut m = match self.preset.as_str() {
+            "dense-4l" => ModelConfig::dense_4l(),
+            "tiny" => ModelConfig::tiny(),
+            other => return Err(rule("model-preset-known", format!("unknown model preset `{other}` (known: dense-4l, tiny)"))),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { m.$f = v; } )* };
+        }
+        set!(layers, d_model, heads, head_dim, ffn, ffn_kind, vocab, norm_eps, max_seq_len, weights_seed);
+        if m.layers == 0 || m.d_model == 0 || m.heads == 0 || m.head_dim == 0 || m.ffn == 0 || m.vocab == 0 {
+            return Err(rule("model-dims-positive", "layers, d_model, heads, head_dim, ffn and vocab must all be > 0"));
+        }
+        if m.d_model % 2 != 0 {
+            return Err(rule("d-model-even", format!("d_model {} must be even (sin/cos position pairs)", m.d_model)));
+        }
+        Ok(m)
+    }
+}
+
+/// A sequence-length category: a name and the lengths it draws from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategorySpec {
+    pub name: String,
+    /// Explicit lengths, or
+    #[serde(default)]
+    pub lengths: Vec<usize>,
+    /// `[from, to, step]`: every multiple of `step` in `[from, to]`.
+    pub range: Option<[usize; 3]>,
+}
+
+impl CategorySpec {
+    pub fn resolved_lengths(&self) -> Vec<usize> {
+        let mut v = self.lengths.clone();
+        if let Some([from, to, step]) = self.range {
+            let step = step.max(1);
+            let mut x = from.div_ceil(step) * step;
+            while x <= to {
+                v.push(x);
+                x += step;
+            }
+        }
+        v
+    }
+}
+
+/// `[workload]`: what is served.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadSpec {
+    #[serde(rename = "category")]
+    pub categories: Vec<CategorySpec>,
+    pub sequences_per_category: usize,
+    pub output_tokens: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Exponent of the Zipf-like prompt-token distribution.
+    pub zipf_exponent: f64,
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        let cat = |name: &str, lengths: Vec<usize>, range| CategorySpec { name: name.into(), lengths, range };
+        Self {
+            categories: vec![
+                cat("short", vec![512, 1024, 2048], None),
+                cat("medium", vec![4096, 6144, 8192], None),
+                cat("long", vec![16384, 24576, 32768], None),
+                cat("very_long", vec![], Some([32768, 65536, 1024])),
+            ],
+            sequences_per_category: 1000,
+            output_tokens: 128,
+            batch_size: 1024,
+            seed: 0,
+            zipf_exponent: 1.1,
+        }
+    }
+}
+
+/// A whole job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    #[serde(default)]
+    pub run: RunSpec,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub workload: WorkloadSpec,
+    #[serde(rename = "strategy")]
+    pub strategies: Vec<StrategySpec>,
+}
+
+/// Parses a TOML job after applying `key=value` overrides (dotted keys;
+/// numeric segments index arrays, e.g. `strategy.0.tp=4`).
+pub fn parse_job(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
+    let mut root: toml::Value = toml::from_str(text).map_err(|e| SpecError::Parse(e.to_string()))?;
+    for o in overrides {
+        overrides::apply(&mut root, o)?;
+    }
+    root.try_into().map_err(|e: toml::de::Error| SpecError::Parse(e.to_string()))
+}
+
+pub fn load_job(path: &std::path::Path, overrides: &[String]) -> Result<(JobSpec, String), SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.display().to_string(), source })?;
+    Ok((parse_job(&text, overrides)?, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_workload_is_the_specs() {
+        let w = WorkloadSpec::default();
+        assert_eq!(w.categories[0].resolved_lengths(), vec![512, 1024, 2048]);
+        let vl = w.categories[3].resolved_lengths();
+        assert_eq!((vl.len(), vl[0], *vl.last().unwrap()), (33, 32768, 65536));
+        assert_eq!((w.sequences_per_category, w.output_tokens, w.batch_size), (1000, 128, 1024));
+    }
+}

@@ -1,0 +1,306 @@
+//! FA Pool's layout: ranks `0..B` are the base group (TP=B over embedding,
+//! FFNs and the LM head), ranks `B..B+launched` the attention pool, and the
+//! bridge group is the base root plus every pool rank (bridge rank `1 + i` is
+//! pool rank `i`). The activation policy chooses each batch's pool size from
+//! its sequence length; the block partition says which positions each active
+//! pool rank owns. Pure arithmetic.
+
+use crate::backend::RowRun;
+use crate::model::ModelConfig;
+use crate::rules::{ensure, Violation};
+use crate::strategy::baseline::layout::check_tp;
+use crate::strategy::{BatchShape, GroupFamily, Layout};
+use serde::{Deserialize, Serialize};
+
+/// How a pool block partitions the sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Partition {
+    /// Pool rank i gets the i-th contiguous block (as in the paper).
+    #[default]
+    Contiguous,
+    /// Pool rank i gets chunks i and 2P-1-i of 2P chunks, balancing causal work.
+    Zigzag,
+}
+
+impl Partition {
+    pub fn name(self) -> &'static str {
+        match self {
+            Partition::Contiguous => "contiguous",
+            Partition::Zigzag => "zigzag",
+        }
+    }
+}
+
+/// `kind = "fapool"`: base group + elastic attention pool.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FapoolSpec {
+    pub name: Option<String>,
+    /// Base group size (TP degree of the base).
+    pub base: usize,
+    /// Largest pool the job may activate (more than launched is capped).
+    pub pool_max: usize,
+    #[serde(default = "default_threshold")]
+    pub threshold: usize,
+    #[serde(default = "default_tokens_per_pool_gpu")]
+    pub tokens_per_pool_gpu: usize,
+    #[serde(default)]
+    pub partition: Partition,
+    /// Micro-batches per batch (sequences split M ways).
+    #[serde(default = "one")]
+    pub micro_batches: usize,
+    /// Overlap base FFN of micro-batch j with pool attention of j+1.
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+fn default_threshold() -> usize {
+    4096
+}
+fn default_tokens_per_pool_gpu() -> usize {
+    1024
+}
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// Where a rank sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Base rank `r` (TP rank `r` of the base group).
+    Base(usize),
+    /// Pool rank `i`.
+    Pool(usize),
+    Idle,
+}
+
+impl FapoolSpec {
+    /// The activation policy of a launch of `world` ranks.
+    pub fn policy(&self, world: usize) -> PoolPolicy {
+        PoolPolicy { threshold: self.threshold, tokens_per_pool_gpu: self.tokens_per_pool_gpu, pool_max: self.pool_max, launched: world.saturating_sub(self.base).min(self.pool_max) }
+    }
+
+    /// The place of world rank `rank` in a launch of `world` ranks.
+    pub fn place(&self, rank: usize, world: usize) -> Place {
+        if rank < self.base {
+            Place::Base(rank)
+        } else if rank < self.base + self.policy(world).launched {
+            Place::Pool(rank - self.base)
+        } else {
+            Place::Idle
+        }
+    }
+
+    pub(super) fn default_name(&self) -> String {
+        format!("fapool-b{}-p{}-{}", self.base, self.pool_max, self.partition.name())
+    }
+
+    pub(super) fn check_rules(&self, m: &ModelConfig) -> Result<(), Violation> {
+        let name = self.name.clone().unwrap_or_else(|| self.default_name());
+        ensure(self.base > 0 && self.pool_max > 0, "parallel-degrees-positive", || format!("{name}: base and pool_max must be >= 1"))?;
+        check_tp(m, self.base, &name)?;
+        ensure(self.tokens_per_pool_gpu > 0 && self.micro_batches > 0, "pool-policy-positive", || format!("{name}: tokens_per_pool_gpu and micro_batches must be >= 1"))
+    }
+
+    pub(super) fn layout_of(&self, world: usize) -> Layout {
+        let launched = self.policy(world).launched;
+        let roles = (0..world)
+            .map(|r| match self.place(r, world) {
+                Place::Base(b) => format!("base{b}"),
+                Place::Pool(i) => format!("pool{i}"),
+                Place::Idle => Layout::IDLE.to_string(),
+            })
+            .collect();
+        let pool: Vec<usize> = (self.base..self.base + launched).collect();
+        let groups = vec![
+            GroupFamily { name: "base", groups: vec![(0..self.base).collect()] },
+            GroupFamily { name: "pool", groups: vec![pool.clone()] },
+            GroupFamily { name: "bridge", groups: vec![std::iter::once(0).chain(pool).collect()] },
+        ];
+        Layout { roles, groups, leader: 0 }
+    }
+
+    /// The busiest rank's bytes: the base's weight shards and activations,
+    /// or a pool rank's attention weights, its KV cache slice, the
+    /// replicated K/V of one layer and its block's activations.
+    pub(super) fn memory_of(&self, m: &ModelConfig, shape: BatchShape, world: usize, elem: usize) -> u64 {
+        let (d, a, f, l, v) = (m.d_model as u64, m.attn_width() as u64, m.ffn as u64, m.layers as u64, m.vocab as u64);
+        let (n, sl, ctx) = (shape.nseq as u64, shape.seq_len as u64, shape.context() as u64);
+        let ffn_params = m.layer_params() - 4 * d * a - 2 * d;
+        let tokens = n * sl;
+        let bsz = self.base as u64;
+        let pool = self.policy(world).pool_size(shape.seq_len).1 as u64;
+        let base_weights = l * (4 * d * a + ffn_params) / bsz + 2 * v * d;
+        let base_act = tokens * (4 * d + 2 * f / bsz) + n * v;
+        let bytes = if pool == 0 {
+            let kv = n * ctx * 2 * l * a / bsz;
+            base_weights + kv + base_act + tokens * 3 * a / bsz
+        } else {
+            let block = sl.div_ceil(pool);
+            let pool_weights = l * 4 * d * a;
+            let kv = n * (block + shape.out_tokens as u64) * 2 * l * a;
+            // The replicated K/V of one layer twice (as gathered, then in
+            // sequence order), and the block's input, fused QKV, q/k/v,
+            // attention output and projected output.
+            let pool_act = n * sl * 4 * a + n * block * (d + 3 * a + 3 * a + a + d);
+            (base_weights + base_act).max(pool_weights + kv + pool_act)
+        };
+        bytes * elem as u64
+    }
+}
+
+/// FA Pool's activation policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolPolicy {
+    pub threshold: usize,
+    pub tokens_per_pool_gpu: usize,
+    pub pool_max: usize,
+    /// Pool ranks actually launched.
+    pub launched: usize,
+}
+
+impl PoolPolicy {
+    /// `(requested, effective)` pool size for a batch of sequence length `s`:
+    /// `0 if s <= threshold else min(pool_max, ceil(s / tokens_per_pool_gpu))`,
+    /// then capped by the launched pool ranks.
+    pub fn pool_size(&self, s: usize) -> (usize, usize) {
+        if s <= self.threshold {
+            return (0, 0);
+        }
+        let requested = self.pool_max.min(s.div_ceil(self.tokens_per_pool_gpu));
+        (requested, requested.min(self.launched))
+    }
+}
+
+/// Positions `[start, start+len)` of a sequence of `s` tokens that pool rank
+/// `rank` of `p` owns, in sequence order. Blocks may be empty when `s` is small.
+pub fn pool_segments(partition: Partition, s: usize, p: usize, rank: usize) -> Vec<(usize, usize)> {
+    let clip = |a: usize, b: usize| (a.min(s), b.min(s).saturating_sub(a.min(s)));
+    let segs = match partition {
+        Partition::Contiguous => {
+            let b = s.div_ceil(p);
+            vec![clip(rank * b, (rank + 1) * b)]
+        }
+        Partition::Zigzag => {
+            let c = s.div_ceil(2 * p);
+            let (lo, hi) = (rank, 2 * p - 1 - rank);
+            vec![clip(lo * c, (lo + 1) * c), clip(hi * c, (hi + 1) * c)]
+        }
+    };
+    segs.into_iter().filter(|&(_, len)| len > 0).collect()
+}
+
+/// The per-batch blocks of an active pool: which positions each pool rank
+/// owns and how its rows travel.
+#[derive(Clone, Debug, Default)]
+pub struct PoolBlocks {
+    /// Active pool size.
+    pub p: usize,
+    /// Segments `(start, len)` of the sequence owned by each pool rank.
+    pub segments: Vec<Vec<(usize, usize)>>,
+    /// Rows per sequence of each pool rank's block.
+    pub block: Vec<usize>,
+    /// Cached tokens per sequence on each pool rank (grows in decode).
+    pub cached: Vec<usize>,
+}
+
+impl PoolBlocks {
+    pub fn new(partition: Partition, s: usize, p: usize) -> Self {
+        let segments: Vec<_> = (0..p).map(|r| pool_segments(partition, s, p, r)).collect();
+        let block: Vec<usize> = segments.iter().map(|v| v.iter().map(|x| x.1).sum()).collect();
+        Self { p, cached: block.clone(), segments, block }
+    }
+
+    pub fn max_block(&self) -> usize {
+        self.block.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Rows of `h` (`nseq × s`) that pool rank `r`'s block holds, sequence-major.
+    pub fn block_runs(&self, r: usize, nseq: usize, s: usize) -> Vec<RowRun> {
+        (0..nseq).flat_map(|n| self.segments[r].iter().map(move |&(st, len)| RowRun::new(n * s + st, len))).collect()
+    }
+
+    /// Where the rows of the gathered bundle (rank-major, then sequence, then
+    /// segment) belong in the `nseq × s` sequence order.
+    pub fn bundle_runs(&self, nseq: usize, s: usize) -> Vec<RowRun> {
+        (0..self.p).flat_map(|r| self.block_runs(r, nseq, s)).collect()
+    }
+
+    /// Rows of the all-gathered, padded K/V (`[p, nseq, max_block]`) in sequence order.
+    pub fn replicated_runs(&self, nseq: usize) -> Vec<RowRun> {
+        let bmax = self.max_block();
+        let mut segs: Vec<(usize, usize, usize, usize)> = Vec::new(); // (start, len, rank, offset in block)
+        for (r, v) in self.segments.iter().enumerate() {
+            let mut off = 0;
+            for &(st, len) in v {
+                segs.push((st, len, r, off));
+                off += len;
+            }
+        }
+        segs.sort();
+        (0..nseq).flat_map(|n| segs.iter().map(move |&(_, len, r, off)| RowRun::new(r * nseq * bmax + n * bmax + off, len)).collect::<Vec<_>>()).collect()
+    }
+
+    /// Pool ranks `ranks` hold this many rows for `nseq` sequences.
+    pub fn rows(&self, ranks: std::ops::Range<usize>, nseq: usize) -> usize {
+        ranks.map(|r| self.block[r] * nseq).sum()
+    }
+
+    /// The pool rank that caches the next decode token: fewest cached, lowest rank.
+    pub fn decode_owner(&self) -> usize {
+        (0..self.p).min_by_key(|&r| (self.cached[r], r)).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_follows_the_formula_not_the_papers_table() {
+        let p = PoolPolicy { threshold: 4096, tokens_per_pool_gpu: 1024, pool_max: 32, launched: 32 };
+        assert_eq!(p.pool_size(4096), (0, 0));
+        // The paper's table lists 4 GPUs for 4097..=5120 tokens; the formula gives 5.
+        assert_eq!(p.pool_size(4097), (5, 5));
+        assert_eq!(p.pool_size(5120), (5, 5));
+        assert_eq!(p.pool_size(65536), (32, 32));
+        let capped = PoolPolicy { launched: 2, ..p };
+        assert_eq!(capped.pool_size(8192), (8, 2));
+    }
+
+    #[test]
+    fn partitions_cover_every_position_once() {
+        for part in [Partition::Contiguous, Partition::Zigzag] {
+            for (s, p) in [(16, 2), (17, 4), (5, 4), (64, 3), (1, 2)] {
+                let mut seen = vec![0; s];
+                for r in 0..p {
+                    for (st, len) in pool_segments(part, s, p, r) {
+                        (st..st + len).for_each(|i| seen[i] += 1);
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{part:?} s={s} p={p}: {seen:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn zigzag_pairs_an_early_and_a_late_chunk() {
+        assert_eq!(pool_segments(Partition::Zigzag, 16, 2, 0), vec![(0, 4), (12, 4)]);
+        assert_eq!(pool_segments(Partition::Zigzag, 16, 2, 1), vec![(4, 4), (8, 4)]);
+        assert_eq!(pool_segments(Partition::Contiguous, 16, 2, 1), vec![(8, 8)]);
+    }
+
+    #[test]
+    fn the_bridge_joins_the_base_root_and_every_launched_pool_rank() {
+        let spec = FapoolSpec { name: None, base: 2, pool_max: 4, threshold: 8, tokens_per_pool_gpu: 4, partition: Partition::Zigzag, micro_batches: 1, overlap: true };
+        let l = spec.layout_of(5);
+        assert_eq!(l.roles, vec!["base0", "base1", "pool0", "pool1", "pool2"]);
+        assert_eq!(l.family("bridge").unwrap().groups, vec![vec![0, 2, 3, 4]]);
+        assert_eq!(l.family("pool").unwrap().groups, vec![vec![2, 3, 4]]);
+        assert_eq!(spec.policy(5).launched, 3);
+    }
+}
