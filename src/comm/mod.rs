@@ -6,14 +6,14 @@
 //! CUDA); small host-side control messages (generated token ids) always go
 //! over MPI. This module must not know about strategies or results files.
 
+pub mod host;
 pub mod mpi_transport;
 pub mod nccl_transport;
 
 use crate::backend::Backend;
-use mpi::topology::{Color, Communicator, SimpleCommunicator};
-use mpi::traits::*;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::Instant;
 
 /// Errors of the communication layer.
@@ -25,6 +25,9 @@ pub enum CommError {
     Backend(#[from] crate::backend::BackendError),
     #[error("message size mismatch: {0}")]
     Size(String),
+    /// Groups or messages used out of order (a bug, not bad input).
+    #[error("{0}")]
+    Protocol(String),
 }
 
 pub type Result<T> = std::result::Result<T, CommError>;
@@ -68,40 +71,93 @@ impl Category {
     }
 }
 
-/// A communicator: a named subset of the world's ranks.
+/// A communicator: a named subset of the world's ranks. Plain data: the
+/// transport keeps whatever it needs per group (an MPI communicator, an NCCL
+/// communicator), keyed by `id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
-    /// A process-unique id (the transport keys its own communicators by it).
+    /// A process-unique id, the same on every member.
     pub id: usize,
     pub name: String,
-    pub comm: SimpleCommunicator,
     /// World ranks of the members, by group rank.
     pub world_ranks: Vec<usize>,
+    rank: usize,
 }
 
 impl Group {
+    pub fn new(id: usize, name: &str, world_ranks: Vec<usize>, rank: usize) -> Self {
+        Self { id, name: name.to_string(), world_ranks, rank }
+    }
+    /// This rank's rank in the group.
     pub fn rank(&self) -> usize {
-        self.comm.rank() as usize
+        self.rank
     }
     pub fn size(&self) -> usize {
-        self.comm.size() as usize
+        self.world_ranks.len()
     }
 }
 
-/// Moves device buffers between the ranks of a group.
+/// Elements `range` of `buf`, sent to group rank `peer`.
+pub struct SendPart<'a, B: Backend> {
+    pub peer: usize,
+    pub buf: &'a B::Buf,
+    pub range: Range<usize>,
+}
+
+/// Elements `range` of the exchange's receive buffer, received from group rank `peer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecvPart {
+    pub peer: usize,
+    pub range: Range<usize>,
+}
+
+/// The marks around one operation, on the timeline that ran it.
+pub struct Timed<M> {
+    pub start: M,
+    pub end: M,
+}
+
+/// Moves device buffers between the ranks of a group, and small host
+/// messages (token ids); creates the groups.
 ///
 /// Each operation is blocking from the host's point of view on MPI and
-/// stream-ordered on NCCL; [`Comm`] times it with backend marks either way.
+/// stream-ordered on NCCL; it returns the marks around itself, from which
+/// [`Comm`] accounts its time.
 pub trait Transport<B: Backend> {
     fn name(&self) -> &'static str;
-    /// Called collectively by every member when a group is created.
-    fn attach(&mut self, backend: &B, group: &Group) -> Result<()>;
-    fn all_reduce_sum(&self, backend: &B, group: &Group, buf: &mut B::Buf) -> Result<()>;
+    /// The world as a group (collective over the world).
+    fn world(&mut self, backend: &B) -> Result<Group>;
+    /// Splits `parent` collectively: members passing the same `Some(color)`
+    /// form one new group with id `id`, ordered by their parent rank; `None`
+    /// opts out.
+    fn split(&mut self, backend: &B, parent: &Group, color: Option<u32>, id: usize, name: &str) -> Result<Option<Group>>;
+    fn all_reduce_sum(&self, backend: &B, group: &Group, buf: &mut B::Buf) -> Result<Timed<B::Mark>>;
     /// Every rank contributes `send` (same length on all ranks); `recv`
     /// holds `size × len(send)` elements in group-rank order.
-    fn all_gather(&self, backend: &B, group: &Group, send: &B::Buf, recv: &mut B::Buf) -> Result<()>;
-    fn broadcast(&self, backend: &B, group: &Group, root: usize, buf: &mut B::Buf) -> Result<()>;
-    fn send(&self, backend: &B, group: &Group, dst: usize, buf: &B::Buf) -> Result<()>;
-    fn recv(&self, backend: &B, group: &Group, src: usize, buf: &mut B::Buf) -> Result<()>;
+    fn all_gather(&self, backend: &B, group: &Group, send: &B::Buf, recv: &mut B::Buf) -> Result<Timed<B::Mark>>;
+    fn broadcast(&self, backend: &B, group: &Group, root: usize, buf: &mut B::Buf) -> Result<Timed<B::Mark>>;
+    /// Point-to-point sends and receives issued together (an NCCL group
+    /// call; non-blocking MPI completed together), so their order among
+    /// themselves cannot deadlock. Receive parts are disjoint ranges of `recv`.
+    fn exchange(&self, backend: &B, group: &Group, sends: &[SendPart<'_, B>], recv: Option<&mut B::Buf>, recvs: &[RecvPart]) -> Result<Timed<B::Mark>>;
+    fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()>;
+    fn host_send(&self, group: &Group, dst: usize, data: &[u32]) -> Result<()>;
+    fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()>;
+}
+
+/// Checks that receive parts are disjoint, within `len` elements, and
+/// returns them ordered by their start.
+pub fn ordered_recv_parts(parts: &[RecvPart], len: usize) -> Result<Vec<RecvPart>> {
+    let mut v = parts.to_vec();
+    v.sort_by_key(|p| p.range.start);
+    let mut end = 0;
+    for p in &v {
+        if p.range.start < end || p.range.end > len || p.range.start > p.range.end {
+            return Err(CommError::Size(format!("receive parts {parts:?} overlap or leave a buffer of {len} elements")));
+        }
+        end = p.range.end;
+    }
+    Ok(v)
 }
 
 /// Totals for one category on one rank.
@@ -169,41 +225,34 @@ impl<'a, B: Backend> Comm<'a, B> {
             *next += 1;
             *next
         };
-        let c = match color {
-            Some(c) => Color::with_value(c as i32),
-            None => Color::undefined(),
-        };
-        let Some(comm) = parent.comm.split_by_color(c) else {
-            return Ok(None);
-        };
-        let me = parent.world_ranks[parent.rank()] as u64;
-        let mut ranks = vec![0u64; comm.size() as usize];
-        comm.all_gather_into(&me, &mut ranks[..]);
-        let group = Group { id, name: name.to_string(), comm, world_ranks: ranks.into_iter().map(|r| r as usize).collect() };
-        self.transport.borrow_mut().attach(self.backend, &group)?;
-        Ok(Some(group))
+        self.transport.borrow_mut().split(self.backend, parent, color, id, name)
     }
 
-    /// Wraps the world communicator as a group (collective over the world).
-    pub fn world_group(&self, world: SimpleCommunicator) -> Result<Group> {
-        let n = world.size() as usize;
-        let group = Group { id: 0, name: "world".into(), comm: world, world_ranks: (0..n).collect() };
-        self.transport.borrow_mut().attach(self.backend, &group)?;
-        Ok(group)
+    /// The world as a group (collective over the world).
+    pub fn world_group(&self) -> Result<Group> {
+        self.transport.borrow_mut().world(self.backend)
     }
 
-    fn timed(&self, category: Category, bytes: usize, op: impl FnOnce(&dyn Transport<B>) -> Result<()>) -> Result<()> {
+    fn timed(&self, category: Category, bytes: usize, op: impl FnOnce(&dyn Transport<B>) -> Result<Timed<B::Mark>>) -> Result<()> {
         self.beat();
-        let from = self.backend.mark()?;
-        op(&**self.transport.borrow())?;
-        let to = self.backend.mark()?;
+        let t = op(&**self.transport.borrow())?;
         self.beat();
-        self.log.borrow_mut().pending.push(Pending { category, bytes: bytes as u64, from, to });
+        self.log.borrow_mut().pending.push(Pending { category, bytes: bytes as u64, from: t.start, to: t.end });
         Ok(())
     }
 
     fn bytes_of(&self, buf: &B::Buf) -> usize {
         self.backend.size_bytes(buf)
+    }
+
+    /// Bytes of `n` elements of `buf`'s type.
+    fn bytes_of_elems(&self, buf: &B::Buf, n: usize) -> usize {
+        let len = self.backend.len(buf);
+        if len == 0 {
+            0
+        } else {
+            self.bytes_of(buf) / len * n
+        }
     }
 
     /// Sum-all-reduce in place. Bytes: the buffer's size.
@@ -236,9 +285,10 @@ impl<'a, B: Backend> Comm<'a, B> {
         self.timed(category, bytes, |t| t.broadcast(self.backend, group, root, buf))
     }
 
+    /// Sends all of `buf` to group rank `dst`. Bytes: the message.
     pub fn send(&self, category: Category, group: &Group, dst: usize, buf: &B::Buf) -> Result<()> {
-        let bytes = self.bytes_of(buf);
-        self.timed(category, bytes, |t| t.send(self.backend, group, dst, buf))
+        let n = self.backend.len(buf);
+        self.exchange(category, group, &[SendPart { peer: dst, buf, range: 0..n }], None, &[])
     }
 
     /// Receives exactly `len` model-dtype elements from group rank `src`.
@@ -250,8 +300,23 @@ impl<'a, B: Backend> Comm<'a, B> {
 
     /// Receives into `buf`, whose length and dtype must match the message.
     pub fn recv_into(&self, category: Category, group: &Group, src: usize, buf: &mut B::Buf) -> Result<()> {
-        let bytes = self.bytes_of(buf);
-        self.timed(category, bytes, |t| t.recv(self.backend, group, src, buf))
+        let n = self.backend.len(buf);
+        self.exchange(category, group, &[], Some(buf), &[RecvPart { peer: src, range: 0..n }])
+    }
+
+    /// Sends and receives issued together (see [`Transport::exchange`]).
+    /// Bytes: everything this rank sends and receives.
+    pub fn exchange(&self, category: Category, group: &Group, sends: &[SendPart<'_, B>], recv: Option<&mut B::Buf>, recvs: &[RecvPart]) -> Result<()> {
+        if sends.is_empty() && recvs.is_empty() {
+            return Ok(());
+        }
+        let sent: usize = sends.iter().map(|p| self.bytes_of_elems(p.buf, p.range.len())).sum();
+        let received: usize = match &recv {
+            Some(buf) => recvs.iter().map(|p| self.bytes_of_elems(buf, p.range.len())).sum(),
+            None if recvs.is_empty() => 0,
+            None => return Err(CommError::Protocol("receive parts without a receive buffer".into())),
+        };
+        self.timed(category, sent + received, |t| t.exchange(self.backend, group, sends, recv, recvs))
     }
 
     fn record_host(&self, category: Category, bytes: usize, started: Instant) {
@@ -264,25 +329,28 @@ impl<'a, B: Backend> Comm<'a, B> {
     }
 
     /// Broadcasts host token ids from group rank `root`.
-    pub fn broadcast_tokens(&self, category: Category, group: &Group, root: usize, tokens: &mut [u32]) {
+    pub fn broadcast_tokens(&self, category: Category, group: &Group, root: usize, tokens: &mut [u32]) -> Result<()> {
         if group.size() == 1 {
-            return;
+            return Ok(());
         }
         let t = Instant::now();
-        group.comm.process_at_rank(root as i32).broadcast_into(tokens);
+        self.transport.borrow().host_broadcast(group, root, tokens)?;
         self.record_host(category, std::mem::size_of_val(tokens), t);
+        Ok(())
     }
 
-    pub fn send_tokens(&self, category: Category, group: &Group, dst: usize, tokens: &[u32]) {
+    pub fn send_tokens(&self, category: Category, group: &Group, dst: usize, tokens: &[u32]) -> Result<()> {
         let t = Instant::now();
-        group.comm.process_at_rank(dst as i32).send(tokens);
+        self.transport.borrow().host_send(group, dst, tokens)?;
         self.record_host(category, std::mem::size_of_val(tokens), t);
+        Ok(())
     }
 
-    pub fn recv_tokens(&self, category: Category, group: &Group, src: usize, tokens: &mut [u32]) {
+    pub fn recv_tokens(&self, category: Category, group: &Group, src: usize, tokens: &mut [u32]) -> Result<()> {
         let t = Instant::now();
-        group.comm.process_at_rank(src as i32).receive_into(tokens);
+        self.transport.borrow().host_recv(group, src, tokens)?;
         self.record_host(category, std::mem::size_of_val(tokens), t);
+        Ok(())
     }
 
     /// Starts setting aside the messages of a step being recorded (a CUDA

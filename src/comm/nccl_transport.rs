@@ -1,9 +1,11 @@
 //! NCCL transport for device buffers (the CUDA backend).
 //!
-//! Each group gets its own NCCL communicator when it is created: group rank 0
-//! asks NCCL for a unique id, broadcasts its 128 bytes over the group's MPI
-//! communicator, and every member calls `ncclCommInitRank` (a collective over
-//! the group). Communicators are keyed by `Group::id`. Collectives and
+//! Each group gets its own NCCL communicator when it is created (the MPI
+//! split of [`HostGroups`] first): group rank 0 asks NCCL for a unique id,
+//! broadcasts its 128 bytes over the group's MPI communicator, and every
+//! member calls `ncclCommInitRank` (a collective over the group).
+//! Communicators are keyed by `Group::id`; host messages (token ids) go over
+//! the groups' MPI communicators. Collectives and
 //! point-to-point messages are queued on the backend's stream, so they are
 //! ordered with the kernels around them and timed by the same events; the
 //! element type NCCL moves is the buffer's own dtype (bf16, fp16, or f32 for
@@ -14,10 +16,13 @@
 //! this module sets no NCCL option. It must not know about strategies or
 //! categories of traffic; `Comm` records those.
 
-use super::{CommError, Group, Result, Transport};
+use super::host::HostGroups;
+use super::{ordered_recv_parts, CommError, Group, RecvPart, Result, SendPart, Timed, Transport};
 use crate::backend::cuda::{CudaBackend, CudaBuf};
-use crate::backend::Dtype;
+use crate::backend::{Backend, Dtype};
+use cudarc::driver::CudaEvent;
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
+use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::BTreeMap;
 
@@ -38,8 +43,8 @@ impl Drop for NcclComm {
 }
 
 /// Moves [`CudaBuf`]s with NCCL on the backend's stream.
-#[derive(Default)]
 pub struct NcclTransport {
+    groups: HostGroups,
     comms: BTreeMap<usize, NcclComm>,
     /// The stream to drain before communicators are torn down.
     stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
@@ -67,8 +72,8 @@ fn data_type(d: Dtype) -> nccl_sys::ncclDataType_t {
 }
 
 impl NcclTransport {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(world: SimpleCommunicator) -> Self {
+        Self { groups: HostGroups::new(world), comms: BTreeMap::new(), stream: None }
     }
 
     fn comm(&self, group: &Group) -> Result<&NcclComm> {
@@ -87,11 +92,8 @@ impl NcclTransport {
     }
 }
 
-impl Transport<CudaBackend> for NcclTransport {
-    fn name(&self) -> &'static str {
-        "nccl"
-    }
-
+impl NcclTransport {
+    /// Creates the NCCL communicator of `group` (collective over its members).
     fn attach(&mut self, backend: &CudaBackend, group: &Group) -> Result<()> {
         // The bindings abort the process on a missing library: look first.
         if crate::backend::cuda::probe::nccl_library().is_none() {
@@ -104,7 +106,7 @@ impl Transport<CudaBackend> for NcclTransport {
                 *b = *c as u8;
             }
         }
-        group.comm.process_at_rank(0).broadcast_into(&mut id[..]);
+        self.groups.comm(group)?.process_at_rank(0).broadcast_into(&mut id[..]);
         let mut internal = [0 as std::ffi::c_char; 128];
         for (c, b) in internal.iter_mut().zip(id.iter()) {
             *c = *b as std::ffi::c_char;
@@ -119,18 +121,47 @@ impl Transport<CudaBackend> for NcclTransport {
         self.comms.insert(group.id, NcclComm { raw, size: group.size() });
         Ok(())
     }
+}
 
-    fn all_reduce_sum(&self, backend: &CudaBackend, group: &Group, buf: &mut CudaBuf) -> Result<()> {
-        let c = self.comm(group)?;
-        let p = buf.device_ptr();
-        // SAFETY: in-place reduction over `len` elements of the buffer's own
-        // type, queued on the stream that owns the buffer.
-        unsafe { nccl::all_reduce(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), nccl_sys::ncclRedOp_t::ncclSum, c.raw, Self::stream_of(backend)) }
-            .map_err(|e| nccl_err("ncclAllReduce", e))?;
-        Ok(())
+/// Marks around work queued on the backend's stream.
+fn around(backend: &CudaBackend, op: impl FnOnce() -> Result<()>) -> Result<Timed<CudaEvent>> {
+    let start = backend.mark()?;
+    op()?;
+    Ok(Timed { start, end: backend.mark()? })
+}
+
+impl Transport<CudaBackend> for NcclTransport {
+    fn name(&self) -> &'static str {
+        "nccl"
     }
 
-    fn all_gather(&self, backend: &CudaBackend, group: &Group, send: &CudaBuf, recv: &mut CudaBuf) -> Result<()> {
+    fn world(&mut self, backend: &CudaBackend) -> Result<Group> {
+        let world = self.groups.world();
+        self.attach(backend, &world)?;
+        Ok(world)
+    }
+
+    fn split(&mut self, backend: &CudaBackend, parent: &Group, color: Option<u32>, id: usize, name: &str) -> Result<Option<Group>> {
+        let group = self.groups.split(parent, color, id, name)?;
+        if let Some(g) = &group {
+            self.attach(backend, g)?;
+        }
+        Ok(group)
+    }
+
+    fn all_reduce_sum(&self, backend: &CudaBackend, group: &Group, buf: &mut CudaBuf) -> Result<Timed<CudaEvent>> {
+        let c = self.comm(group)?;
+        let p = buf.device_ptr();
+        around(backend, || {
+            // SAFETY: in-place reduction over `len` elements of the buffer's
+            // own type, queued on the stream that owns the buffer.
+            unsafe { nccl::all_reduce(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), nccl_sys::ncclRedOp_t::ncclSum, c.raw, Self::stream_of(backend)) }
+                .map_err(|e| nccl_err("ncclAllReduce", e))?;
+            Ok(())
+        })
+    }
+
+    fn all_gather(&self, backend: &CudaBackend, group: &Group, send: &CudaBuf, recv: &mut CudaBuf) -> Result<Timed<CudaEvent>> {
         let c = self.comm(group)?;
         if recv.len() != send.len() * c.size {
             return Err(CommError::Size(format!("all_gather on `{}`: recv {} != {} x {}", group.name, recv.len(), c.size, send.len())));
@@ -138,37 +169,76 @@ impl Transport<CudaBackend> for NcclTransport {
         if recv.dtype() != send.dtype() {
             return Err(CommError::Size(format!("all_gather on `{}`: send is {}, recv is {}", group.name, send.dtype(), recv.dtype())));
         }
-        // SAFETY: `recv` holds size x len(send) elements of the same type
-        // (checked above); both are queued on their owning stream.
-        unsafe { nccl::all_gather(send.device_ptr() as *const _, recv.device_ptr() as *mut _, send.len(), data_type(send.dtype()), c.raw, Self::stream_of(backend)) }
-            .map_err(|e| nccl_err("ncclAllGather", e))?;
-        Ok(())
+        around(backend, || {
+            // SAFETY: `recv` holds size x len(send) elements of the same type
+            // (checked above); both are queued on their owning stream.
+            unsafe { nccl::all_gather(send.device_ptr() as *const _, recv.device_ptr() as *mut _, send.len(), data_type(send.dtype()), c.raw, Self::stream_of(backend)) }
+                .map_err(|e| nccl_err("ncclAllGather", e))?;
+            Ok(())
+        })
     }
 
-    fn broadcast(&self, backend: &CudaBackend, group: &Group, root: usize, buf: &mut CudaBuf) -> Result<()> {
+    fn broadcast(&self, backend: &CudaBackend, group: &Group, root: usize, buf: &mut CudaBuf) -> Result<Timed<CudaEvent>> {
         let c = self.comm(group)?;
         let root = Self::peer(group, root)?;
         let p = buf.device_ptr();
-        // SAFETY: in-place broadcast of the buffer's `len` elements.
-        unsafe { nccl::broadcast(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), root, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclBroadcast", e))?;
-        Ok(())
+        around(backend, || {
+            // SAFETY: in-place broadcast of the buffer's `len` elements.
+            unsafe { nccl::broadcast(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), root, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclBroadcast", e))?;
+            Ok(())
+        })
     }
 
-    /// The receiver must post a buffer of the same length and dtype: NCCL
-    /// cannot detect a mismatch (it would hang or corrupt), unlike MPI.
-    fn send(&self, backend: &CudaBackend, group: &Group, dst: usize, buf: &CudaBuf) -> Result<()> {
+    /// Every receiver must post parts of the same lengths and dtype as the
+    /// matching sends: NCCL cannot detect a mismatch (it would hang or
+    /// corrupt), unlike MPI.
+    fn exchange(&self, backend: &CudaBackend, group: &Group, sends: &[SendPart<'_, CudaBackend>], recv: Option<&mut CudaBuf>, recvs: &[RecvPart]) -> Result<Timed<CudaEvent>> {
         let c = self.comm(group)?;
-        let peer = Self::peer(group, dst)?;
-        // SAFETY: reads the buffer's `len` elements on its owning stream.
-        unsafe { nccl::send(buf.device_ptr() as *const _, buf.len(), data_type(buf.dtype()), peer, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclSend", e))?;
-        Ok(())
+        for p in sends {
+            Self::peer(group, p.peer)?;
+            if p.range.end > p.buf.len() {
+                return Err(CommError::Size(format!("send of elements {:?} of {} on `{}`", p.range, p.buf.len(), group.name)));
+            }
+        }
+        let (recv_ptr, recv_len, recv_dtype) = match &recv {
+            Some(b) => (b.device_ptr(), b.len(), b.dtype()),
+            None => (0, 0, Dtype::Fp32),
+        };
+        ordered_recv_parts(recvs, recv_len)?;
+        for p in recvs {
+            Self::peer(group, p.peer)?;
+        }
+        let stream = Self::stream_of(backend);
+        around(backend, || {
+            nccl::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
+            let mut issued = Ok(());
+            for p in sends {
+                let es = p.buf.dtype().size_bytes() as u64;
+                // SAFETY: reads elements `range` of the buffer (checked above) on its owning stream.
+                let r = unsafe { nccl::send((p.buf.device_ptr() + p.range.start as u64 * es) as *const _, p.range.len(), data_type(p.buf.dtype()), p.peer as i32, c.raw, stream) };
+                issued = issued.and(r.map(|_| ()).map_err(|e| nccl_err("ncclSend", e)));
+            }
+            for p in recvs {
+                let es = recv_dtype.size_bytes() as u64;
+                // SAFETY: writes elements `range` of the receive buffer (checked above) on its owning stream.
+                let r = unsafe { nccl::recv((recv_ptr + p.range.start as u64 * es) as *mut _, p.range.len(), data_type(recv_dtype), p.peer as i32, c.raw, stream) };
+                issued = issued.and(r.map(|_| ()).map_err(|e| nccl_err("ncclRecv", e)));
+            }
+            // The group must be closed whatever happened inside it.
+            let ended = nccl::group_end().map(|_| ()).map_err(|e| nccl_err("ncclGroupEnd", e));
+            issued.and(ended)
+        })
     }
 
-    fn recv(&self, backend: &CudaBackend, group: &Group, src: usize, buf: &mut CudaBuf) -> Result<()> {
-        let c = self.comm(group)?;
-        let peer = Self::peer(group, src)?;
-        // SAFETY: writes the buffer's `len` elements on its owning stream.
-        unsafe { nccl::recv(buf.device_ptr() as *mut _, buf.len(), data_type(buf.dtype()), peer, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclRecv", e))?;
-        Ok(())
+    fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()> {
+        self.groups.broadcast_u32(group, root, data)
+    }
+
+    fn host_send(&self, group: &Group, dst: usize, data: &[u32]) -> Result<()> {
+        self.groups.send_u32(group, dst, data)
+    }
+
+    fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()> {
+        self.groups.recv_u32(group, src, data)
     }
 }

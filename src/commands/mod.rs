@@ -204,7 +204,7 @@ fn budget(job: Option<&JobSpec>, default: u64) -> u64 {
 
 fn world_of<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, cluster: &Cluster) -> Result<(Comm<'a, B>, Group), Failure> {
     let comm = Comm::new(be, transport);
-    let world = comm.world_group(cluster.world()).map_err(|e| Failure::new(Exit::Mpi, format!("rank {}: {e}", cluster.rank)))?;
+    let world = comm.world_group().map_err(|e| Failure::new(Exit::Mpi, format!("rank {}: {e}", cluster.rank)))?;
     Ok((comm, world))
 }
 
@@ -217,7 +217,7 @@ pub fn with_backend(request: BackendRequest<'_>, cluster: &Cluster, body: impl O
             let facts = LaunchFacts { world_size: cluster.world_size, max_local_ranks: cluster.max_local_ranks, visible_gpus: None, memory_budget_bytes: budget(job, per_rank), elem_bytes: 4 };
             let be = CpuBackend::new();
             let slow = SlowMeter::from_env();
-            let (comm, world) = world_of(&be, Box::new(MpiTransport), cluster)?;
+            let (comm, world) = world_of(&be, Box::new(MpiTransport::new(cluster.world())), cluster)?;
             let launch = Launch { be: &be, comm, world, facts, energy: slow.as_ref().map(|m| m as &dyn EnergyMeter), devices: Vec::new(), versions: StackVersions::default() };
             body.run(cluster, launch)
         }
@@ -245,7 +245,7 @@ pub fn with_backend(request: BackendRequest<'_>, cluster: &Cluster, body: impl O
             let devices =
                 cluster.all_gather_strings(&mine).into_iter().enumerate().map(|(r, f)| DeviceInfo { world_rank: r as u32, name: f[0].clone(), uuid: f[1].clone(), pci_bus_id: f[2].clone() }).collect();
             let versions = StackVersions { cuda: report.nvrtc_version.clone(), nccl: report.nccl_version.clone(), driver: nvml.as_ref().map(|n| n.0.driver_version().to_string()) };
-            let (comm, world) = world_of(&be, Box::new(NcclTransport::new()), cluster)?;
+            let (comm, world) = world_of(&be, Box::new(NcclTransport::new(cluster.world())), cluster)?;
             let launch = Launch { be: &be, comm, world, facts, energy: nvml.as_ref().map(|n| n as &dyn EnergyMeter), devices, versions };
             body.run(cluster, launch)
         }

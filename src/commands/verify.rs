@@ -65,6 +65,7 @@ impl OnBackend for VerifyBody<'_> {
         let (job, args) = (self.job, &self.args);
         let cfg = validate_launch(job, &launch.facts, cluster)?;
         let (be, comm, world) = (launch.be, &launch.comm, &launch.world);
+        let mpi_world = cluster.world();
         let rank = cluster.rank;
         let fail = |what: &str, e: StrategyError| end_job_on_failure(cluster, Failure::new(exit_for(&e), format!("rank {rank}: {what}: {e}")));
         let build = |spec: StrategySpec| -> Result<Candidate<'_, B>, Failure> {
@@ -85,11 +86,11 @@ impl OnBackend for VerifyBody<'_> {
                 let shape = shape_of(&b, job);
                 let prompts = wl.batch_prompts(&b);
                 let run = |cand: &mut Candidate<'_, B>, forced: Option<&[u32]>| -> Result<Option<GatheredBatch>, StrategyError> {
-                    world.comm.barrier();
+                    mpi_world.barrier();
                     let input = BatchInput { shape, prompts: &prompts, micro_batch_cap: shape.nseq, pool_usable: true, keep_logits: true, forced, cuda_graphs: job.run.cuda_graphs };
                     let r = run_batch(be, comm, cand.strategy.as_mut(), &input, None)?;
                     let facts = BatchFacts { batch: &b, shape, requested_batch: shape.nseq, flops: 0.0, memory_estimate: 0, leader: cand.layout.leader, roles: &cand.layout.roles };
-                    Ok(gather_batch(be, world, &r, &facts))
+                    Ok(gather_batch(be, &mpi_world, &r, &facts))
                 };
                 let reference_out = run(&mut reference, None).map_err(|e| fail("reference", e))?;
                 // The single-rank model against a cache-free recomputation (CPU, first batch of each category).
@@ -102,7 +103,7 @@ impl OnBackend for VerifyBody<'_> {
                 }
                 // Reference tokens to every rank (the strategies' leaders need them to force).
                 let mut ref_tokens = reference_out.as_ref().map(|g| g.batch.tokens.clone()).unwrap_or_else(|| vec![0; shape.nseq * shape.out_tokens]);
-                world.comm.process_at_rank(0).broadcast_into(&mut ref_tokens[..]);
+                mpi_world.process_at_rank(0).broadcast_into(&mut ref_tokens[..]);
                 for cand in strategies.iter_mut() {
                     let forced = args.teacher_forcing.then_some(&ref_tokens[..]);
                     let name = cand.spec.name();
@@ -120,7 +121,7 @@ impl OnBackend for VerifyBody<'_> {
             }
         }
         let mut total = [failures as u64];
-        world.comm.process_at_rank(0).broadcast_into(&mut total[..]);
+        mpi_world.process_at_rank(0).broadcast_into(&mut total[..]);
         if total[0] > 0 {
             return Err(Failure::on_root(Exit::WrongResult, rank, format!("{} comparisons failed", total[0])));
         }

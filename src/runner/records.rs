@@ -3,10 +3,11 @@
 
 use super::{BatchRun, LeaderRun};
 use crate::backend::Backend;
-use crate::comm::{Category, CommStat, Group};
+use crate::comm::{Category, CommStat};
 use crate::metrics::{BatchRecord, RankRecord};
 use crate::strategy::BatchShape;
 use crate::workload::Batch;
+use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::BTreeMap;
 
@@ -83,14 +84,14 @@ fn decode_rank(v: &[f64], batch_index: u32, role: String) -> RankRecord {
 }
 
 /// The leader's measurements, moved to rank 0 when the leader is another rank.
-fn leader_to_root(world: &Group, leader: usize, run: Option<&LeaderRun>) -> LeaderRun {
-    let me = world.rank();
+fn leader_to_root(world: &SimpleCommunicator, leader: usize, run: Option<&LeaderRun>) -> LeaderRun {
+    let me = world.rank() as usize;
     let mut lead = run.cloned().unwrap_or_default();
     if leader == 0 {
         return lead;
     }
     if me == leader {
-        let root = world.comm.process_at_rank(0);
+        let root = world.process_at_rank(0);
         root.send(&[lead.ttft_s, lead.e2e_s][..]);
         root.send(&lead.itl_s[..]);
         root.send(&lead.tokens[..]);
@@ -99,7 +100,7 @@ fn leader_to_root(world: &Group, leader: usize, run: Option<&LeaderRun>) -> Lead
             root.send(&l[..]);
         }
     } else if me == 0 {
-        let src = world.comm.process_at_rank(leader as i32);
+        let src = world.process_at_rank(leader as i32);
         let mut times = [0f64; 2];
         src.receive_into(&mut times[..]);
         let (itl, _) = src.receive_vec::<f64>();
@@ -113,13 +114,14 @@ fn leader_to_root(world: &Group, leader: usize, run: Option<&LeaderRun>) -> Lead
 }
 
 /// Gathers a batch's records to world rank 0, which gets them back (every
-/// other rank gets `None`). Collective over `world`.
-pub fn gather_batch<B: Backend>(be: &B, world: &Group, run: &BatchRun, facts: &BatchFacts<'_>) -> Option<GatheredBatch> {
-    let me = world.rank();
-    let root = world.comm.process_at_rank(0);
+/// other rank gets `None`). Collective over the MPI `world` (bookkeeping
+/// outside the timed region, not strategy traffic).
+pub fn gather_batch<B: Backend>(be: &B, world: &SimpleCommunicator, run: &BatchRun, facts: &BatchFacts<'_>) -> Option<GatheredBatch> {
+    let me = world.rank() as usize;
+    let root = world.process_at_rank(0);
     let active_ranks = {
         let mut n = 0u64;
-        world.comm.all_reduce_into(&(run.setup.active as u64), &mut n, mpi::collective::SystemOperation::sum());
+        world.all_reduce_into(&(run.setup.active as u64), &mut n, mpi::collective::SystemOperation::sum());
         n.max(1)
     };
     let b = facts.batch;
@@ -144,7 +146,7 @@ pub fn gather_batch<B: Backend>(be: &B, world: &Group, run: &BatchRun, facts: &B
         root.gather_into(&row[..]);
         return None;
     }
-    let mut all = vec![0f64; RANK_FIELDS * world.size()];
+    let mut all = vec![0f64; RANK_FIELDS * world.size() as usize];
     root.gather_into_root(&row[..], &mut all[..]);
     let ranks = all.chunks(RANK_FIELDS).enumerate().map(|(r, v)| decode_rank(v, b.index as u32, facts.roles[r].clone())).collect();
     let shape = facts.shape;

@@ -19,6 +19,7 @@ use crate::results::{DeviceInfo, Provenance, RoleRow, RunStatus, StrategyInfo};
 use crate::spec::{JobSpec, LaunchFacts};
 use crate::strategy::{BatchShape, BuildContext, StrategyError};
 use crate::workload::{Batch, Workload};
+use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -97,9 +98,9 @@ pub fn shape_of(b: &Batch, job: &JobSpec) -> BatchShape {
 }
 
 /// All ranks agree on a rank-0 decision.
-fn agree(world: &Group, ok_on_root: bool) -> bool {
+fn agree(world: &SimpleCommunicator, ok_on_root: bool) -> bool {
     let mut flag = [ok_on_root as u8];
-    world.comm.process_at_rank(0).broadcast_into(&mut flag[..]);
+    world.process_at_rank(0).broadcast_into(&mut flag[..]);
     flag[0] == 1
 }
 
@@ -143,9 +144,10 @@ fn provenance(setup: &SweepSetup<'_>, cluster: &Cluster, backend: &str, transpor
 
 /// Rank 0 opens (or creates) the results file and learns which batches a
 /// resumed file already holds; every rank learns them too.
-fn open_target<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster: &Cluster, setup: &SweepSetup<'_>, plan: &[(usize, usize, Batch)]) -> Result<(Option<Durable>, Vec<u8>)> {
+fn open_target<B: Backend>(be: &B, comm: &Comm<'_, B>, cluster: &Cluster, setup: &SweepSetup<'_>, plan: &[(usize, usize, Batch)]) -> Result<(Option<Durable>, Vec<u8>)> {
     let (job, target) = (setup.job, &setup.target);
-    let root = world.rank() == 0;
+    let world = &cluster.world();
+    let root = cluster.rank == 0;
     let path = &target.path;
     let problem = if !root {
         None
@@ -194,7 +196,7 @@ fn open_target<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster: &
     if !agree(world, failure.is_none()) {
         return Err(SweepError::Results(None));
     }
-    world.comm.process_at_rank(0).broadcast_into(&mut done[..]);
+    world.process_at_rank(0).broadcast_into(&mut done[..]);
     Ok((file, done))
 }
 
@@ -214,7 +216,8 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
     let me = world.rank();
     let wl = Workload::new(&job.workload, cfg.vocab);
     let plan = plan(job, &wl);
-    let (file, done) = open_target(be, comm, world, cluster, setup, &plan)?;
+    let (file, done) = open_target(be, comm, cluster, setup, &plan)?;
+    let mpi_world = cluster.world();
     let path = setup.target.path.clone();
     let fault = Fault::from_env();
     // The batch in flight, for the watchdog to mark in the file if it fires.
@@ -278,7 +281,7 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                 let prompts = wl.batch_prompts(&plan[k].2);
                 let input = BatchInput { shape, prompts: &prompts, micro_batch_cap: cap_for(shape), pool_usable: true, keep_logits: false, forced: None, cuda_graphs: job.run.cuda_graphs };
                 run_batch(be, comm, strategy.as_mut(), &input, None).map_err(|e| failed(format!("warm-up of {name} {}", cat.name), e, None))?;
-                world.comm.barrier();
+                mpi_world.barrier();
             }
             while i < plan.len() && plan[i].0 == si && plan[i].1 == c {
                 let b = &plan[i].2;
@@ -289,7 +292,7 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                 }
                 // A safe point: every rank stops here if any rank was signalled.
                 let mut stop = 0u8;
-                world.comm.all_reduce_into(&(crate::control::stop_requested() as u8), &mut stop, mpi::collective::SystemOperation::max());
+                mpi_world.all_reduce_into(&(crate::control::stop_requested() as u8), &mut stop, mpi::collective::SystemOperation::max());
                 if stop > 0 {
                     if root {
                         eprintln!("fapool: stop requested; {} marked interrupted, resume with --resume", path.display());
@@ -310,16 +313,16 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                     return Err(failed(context, e, Some(at)));
                 }
                 let mut all_usable = 0u8;
-                world.comm.all_reduce_into(&((effect != FaultEffect::DeviceUnusable) as u8), &mut all_usable, mpi::collective::SystemOperation::min());
+                mpi_world.all_reduce_into(&((effect != FaultEffect::DeviceUnusable) as u8), &mut all_usable, mpi::collective::SystemOperation::min());
                 let shape = shape_of(b, job);
                 let prompts = wl.batch_prompts(b);
                 let cap = cap_for(shape);
                 let memory_estimate = deployment.memory_bytes(cfg, BatchShape { nseq: cap.min(shape.nseq), ..shape }, world.size(), facts.elem_bytes);
-                world.comm.barrier();
+                mpi_world.barrier();
                 let input = BatchInput { shape, prompts: &prompts, micro_batch_cap: cap, pool_usable: all_usable == 1, keep_logits: false, forced: None, cuda_graphs: job.run.cuda_graphs };
                 let run = run_batch(be, comm, strategy.as_mut(), &input, energy).map_err(|e| failed(context, e, Some(at)))?;
                 let facts_b = BatchFacts { batch: b, shape, requested_batch: job.workload.batch_size, flops: batch_flops(cfg, shape), memory_estimate, leader: layout.leader, roles: &layout.roles };
-                if let Some(g) = gather_batch(be, world, &run, &facts_b) {
+                if let Some(g) = gather_batch(be, &mpi_world, &run, &facts_b) {
                     if let Some(d) = &file {
                         d.update(|f| f.append_batch(&name, &cat.name, &g.batch, &g.ranks)).map_err(results_error)?;
                     }

@@ -140,14 +140,14 @@ impl<'a, 'c, B: Backend> Strategy<B> for Baseline<'a, 'c, B> {
         if self.is_last_tp0() {
             tokens.copy_from_slice(&leader_tokens[..shape.nseq]);
             if self.pp > 1 {
-                self.comm.send_tokens(Category::PpP2p, &rank.pp, 0, &tokens);
+                self.comm.send_tokens(Category::PpP2p, &rank.pp, 0, &tokens)?;
             }
         }
         if rank.place.stage == 0 {
             if self.pp > 1 && rank.place.tp_rank == 0 {
-                self.comm.recv_tokens(Category::PpP2p, &rank.pp, self.pp - 1, &mut tokens);
+                self.comm.recv_tokens(Category::PpP2p, &rank.pp, self.pp - 1, &mut tokens)?;
             }
-            self.comm.broadcast_tokens(Category::Control, &rank.tp, 0, &mut tokens);
+            self.comm.broadcast_tokens(Category::Control, &rank.tp, 0, &mut tokens)?;
         } else {
             tokens.clear();
         }

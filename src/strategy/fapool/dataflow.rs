@@ -471,7 +471,7 @@ impl<'a, 'c, B: Backend> Strategy<B> for Fapool<'a, 'c, B> {
                 if leader {
                     tokens.copy_from_slice(&leader_tokens[..shape.nseq]);
                 }
-                cx.comm.broadcast_tokens(Category::Control, &rank.base, 0, &mut tokens);
+                cx.comm.broadcast_tokens(Category::Control, &rank.base, 0, &mut tokens)?;
                 // With the pool active the base neither caches nor attends.
                 let (store_at, len) = if batch.blocks.p > 0 { (None, 0) } else { (Some(pos), pos + 1) };
                 Ok(Some(StepVars { pos, store_at, len, tokens }))
