@@ -247,12 +247,7 @@ impl<'a, B: Backend> Comm<'a, B> {
 
     /// Bytes of `n` elements of `buf`'s type.
     fn bytes_of_elems(&self, buf: &B::Buf, n: usize) -> usize {
-        let len = self.backend.len(buf);
-        if len == 0 {
-            0
-        } else {
-            self.bytes_of(buf) / len * n
-        }
+        self.bytes_of(buf).checked_div(self.backend.len(buf)).map_or(0, |elem| elem * n)
     }
 
     /// Sum-all-reduce in place. Bytes: the buffer's size.
