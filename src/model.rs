@@ -18,6 +18,18 @@ pub enum FfnKind {
     GatedGelu,
 }
 
+/// What weight shards hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightValues {
+    /// The deterministic values of `(weights_seed, tensor, row, column)`.
+    #[default]
+    Seeded,
+    /// Zeros of the right length, never touched: the planner runs strategies
+    /// on the shape-only backend, which reads only lengths, so generating
+    /// values (seconds per rank at full size) would be wasted.
+    ShapesOnly,
+}
+
 /// Dimensions of a dense decoder-only model (the presets are described in
 /// `docs/design.md`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,6 +46,9 @@ pub struct ModelConfig {
     /// Longest sequence (prompt + generated tokens) a job may use.
     pub max_seq_len: usize,
     pub weights_seed: u64,
+    /// Not part of a job spec: set by the planner on its own copy.
+    #[serde(skip)]
+    pub weight_values: WeightValues,
 }
 
 impl ModelConfig {
@@ -51,12 +66,26 @@ impl ModelConfig {
             norm_eps: 1e-6,
             max_seq_len: 65536 + 1024,
             weights_seed: 1,
+            weight_values: WeightValues::Seeded,
         }
     }
 
     /// A tiny model on the same code path, for tests and the CPU demo.
     pub fn tiny() -> Self {
-        Self { name: "tiny".into(), layers: 2, d_model: 64, heads: 4, head_dim: 16, ffn: 256, ffn_kind: FfnKind::Gelu, vocab: 512, norm_eps: 1e-6, max_seq_len: 4096, weights_seed: 1 }
+        Self {
+            name: "tiny".into(),
+            layers: 2,
+            d_model: 64,
+            heads: 4,
+            head_dim: 16,
+            ffn: 256,
+            ffn_kind: FfnKind::Gelu,
+            vocab: 512,
+            norm_eps: 1e-6,
+            max_seq_len: 4096,
+            weights_seed: 1,
+            weight_values: WeightValues::Seeded,
+        }
     }
 
     /// Attention width `heads × head_dim`.
@@ -191,6 +220,10 @@ impl<'a> Weights<'a> {
     /// Rows `rows` and the column runs `cols` of tensor `t`, row-major.
     pub fn shard(&self, t: Tensor, rows: Range<usize>, cols: &[Range<usize>]) -> Vec<f32> {
         let width: usize = cols.iter().map(|c| c.len()).sum();
+        if self.cfg.weight_values == WeightValues::ShapesOnly {
+            // A zeroed allocation: its pages are never written or read.
+            return vec![0.0; rows.len() * width];
+        }
         let mut out = Vec::with_capacity(rows.len() * width);
         for r in rows {
             for c in cols {

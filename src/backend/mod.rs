@@ -6,11 +6,16 @@
 //! a buffer of `rows × cols` elements, with `rows = sequences × tokens`.
 //! Heads are contiguous inside a row (`[heads, head_dim]`).
 //!
+//! The shape-only backend ([`shape`]) carries no data: it records every
+//! operation for the planner.
+//!
 //! This module must not communicate (see `comm`) or time anything beyond the
 //! marks it hands out (see `metrics`).
 
 pub mod cpu;
 pub mod cuda;
+pub mod record;
+pub mod shape;
 
 use std::ops::Range;
 

@@ -4,11 +4,14 @@
 //!
 //! A [`Transport`] moves device buffers (MPI for the CPU backend, NCCL for
 //! CUDA); small host-side control messages (generated token ids) always go
-//! over MPI. This module must not know about strategies or results files.
+//! over MPI. The in-process transport ([`sim_transport`]) runs simulated
+//! ranks as threads of one process for the planner and records every
+//! message. This module must not know about strategies or results files.
 
 pub mod host;
 pub mod mpi_transport;
 pub mod nccl_transport;
+pub mod sim_transport;
 
 use crate::backend::Backend;
 use std::cell::RefCell;
@@ -143,6 +146,10 @@ pub trait Transport<B: Backend> {
     fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()>;
     fn host_send(&self, group: &Group, dst: usize, data: &[u32]) -> Result<()>;
     fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()>;
+    /// The category [`Comm`] records the next operation or host message
+    /// under. A transport that records messages (the planner's in-process
+    /// transport) keeps it; the others ignore it.
+    fn announce(&self, _category: Category) {}
 }
 
 /// Checks that receive parts are disjoint, within `len` elements, and
@@ -235,7 +242,11 @@ impl<'a, B: Backend> Comm<'a, B> {
 
     fn timed(&self, category: Category, bytes: usize, op: impl FnOnce(&dyn Transport<B>) -> Result<Timed<B::Mark>>) -> Result<()> {
         self.beat();
-        let t = op(&**self.transport.borrow())?;
+        let t = {
+            let transport = self.transport.borrow();
+            transport.announce(category);
+            op(&**transport)?
+        };
         self.beat();
         self.log.borrow_mut().pending.push(Pending { category, bytes: bytes as u64, from: t.start, to: t.end });
         Ok(())
@@ -262,10 +273,10 @@ impl<'a, B: Backend> Comm<'a, B> {
     /// All-gather of equal-sized contributions. Bytes: the gathered size.
     pub fn all_gather(&self, category: Category, group: &Group, send: &B::Buf) -> Result<B::Buf> {
         let n = self.backend.len(send);
-        let mut recv = self.backend.zeros(n * group.size())?;
         if group.size() == 1 {
             return Ok(self.backend.gather_rows(send, n.max(1), &[crate::backend::RowRun::new(0, usize::from(n > 0))])?);
         }
+        let mut recv = self.backend.zeros(n * group.size())?;
         let bytes = self.bytes_of(&recv);
         self.timed(category, bytes, |t| t.all_gather(self.backend, group, send, &mut recv))?;
         Ok(recv)
@@ -329,6 +340,7 @@ impl<'a, B: Backend> Comm<'a, B> {
             return Ok(());
         }
         let t = Instant::now();
+        self.transport.borrow().announce(category);
         self.transport.borrow().host_broadcast(group, root, tokens)?;
         self.record_host(category, std::mem::size_of_val(tokens), t);
         Ok(())
@@ -336,6 +348,7 @@ impl<'a, B: Backend> Comm<'a, B> {
 
     pub fn send_tokens(&self, category: Category, group: &Group, dst: usize, tokens: &[u32]) -> Result<()> {
         let t = Instant::now();
+        self.transport.borrow().announce(category);
         self.transport.borrow().host_send(group, dst, tokens)?;
         self.record_host(category, std::mem::size_of_val(tokens), t);
         Ok(())
@@ -343,6 +356,7 @@ impl<'a, B: Backend> Comm<'a, B> {
 
     pub fn recv_tokens(&self, category: Category, group: &Group, src: usize, tokens: &mut [u32]) -> Result<()> {
         let t = Instant::now();
+        self.transport.borrow().announce(category);
         self.transport.borrow().host_recv(group, src, tokens)?;
         self.record_host(category, std::mem::size_of_val(tokens), t);
         Ok(())

@@ -21,6 +21,7 @@ use crate::strategy::{BatchShape, BuildContext, StrategyError};
 use crate::workload::{Batch, Workload};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,6 +44,9 @@ pub struct StackVersions {
     pub driver: Option<String>,
 }
 
+/// Predicted figures by (strategy, category): `(name, value)` pairs.
+pub type Predicted = BTreeMap<(String, String), Vec<(String, f64)>>;
+
 /// Everything a sweep needs besides the backend and the communicators.
 pub struct SweepSetup<'a> {
     pub job: &'a JobSpec,
@@ -56,6 +60,9 @@ pub struct SweepSetup<'a> {
     /// Every rank's device.
     pub devices: Vec<DeviceInfo>,
     pub versions: StackVersions,
+    /// The planner's predictions by (strategy, category): `(name, value)`
+    /// pairs stored beside the category's summary (rank 0).
+    pub predictions: Option<&'a Predicted>,
 }
 
 /// How a sweep ended without an error.
@@ -332,11 +339,13 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                 }
             }
             if let Some(d) = &file {
+                let predicted = setup.predictions.and_then(|p| p.get(&(name.clone(), cat.name.clone()))).map_or(&[][..], Vec::as_slice);
                 let summary = d.update(|f| {
                     let records = f.batches(&name, &cat.name)?;
                     let wall: f64 = records.iter().map(|r| r.e2e_s).sum();
                     let summary = CategorySummary::from_batches(&records, wall);
                     f.write_summary(&name, &cat.name, &summary)?;
+                    predicted.iter().try_for_each(|(k, v)| f.store_prediction(&name, &cat.name, k, *v))?;
                     Ok(summary)
                 });
                 match summary {

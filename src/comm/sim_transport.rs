@@ -1,0 +1,589 @@
+//! The in-process transport: simulated ranks as threads of one process,
+//! moving shape-only buffers ([`ShapeBackend`]) through shared state. Groups
+//! are created by the same collective split protocol as on real ranks; every
+//! collective is matched by group and order, every point-to-point message by
+//! group, peer and order (MPI's non-overtaking rule, so device and host
+//! messages share one channel per pair, as they do on the MPI transport).
+//! Each transport call is recorded ([`MessageRecord`]: its category as
+//! [`super::Comm`] announces it, kind, bytes as `Comm` counts them, peers,
+//! group, and the ids that join sends to receives and collective members)
+//! in the rank's program log, so the planner can join them into cross-rank
+//! edges.
+//!
+//! Sends never wait for their receiver (more permissive than a rendezvous,
+//! so a job that runs on real ranks never deadlocks here). A wait that no
+//! rank can end — every live rank waiting — aborts every rank with a list of
+//! what each waited for, as does a rank that fails. It moves no values and
+//! must not know about strategies.
+
+use super::{ordered_recv_parts, Category, CommError, Group, RecvPart, Result, SendPart, Timed, Transport};
+use crate::backend::shape::{BufRef, Recorder, ShapeBackend, ShapeBuf};
+use crate::backend::Backend;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// What a transport call was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    AllReduce,
+    AllGather,
+    Broadcast {
+        root: usize,
+    },
+    /// Point-to-point sends and receives issued together.
+    Exchange,
+    HostBroadcast {
+        root: usize,
+    },
+    HostSend,
+    HostRecv,
+}
+
+impl MessageKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::AllReduce => "all_reduce",
+            MessageKind::AllGather => "all_gather",
+            MessageKind::Broadcast { .. } => "broadcast",
+            MessageKind::Exchange => "send_recv",
+            MessageKind::HostBroadcast { .. } => "host_broadcast",
+            MessageKind::HostSend => "host_send",
+            MessageKind::HostRecv => "host_recv",
+        }
+    }
+    /// A collective over the whole group (the others are point-to-point).
+    pub fn is_collective(self) -> bool {
+        matches!(self, MessageKind::AllReduce | MessageKind::AllGather | MessageKind::Broadcast { .. } | MessageKind::HostBroadcast { .. })
+    }
+    /// Token ids in host memory rather than a device buffer.
+    pub fn is_host(self) -> bool {
+        matches!(self, MessageKind::HostBroadcast { .. } | MessageKind::HostSend | MessageKind::HostRecv)
+    }
+}
+
+/// One message of a point-to-point call: its peer and bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// World rank of the peer.
+    pub peer: usize,
+    /// Joins a send to its receive (unique in the simulation).
+    pub message: u64,
+    /// Bytes this side moves.
+    pub bytes: u64,
+    /// Receives: bytes the matched send carried (differs only in a broken job).
+    pub sent_bytes: u64,
+    /// Row width of the sent buffer, where known.
+    pub cols: Option<usize>,
+}
+
+/// One transport call on one rank.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageRecord {
+    pub category: Option<Category>,
+    pub kind: MessageKind,
+    /// The group's name and world ranks (in group-rank order).
+    pub group: String,
+    pub group_ranks: Vec<usize>,
+    /// Bytes as [`super::Comm`] counts the call (see `docs/design.md`).
+    pub bytes: u64,
+    /// Collectives: joins the members' calls (unique in the simulation).
+    pub collective: Option<u64>,
+    pub sends: Vec<Part>,
+    pub recvs: Vec<Part>,
+    pub inputs: Vec<BufRef>,
+    pub outputs: Vec<BufRef>,
+    pub stream: u32,
+}
+
+/// A rank's message records, shared between its transport and whoever
+/// collects them after the run.
+pub type MessageLog = Rc<RefCell<Vec<MessageRecord>>>;
+
+/// A collective call: a split of the group (with this member's color) or a message.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Call {
+    Split(Option<u32>),
+    Message(MessageKind),
+}
+
+/// What one member brought to a collective.
+#[derive(Clone, Debug, PartialEq)]
+struct Arrival {
+    call: Call,
+    len: usize,
+    cols: Option<usize>,
+    world_rank: usize,
+}
+
+impl Arrival {
+    fn describe(&self) -> String {
+        match self.call {
+            Call::Split(_) => "a split".into(),
+            Call::Message(k) => format!("{} of {} elements", k.name(), self.len),
+        }
+    }
+}
+
+/// A collective (or split) waiting for its members.
+struct Pending {
+    arrived: Vec<Option<Arrival>>,
+    count: usize,
+    departed: usize,
+    /// Set when the last member arrived.
+    outcome: Option<std::result::Result<Completed, String>>,
+}
+
+#[derive(Clone)]
+struct Completed {
+    instance: u64,
+    /// Broadcasts: the root's row width.
+    cols: Option<usize>,
+    /// Splits: each member's new group (key, world ranks), by group rank.
+    groups: Vec<Option<(usize, Vec<usize>)>>,
+}
+
+/// A message in flight on a channel.
+struct InFlight {
+    message: u64,
+    bytes: u64,
+    host: bool,
+    cols: Option<usize>,
+}
+
+#[derive(Default)]
+struct State {
+    aborted: Option<String>,
+    blocked: Vec<bool>,
+    waiting_on: Vec<String>,
+    finished: usize,
+    next_key: usize,
+    next_id: u64,
+    pending: BTreeMap<(usize, u64), Pending>,
+    channels: BTreeMap<(usize, usize, usize), VecDeque<InFlight>>,
+}
+
+impl State {
+    fn blocked_count(&self) -> usize {
+        self.blocked.iter().filter(|b| **b).count()
+    }
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+/// The shared state of one simulated world.
+pub struct SimWorld {
+    size: usize,
+    state: Mutex<State>,
+    wake: Vec<Condvar>,
+}
+
+impl SimWorld {
+    pub fn new(size: usize) -> Self {
+        let state = State { blocked: vec![false; size], waiting_on: vec![String::new(); size], next_key: 1, ..Default::default() };
+        Self { size, state: Mutex::new(state), wake: (0..size).map(|_| Condvar::new()).collect() }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unblock(&self, st: &mut State, rank: usize) {
+        st.blocked[rank] = false;
+        self.wake[rank].notify_one();
+    }
+
+    /// Ends the simulation on every rank (a rank failed).
+    pub fn abort(&self, why: &str) {
+        let mut st = self.lock();
+        if st.aborted.is_none() {
+            st.aborted = Some(why.to_string());
+        }
+        for r in 0..self.size {
+            self.unblock(&mut st, r);
+        }
+    }
+
+    /// A rank's program ended; if every other live rank waits, none can go on.
+    fn finish(&self) {
+        let mut st = self.lock();
+        st.finished += 1;
+        self.check_deadlock(&mut st);
+    }
+
+    fn check_deadlock(&self, st: &mut State) {
+        let blocked = st.blocked_count();
+        if blocked > 0 && blocked + st.finished == self.size && st.aborted.is_none() {
+            let list: Vec<String> = (0..self.size).filter(|&r| st.blocked[r]).map(|r| format!("rank {r} waits for {}", st.waiting_on[r])).collect();
+            st.aborted = Some(format!("no rank can make progress: {}", list.join("; ")));
+            for r in 0..self.size {
+                self.unblock(st, r);
+            }
+        }
+    }
+}
+
+/// One simulated rank's transport.
+pub struct SimTransport<'w> {
+    world: &'w SimWorld,
+    rank: usize,
+    log: Rc<Recorder>,
+    messages: MessageLog,
+    /// Group id on this rank → the group's key in the shared state.
+    keys: RefCell<BTreeMap<usize, usize>>,
+    /// Collectives issued per group key (their order matches them).
+    seq: RefCell<BTreeMap<usize, u64>>,
+    category: Cell<Option<Category>>,
+}
+
+impl Drop for SimTransport<'_> {
+    fn drop(&mut self) {
+        self.world.finish();
+    }
+}
+
+fn protocol(what: String) -> CommError {
+    CommError::Protocol(what)
+}
+
+impl<'w> SimTransport<'w> {
+    /// World rank `rank`'s transport, recording into `log` (the rank's
+    /// backend recorder); returns it and its message records.
+    pub fn new(world: &'w SimWorld, rank: usize, log: Rc<Recorder>) -> (Self, MessageLog) {
+        let messages: MessageLog = Rc::default();
+        let keys = RefCell::new([(0usize, 0usize)].into_iter().collect());
+        (Self { world, rank, log, messages: messages.clone(), keys, seq: RefCell::default(), category: Cell::new(None) }, messages)
+    }
+
+    fn key(&self, group: &Group) -> Result<usize> {
+        self.keys.borrow().get(&group.id).copied().ok_or_else(|| protocol(format!("group `{}` (id {}) was not created on rank {}", group.name, group.id, self.rank)))
+    }
+
+    /// Waits (holding no lock while asleep) until `ready` holds.
+    fn wait<'g>(&self, mut st: MutexGuard<'g, State>, ready: impl Fn(&State) -> bool, what: &dyn Fn() -> String) -> Result<MutexGuard<'g, State>> {
+        loop {
+            if let Some(why) = &st.aborted {
+                return Err(protocol(format!("simulated rank {}: {why}", self.rank)));
+            }
+            if ready(&st) {
+                return Ok(st);
+            }
+            if !st.blocked[self.rank] {
+                st.blocked[self.rank] = true;
+                st.waiting_on[self.rank] = what();
+                self.world.check_deadlock(&mut st);
+                continue;
+            }
+            st = self.world.wake[self.rank].wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Joins collective number `seq` of group `key` with `arrival`; returns
+    /// what the completed collective decided.
+    fn collective(&self, group: &Group, arrival: Arrival) -> Result<Completed> {
+        let key = self.key(group)?;
+        let seq = {
+            let mut s = self.seq.borrow_mut();
+            let n = s.entry(key).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let (me, size) = (group.rank(), group.size());
+        let mut st = self.world.lock();
+        let p = st.pending.entry((key, seq)).or_insert_with(|| Pending { arrived: vec![None; size], count: 0, departed: 0, outcome: None });
+        p.arrived[me] = Some(arrival);
+        p.count += 1;
+        if p.count == size {
+            let arrived: Vec<Arrival> = p.arrived.iter().map(|a| a.clone().expect("every member arrived")).collect();
+            let outcome = complete(&mut st, &group.name, &arrived);
+            st.pending.get_mut(&(key, seq)).expect("pending").outcome = Some(outcome);
+            for &r in &group.world_ranks {
+                self.world.unblock(&mut st, r);
+            }
+        }
+        let what = || format!("collective {seq} of group `{}`", group.name);
+        let mut st = self.wait(st, |s| s.pending.get(&(key, seq)).is_some_and(|p| p.outcome.is_some()), &what)?;
+        let p = st.pending.get_mut(&(key, seq)).expect("pending");
+        let outcome = p.outcome.clone().expect("complete");
+        p.departed += 1;
+        if p.departed == size {
+            st.pending.remove(&(key, seq));
+        }
+        outcome.map_err(protocol)
+    }
+
+    fn record(&self, kind: MessageKind, group: &Group, bytes: u64, collective: Option<u64>, sends: Vec<Part>, recvs: Vec<Part>, io: (Vec<BufRef>, Vec<BufRef>)) {
+        let rec = MessageRecord {
+            category: self.category.take(),
+            kind,
+            group: group.name.clone(),
+            group_ranks: group.world_ranks.clone(),
+            bytes,
+            collective,
+            sends,
+            recvs,
+            inputs: io.0,
+            outputs: io.1,
+            stream: 0,
+        };
+        self.messages.borrow_mut().push(rec);
+        self.log.push_message();
+    }
+
+    fn me(&self, kind: MessageKind, len: usize, cols: Option<usize>) -> Arrival {
+        Arrival { call: Call::Message(kind), len, cols, world_rank: self.rank }
+    }
+
+    /// Point-to-point: deposits `sends` and takes `recvs` (each `(peer, bytes)`).
+    fn point_to_point(&self, group: &Group, host: bool, sends: &[(usize, u64, Option<usize>)], recvs: &[(usize, u64)]) -> Result<(Vec<Part>, Vec<Part>)> {
+        let key = self.key(group)?;
+        let mut st = self.world.lock();
+        let mut sent = Vec::new();
+        for &(peer, bytes, cols) in sends {
+            let to = *group.world_ranks.get(peer).ok_or_else(|| protocol(format!("send to rank {peer} of `{}` ({} ranks)", group.name, group.size())))?;
+            let message = st.fresh_id();
+            st.channels.entry((key, self.rank, to)).or_default().push_back(InFlight { message, bytes, host, cols });
+            self.world.unblock(&mut st, to);
+            sent.push(Part { peer: to, message, bytes, sent_bytes: bytes, cols });
+        }
+        let mut got = Vec::new();
+        for &(peer, bytes) in recvs {
+            let from = *group.world_ranks.get(peer).ok_or_else(|| protocol(format!("receive from rank {peer} of `{}` ({} ranks)", group.name, group.size())))?;
+            let what = || format!("a message from rank {from} on `{}`", group.name);
+            st = self.wait(st, |s| s.channels.get(&(key, from, self.rank)).is_some_and(|q| !q.is_empty()), &what)?;
+            let m = st.channels.get_mut(&(key, from, self.rank)).and_then(VecDeque::pop_front).expect("a message is there");
+            if m.host != host {
+                let (a, b) = if host { ("token ids", "a device buffer") } else { ("a device buffer", "token ids") };
+                return Err(protocol(format!("rank {} expects {a} from rank {from} on `{}`, the next message there is {b}", self.rank, group.name)));
+            }
+            got.push(Part { peer: from, message: m.message, bytes, sent_bytes: m.bytes, cols: m.cols });
+        }
+        Ok((sent, got))
+    }
+}
+
+/// Checks that every member of a collective did the same thing and decides
+/// its outcome (a split's new groups).
+fn complete(st: &mut State, group: &str, arrived: &[Arrival]) -> std::result::Result<Completed, String> {
+    let first = &arrived[0];
+    for (r, a) in arrived.iter().enumerate() {
+        let same = match (first.call, a.call) {
+            (Call::Split(_), Call::Split(_)) => true,
+            (Call::Message(x), Call::Message(y)) => x == y && a.len == first.len,
+            _ => false,
+        };
+        if !same {
+            return Err(format!("collective mismatch on `{group}`: group rank 0 calls {}, group rank {r} calls {}", first.describe(), a.describe()));
+        }
+    }
+    let instance = st.fresh_id();
+    let cols = match first.call {
+        Call::Message(MessageKind::Broadcast { root } | MessageKind::HostBroadcast { root }) => arrived.get(root).and_then(|a| a.cols),
+        _ => first.cols,
+    };
+    let mut groups = vec![None; arrived.len()];
+    if matches!(first.call, Call::Split(_)) {
+        let mut by_color: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (r, a) in arrived.iter().enumerate() {
+            if let Call::Split(Some(c)) = a.call {
+                by_color.entry(c).or_default().push(r);
+            }
+        }
+        for members in by_color.values() {
+            let key = st.next_key;
+            st.next_key += 1;
+            let ranks: Vec<usize> = members.iter().map(|&r| arrived[r].world_rank).collect();
+            for &r in members {
+                groups[r] = Some((key, ranks.clone()));
+            }
+        }
+    }
+    Ok(Completed { instance, cols, groups })
+}
+
+impl Transport<ShapeBackend> for SimTransport<'_> {
+    fn name(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn world(&mut self, _backend: &ShapeBackend) -> Result<Group> {
+        Ok(Group::new(0, "world", (0..self.world.size).collect(), self.rank))
+    }
+
+    fn split(&mut self, _backend: &ShapeBackend, parent: &Group, color: Option<u32>, id: usize, name: &str) -> Result<Option<Group>> {
+        let arrival = Arrival { call: Call::Split(color), len: 0, cols: None, world_rank: self.rank };
+        let done = self.collective(parent, arrival)?;
+        let Some((key, ranks)) = done.groups[parent.rank()].clone() else { return Ok(None) };
+        let me = ranks.iter().position(|&r| r == self.rank).expect("a member of its own group");
+        self.keys.borrow_mut().insert(id, key);
+        Ok(Some(Group::new(id, name, ranks, me)))
+    }
+
+    fn all_reduce_sum(&self, be: &ShapeBackend, group: &Group, buf: &mut ShapeBuf) -> Result<Timed<()>> {
+        let done = self.collective(group, self.me(MessageKind::AllReduce, buf.len, buf.cols))?;
+        let io = (vec![BufRef::from(&*buf)], vec![BufRef::from(&*buf)]);
+        self.record(MessageKind::AllReduce, group, be.size_bytes(buf) as u64, Some(done.instance), vec![], vec![], io);
+        Ok(Timed { start: (), end: () })
+    }
+
+    fn all_gather(&self, be: &ShapeBackend, group: &Group, send: &ShapeBuf, recv: &mut ShapeBuf) -> Result<Timed<()>> {
+        if recv.len != send.len * group.size() {
+            return Err(CommError::Size(format!("all_gather: recv {} != {} x {}", recv.len, group.size(), send.len)));
+        }
+        let done = self.collective(group, self.me(MessageKind::AllGather, send.len, send.cols))?;
+        recv.cols = send.cols;
+        // The receive buffer (allocated by `Comm`) is the collective's to fill: it counts as read.
+        let io = (vec![BufRef::from(send), BufRef::from(&*recv)], vec![BufRef::from(&*recv)]);
+        self.record(MessageKind::AllGather, group, be.size_bytes(recv) as u64, Some(done.instance), vec![], vec![], io);
+        Ok(Timed { start: (), end: () })
+    }
+
+    fn broadcast(&self, be: &ShapeBackend, group: &Group, root: usize, buf: &mut ShapeBuf) -> Result<Timed<()>> {
+        let kind = MessageKind::Broadcast { root };
+        let done = self.collective(group, self.me(kind, buf.len, buf.cols))?;
+        buf.cols = done.cols.or(buf.cols);
+        let io = (vec![BufRef::from(&*buf)], vec![BufRef::from(&*buf)]);
+        self.record(kind, group, be.size_bytes(buf) as u64, Some(done.instance), vec![], vec![], io);
+        Ok(Timed { start: (), end: () })
+    }
+
+    fn exchange(&self, be: &ShapeBackend, group: &Group, sends: &[SendPart<'_, ShapeBackend>], recv: Option<&mut ShapeBuf>, recvs: &[RecvPart]) -> Result<Timed<()>> {
+        for p in sends {
+            if p.range.end > p.buf.len || p.peer >= group.size() {
+                return Err(CommError::Size(format!("send of elements {:?} of {} to rank {} of `{}`", p.range, p.buf.len, p.peer, group.name)));
+            }
+        }
+        let recv_len = recv.as_ref().map_or(0, |b| b.len);
+        ordered_recv_parts(recvs, recv_len)?;
+        let elem = |b: &ShapeBuf| be.size_bytes(b).checked_div(b.len).unwrap_or(0) as u64;
+        let out: Vec<(usize, u64, Option<usize>)> = sends.iter().map(|p| (p.peer, p.range.len() as u64 * elem(p.buf), p.buf.cols)).collect();
+        let recv_elem = recv.as_ref().map_or(0, |b| elem(b));
+        let inn: Vec<(usize, u64)> = recvs.iter().map(|p| (p.peer, p.range.len() as u64 * recv_elem)).collect();
+        let (sent, got) = self.point_to_point(group, false, &out, &inn)?;
+        let mut inputs: Vec<BufRef> = sends.iter().map(|p| BufRef::from(p.buf)).collect();
+        let mut outputs = Vec::new();
+        if let Some(b) = recv {
+            if got.len() == 1 && recvs[0].range.len() == b.len {
+                b.cols = got[0].cols;
+            }
+            // Parts may leave rows of the buffer as they were: it is read too.
+            inputs.push(BufRef::from(&*b));
+            outputs.push(BufRef::from(&*b));
+        }
+        let bytes = sent.iter().chain(&got).map(|p| p.bytes).sum();
+        self.record(MessageKind::Exchange, group, bytes, None, sent, got, (inputs, outputs));
+        Ok(Timed { start: (), end: () })
+    }
+
+    fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()> {
+        let kind = MessageKind::HostBroadcast { root };
+        let done = self.collective(group, self.me(kind, data.len(), None))?;
+        self.record(kind, group, std::mem::size_of_val(data) as u64, Some(done.instance), vec![], vec![], (vec![], vec![]));
+        Ok(())
+    }
+
+    fn host_send(&self, group: &Group, dst: usize, data: &[u32]) -> Result<()> {
+        let (sent, _) = self.point_to_point(group, true, &[(dst, std::mem::size_of_val(data) as u64, None)], &[])?;
+        self.record(MessageKind::HostSend, group, std::mem::size_of_val(data) as u64, None, sent, vec![], (vec![], vec![]));
+        Ok(())
+    }
+
+    fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()> {
+        let (_, got) = self.point_to_point(group, true, &[], &[(src, std::mem::size_of_val(data) as u64)])?;
+        self.record(MessageKind::HostRecv, group, std::mem::size_of_val(data) as u64, None, vec![], got, (vec![], vec![]));
+        Ok(())
+    }
+
+    fn announce(&self, category: Category) {
+        self.category.set(Some(category));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Dtype;
+    use crate::comm::Comm;
+
+    /// Runs `body` on `n` simulated ranks; returns each rank's messages.
+    fn on_ranks(n: usize, body: impl Fn(&ShapeBackend, &Comm<'_, ShapeBackend>, &Group) -> Result<()> + Sync) -> Vec<std::result::Result<Vec<MessageRecord>, String>> {
+        let world = SimWorld::new(n);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|r| {
+                    let (world, body) = (&world, &body);
+                    s.spawn(move || {
+                        let be = ShapeBackend::new(Dtype::Bf16);
+                        let (t, log) = SimTransport::new(world, r, be.recorder());
+                        let comm = Comm::new(&be, Box::new(t));
+                        let g = comm.world_group().map_err(|e| e.to_string())?;
+                        let out = body(&be, &comm, &g).map_err(|e| e.to_string());
+                        if let Err(e) = &out {
+                            world.abort(e);
+                        }
+                        drop(comm);
+                        out.map(|_| log.borrow().clone())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("no panic")).collect()
+        })
+    }
+
+    #[test]
+    fn a_send_is_matched_to_its_receive_with_the_category_comm_announces() {
+        let out = on_ranks(2, |be, comm, world| {
+            if world.rank() == 0 {
+                comm.send(Category::PpP2p, world, 1, &be.zeros(8)?)?;
+            } else {
+                comm.recv(Category::PpP2p, world, 0, 8)?;
+            }
+            Ok(())
+        });
+        let (a, b) = (out[0].clone().unwrap(), out[1].clone().unwrap());
+        assert_eq!((a[0].category, a[0].bytes, b[0].bytes), (Some(Category::PpP2p), 16, 16));
+        assert_eq!(a[0].sends[0].message, b[0].recvs[0].message);
+        assert_eq!((a[0].sends[0].peer, b[0].recvs[0].peer), (1, 0));
+    }
+
+    #[test]
+    fn collectives_join_their_members_and_splits_make_groups() {
+        let out = on_ranks(4, |be, comm, world| {
+            let g = comm.split(world, Some((world.rank() % 2) as u32), "pair")?.expect("a member");
+            assert_eq!(g.world_ranks, if world.rank() % 2 == 0 { vec![0, 2] } else { vec![1, 3] });
+            let mut x = be.zeros(4)?;
+            comm.all_reduce(Category::TpAllreduce, &g, &mut x)?;
+            Ok(())
+        });
+        let ids: Vec<u64> = out.iter().map(|r| r.clone().unwrap()[0].collective.unwrap()).collect();
+        assert_eq!(ids[0], ids[2]);
+        assert_ne!(ids[0], ids[1]);
+        assert_eq!(out[0].clone().unwrap()[0].bytes, 8, "4 bf16 elements");
+    }
+
+    #[test]
+    fn a_receive_no_rank_sends_ends_every_rank_with_what_each_waited_for() {
+        let out = on_ranks(2, |_be, comm, world| {
+            comm.recv(Category::PpP2p, world, 1 - world.rank(), 4)?;
+            Ok(())
+        });
+        let e = out[0].clone().unwrap_err();
+        assert!(e.contains("no rank can make progress") && e.contains("a message from rank 1"), "{e}");
+    }
+
+    #[test]
+    fn mismatched_collectives_are_refused() {
+        let out = on_ranks(2, |be, comm, world| {
+            let mut x = be.zeros(4 + world.rank())?;
+            comm.all_reduce(Category::TpAllreduce, world, &mut x)
+        });
+        assert!(out[0].clone().unwrap_err().contains("collective mismatch"), "{:?}", out[0]);
+    }
+}

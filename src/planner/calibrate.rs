@@ -1,0 +1,237 @@
+//! Measuring a calibration file on the backend in use (CPU or CUDA),
+//! through the same `Backend` operations and `Comm` calls the strategies
+//! make: a grid of GEMM shapes, causal prefill attention over query lengths
+//! and offsets, decode attention over sequences and lengths, the bandwidth
+//! of RMSNorm, element-wise, copy and fill kernels, and with `--comm`
+//! all-reduce, all-gather, broadcast, point-to-point and token messages
+//! over sizes on every rank of the launch.
+//!
+//! Each point runs once to warm up, then in groups of calls timed between
+//! two device marks, the group doubling until it lasts the target time; the
+//! median of three groups per call counts. Work and bytes per point are what
+//! the shape-only backend records for the same call, so the cost model
+//! divides like by like. The GPU grid is sized to finish in about a minute
+//! on one GPU; points whose buffers would exceed the memory cap are skipped.
+
+use super::calibration::Calibration;
+use crate::backend::shape::{Entry, ShapeBackend};
+use crate::backend::{Backend, DecodeShape, Dtype, PrefillShape, Result, RowRun};
+use crate::comm::{Category, Comm, Group};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct Grid {
+    pub gemm_m: Vec<usize>,
+    pub gemm_k: Vec<usize>,
+    pub gemm_n: Vec<usize>,
+    pub prefill_sq: Vec<usize>,
+    pub prefill_offset: Vec<usize>,
+    pub decode_nseq: Vec<usize>,
+    pub decode_len: Vec<usize>,
+    /// Bytes of the bandwidth kernels' input.
+    pub bytes: Vec<usize>,
+    pub comm_bytes: Vec<usize>,
+    /// Largest buffer of one point (bytes).
+    pub max_buffer: usize,
+    /// Time a group of calls lasts at least (s).
+    pub target_s: f64,
+}
+
+impl Grid {
+    /// On a GPU: dense-4l's GEMMs under every TP degree to 8, and long contexts.
+    pub fn gpu() -> Self {
+        Self {
+            gemm_m: vec![1, 4, 16, 64, 256, 1024, 4096, 16384, 32768],
+            gemm_k: vec![512, 2048, 4096, 16384],
+            gemm_n: vec![512, 1536, 4096, 12288, 32768],
+            prefill_sq: vec![128, 512, 2048, 8192, 32768],
+            prefill_offset: vec![0, 2048, 8192, 32768],
+            decode_nseq: vec![1, 4, 16, 64],
+            decode_len: vec![512, 2048, 8192, 32768, 131072],
+            bytes: vec![1 << 16, 1 << 20, 1 << 24, 1 << 28, 1 << 30],
+            comm_bytes: vec![1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28],
+            max_buffer: 8 << 30,
+            target_s: 0.01,
+        }
+    }
+
+    /// On the CPU backend: the tiny models' shapes.
+    pub fn cpu() -> Self {
+        Self {
+            gemm_m: vec![1, 4, 16, 64, 256, 1024, 4096],
+            gemm_k: vec![16, 64, 256, 1024],
+            gemm_n: vec![16, 64, 256, 1024],
+            prefill_sq: vec![4, 16, 64, 256, 1024],
+            prefill_offset: vec![0, 64, 256, 1024],
+            decode_nseq: vec![1, 2, 4, 16],
+            decode_len: vec![16, 64, 256, 1024, 4096],
+            bytes: vec![1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26],
+            comm_bytes: vec![1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 22],
+            max_buffer: 1 << 30,
+            target_s: 0.02,
+        }
+    }
+}
+
+/// Seconds per call of `op`: warm-up, then the median of three timed groups.
+fn time<B: Backend>(be: &B, target_s: f64, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
+    op()?;
+    be.synchronize()?;
+    let mut n = 1usize;
+    let mut per = Vec::new();
+    while per.len() < 3 {
+        let a = be.mark()?;
+        for _ in 0..n {
+            op()?;
+        }
+        let b = be.mark()?;
+        let t = be.elapsed_s(&a, &b)?;
+        if t < target_s && n < 1 << 16 {
+            n *= 2;
+            continue;
+        }
+        per.push(t / n as f64);
+    }
+    per.sort_by(f64::total_cmp);
+    Ok(per[1])
+}
+
+/// A buffer of `len` values of a fixed, unremarkable pattern.
+fn pattern<B: Backend>(be: &B, len: usize) -> Result<B::Buf> {
+    let host: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5).collect();
+    be.upload(&host)
+}
+
+/// The bytes (read + written) and FLOPs the shape backend records for the
+/// last operation `op` issues.
+fn work(dtype: Dtype, op: impl FnOnce(&ShapeBackend) -> Result<()>) -> Result<(f64, f64, f64)> {
+    let s = ShapeBackend::new(dtype);
+    op(&s)?;
+    let rec = s.recorder().take().into_iter().rev().find_map(|e| if let Entry::Op(o) = e { Some(o) } else { None });
+    Ok(rec.map_or((0.0, 0.0, 0.0), |o| (o.flops, o.bytes_read as f64, o.bytes_written as f64)))
+}
+
+/// Compute tables of `be` (whose values are `dtype`) for attention of `heads × head_dim`.
+pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usize, head_dim: usize, say: &mut dyn FnMut(&str)) -> Result<Calibration> {
+    let e = dtype.size_bytes();
+    let mut c = Calibration { dtype, heads, head_dim, ..Default::default() };
+    let fits = |elems: usize| elems * e <= grid.max_buffer;
+    for &k in &grid.gemm_k {
+        for &n in &grid.gemm_n {
+            let w = pattern(be, k * n)?;
+            for &m in &grid.gemm_m {
+                if !fits(m * k) || !fits(m * n) {
+                    continue;
+                }
+                let x = pattern(be, m * k)?;
+                let s = time(be, grid.target_s, || be.matmul(&x, &w, m, k, n).map(|_| ()))?;
+                c.gemm.push([m as f64, k as f64, n as f64, s]);
+            }
+        }
+        say(&format!("gemm k={k} done"));
+    }
+    let width = heads * head_dim;
+    for &sq in &grid.prefill_sq {
+        for &off in &grid.prefill_offset {
+            let skv = off + sq;
+            if !fits(skv * width) {
+                continue;
+            }
+            let shape = PrefillShape { nseq: 1, sq, skv, kv_seq_stride: skv, heads, head_dim, q_offset: off };
+            let (q, k, v) = (pattern(be, sq * width)?, pattern(be, skv * width)?, pattern(be, skv * width)?);
+            let s = time(be, grid.target_s, || be.attention_prefill(&q, &k, &v, shape).map(|_| ()))?;
+            let (flops, _, _) = work(dtype, |sb| sb.attention_prefill(&sb.zeros(sq * width)?, &sb.zeros(skv * width)?, &sb.zeros(skv * width)?, shape).map(|_| ()))?;
+            c.prefill.push([sq as f64, off as f64, flops, s]);
+        }
+    }
+    say("prefill attention done");
+    for &nseq in &grid.decode_nseq {
+        for &len in &grid.decode_len {
+            if !fits(nseq * len * width) {
+                continue;
+            }
+            let shape = DecodeShape { nseq, cap: len, len, heads, head_dim };
+            let (q, kc, vc) = (pattern(be, nseq * width)?, pattern(be, nseq * len * width)?, pattern(be, nseq * len * width)?);
+            let s = time(be, grid.target_s, || be.attention_decode(&q, &kc, &vc, shape).map(|_| ()))?;
+            let (_, read, _) = work(dtype, |sb| sb.attention_decode(&sb.zeros(nseq * width)?, &sb.zeros(nseq * len * width)?, &sb.zeros(nseq * len * width)?, shape).map(|_| ()))?;
+            c.decode.push([nseq as f64, len as f64, read, s]);
+        }
+    }
+    say("decode attention done");
+    let cols = 4096.min(grid.bytes[0] / e).max(16);
+    for &bytes in &grid.bytes {
+        let len = (bytes / e).max(cols);
+        let rows = len / cols;
+        let len = rows * cols;
+        let (x, y, g) = (pattern(be, len)?, pattern(be, len)?, pattern(be, cols)?);
+        let runs = [RowRun::new(0, rows)];
+        let mut acc = pattern(be, len)?;
+        let mut points: Vec<(&str, f64, f64)> = Vec::new();
+        let s = time(be, grid.target_s, || be.rmsnorm(&x, &g, rows, cols, 1e-6).map(|_| ()))?;
+        let (_, r, w) = work(dtype, |sb| sb.rmsnorm(&sb.zeros(len)?, &sb.zeros(cols)?, rows, cols, 1e-6).map(|_| ()))?;
+        points.push(("rmsnorm", r + w, s));
+        let s = time(be, grid.target_s, || be.add_assign(&mut acc, &y))?;
+        let (_, r, w) = work(dtype, |sb| sb.add_assign(&mut sb.zeros(len)?, &sb.zeros(len)?))?;
+        points.push(("elementwise", r + w, s));
+        let s = time(be, grid.target_s, || be.gather_rows(&x, cols, &runs).map(|_| ()))?;
+        let (_, r, w) = work(dtype, |sb| sb.gather_rows(&sb.zeros(len)?, cols, &runs).map(|_| ()))?;
+        points.push(("copy", r + w, s));
+        let s = time(be, grid.target_s, || be.zeros(len).map(|_| ()))?;
+        points.push(("zeros", (len * e) as f64, s));
+        for (kind, moved, s) in points {
+            c.bandwidth.entry(kind.to_string()).or_default().push([moved, s]);
+        }
+    }
+    say("bandwidth done");
+    Ok(c)
+}
+
+/// Communication tables over `world` (collective: every rank calls it).
+pub fn measure_comm<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, grid: &Grid, c: &mut Calibration) -> crate::comm::Result<()> {
+    let n = world.size();
+    let me = world.rank();
+    let elem = be.size_bytes(&be.zeros(1)?);
+    let per_call = |comm: &Comm<'_, B>, cat: Category| -> crate::comm::Result<(f64, u64)> {
+        let st = comm.take_stats()?;
+        Ok(st.get(&cat).map_or((0.0, 0), |s| (s.seconds / s.calls.max(1) as f64, s.bytes / s.calls.max(1))))
+    };
+    let mut measure = |kind: &str, cat: Category, op: &mut dyn FnMut() -> crate::comm::Result<()>| -> crate::comm::Result<()> {
+        op()?;
+        be.synchronize()?;
+        comm.take_stats()?;
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..7 {
+            op()?;
+            let (t, b) = per_call(comm, cat)?;
+            times.push(t);
+            bytes = b;
+        }
+        times.sort_by(f64::total_cmp);
+        let ranks = if kind == "send_recv" { 2 } else { n };
+        c.comm.entry(kind.to_string()).or_default().push([ranks as f64, bytes as f64, times[times.len() / 2]]);
+        Ok(())
+    };
+    for &bytes in &grid.comm_bytes {
+        let len = (bytes / elem).max(1);
+        let mut buf = pattern(be, len)?;
+        measure("all_reduce", Category::TpAllreduce, &mut || comm.all_reduce(Category::TpAllreduce, world, &mut buf))?;
+        let src = pattern(be, (len / n).max(1))?;
+        measure("all_gather", Category::KvReplication, &mut || comm.all_gather(Category::KvReplication, world, &src).map(|_| ()))?;
+        measure("broadcast", Category::AttentionSync, &mut || comm.broadcast(Category::AttentionSync, world, 0, &mut buf))?;
+        measure("send_recv", Category::PpP2p, &mut || match me {
+            0 => comm.send(Category::PpP2p, world, 1, &buf),
+            1 => comm.recv_into(Category::PpP2p, world, 0, &mut buf),
+            _ => Ok(()),
+        })?;
+    }
+    for tokens in [1usize, 64, 1024] {
+        let mut t = vec![0u32; tokens];
+        measure("host", Category::Control, &mut || comm.broadcast_tokens(Category::Control, world, 0, &mut t))?;
+    }
+    // Only rank 0's rows are written; rank 1 measured the receiving side.
+    if me != 0 {
+        c.comm.clear();
+    }
+    Ok(())
+}

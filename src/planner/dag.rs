@@ -1,0 +1,307 @@
+//! The deployment as a DAG, built from a recording of the strategy's own
+//! run: a compute node per operation (op, shapes, FLOPs, bytes, GPU,
+//! stream), a communication node per collective (one node, every member's
+//! program holds it) and per point-to-point call (one per rank, joined by
+//! message edges carrying the bytes), data edges from each buffer's last
+//! writer to its readers, and each rank's program order.
+//!
+//! Phases come from the runner's markers: operations before its second
+//! synchronisation set the batch up, those before the third are the prefill,
+//! and each decode step runs from its host half (the messages before its
+//! `set_step`) to the end of its device half and sampling. This module
+//! only builds; validation, costs and timing live beside it.
+
+use super::execute::Recording;
+use crate::backend::shape::{BufRef, Entry, Marker, OpKind, OpRecord};
+use crate::comm::sim_transport::{MessageKind, MessageRecord, Part};
+use crate::comm::Category;
+use crate::strategy::{BatchSetup, BatchShape};
+use std::collections::BTreeMap;
+
+pub type NodeId = usize;
+
+/// Which part of the batch a node belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// `begin_batch`, before the batch's clock starts.
+    Setup,
+    Prefill,
+    /// Decode step `k` (1-based: the step that generates output token `k`).
+    Decode(usize),
+    Teardown,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Setup => f.write_str("setup"),
+            Phase::Prefill => f.write_str("prefill"),
+            Phase::Decode(k) => write!(f, "decode{k}"),
+            Phase::Teardown => f.write_str("teardown"),
+        }
+    }
+}
+
+/// A collective or one rank's point-to-point call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommNode {
+    pub kind: MessageKind,
+    pub category: Option<Category>,
+    pub group: String,
+    pub group_ranks: Vec<usize>,
+    /// Bytes as `Comm` counts the call on each rank that makes it.
+    pub bytes: u64,
+    pub sends: Vec<Part>,
+    pub recvs: Vec<Part>,
+}
+
+impl CommNode {
+    pub fn category_name(&self) -> &'static str {
+        self.category.map_or("uncategorized", Category::name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeKind {
+    Compute(OpRecord),
+    Comm(CommNode),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub kind: NodeKind,
+    pub phase: Phase,
+    /// World ranks whose programs hold the node (a collective's members, or one rank).
+    pub ranks: Vec<usize>,
+    pub stream: u32,
+    /// Buffers read and written, per rank in `ranks` order.
+    pub inputs: Vec<Vec<BufRef>>,
+    pub outputs: Vec<Vec<BufRef>>,
+}
+
+impl Node {
+    /// A short name: the op or message kind and its category.
+    pub fn label(&self) -> String {
+        match &self.kind {
+            NodeKind::Compute(op) => op.kind.name().to_string(),
+            NodeKind::Comm(c) => format!("{} {}", c.kind.name(), c.category_name()),
+        }
+    }
+
+    pub fn op(&self) -> Option<&OpRecord> {
+        match &self.kind {
+            NodeKind::Compute(op) => Some(op),
+            NodeKind::Comm(_) => None,
+        }
+    }
+
+    pub fn comm(&self) -> Option<&CommNode> {
+        match &self.kind {
+            NodeKind::Comm(c) => Some(c),
+            NodeKind::Compute(_) => None,
+        }
+    }
+
+    /// A host message (token ids), not device work.
+    pub fn is_host_message(&self) -> bool {
+        self.comm().is_some_and(|c| c.kind.is_host())
+    }
+}
+
+/// Why an edge exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EdgeKind {
+    /// Buffer `buf` of `rank` written by `from`, read by `to`.
+    Data { rank: usize, buf: u64 },
+    /// A point-to-point message: the bytes the receive expects and the send carried.
+    Message { message: u64, bytes: u64, sent_bytes: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Edge {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub kind: EdgeKind,
+}
+
+/// The DAG of one batch of one strategy.
+#[derive(Clone, Debug)]
+pub struct Dag {
+    pub nodes: Vec<Node>,
+    pub edges: Vec<Edge>,
+    /// Each world rank's nodes in issue order.
+    pub programs: Vec<Vec<NodeId>>,
+    /// Per rank, the node that first wrote each buffer (absent: held before the batch).
+    pub creators: Vec<BTreeMap<u64, NodeId>>,
+    pub leader: usize,
+    pub shape: BatchShape,
+    /// The leader's batch setup.
+    pub setup: BatchSetup,
+    /// Per rank: did it work on the batch.
+    pub active: Vec<bool>,
+    /// Per rank: peak bytes of its buffers during the batch.
+    pub peak_bytes: Vec<u64>,
+}
+
+/// Per-rank node phases from the markers of its program.
+fn phases_of(entries: &[Entry], messages: &[MessageRecord]) -> Vec<(usize, Phase)> {
+    let mut out: Vec<(usize, Phase)> = Vec::new();
+    let (mut syncs, mut step, mut steps_seen) = (0usize, 1usize, 0usize);
+    let is_host = |e: &Entry| matches!(e, Entry::Message(i) if messages[*i].kind.is_host());
+    for (i, e) in entries.iter().enumerate() {
+        match e {
+            Entry::Marker(Marker::Sync) => syncs += 1,
+            Entry::Marker(Marker::SetStep { .. }) if syncs == 3 => {
+                steps_seen += 1;
+                if steps_seen > 1 {
+                    step += 1;
+                    // The host half of this step (its token messages) ran before its `set_step`.
+                    for (j, ph) in out.iter_mut().rev() {
+                        if !is_host(&entries[*j]) || *ph != Phase::Decode(step - 1) {
+                            break;
+                        }
+                        *ph = Phase::Decode(step);
+                    }
+                }
+            }
+            Entry::Marker(_) => {}
+            Entry::Op(_) | Entry::Message(_) => {
+                let phase = match syncs {
+                    0 | 1 => Phase::Setup,
+                    2 => Phase::Prefill,
+                    3 => Phase::Decode(step),
+                    _ => Phase::Teardown,
+                };
+                out.push((i, phase));
+            }
+        }
+    }
+    out
+}
+
+impl Dag {
+    /// Builds the DAG of a recorded batch.
+    pub fn build(rec: &Recording) -> Dag {
+        let n = rec.programs.len();
+        let mut dag = Dag {
+            nodes: Vec::new(),
+            edges: Vec::new(),
+            programs: vec![Vec::new(); n],
+            creators: vec![BTreeMap::new(); n],
+            leader: rec.leader,
+            shape: rec.shape,
+            setup: rec.setup().clone(),
+            active: rec.programs.iter().map(|p| p.setup.active).collect(),
+            peak_bytes: rec.programs.iter().map(|p| p.peak_bytes).collect(),
+        };
+        let mut collectives: BTreeMap<u64, NodeId> = BTreeMap::new();
+        let mut senders: BTreeMap<u64, NodeId> = BTreeMap::new();
+        let mut pending_recvs: Vec<(NodeId, Part)> = Vec::new();
+        for p in &rec.programs {
+            let r = p.rank;
+            let mut last_writer: BTreeMap<u64, NodeId> = BTreeMap::new();
+            for (i, phase) in phases_of(&p.entries, &p.messages) {
+                let (id, inputs, outputs) = match &p.entries[i] {
+                    Entry::Op(op) => {
+                        let id = dag.nodes.len();
+                        dag.nodes.push(Node { kind: NodeKind::Compute(op.clone()), phase, ranks: vec![r], stream: op.stream, inputs: vec![op.inputs.clone()], outputs: vec![op.outputs.clone()] });
+                        (id, op.inputs.clone(), op.outputs.clone())
+                    }
+                    Entry::Message(m) => {
+                        let m = &p.messages[*m];
+                        let existing = m.collective.and_then(|c| collectives.get(&c).copied());
+                        let id = match existing {
+                            Some(id) => {
+                                let node = &mut dag.nodes[id];
+                                node.ranks.push(r);
+                                node.inputs.push(m.inputs.clone());
+                                node.outputs.push(m.outputs.clone());
+                                id
+                            }
+                            None => {
+                                let id = dag.nodes.len();
+                                let c = CommNode {
+                                    kind: m.kind,
+                                    category: m.category,
+                                    group: m.group.clone(),
+                                    group_ranks: m.group_ranks.clone(),
+                                    bytes: m.bytes,
+                                    sends: m.sends.clone(),
+                                    recvs: m.recvs.clone(),
+                                };
+                                dag.nodes.push(Node { kind: NodeKind::Comm(c), phase, ranks: vec![r], stream: m.stream, inputs: vec![m.inputs.clone()], outputs: vec![m.outputs.clone()] });
+                                if let Some(c) = m.collective {
+                                    collectives.insert(c, id);
+                                }
+                                id
+                            }
+                        };
+                        for s in &m.sends {
+                            senders.insert(s.message, id);
+                        }
+                        pending_recvs.extend(m.recvs.iter().map(|p| (id, p.clone())));
+                        (id, m.inputs.clone(), m.outputs.clone())
+                    }
+                    Entry::Marker(_) => continue,
+                };
+                dag.programs[r].push(id);
+                for b in &inputs {
+                    if let Some(&w) = last_writer.get(&b.id) {
+                        if w != id {
+                            dag.edges.push(Edge { from: w, to: id, kind: EdgeKind::Data { rank: r, buf: b.id } });
+                        }
+                    }
+                }
+                for b in &outputs {
+                    last_writer.insert(b.id, id);
+                    dag.creators[r].entry(b.id).or_insert(id);
+                }
+            }
+        }
+        for (to, part) in pending_recvs {
+            if let Some(&from) = senders.get(&part.message) {
+                dag.edges.push(Edge { from, to, kind: EdgeKind::Message { message: part.message, bytes: part.bytes, sent_bytes: part.sent_bytes } });
+            }
+        }
+        dag
+    }
+
+    /// Calls and bytes of each rank's messages by category, as `Comm` counts them.
+    pub fn comm_by_rank(&self) -> Vec<BTreeMap<Category, (u64, u64)>> {
+        self.programs
+            .iter()
+            .map(|prog| {
+                let mut m: BTreeMap<Category, (u64, u64)> = BTreeMap::new();
+                for &id in prog {
+                    if let Some(c) = self.nodes[id].comm() {
+                        let e = m.entry(c.category.unwrap_or(Category::Control)).or_default();
+                        e.0 += 1;
+                        e.1 += c.bytes;
+                    }
+                }
+                m
+            })
+            .collect()
+    }
+
+    /// Nodes of `phase`.
+    pub fn nodes_in(&self, phase: Phase) -> impl Iterator<Item = NodeId> + '_ {
+        (0..self.nodes.len()).filter(move |&i| self.nodes[i].phase == phase)
+    }
+
+    /// Decode steps recorded.
+    pub fn decode_steps(&self) -> usize {
+        self.nodes.iter().filter_map(|n| if let Phase::Decode(k) = n.phase { Some(k) } else { None }).max().unwrap_or(0)
+    }
+
+    /// The leader's sampling operations (its argmax nodes) in `phase`.
+    pub fn sampled(&self, phase: Phase) -> Vec<NodeId> {
+        self.programs[self.leader].iter().copied().filter(|&i| self.nodes[i].phase == phase && self.nodes[i].op().is_some_and(|o| o.kind == OpKind::Argmax)).collect()
+    }
+
+    /// Compute and communication nodes.
+    pub fn counts(&self) -> (usize, usize) {
+        let comm = self.nodes.iter().filter(|n| n.comm().is_some()).count();
+        (self.nodes.len() - comm, comm)
+    }
+}

@@ -1,0 +1,371 @@
+//! Validation of a deployment DAG. Each rule has a name; a failure names the
+//! rule and the node (or GPU) that breaks it:
+//!
+//! - `dag-acyclic`: data, message and program-order edges form no cycle (a
+//!   cycle is a deadlock on real ranks);
+//! - `message-bytes-match`: every receive has its send, and expects the bytes
+//!   the send carries;
+//! - `edge-shapes-match`: a buffer read has the length its writer gave it, and
+//!   a GEMM's `k` equals its input's width where the writer knew the width;
+//! - `reaches-output`: every node's result reaches the leader's sampled
+//!   tokens or the state the phase leaves behind (KV caches, buffers created
+//!   earlier), over data and message edges. The same operation at the same
+//!   place of another rank's program whose copy reaches is replicated work
+//!   (the residual stream every TP rank keeps) and counts; token messages (host memory)
+//!   reach the next step's embedding through the step scalars and count too;
+//! - `residual-per-sub-layer`: the residual stream the leader samples from
+//!   carries two residual additions per layer (attention and FFN);
+//! - `memory-within-capacity`: the memory model's busiest rank and every
+//!   rank's simulated allocation peak fit the GPU.
+
+use super::dag::{Dag, EdgeKind, NodeId, NodeKind, Phase};
+use crate::backend::shape::{OpDims, OpKind};
+use crate::comm::sim_transport::MessageKind;
+use std::collections::{BTreeMap, VecDeque};
+
+/// A broken DAG rule.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("rule `{rule}` broken at {at}: {detail}")]
+pub struct DagViolation {
+    pub rule: &'static str,
+    /// The node or GPU, in words.
+    pub at: String,
+    pub node: Option<NodeId>,
+    pub detail: String,
+}
+
+/// What memory the deployment may use.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryLimit {
+    /// Bytes of one GPU.
+    pub capacity: u64,
+    /// `Deployment::memory_bytes` of the batch as run (its busiest rank).
+    pub model_estimate: u64,
+}
+
+/// "node 12 (rank 3, prefill, matmul m=.. k=.. n=..)".
+pub fn describe(dag: &Dag, id: NodeId) -> String {
+    let n = &dag.nodes[id];
+    let ranks = if n.ranks.len() == 1 { format!("rank {}", n.ranks[0]) } else { format!("ranks {:?}", n.ranks) };
+    let what = match &n.kind {
+        NodeKind::Compute(op) => format!("{} {}", op.kind.name(), op.dims),
+        NodeKind::Comm(c) => format!("{} {} on `{}`, {} bytes", c.kind.name(), c.category_name(), c.group, c.bytes),
+    };
+    format!("node {id} ({ranks}, {}, {what})", n.phase)
+}
+
+fn broken(dag: &Dag, rule: &'static str, id: NodeId, detail: String) -> DagViolation {
+    DagViolation { rule, at: describe(dag, id), node: Some(id), detail }
+}
+
+/// Every edge the schedule obeys: data, messages, and each rank's program order.
+pub fn all_edges(dag: &Dag) -> Vec<(NodeId, NodeId)> {
+    let mut e: Vec<(NodeId, NodeId)> = dag.edges.iter().map(|e| (e.from, e.to)).collect();
+    for prog in &dag.programs {
+        let mut last: BTreeMap<u32, NodeId> = BTreeMap::new();
+        for &id in prog {
+            if let Some(prev) = last.insert(dag.nodes[id].stream, id) {
+                e.push((prev, id));
+            }
+        }
+    }
+    e
+}
+
+/// A topological order of every node, or a node on a cycle.
+pub fn topological_order(dag: &Dag) -> Result<Vec<NodeId>, NodeId> {
+    let n = dag.nodes.len();
+    let mut indeg = vec![0usize; n];
+    let mut out: Vec<Vec<NodeId>> = vec![Vec::new(); n];
+    for (a, b) in all_edges(dag) {
+        indeg[b] += 1;
+        out[a].push(b);
+    }
+    let mut queue: VecDeque<NodeId> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(v) = queue.pop_front() {
+        order.push(v);
+        for &w in &out[v] {
+            indeg[w] -= 1;
+            if indeg[w] == 0 {
+                queue.push_back(w);
+            }
+        }
+    }
+    if order.len() < n {
+        return Err((0..n).find(|&i| indeg[i] > 0).expect("a node left"));
+    }
+    Ok(order)
+}
+
+fn check_messages(dag: &Dag) -> Result<(), DagViolation> {
+    let mut matched: BTreeMap<u64, ()> = BTreeMap::new();
+    for e in &dag.edges {
+        if let EdgeKind::Message { message, bytes, sent_bytes } = e.kind {
+            matched.insert(message, ());
+            if bytes != sent_bytes {
+                let from = describe(dag, e.from);
+                return Err(broken(dag, "message-bytes-match", e.to, format!("the receive expects {bytes} bytes, its send ({from}) carries {sent_bytes}")));
+            }
+        }
+    }
+    for (id, n) in dag.nodes.iter().enumerate() {
+        if let Some(c) = n.comm() {
+            if let Some(p) = c.recvs.iter().find(|p| !matched.contains_key(&p.message)) {
+                return Err(broken(dag, "message-bytes-match", id, format!("the receive from rank {} has no send", p.peer)));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_shapes(dag: &Dag) -> Result<(), DagViolation> {
+    for e in &dag.edges {
+        let EdgeKind::Data { rank, buf } = e.kind else { continue };
+        let len_at = |id: NodeId, outputs: bool| {
+            let n = &dag.nodes[id];
+            let k = n.ranks.iter().position(|&r| r == rank)?;
+            let side = if outputs { &n.outputs[k] } else { &n.inputs[k] };
+            side.iter().find(|b| b.id == buf).map(|b| b.len)
+        };
+        if let (Some(w), Some(r)) = (len_at(e.from, true), len_at(e.to, false)) {
+            if w != r {
+                return Err(broken(dag, "edge-shapes-match", e.to, format!("reads buffer {buf} of rank {rank} as {r} elements; {} wrote {w}", describe(dag, e.from))));
+            }
+        }
+    }
+    for (id, n) in dag.nodes.iter().enumerate() {
+        if let NodeKind::Compute(op) = &n.kind {
+            if let (OpKind::Matmul, OpDims::Gemm { k, .. }) = (op.kind, op.dims) {
+                if let Some(cols) = op.inputs.first().and_then(|b| b.cols) {
+                    if cols != k {
+                        return Err(broken(dag, "edge-shapes-match", id, format!("the GEMM's k is {k} but its input rows are {cols} wide")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Nodes whose results reach an output, over data and message edges.
+fn live_nodes(dag: &Dag) -> Vec<bool> {
+    let n = dag.nodes.len();
+    let mut preds: Vec<Vec<NodeId>> = vec![Vec::new(); n];
+    for e in &dag.edges {
+        preds[e.to].push(e.from);
+    }
+    let retained = |id: NodeId| {
+        let node = &dag.nodes[id];
+        node.ranks.iter().zip(&node.outputs).any(|(&r, outs)| outs.iter().any(|b| dag.creators[r].get(&b.id).is_none_or(|&c| dag.nodes[c].phase < node.phase)))
+    };
+    let mut live = vec![false; n];
+    // Token messages reach the next step's embedding through the step
+    // scalars, which are not buffers: they count as reaching.
+    let sampled = |i: NodeId| dag.nodes[i].op().is_some_and(|o| o.kind == OpKind::Argmax) && dag.nodes[i].ranks == [dag.leader];
+    let mut stack: Vec<NodeId> = (0..n).filter(|&i| sampled(i) || dag.nodes[i].is_host_message() || retained(i)).collect();
+    while let Some(v) = stack.pop() {
+        if std::mem::replace(&mut live[v], true) {
+            continue;
+        }
+        stack.extend(preds[v].iter().copied().filter(|&p| !live[p]));
+    }
+    live
+}
+
+/// A key that is the same for the same operation at the same place of two
+/// ranks' programs: phase, kind, work, and its occurrence on the rank.
+type TwinKey = (Phase, OpKind, u64, u64, u64, usize);
+
+fn twin_keys(dag: &Dag) -> BTreeMap<NodeId, TwinKey> {
+    let mut keys = BTreeMap::new();
+    for prog in &dag.programs {
+        let mut seen: BTreeMap<(Phase, OpKind, u64, u64, u64), usize> = BTreeMap::new();
+        for &id in prog {
+            let n = &dag.nodes[id];
+            if let NodeKind::Compute(op) = &n.kind {
+                let base = (n.phase, op.kind, op.flops.to_bits(), op.bytes_read, op.bytes_written);
+                let k = seen.entry(base).or_default();
+                keys.insert(id, (base.0, base.1, base.2, base.3, base.4, *k));
+                *k += 1;
+            }
+        }
+    }
+    keys
+}
+
+fn check_reaches_output(dag: &Dag) -> Result<(), DagViolation> {
+    let live = live_nodes(dag);
+    let keys = twin_keys(dag);
+    // Replicated work: the same operation at the same place of another
+    // rank's program is live there (TP ranks keep the residual stream).
+    let mut live_keys = std::collections::BTreeSet::new();
+    for (id, k) in &keys {
+        if live[*id] {
+            live_keys.insert(*k);
+        }
+    }
+    for (id, n) in dag.nodes.iter().enumerate() {
+        if live[id] || matches!(n.phase, Phase::Setup | Phase::Teardown) {
+            continue;
+        }
+        if !keys.get(&id).is_some_and(|k| live_keys.contains(k)) {
+            return Err(broken(dag, "reaches-output", id, "its result reaches neither the leader's sampled tokens nor state the phase leaves behind, and no other rank's copy of it does".into()));
+        }
+    }
+    Ok(())
+}
+
+/// A buffer version: the node that wrote it, the rank, the buffer.
+type Version = (NodeId, usize, u64);
+
+/// The residual stream: versions written by the embedding, by a residual
+/// addition into the stream, or copied or sent from the stream.
+struct Stream {
+    versions: std::collections::BTreeSet<Version>,
+    /// Each version's stream inputs (an addition's target, a copy's or a message's source).
+    sources: BTreeMap<Version, Vec<Version>>,
+}
+
+fn stream_of(dag: &Dag, order: &[NodeId]) -> Stream {
+    let mut writer_of: BTreeMap<(NodeId, usize, u64), NodeId> = BTreeMap::new();
+    for e in &dag.edges {
+        if let EdgeKind::Data { rank, buf } = e.kind {
+            writer_of.insert((e.to, rank, buf), e.from);
+        }
+    }
+    let mut versions = std::collections::BTreeSet::new();
+    let mut sources: BTreeMap<Version, Vec<Version>> = BTreeMap::new();
+    // Message id -> the stream version it carried.
+    let mut sent: BTreeMap<u64, Version> = BTreeMap::new();
+    for &id in order {
+        let n = &dag.nodes[id];
+        let input = |k: usize, j: usize| -> Option<Version> {
+            let (r, b) = (n.ranks[k], n.inputs[k].get(j)?.id);
+            let w = *writer_of.get(&(id, r, b))?;
+            versions.contains(&(w, r, b)).then_some((w, r, b))
+        };
+        let all_in = |k: usize| (0..n.inputs[k].len()).filter_map(|j| input(k, j)).collect::<Vec<_>>();
+        // A collective's result carries the stream any member brought.
+        let across: Vec<Version> = (0..n.ranks.len()).flat_map(all_in).collect();
+        let mut outs: Vec<(usize, Vec<Version>)> = Vec::new();
+        for (k, _) in n.ranks.iter().enumerate() {
+            let src: Option<Vec<Version>> = match &n.kind {
+                NodeKind::Compute(op) => match op.kind {
+                    OpKind::Embed => Some(vec![]),
+                    OpKind::Add => input(k, 0).map(|v| vec![v]),
+                    OpKind::GatherRows | OpKind::ScatterRows => Some(all_in(k)).filter(|v| !v.is_empty()),
+                    _ => None,
+                },
+                NodeKind::Comm(c) if c.kind == MessageKind::Exchange => {
+                    for (j, p) in c.sends.iter().enumerate() {
+                        if let Some(v) = input(k, j) {
+                            sent.insert(p.message, v);
+                        }
+                    }
+                    Some(c.recvs.iter().filter_map(|p| sent.get(&p.message).copied()).collect::<Vec<_>>()).filter(|v| !v.is_empty())
+                }
+                NodeKind::Comm(_) => Some(across.clone()).filter(|v| !v.is_empty()),
+            };
+            if let Some(src) = src {
+                outs.push((k, src));
+            }
+        }
+        for (k, src) in outs {
+            for b in &n.outputs[k] {
+                let v = (id, n.ranks[k], b.id);
+                versions.insert(v);
+                sources.insert(v, src.clone());
+            }
+        }
+    }
+    Stream { versions, sources }
+}
+
+fn check_residuals(dag: &Dag, order: &[NodeId], layers: usize) -> Result<(), DagViolation> {
+    let st = stream_of(dag, order);
+    let mut preds: Vec<Vec<Version>> = vec![Vec::new(); dag.nodes.len()];
+    for e in &dag.edges {
+        if let EdgeKind::Data { rank, buf } = e.kind {
+            preds[e.to].push((e.from, rank, buf));
+        }
+    }
+    let phases: Vec<Phase> = std::iter::once(Phase::Prefill).chain((1..=dag.decode_steps()).map(Phase::Decode)).collect();
+    for phase in phases {
+        for id in dag.sampled(phase) {
+            // The nearest residual-stream version the sampled logits come from.
+            let mut queue: VecDeque<NodeId> = VecDeque::from([id]);
+            let mut seen = std::collections::BTreeSet::from([id]);
+            let mut found = None;
+            while let Some(v) = queue.pop_front() {
+                if let Some(&p) = preds[v].iter().find(|p| st.versions.contains(p)) {
+                    found = Some(p);
+                    break;
+                }
+                for &(w, _, _) in &preds[v] {
+                    if seen.insert(w) {
+                        queue.push_back(w);
+                    }
+                }
+            }
+            let Some(top) = found else {
+                return Err(broken(dag, "residual-per-sub-layer", id, "the tokens come from no residual stream (no embedding reaches them)".into()));
+            };
+            // Every residual addition the stream went through, by the
+            // elements it added, against the elements its embeddings made.
+            let (mut added, mut embedded) = (0u64, 0u64);
+            let mut seen = std::collections::BTreeSet::from([top]);
+            let mut stack = vec![top];
+            while let Some(v) = stack.pop() {
+                let n = &dag.nodes[v.0];
+                let len = n.ranks.iter().position(|&r| r == v.1).and_then(|k| n.outputs[k].iter().find(|b| b.id == v.2)).map_or(0, |b| b.len as u64);
+                match n.op().map(|o| o.kind) {
+                    Some(OpKind::Add) => added += len,
+                    Some(OpKind::Embed) => embedded += len,
+                    _ => {}
+                }
+                for &s in st.sources.get(&v).into_iter().flatten() {
+                    if seen.insert(s) {
+                        stack.push(s);
+                    }
+                }
+            }
+            let need = 2 * layers as u64;
+            if embedded == 0 || added != need * embedded {
+                let per = if embedded > 0 { added as f64 / embedded as f64 } else { 0.0 };
+                return Err(broken(
+                    dag,
+                    "residual-per-sub-layer",
+                    id,
+                    format!("the residual stream it samples from went through {per:.2} residual additions per embedded element; {layers} layers need {need} (attention and FFN each)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_memory(dag: &Dag, limit: &MemoryLimit) -> Result<(), DagViolation> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let detail = |what: &str, b: u64| format!("{what} {:.2} GiB, the GPU holds {:.2} GiB", gib(b), gib(limit.capacity));
+    if limit.model_estimate > limit.capacity {
+        return Err(DagViolation { rule: "memory-within-capacity", at: "the busiest rank (memory model)".into(), node: None, detail: detail("the memory model needs", limit.model_estimate) });
+    }
+    if let Some((r, &b)) = dag.peak_bytes.iter().enumerate().find(|(_, &b)| b > limit.capacity) {
+        return Err(DagViolation { rule: "memory-within-capacity", at: format!("GPU {r}"), node: None, detail: detail("its buffers peak at", b) });
+    }
+    Ok(())
+}
+
+/// Checks every rule on `dag` of a model of `layers` layers; returns a topological order.
+pub fn validate(dag: &Dag, layers: usize, memory: Option<&MemoryLimit>) -> Result<Vec<NodeId>, DagViolation> {
+    let order = topological_order(dag).map_err(|id| broken(dag, "dag-acyclic", id, "lies on a cycle of data, message and program-order edges (a deadlock on real ranks)".into()))?;
+    check_messages(dag)?;
+    check_shapes(dag)?;
+    check_reaches_output(dag)?;
+    check_residuals(dag, &order, layers)?;
+    if let Some(m) = memory {
+        check_memory(dag, m)?;
+    }
+    Ok(order)
+}

@@ -1,0 +1,219 @@
+//! The planner as users meet it: its DAGs hold exactly the messages the
+//! real run records (the no-drift check, 2 and 4 ranks, every strategy),
+//! the MoE plan check reports its GPU arithmetic, and bad cluster and
+//! calibration files are refused naming their rule (exit 2).
+
+mod common;
+use common::*;
+use fapool::comm::Category;
+use fapool::planner::{self, Planner};
+use fapool::results::read_run;
+use fapool::spec::parse_job;
+use fapool::strategy::BatchShape;
+use std::collections::BTreeMap;
+
+/// A tiny-model CPU job: categories below and above the pool threshold.
+fn drift_job(strategies: &str) -> String {
+    format!(
+        r#"
+[run]
+name = "drift"
+backend = "cpu"
+memory_budget_gib = 1.0
+warmup = false
+
+[model]
+preset = "tiny"
+
+[workload]
+sequences_per_category = 3
+output_tokens = 4
+batch_size = 2
+seed = 5
+
+[[workload.category]]
+name = "below"
+lengths = [12]
+
+[[workload.category]]
+name = "above"
+lengths = [40, 56]
+{strategies}"#
+    )
+}
+
+const TWO_RANKS: &str = r#"
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 1
+
+[[strategy]]
+kind = "baseline"
+tp = 1
+pp = 2
+
+[[strategy]]
+kind = "fapool"
+base = 1
+pool_max = 1
+threshold = 16
+tokens_per_pool_gpu = 16
+"#;
+
+const FOUR_RANKS: &str = r#"
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 2
+
+[[strategy]]
+kind = "fapool"
+base = 2
+pool_max = 2
+threshold = 16
+tokens_per_pool_gpu = 16
+partition = "zigzag"
+micro_batches = 2
+
+[[strategy]]
+kind = "fapool"
+name = "fapool-serial"
+base = 2
+pool_max = 2
+threshold = 16
+tokens_per_pool_gpu = 8
+overlap = false
+micro_batches = 2
+"#;
+
+type Counts = BTreeMap<Category, (u64, u64)>;
+
+/// Runs the job under mpirun and compares every batch's per-rank messages
+/// (calls and bytes by category) with the planner's DAG of the same batch.
+fn planner_dag_has_the_runs_messages(np: usize, strategies: &str, tag: &str) {
+    let dir = scratch(tag);
+    let spec_text = drift_job(strategies);
+    let path = job(&dir, "job", &spec_text);
+    let out = dir.join("run.h5");
+    let o = mpirun(np, &["run", path.to_str().unwrap(), "--backend", "cpu", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = read_run(&out).unwrap();
+    let job = parse_job(&spec_text, &[]).unwrap();
+    let cfg = job.model.resolve().unwrap();
+    let cost = planner::cost_model(&job, None, None, np).unwrap();
+    let p = Planner { job: &job, cfg: &cfg, cost: &cost, world: np, decode_steps: 0 };
+    let mut compared = 0;
+    for spec in &job.strategies {
+        let stored = run.strategy(&spec.name()).expect("the strategy ran");
+        for c in &stored.categories {
+            for b in &c.batches {
+                let shape = BatchShape { nseq: b.num_sequences as usize, seq_len: b.seq_len as usize, out_tokens: b.output_tokens as usize };
+                let dag = p.point(spec, shape).unwrap().dag;
+                let planned = dag.comm_by_rank();
+                for r in c.ranks.iter().filter(|r| r.batch_index == b.batch_index) {
+                    let measured: Counts = r.comm.iter().map(|(k, s)| (*k, (s.calls, s.bytes))).collect();
+                    assert_eq!(planned[r.world_rank as usize], measured, "{} {} batch {} rank {}: planned (left) vs recorded (right)", spec.name(), c.name, b.batch_index, r.world_rank);
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert!(compared >= 2 * np * job.strategies.len(), "compared {compared} rank rows");
+}
+
+#[test]
+fn the_dag_of_two_ranks_holds_exactly_the_messages_the_run_records() {
+    planner_dag_has_the_runs_messages(2, TWO_RANKS, "drift2");
+}
+
+#[test]
+fn the_dag_of_four_ranks_holds_exactly_the_messages_the_run_records() {
+    planner_dag_has_the_runs_messages(4, FOUR_RANKS, "drift4");
+}
+
+#[test]
+fn the_moe_plan_check_reports_its_gpu_arithmetic() {
+    let plan = repo_root().join("jobs/moe-plan.toml");
+    let o = fapool(&["plan", "--check", plan.to_str().unwrap()]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "an inconsistent plan exits 2:\n{t}");
+    assert!(t.contains("world = TP x PP x DP = 2 x 2 x 8 = 32; the plan says 16 GPUs"), "{t}");
+    assert!(t.contains("EP x TP x PP x SP x DP (every degree its own GPUs): 256"), "{t}");
+    assert!(t.contains("TP x PP x EP (EP as the only data-parallel degree: DP = EP): 16 = the plan's 16 GPUs"), "{t}");
+    assert!(t.contains("rule `plan-consistent` broken"), "{t}");
+}
+
+fn plan_fails_with(rule: &str, args: &[&str]) {
+    let o = fapool(&[&["plan"], args].concat());
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "exit 2 for `{rule}`:\n{t}");
+    assert!(t.contains(&format!("rule `{rule}`")), "names `{rule}`:\n{t}");
+}
+
+const CLUSTER: &str = "name = \"t\"\ngpu = \"a100-80gb-sxm\"\nnodes = 2\ngpus_per_node = 4\nnvlink_gbs = 600\nib_gbs = 25\n";
+
+fn cluster_file(dir: &std::path::Path, text: &str) -> String {
+    let p = dir.join("cluster.toml");
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+fn quickstart() -> String {
+    repo_root().join("jobs/quickstart.toml").to_string_lossy().into_owned()
+}
+
+#[test]
+fn a_cluster_file_with_an_unknown_key_is_refused() {
+    let dir = scratch("cluster-key");
+    let c = cluster_file(&dir, &format!("{CLUSTER}infiniband = \"hdr\"\n"));
+    plan_fails_with("cluster-keys-known", &[&quickstart(), "--cluster", &c]);
+}
+
+#[test]
+fn a_zero_bandwidth_is_refused() {
+    let dir = scratch("cluster-bw");
+    let c = cluster_file(&dir, &CLUSTER.replace("nvlink_gbs = 600", "nvlink_gbs = 0"));
+    plan_fails_with("cluster-bandwidth-positive", &[&quickstart(), "--cluster", &c]);
+}
+
+#[test]
+fn gpus_per_node_must_divide_the_deployment() {
+    let dir = scratch("cluster-div");
+    let c = cluster_file(&dir, &CLUSTER.replace("gpus_per_node = 4", "gpus_per_node = 3"));
+    plan_fails_with("gpus-per-node-divides-deployment", &[&quickstart(), "--cluster", &c]);
+}
+
+#[test]
+fn a_deployment_larger_than_the_cluster_is_refused() {
+    let dir = scratch("cluster-size");
+    let c = cluster_file(&dir, &CLUSTER.replace("nodes = 2", "nodes = 1").replace("gpus_per_node = 4", "gpus_per_node = 2"));
+    plan_fails_with("deployment-fits-cluster", &[&quickstart(), "--cluster", &c]);
+}
+
+/// A calibration file with one GEMM point, in `dtype`.
+fn calibration_file(dir: &std::path::Path, dtype: fapool::backend::Dtype) -> String {
+    let p = dir.join("cal.h5");
+    let c = planner::calibration::Calibration { dtype, backend: "cpu".into(), device: "cpu".into(), heads: 4, head_dim: 16, gemm: vec![[16.0, 64.0, 64.0, 1e-5]], ..Default::default() };
+    c.write(&p).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn a_calibration_file_of_another_dtype_is_refused() {
+    let dir = scratch("cal-dtype");
+    let cal = calibration_file(&dir, fapool::backend::Dtype::Fp16);
+    plan_fails_with("calibration-dtype-matches", &[&quickstart(), "--calibration", &cal]);
+}
+
+#[test]
+fn a_calibration_file_of_another_schema_version_is_refused() {
+    let dir = scratch("cal-version");
+    let p = dir.join("cal.h5");
+    let f = hdf5::File::create(&p).unwrap();
+    let format: hdf5::types::VarLenUnicode = planner::calibration::FORMAT.parse().unwrap();
+    f.new_attr::<hdf5::types::VarLenUnicode>().shape(()).create("format").unwrap().write_scalar(&format).unwrap();
+    f.new_attr::<u64>().shape(()).create("schema_version").unwrap().write_scalar(&(planner::calibration::SCHEMA_VERSION as u64 + 1)).unwrap();
+    drop(f);
+    plan_fails_with("calibration-schema-version", &[&quickstart(), "--calibration", p.to_str().unwrap()]);
+}
