@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what fapool needs to build and run on Debian/Ubuntu: an MPI,
 # libhdf5, libclang (for the MPI bindings), pkg-config, a C toolchain, Python
-# with h5py (tests read results files with it), and Rust if it is missing.
+# with h5py (tests read results files with it), Graphviz (the planner's SVG
+# DAGs), and Rust if it is missing.
 set -euo pipefail
 
 need=()
@@ -16,6 +17,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
 # Open MPI's launcher looks for an ssh agent even for ranks on one node.
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v pkill >/dev/null 2>&1 || need+=(procps)
+# `fapool plan --dot` renders DAGs to SVG with Graphviz's `dot`.
+command -v dot >/dev/null 2>&1 || need+=(graphviz)
 
 if ((${#need[@]})); then
   SUDO=""

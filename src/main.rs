@@ -60,7 +60,7 @@ enum Cmd {
         #[arg(long)]
         batch: Option<usize>,
         /// Decode steps to simulate; TPOT beyond them is extrapolated (0: every step).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 2)]
         decode_steps: usize,
         /// Write each DAG as DOT (and SVG where Graphviz is installed) to DIR.
         #[arg(long, value_name = "DIR")]
@@ -156,6 +156,16 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Time the planner on FA Pool deployments of several sizes (dense-4l, one long sequence).
+    Plan {
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+        gpus: Vec<usize>,
+        #[arg(long, default_value_t = 1 << 20)]
+        seq: usize,
+        /// Cluster file (default: H200s, 8 per node).
+        #[arg(long)]
+        cluster: Option<PathBuf>,
+    },
     /// GEMMs on dense-4l's shapes, causal prefill attention, decode attention and RMSNorm on this rank's GPU.
     Kernels {
         #[arg(long, value_enum, default_value = "bf16")]
@@ -199,6 +209,7 @@ fn main() {
         Cmd::Env => commands::env::env(),
         Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => commands::bench::kernels(dtype, &seq, iters, out.as_deref()),
         Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => commands::bench::comm(backend, dtype, &sizes_mib, iters, out.as_deref()),
+        Cmd::Bench { what: BenchCmd::Plan { gpus, seq, cluster } } => commands::bench::plan_scale(&gpus, seq, cluster.as_deref()),
         Cmd::CheckGpu { dtype, seed } => commands::check_gpu::check_gpu(&dtype, seed),
     };
     std::process::exit(commands::finish(outcome));

@@ -10,11 +10,15 @@
 //! in the rank's program log, so the planner can join them into cross-rank
 //! edges.
 //!
-//! Sends never wait for their receiver (more permissive than a rendezvous,
-//! so a job that runs on real ranks never deadlocks here). A wait that no
-//! rank can end — every live rank waiting — aborts every rank with a list of
-//! what each waited for, as does a rank that fails. It moves no values and
-//! must not know about strategies.
+//! No values move, so only what a rank needs to go on is waited for: a
+//! receive waits for its message and a split for its new group. Sends do not
+//! wait for their receivers, nor members of a collective for each other
+//! (the DAG joins them by the collective's id; collectives issued in crossed
+//! orders show as a cycle there). This is more permissive than real ranks,
+//! so a job that runs on them never deadlocks here. A wait that no rank can
+//! end — every live rank waiting — aborts every rank with a list of what
+//! each waited for, as does a rank that fails or a mismatched collective.
+//! It must not know about strategies.
 
 use super::{ordered_recv_parts, Category, CommError, Group, RecvPart, Result, SendPart, Timed, Transport};
 use crate::backend::shape::{BufRef, Recorder, ShapeBackend, ShapeBuf};
@@ -22,7 +26,7 @@ use crate::backend::Backend;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// What a transport call was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -83,9 +87,10 @@ pub struct Part {
 pub struct MessageRecord {
     pub category: Option<Category>,
     pub kind: MessageKind,
-    /// The group's name and world ranks (in group-rank order).
-    pub group: String,
-    pub group_ranks: Vec<usize>,
+    /// The group's name and world ranks (in group-rank order), shared by
+    /// every record of the group.
+    pub group: Arc<str>,
+    pub group_ranks: Arc<[usize]>,
     /// Bytes as [`super::Comm`] counts the call (see `docs/design.md`).
     pub bytes: u64,
     /// Collectives: joins the members' calls (unique in the simulation).
@@ -131,17 +136,26 @@ struct Pending {
     arrived: Vec<Option<Arrival>>,
     count: usize,
     departed: usize,
+    /// Joins the members' records.
+    instance: u64,
     /// Set when the last member arrived.
     outcome: Option<std::result::Result<Completed, String>>,
 }
+
+/// A new group: its key in the shared state and its world ranks.
+type NewGroup = (usize, Arc<[usize]>);
+
+/// A group's name and members as its records share them.
+type GroupNames = (Arc<str>, Arc<[usize]>);
 
 #[derive(Clone)]
 struct Completed {
     instance: u64,
     /// Broadcasts: the root's row width.
     cols: Option<usize>,
-    /// Splits: each member's new group (key, world ranks), by group rank.
-    groups: Vec<Option<(usize, Vec<usize>)>>,
+    /// Splits: each member's new group (key, world ranks), by group rank
+    /// (shared: every member takes a copy of the outcome).
+    groups: Arc<Vec<Option<NewGroup>>>,
 }
 
 /// A message in flight on a channel.
@@ -156,6 +170,8 @@ struct InFlight {
 struct State {
     aborted: Option<String>,
     blocked: Vec<bool>,
+    /// How many of `blocked` are set.
+    blocked_count: usize,
     waiting_on: Vec<String>,
     finished: usize,
     next_key: usize,
@@ -165,8 +181,11 @@ struct State {
 }
 
 impl State {
-    fn blocked_count(&self) -> usize {
-        self.blocked.iter().filter(|b| **b).count()
+    fn block(&mut self, rank: usize, on: String) {
+        if !std::mem::replace(&mut self.blocked[rank], true) {
+            self.blocked_count += 1;
+        }
+        self.waiting_on[rank] = on;
     }
     fn fresh_id(&mut self) -> u64 {
         self.next_id += 1;
@@ -196,8 +215,10 @@ impl SimWorld {
     }
 
     fn unblock(&self, st: &mut State, rank: usize) {
-        st.blocked[rank] = false;
-        self.wake[rank].notify_one();
+        if std::mem::replace(&mut st.blocked[rank], false) {
+            st.blocked_count -= 1;
+            self.wake[rank].notify_one();
+        }
     }
 
     /// Ends the simulation on every rank (a rank failed).
@@ -219,7 +240,7 @@ impl SimWorld {
     }
 
     fn check_deadlock(&self, st: &mut State) {
-        let blocked = st.blocked_count();
+        let blocked = st.blocked_count;
         if blocked > 0 && blocked + st.finished == self.size && st.aborted.is_none() {
             let list: Vec<String> = (0..self.size).filter(|&r| st.blocked[r]).map(|r| format!("rank {r} waits for {}", st.waiting_on[r])).collect();
             st.aborted = Some(format!("no rank can make progress: {}", list.join("; ")));
@@ -240,6 +261,8 @@ pub struct SimTransport<'w> {
     keys: RefCell<BTreeMap<usize, usize>>,
     /// Collectives issued per group key (their order matches them).
     seq: RefCell<BTreeMap<usize, u64>>,
+    /// Each group's name and members, shared by its records.
+    shared: RefCell<BTreeMap<usize, GroupNames>>,
     category: Cell<Option<Category>>,
 }
 
@@ -259,7 +282,7 @@ impl<'w> SimTransport<'w> {
     pub fn new(world: &'w SimWorld, rank: usize, log: Rc<Recorder>) -> (Self, MessageLog) {
         let messages: MessageLog = Rc::default();
         let keys = RefCell::new([(0usize, 0usize)].into_iter().collect());
-        (Self { world, rank, log, messages: messages.clone(), keys, seq: RefCell::default(), category: Cell::new(None) }, messages)
+        (Self { world, rank, log, messages: messages.clone(), keys, seq: RefCell::default(), shared: RefCell::default(), category: Cell::new(None) }, messages)
     }
 
     fn key(&self, group: &Group) -> Result<usize> {
@@ -276,8 +299,7 @@ impl<'w> SimTransport<'w> {
                 return Ok(st);
             }
             if !st.blocked[self.rank] {
-                st.blocked[self.rank] = true;
-                st.waiting_on[self.rank] = what();
+                st.block(self.rank, what());
                 self.world.check_deadlock(&mut st);
                 continue;
             }
@@ -296,19 +318,40 @@ impl<'w> SimTransport<'w> {
             *n
         };
         let (me, size) = (group.rank(), group.size());
+        let split = matches!(arrival.call, Call::Split(_));
         let mut st = self.world.lock();
-        let p = st.pending.entry((key, seq)).or_insert_with(|| Pending { arrived: vec![None; size], count: 0, departed: 0, outcome: None });
+        if !st.pending.contains_key(&(key, seq)) {
+            let instance = st.fresh_id();
+            st.pending.insert((key, seq), Pending { arrived: vec![None; size], count: 0, departed: 0, instance, outcome: None });
+        }
+        let p = st.pending.get_mut(&(key, seq)).expect("pending");
         p.arrived[me] = Some(arrival);
         p.count += 1;
+        let instance = p.instance;
         if p.count == size {
             let arrived: Vec<Arrival> = p.arrived.iter().map(|a| a.clone().expect("every member arrived")).collect();
-            let outcome = complete(&mut st, &group.name, &arrived);
+            let outcome = complete(&mut st, &group.name, instance, &arrived);
+            if !split {
+                // Nothing of a message collective is waited for: its members went on.
+                st.pending.remove(&(key, seq));
+                drop(st);
+                if let Err(e) = &outcome {
+                    self.world.abort(e);
+                }
+                return outcome.map_err(protocol);
+            }
             st.pending.get_mut(&(key, seq)).expect("pending").outcome = Some(outcome);
             for &r in &group.world_ranks {
                 self.world.unblock(&mut st, r);
             }
         }
-        let what = || format!("collective {seq} of group `{}`", group.name);
+        if !split {
+            // The DAG joins the members by `instance`; no values move, so no
+            // member needs to wait for the others (a cross-order of
+            // collectives shows as a cycle in the DAG).
+            return Ok(Completed { instance, cols: root_cols(&st, key, seq).flatten(), groups: Arc::default() });
+        }
+        let what = || format!("split {seq} of group `{}`", group.name);
         let mut st = self.wait(st, |s| s.pending.get(&(key, seq)).is_some_and(|p| p.outcome.is_some()), &what)?;
         let p = st.pending.get_mut(&(key, seq)).expect("pending");
         let outcome = p.outcome.clone().expect("complete");
@@ -320,19 +363,8 @@ impl<'w> SimTransport<'w> {
     }
 
     fn record(&self, kind: MessageKind, group: &Group, bytes: u64, collective: Option<u64>, sends: Vec<Part>, recvs: Vec<Part>, io: (Vec<BufRef>, Vec<BufRef>)) {
-        let rec = MessageRecord {
-            category: self.category.take(),
-            kind,
-            group: group.name.clone(),
-            group_ranks: group.world_ranks.clone(),
-            bytes,
-            collective,
-            sends,
-            recvs,
-            inputs: io.0,
-            outputs: io.1,
-            stream: 0,
-        };
+        let (name, ranks) = self.shared.borrow_mut().entry(group.id).or_insert_with(|| (Arc::from(group.name.as_str()), Arc::from(group.world_ranks.as_slice()))).clone();
+        let rec = MessageRecord { category: self.category.take(), kind, group: name, group_ranks: ranks, bytes, collective, sends, recvs, inputs: io.0, outputs: io.1, stream: 0 };
         self.messages.borrow_mut().push(rec);
         self.log.push_message();
     }
@@ -369,9 +401,19 @@ impl<'w> SimTransport<'w> {
     }
 }
 
+/// A broadcast's root's row width, where the root has arrived.
+fn root_cols(st: &State, key: usize, seq: u64) -> Option<Option<usize>> {
+    let p = st.pending.get(&(key, seq))?;
+    let first = p.arrived.iter().flatten().next()?;
+    match first.call {
+        Call::Message(MessageKind::Broadcast { root } | MessageKind::HostBroadcast { root }) => p.arrived.get(root).and_then(|a| a.as_ref()).map(|a| a.cols),
+        _ => Some(first.cols),
+    }
+}
+
 /// Checks that every member of a collective did the same thing and decides
 /// its outcome (a split's new groups).
-fn complete(st: &mut State, group: &str, arrived: &[Arrival]) -> std::result::Result<Completed, String> {
+fn complete(st: &mut State, group: &str, instance: u64, arrived: &[Arrival]) -> std::result::Result<Completed, String> {
     let first = &arrived[0];
     for (r, a) in arrived.iter().enumerate() {
         let same = match (first.call, a.call) {
@@ -383,7 +425,6 @@ fn complete(st: &mut State, group: &str, arrived: &[Arrival]) -> std::result::Re
             return Err(format!("collective mismatch on `{group}`: group rank 0 calls {}, group rank {r} calls {}", first.describe(), a.describe()));
         }
     }
-    let instance = st.fresh_id();
     let cols = match first.call {
         Call::Message(MessageKind::Broadcast { root } | MessageKind::HostBroadcast { root }) => arrived.get(root).and_then(|a| a.cols),
         _ => first.cols,
@@ -399,13 +440,13 @@ fn complete(st: &mut State, group: &str, arrived: &[Arrival]) -> std::result::Re
         for members in by_color.values() {
             let key = st.next_key;
             st.next_key += 1;
-            let ranks: Vec<usize> = members.iter().map(|&r| arrived[r].world_rank).collect();
+            let ranks: Arc<[usize]> = members.iter().map(|&r| arrived[r].world_rank).collect();
             for &r in members {
                 groups[r] = Some((key, ranks.clone()));
             }
         }
     }
-    Ok(Completed { instance, cols, groups })
+    Ok(Completed { instance, cols, groups: Arc::new(groups) })
 }
 
 impl Transport<ShapeBackend> for SimTransport<'_> {
@@ -423,7 +464,7 @@ impl Transport<ShapeBackend> for SimTransport<'_> {
         let Some((key, ranks)) = done.groups[parent.rank()].clone() else { return Ok(None) };
         let me = ranks.iter().position(|&r| r == self.rank).expect("a member of its own group");
         self.keys.borrow_mut().insert(id, key);
-        Ok(Some(Group::new(id, name, ranks, me)))
+        Ok(Some(Group::new(id, name, ranks.to_vec(), me)))
     }
 
     fn all_reduce_sum(&self, be: &ShapeBackend, group: &Group, buf: &mut ShapeBuf) -> Result<Timed<()>> {
@@ -584,6 +625,7 @@ mod tests {
             let mut x = be.zeros(4 + world.rank())?;
             comm.all_reduce(Category::TpAllreduce, world, &mut x)
         });
-        assert!(out[0].clone().unwrap_err().contains("collective mismatch"), "{:?}", out[0]);
+        // The last member to arrive finds the mismatch and ends the simulation.
+        assert!(out.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("collective mismatch"))), "{out:?}");
     }
 }

@@ -162,6 +162,7 @@ fn write_outputs(args: &PlanArgs, pt: &Point, job: &JobSpec, world: usize) -> Re
 
 /// `fapool plan`.
 pub fn plan(args: PlanArgs) -> Result<(), Failure> {
+    crate::planner::execute::prefer_fresh_pages_for_large_allocations();
     if let Some(p) = &args.check {
         return crate::planner::check::run(p).map_err(failure);
     }
@@ -204,7 +205,16 @@ pub fn plan(args: PlanArgs) -> Result<(), Failure> {
         let nseq = args.batch.unwrap_or_else(|| planner::batch_at(&job, cfg.vocab, s));
         let shape = BatchShape { nseq, seq_len: s, out_tokens: job.workload.output_tokens };
         for spec in &job.strategies {
-            let pt = p.point(spec, shape).map_err(failure)?;
+            let pt = match p.point(spec, shape) {
+                Ok(pt) => pt,
+                // A deployment that does not fit at this length is a row of
+                // the table, not the end of the plan.
+                Err(PlanError::Dag(v)) if v.rule == "memory-within-capacity" => {
+                    println!("{:<28} {:>7} {:>5}  does not fit: {}: {}", spec.name(), s, nseq, v.at, v.detail);
+                    continue;
+                }
+                Err(e) => return Err(failure(e)),
+            };
             print_point(&pt);
             write_outputs(&args, &pt, &job, world)?;
             planned.push(Planned { strategy: pt.strategy.clone(), kind: pt.kind.to_string(), prediction: pt.prediction });

@@ -253,7 +253,7 @@ mod tests {
         assert!((m.message_seconds(0, 1, 1_000_000_000, false) - (4e-6 + 1e9 / 240e9)).abs() < 1e-12);
         assert!((m.message_seconds(0, 8, 1_000_000_000, false) - (8e-6 + 1e9 / 20e9)).abs() < 1e-12);
         // A ring all-reduce of 8 GPUs in a node: 14 steps of 4 us and 2·7/8 of the buffer.
-        let c = CommNode { kind: MessageKind::AllReduce, category: None, group: "g".into(), group_ranks: (0..8).collect(), bytes: 1 << 30, sends: vec![], recvs: vec![] };
+        let c = CommNode { kind: MessageKind::AllReduce, category: None, group: "g".into(), group_ranks: (0..8).collect::<Vec<_>>().into(), bytes: 1 << 30, sends: vec![], recvs: vec![] };
         let (t, steps) = m.collective_seconds(&c);
         assert_eq!(steps, 14.0);
         assert!((t - (14.0 * 4e-6 + 1.75 * (1u64 << 30) as f64 / 240e9)).abs() < 1e-12);

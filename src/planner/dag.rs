@@ -16,7 +16,7 @@ use crate::backend::shape::{BufRef, Entry, Marker, OpKind, OpRecord};
 use crate::comm::sim_transport::{MessageKind, MessageRecord, Part};
 use crate::comm::Category;
 use crate::strategy::{BatchSetup, BatchShape};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub type NodeId = usize;
 
@@ -47,8 +47,8 @@ impl std::fmt::Display for Phase {
 pub struct CommNode {
     pub kind: MessageKind,
     pub category: Option<Category>,
-    pub group: String,
-    pub group_ranks: Vec<usize>,
+    pub group: std::sync::Arc<str>,
+    pub group_ranks: std::sync::Arc<[usize]>,
     /// Bytes as `Comm` counts the call on each rank that makes it.
     pub bytes: u64,
     pub sends: Vec<Part>,
@@ -56,6 +56,11 @@ pub struct CommNode {
 }
 
 impl CommNode {
+    /// Point-to-point: its messages are edges (a collective's members share its node).
+    fn collective_free(&self) -> bool {
+        !self.kind.is_collective()
+    }
+
     pub fn category_name(&self) -> &'static str {
         self.category.map_or("uncategorized", Category::name)
     }
@@ -74,7 +79,8 @@ pub struct Node {
     /// World ranks whose programs hold the node (a collective's members, or one rank).
     pub ranks: Vec<usize>,
     pub stream: u32,
-    /// Buffers read and written, per rank in `ranks` order.
+    /// Buffers read and written, per rank in `ranks` order (moved out of
+    /// the operation's record).
     pub inputs: Vec<Vec<BufRef>>,
     pub outputs: Vec<Vec<BufRef>>,
 }
@@ -102,6 +108,12 @@ impl Node {
         }
     }
 
+    /// The position of world rank `rank` among the node's ranks (they are
+    /// in ascending order: ranks are joined to a collective in rank order).
+    pub fn member(&self, rank: usize) -> Option<usize> {
+        self.ranks.binary_search(&rank).ok()
+    }
+
     /// A host message (token ids), not device work.
     pub fn is_host_message(&self) -> bool {
         self.comm().is_some_and(|c| c.kind.is_host())
@@ -124,6 +136,38 @@ pub struct Edge {
     pub kind: EdgeKind,
 }
 
+/// Per-node lists in compressed rows: node `i`'s items are
+/// `items[start[i]..start[i + 1]]` (one allocation for a whole DAG).
+#[derive(Clone, Debug, Default)]
+pub struct Csr<T> {
+    start: Vec<u32>,
+    items: Vec<T>,
+}
+
+impl<T: Copy + Default> Csr<T> {
+    /// Lists of `n` nodes from `(node, item)` pairs, in pair order per node.
+    pub fn new(n: usize, pairs: &[(usize, T)]) -> Self {
+        let mut start = vec![0u32; n + 1];
+        for &(i, _) in pairs {
+            start[i + 1] += 1;
+        }
+        for i in 0..n {
+            start[i + 1] += start[i];
+        }
+        let mut fill = start.clone();
+        let mut items = vec![T::default(); pairs.len()];
+        for &(i, t) in pairs {
+            items[fill[i] as usize] = t;
+            fill[i] += 1;
+        }
+        Self { start, items }
+    }
+
+    pub fn of(&self, i: usize) -> &[T] {
+        &self.items[self.start[i] as usize..self.start[i + 1] as usize]
+    }
+}
+
 /// The DAG of one batch of one strategy.
 #[derive(Clone, Debug)]
 pub struct Dag {
@@ -132,7 +176,7 @@ pub struct Dag {
     /// Each world rank's nodes in issue order.
     pub programs: Vec<Vec<NodeId>>,
     /// Per rank, the node that first wrote each buffer (absent: held before the batch).
-    pub creators: Vec<BTreeMap<u64, NodeId>>,
+    pub creators: Vec<HashMap<u64, NodeId>>,
     pub leader: usize,
     pub shape: BatchShape,
     /// The leader's batch setup.
@@ -180,69 +224,68 @@ fn phases_of(entries: &[Entry], messages: &[MessageRecord]) -> Vec<(usize, Phase
 }
 
 impl Dag {
-    /// Builds the DAG of a recorded batch.
-    pub fn build(rec: &Recording) -> Dag {
+    /// Builds the DAG of a recorded batch (taking its records apart).
+    pub fn build(rec: Recording) -> Dag {
         let n = rec.programs.len();
+        let setup = rec.setup().clone();
         let mut dag = Dag {
             nodes: Vec::new(),
             edges: Vec::new(),
             programs: vec![Vec::new(); n],
-            creators: vec![BTreeMap::new(); n],
+            creators: vec![HashMap::new(); n],
             leader: rec.leader,
             shape: rec.shape,
-            setup: rec.setup().clone(),
+            setup,
             active: rec.programs.iter().map(|p| p.setup.active).collect(),
             peak_bytes: rec.programs.iter().map(|p| p.peak_bytes).collect(),
         };
-        let mut collectives: BTreeMap<u64, NodeId> = BTreeMap::new();
-        let mut senders: BTreeMap<u64, NodeId> = BTreeMap::new();
-        let mut pending_recvs: Vec<(NodeId, Part)> = Vec::new();
-        for p in &rec.programs {
+        let mut collectives: HashMap<u64, NodeId> = HashMap::new();
+        let mut senders: HashMap<u64, NodeId> = HashMap::new();
+        let mut pending_recvs: Vec<(NodeId, u64, u64, u64)> = Vec::new();
+        for p in rec.programs {
             let r = p.rank;
-            let mut last_writer: BTreeMap<u64, NodeId> = BTreeMap::new();
-            for (i, phase) in phases_of(&p.entries, &p.messages) {
-                let (id, inputs, outputs) = match &p.entries[i] {
-                    Entry::Op(op) => {
+            let phases = phases_of(&p.entries, &p.messages);
+            let mut messages: Vec<Option<MessageRecord>> = p.messages.into_iter().map(Some).collect();
+            let mut entries: Vec<Option<Entry>> = p.entries.into_iter().map(Some).collect();
+            let mut last_writer: HashMap<u64, NodeId> = HashMap::new();
+            for (i, phase) in phases {
+                let (id, inputs, outputs) = match entries[i].take() {
+                    Some(Entry::Op(mut op)) => {
+                        let (inputs, outputs) = (std::mem::take(&mut op.inputs), std::mem::take(&mut op.outputs));
                         let id = dag.nodes.len();
-                        dag.nodes.push(Node { kind: NodeKind::Compute(op.clone()), phase, ranks: vec![r], stream: op.stream, inputs: vec![op.inputs.clone()], outputs: vec![op.outputs.clone()] });
-                        (id, op.inputs.clone(), op.outputs.clone())
+                        let stream = op.stream;
+                        dag.nodes.push(Node { kind: NodeKind::Compute(op), phase, ranks: vec![r], stream, inputs: Vec::new(), outputs: Vec::new() });
+                        (id, inputs, outputs)
                     }
-                    Entry::Message(m) => {
-                        let m = &p.messages[*m];
-                        let existing = m.collective.and_then(|c| collectives.get(&c).copied());
-                        let id = match existing {
+                    Some(Entry::Message(m)) => {
+                        let mut m = messages[m].take().expect("each message once");
+                        let (inputs, outputs) = (std::mem::take(&mut m.inputs), std::mem::take(&mut m.outputs));
+                        let id = match m.collective.and_then(|c| collectives.get(&c).copied()) {
                             Some(id) => {
-                                let node = &mut dag.nodes[id];
-                                node.ranks.push(r);
-                                node.inputs.push(m.inputs.clone());
-                                node.outputs.push(m.outputs.clone());
+                                dag.nodes[id].ranks.push(r);
                                 id
                             }
                             None => {
                                 let id = dag.nodes.len();
-                                let c = CommNode {
-                                    kind: m.kind,
-                                    category: m.category,
-                                    group: m.group.clone(),
-                                    group_ranks: m.group_ranks.clone(),
-                                    bytes: m.bytes,
-                                    sends: m.sends.clone(),
-                                    recvs: m.recvs.clone(),
-                                };
-                                dag.nodes.push(Node { kind: NodeKind::Comm(c), phase, ranks: vec![r], stream: m.stream, inputs: vec![m.inputs.clone()], outputs: vec![m.outputs.clone()] });
                                 if let Some(c) = m.collective {
                                     collectives.insert(c, id);
                                 }
+                                let c = CommNode { kind: m.kind, category: m.category, group: m.group, group_ranks: m.group_ranks, bytes: m.bytes, sends: m.sends, recvs: m.recvs };
+                                dag.nodes.push(Node { kind: NodeKind::Comm(c), phase, ranks: vec![r], stream: m.stream, inputs: Vec::new(), outputs: Vec::new() });
                                 id
                             }
                         };
-                        for s in &m.sends {
-                            senders.insert(s.message, id);
+                        if let NodeKind::Comm(c) = &dag.nodes[id].kind {
+                            if c.collective_free() {
+                                for s in &c.sends {
+                                    senders.insert(s.message, id);
+                                }
+                                pending_recvs.extend(c.recvs.iter().map(|p| (id, p.message, p.bytes, p.sent_bytes)));
+                            }
                         }
-                        pending_recvs.extend(m.recvs.iter().map(|p| (id, p.clone())));
-                        (id, m.inputs.clone(), m.outputs.clone())
+                        (id, inputs, outputs)
                     }
-                    Entry::Marker(_) => continue,
+                    _ => continue,
                 };
                 dag.programs[r].push(id);
                 for b in &inputs {
@@ -256,11 +299,13 @@ impl Dag {
                     last_writer.insert(b.id, id);
                     dag.creators[r].entry(b.id).or_insert(id);
                 }
+                dag.nodes[id].inputs.push(inputs);
+                dag.nodes[id].outputs.push(outputs);
             }
         }
-        for (to, part) in pending_recvs {
-            if let Some(&from) = senders.get(&part.message) {
-                dag.edges.push(Edge { from, to, kind: EdgeKind::Message { message: part.message, bytes: part.bytes, sent_bytes: part.sent_bytes } });
+        for (to, message, bytes, sent_bytes) in pending_recvs {
+            if let Some(&from) = senders.get(&message) {
+                dag.edges.push(Edge { from, to, kind: EdgeKind::Message { message, bytes, sent_bytes } });
             }
         }
         dag
@@ -297,6 +342,12 @@ impl Dag {
     /// The leader's sampling operations (its argmax nodes) in `phase`.
     pub fn sampled(&self, phase: Phase) -> Vec<NodeId> {
         self.programs[self.leader].iter().copied().filter(|&i| self.nodes[i].phase == phase && self.nodes[i].op().is_some_and(|o| o.kind == OpKind::Argmax)).collect()
+    }
+
+    /// Indices of the data and message edges into each node.
+    pub fn preds(&self) -> Csr<usize> {
+        let pairs: Vec<(usize, usize)> = self.edges.iter().enumerate().map(|(i, e)| (e.to, i)).collect();
+        Csr::new(self.nodes.len(), &pairs)
     }
 
     /// Compute and communication nodes.

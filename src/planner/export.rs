@@ -31,7 +31,7 @@ fn node_label(dag: &Dag, id: usize) -> String {
 
 /// The DOT text of the nodes of `phases` (all when empty); `roles` name the ranks.
 pub fn dot(dag: &Dag, roles: &[String], phases: &[Phase]) -> String {
-    let mut s = String::from("digraph deployment {\n  rankdir=TB;\n  node [shape=box, fontsize=9];\n");
+    let mut s = String::from("digraph deployment {\n  rankdir=TB;\n  newrank=true;\n  node [shape=box, fontsize=9];\n");
     for (r, prog) in dag.programs.iter().enumerate() {
         let ids: Vec<usize> = prog.iter().copied().filter(|&i| dag.nodes[i].ranks.len() == 1 && keep(dag.nodes[i].phase, phases)).collect();
         if ids.is_empty() {
@@ -116,7 +116,7 @@ pub fn trace(dag: &Dag, tl: &Timeline, roles: &[String]) -> Trace {
             }
             NodeKind::Comm(c) => {
                 args.insert("bytes".into(), json!(c.bytes));
-                args.insert("group".into(), json!(c.group));
+                args.insert("group".into(), json!(&*c.group));
                 args.insert("category".into(), json!(c.category_name()));
                 let peers: Vec<usize> = c.sends.iter().chain(&c.recvs).map(|p| p.peer).collect();
                 if !peers.is_empty() {

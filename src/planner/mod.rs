@@ -90,6 +90,8 @@ pub struct Point {
     pub micro_batch_cap: usize,
     /// Wall time of planning the point.
     pub plan_seconds: f64,
+    /// Of which: recording on simulated ranks, building the DAG, validating it, simulating the timeline.
+    pub stage_seconds: [f64; 4],
 }
 
 impl Planner<'_> {
@@ -123,12 +125,32 @@ impl Planner<'_> {
         let steps = if self.decode_steps == 0 { shape.out_tokens.saturating_sub(1) } else { self.decode_steps.min(shape.out_tokens.saturating_sub(1)) };
         let simulated = BatchShape { out_tokens: steps + 1, ..shape };
         let x = execute::Execution { spec, cfg: self.cfg, world: self.world, shape: simulated, micro_batch_cap: cap, dtype: self.dtype(), cuda_graphs: self.job.run.cuda_graphs };
+        let mut stages = [0.0; 4];
+        let mut lap = std::time::Instant::now();
+        let mut mark = |i: usize| {
+            stages[i] = lap.elapsed().as_secs_f64();
+            lap = std::time::Instant::now();
+        };
         let rec = execute::record(&x)?;
-        let dag = Dag::build(&rec);
+        mark(0);
+        let dag = Dag::build(rec);
+        mark(1);
         validate::validate(&dag, self.cfg.layers, Some(&MemoryLimit { capacity: budget, model_estimate: memory_model_bytes }))?;
+        mark(2);
         let timeline = timeline::simulate(&dag, self.cost).map_err(|e| PlanError::Simulation(format!("{}: {e}", spec.name())))?;
+        mark(3);
         let prediction = report::predict(&dag, &timeline, shape);
-        Ok(Point { strategy: spec.name(), kind: spec.kind(), dag, timeline, prediction, memory_model_bytes, micro_batch_cap: cap, plan_seconds: started.elapsed().as_secs_f64() })
+        Ok(Point {
+            strategy: spec.name(),
+            kind: spec.kind(),
+            dag,
+            timeline,
+            prediction,
+            memory_model_bytes,
+            micro_batch_cap: cap,
+            plan_seconds: started.elapsed().as_secs_f64(),
+            stage_seconds: stages,
+        })
     }
 }
 

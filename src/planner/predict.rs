@@ -8,8 +8,10 @@
 //!
 //! A category's predictions aggregate its batches as its summary does: the
 //! mean of per-batch TTFT, TPOT, E2E and paper TPOT, TPS as all tokens over
-//! the summed E2E, the largest simulated peak memory, and the communication
-//! share over every batch.
+//! the summed E2E, the communication share over every batch and, on GPUs,
+//! the largest simulated peak of any rank's buffers (`peak_memory_bytes`).
+//! `calibrated` says where compute times came from (1: a calibration file,
+//! 0: the roofline).
 
 use super::cluster::ClusterSpec;
 use super::cost::CostModel;
@@ -22,7 +24,7 @@ use crate::workload::Workload;
 use std::collections::BTreeMap;
 
 /// The predicted quantities, named as the measured figures they predict.
-pub const NAMES: [&str; 7] = ["ttft_s", "tpot_s", "e2e_s", "paper_tpot_s", "tps", "peak_memory_bytes", "comm_share"];
+pub const NAMES: [&str; 8] = ["ttft_s", "tpot_s", "e2e_s", "paper_tpot_s", "tps", "comm_share", "peak_memory_bytes", "calibrated"];
 
 /// Decode steps simulated per batch (TPOT beyond them is extrapolated).
 pub const DECODE_STEPS: usize = 4;
@@ -58,16 +60,20 @@ pub fn for_job(job: &JobSpec, cfg: &ModelConfig, cost: &CostModel, world: usize)
                 comm += p.comm_share * p.e2e_s;
             }
             let n = batches.len().max(1) as f64;
-            let values = vec![
+            let mut values = vec![
                 ("ttft_s".to_string(), ttft / n),
                 ("tpot_s".to_string(), tpot / n),
                 ("e2e_s".to_string(), e2e / n),
                 ("paper_tpot_s".to_string(), paper / n),
                 ("tps".to_string(), if e2e > 0.0 { tokens / e2e } else { 0.0 }),
-                ("peak_memory_bytes".to_string(), peak as f64),
                 ("comm_share".to_string(), if e2e > 0.0 { comm / e2e } else { 0.0 }),
                 ("calibrated".to_string(), if cost.is_calibrated() { 1.0 } else { 0.0 }),
             ];
+            // The CPU backend measures the process's resident set, which the
+            // buffers' peak does not predict; a GPU measures device memory.
+            if cost.cluster.gpu.key != "cpu" {
+                values.push(("peak_memory_bytes".to_string(), peak as f64));
+            }
             out.insert((spec.name(), cat.name.clone()), values);
         }
     }

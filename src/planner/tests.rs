@@ -38,7 +38,7 @@ fn dag(i: usize) -> (Dag, usize) {
     let cfg = job.model.resolve().unwrap();
     let shape = BatchShape { nseq: 2, seq_len: 40, out_tokens: 3 };
     let x = Execution { spec: &job.strategies[i], cfg: &cfg, world: 4, shape, micro_batch_cap: 2, dtype: Dtype::Fp32, cuda_graphs: false };
-    (Dag::build(&record(&x).unwrap()), cfg.layers)
+    (Dag::build(record(&x).unwrap()), cfg.layers)
 }
 
 fn rule(dag: &Dag, layers: usize) -> &'static str {

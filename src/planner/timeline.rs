@@ -13,9 +13,9 @@
 //! times a DAG; it does not decide what the times mean (see `report`).
 
 use super::cost::CostModel;
-use super::dag::{Dag, EdgeKind, NodeId, NodeKind, Phase};
+use super::dag::{Csr, Dag, EdgeKind, NodeId, NodeKind, Phase};
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BinaryHeap, HashMap};
 
 /// One node on one rank's stream.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -55,13 +55,14 @@ pub struct Timeline {
     pub duration: Vec<f64>,
 }
 
+/// A lane's next event: (time, lane).
 #[derive(Clone, Copy, PartialEq)]
-struct Due(f64, usize, u32);
+struct Due(f64, usize);
 
 impl Eq for Due {}
 impl Ord for Due {
     fn cmp(&self, o: &Self) -> Ordering {
-        o.0.total_cmp(&self.0).then_with(|| o.1.cmp(&self.1)).then_with(|| o.2.cmp(&self.2))
+        o.0.total_cmp(&self.0).then_with(|| o.1.cmp(&self.1))
     }
 }
 impl PartialOrd for Due {
@@ -73,25 +74,37 @@ impl PartialOrd for Due {
 /// When a node's stream and data were there, and what it waited for last.
 type Ready = (f64, Option<NodeId>);
 
+/// One stream of one rank: its nodes in program order.
+struct Lane {
+    rank: usize,
+    stream: u32,
+    nodes: Vec<NodeId>,
+    cursor: usize,
+    free_at: Ready,
+}
+
 struct Sim<'a> {
     dag: &'a Dag,
     cost: &'a CostModel,
-    lanes: BTreeMap<(usize, u32), Vec<NodeId>>,
-    cursor: BTreeMap<(usize, u32), usize>,
-    free_at: BTreeMap<(usize, u32), (f64, Option<NodeId>)>,
-    /// Per node and member: ready time and what it waited for.
-    ready: Vec<Vec<Option<Ready>>>,
+    lanes: Vec<Lane>,
+    lane_of: HashMap<(usize, u32), usize>,
+    /// Per slot (node and member): ready time and what it waited for.
+    ready: Vec<Option<Ready>>,
+    /// Per node: members whose stream has reached it.
+    arrived: Vec<u32>,
     armed: Vec<bool>,
     done: Vec<bool>,
-    data_preds: BTreeMap<(NodeId, usize), Vec<NodeId>>,
-    waiters: BTreeMap<NodeId, Vec<(usize, u32)>>,
-    /// message id -> (sender node, receiver node, bytes)
-    messages: BTreeMap<u64, (NodeId, NodeId, u64)>,
+    /// Per node and member (slot `slot[node] + member`): the producers of its data.
+    slot: Vec<usize>,
+    data_preds: Csr<NodeId>,
+    waiters: HashMap<NodeId, Vec<usize>>,
+    /// By message id: (sender node, receiver node, bytes), and when it moved.
+    messages: Vec<Option<(NodeId, NodeId, u64)>>,
     parts: Vec<Vec<u64>>,
-    moved: BTreeMap<u64, (f64, f64)>,
+    moved: Vec<Option<(f64, f64)>>,
     /// When each rank's outgoing and incoming port is free.
-    out_port: BTreeMap<usize, f64>,
-    in_port: BTreeMap<usize, f64>,
+    out_port: Vec<f64>,
+    in_port: Vec<f64>,
     heap: BinaryHeap<Due>,
     tl: Timeline,
 }
@@ -99,66 +112,85 @@ struct Sim<'a> {
 impl<'a> Sim<'a> {
     fn new(dag: &'a Dag, cost: &'a CostModel) -> Self {
         let n = dag.nodes.len();
-        let mut lanes: BTreeMap<(usize, u32), Vec<NodeId>> = BTreeMap::new();
+        let mut lanes: Vec<Lane> = Vec::new();
+        let mut lane_of: HashMap<(usize, u32), usize> = HashMap::new();
         for (r, prog) in dag.programs.iter().enumerate() {
             for &id in prog {
-                lanes.entry((r, dag.nodes[id].stream)).or_default().push(id);
+                let stream = dag.nodes[id].stream;
+                let l = *lane_of.entry((r, stream)).or_insert_with(|| {
+                    lanes.push(Lane { rank: r, stream, nodes: Vec::new(), cursor: 0, free_at: (0.0, None) });
+                    lanes.len() - 1
+                });
+                lanes[l].nodes.push(id);
             }
         }
-        let mut data_preds: BTreeMap<(NodeId, usize), Vec<NodeId>> = BTreeMap::new();
-        let mut messages = BTreeMap::new();
+        let mut slot = Vec::with_capacity(n + 1);
+        let mut at = 0;
+        for node in &dag.nodes {
+            slot.push(at);
+            at += node.ranks.len();
+        }
+        let mut pairs: Vec<(usize, NodeId)> = Vec::new();
+        let ids = dag.edges.iter().filter_map(|e| if let EdgeKind::Message { message, .. } = e.kind { Some(message as usize + 1) } else { None }).max().unwrap_or(0);
+        let mut messages = vec![None; ids];
         let mut parts = vec![Vec::new(); n];
         for e in &dag.edges {
             match e.kind {
-                EdgeKind::Data { rank, .. } => data_preds.entry((e.to, rank)).or_default().push(e.from),
+                EdgeKind::Data { rank, .. } => {
+                    if let Some(k) = dag.nodes[e.to].member(rank) {
+                        pairs.push((slot[e.to] + k, e.from));
+                    }
+                }
                 EdgeKind::Message { message, bytes, .. } => {
-                    messages.insert(message, (e.from, e.to, bytes));
+                    messages[message as usize] = Some((e.from, e.to, bytes));
                     parts[e.from].push(message);
                     parts[e.to].push(message);
                 }
             }
         }
-        let ready = dag.nodes.iter().map(|node| vec![None; node.ranks.len()]).collect();
-        let cursor = lanes.keys().map(|k| (*k, 0)).collect();
-        let free_at = lanes.keys().map(|k| (*k, (0.0, None))).collect();
+        let data_preds = Csr::new(at, &pairs);
+        let ready = vec![None; at];
+        let ranks = dag.programs.len();
         let tl = Timeline { finish: vec![0.0; n], binding: vec![None; n], duration: vec![0.0; n], ..Default::default() };
         Self {
             dag,
             cost,
             lanes,
-            cursor,
-            free_at,
+            lane_of,
             ready,
+            arrived: vec![0; n],
             armed: vec![false; n],
             done: vec![false; n],
+            slot,
             data_preds,
-            waiters: BTreeMap::new(),
+            waiters: HashMap::new(),
+            moved: vec![None; messages.len()],
             messages,
             parts,
-            moved: BTreeMap::new(),
-            out_port: BTreeMap::new(),
-            in_port: BTreeMap::new(),
+            out_port: vec![0.0; ranks],
+            in_port: vec![0.0; ranks],
             heap: BinaryHeap::new(),
             tl,
         }
     }
 
     fn member(&self, id: NodeId, rank: usize) -> usize {
-        self.dag.nodes[id].ranks.iter().position(|&r| r == rank).expect("a member")
+        self.dag.nodes[id].member(rank).expect("a member")
     }
 
-    /// Ends `id` on `rank`'s stream at `finish` and moves the stream on.
-    fn advance(&mut self, rank: usize, stream: u32, id: NodeId, finish: f64) {
-        *self.cursor.get_mut(&(rank, stream)).expect("lane") += 1;
-        self.free_at.insert((rank, stream), (finish, Some(id)));
-        self.heap.push(Due(finish, rank, stream));
+    /// Ends `id` on `lane` at `finish` and moves the lane on.
+    fn advance(&mut self, lane: usize, id: NodeId, finish: f64) {
+        let l = &mut self.lanes[lane];
+        l.cursor += 1;
+        l.free_at = (finish, Some(id));
+        self.heap.push(Due(finish, lane));
     }
 
     fn complete(&mut self, id: NodeId, finish: f64) {
         self.done[id] = true;
         self.tl.finish[id] = finish;
-        for (r, s) in self.waiters.remove(&id).unwrap_or_default() {
-            self.heap.push(Due(finish, r, s));
+        for lane in self.waiters.remove(&id).unwrap_or_default() {
+            self.heap.push(Due(finish, lane));
         }
     }
 
@@ -170,82 +202,81 @@ impl<'a> Sim<'a> {
     /// nodes all of whose messages moved.
     fn move_messages(&mut self, id: NodeId) {
         let mut touched = vec![id];
-        for m in self.parts[id].clone() {
-            if self.moved.contains_key(&m) {
+        for i in 0..self.parts[id].len() {
+            let m = self.parts[id][i] as usize;
+            if self.moved[m].is_some() {
                 continue;
             }
-            let (from, to, bytes) = self.messages[&m];
+            let (from, to, bytes) = self.messages[m].expect("a message edge");
             if !(self.armed[from] && self.armed[to]) {
                 continue;
             }
             let (src, dst) = (self.dag.nodes[from].ranks[0], self.dag.nodes[to].ranks[0]);
-            let (rf, _) = self.ready[from][0].expect("armed");
-            let (rt, _) = self.ready[to][0].expect("armed");
-            let out_free = self.out_port.get(&src).copied().unwrap_or(0.0);
-            let in_free = self.in_port.get(&dst).copied().unwrap_or(0.0);
-            let start = rf.max(rt).max(out_free).max(in_free);
+            let (rf, _) = self.ready[self.slot[from]].expect("armed");
+            let (rt, _) = self.ready[self.slot[to]].expect("armed");
+            let start = rf.max(rt).max(self.out_port[src]).max(self.in_port[dst]);
             let host = self.dag.nodes[from].is_host_message();
             let end = start + self.cost.message_seconds(src, dst, bytes, host);
-            self.out_port.insert(src, end);
-            self.in_port.insert(dst, end);
-            self.moved.insert(m, (start, end));
+            self.out_port[src] = end;
+            self.in_port[dst] = end;
+            self.moved[m] = Some((start, end));
             self.tl.transfers.push(Transfer { from, to, src, dst, bytes, start, end });
             touched.push(if id == from { to } else { from });
         }
         for n in touched {
-            if self.done[n] || !self.armed[n] || !self.parts[n].iter().all(|m| self.moved.contains_key(m)) {
+            if self.done[n] || !self.armed[n] || !self.parts[n].iter().all(|&m| self.moved[m as usize].is_some()) {
                 continue;
             }
-            let (ready, bound) = self.ready[n][0].expect("armed");
-            let mut finish = ready;
-            let mut binding = bound;
-            let mut start = f64::INFINITY;
-            for m in &self.parts[n] {
-                let (s, e) = self.moved[m];
+            let (ready, bound) = self.ready[self.slot[n]].expect("armed");
+            let (mut finish, mut binding, mut start) = (ready, bound, f64::INFINITY);
+            for &m in &self.parts[n] {
+                let (s, e) = self.moved[m as usize].expect("moved");
                 start = start.min(s);
                 if e > finish {
                     finish = e;
-                    let (from, to, _) = self.messages[m];
+                    let (from, to, _) = self.messages[m as usize].expect("a message edge");
                     let peer = if from == n { to } else { from };
                     // Waiting for the peer when it arrived later than this rank.
-                    if self.ready[peer][0].is_some_and(|(rp, _)| rp > ready) {
+                    if self.ready[self.slot[peer]].is_some_and(|(rp, _)| rp > ready) {
                         binding = Some(peer);
                     }
                 }
             }
-            let rank = self.dag.nodes[n].ranks[0];
-            let stream = self.dag.nodes[n].stream;
+            let (rank, stream) = (self.dag.nodes[n].ranks[0], self.dag.nodes[n].stream);
             self.tl.binding[n] = binding;
             self.tl.spans.push(Span { node: n, rank, stream, ready, start: start.min(finish).max(ready), finish });
             self.complete(n, finish);
-            self.advance(rank, stream, n, finish);
+            let lane = self.lane_of[&(rank, stream)];
+            self.advance(lane, n, finish);
         }
     }
 
-    fn run_lane(&mut self, rank: usize, stream: u32) {
+    fn run_lane(&mut self, lane: usize) {
         loop {
-            let at = self.cursor[&(rank, stream)];
-            let Some(&id) = self.lanes[&(rank, stream)].get(at) else { return };
+            let (rank, stream) = (self.lanes[lane].rank, self.lanes[lane].stream);
+            let Some(&id) = self.lanes[lane].nodes.get(self.lanes[lane].cursor) else { return };
             let k = self.member(id, rank);
-            if self.ready[id][k].is_none() {
-                let (mut ready, mut bound) = self.free_at[&(rank, stream)];
-                for &p in self.data_preds.get(&(id, rank)).map(Vec::as_slice).unwrap_or(&[]) {
+            if self.ready[self.slot[id] + k].is_none() {
+                let (mut ready, mut bound) = self.lanes[lane].free_at;
+                for i in 0..self.data_preds.of(self.slot[id] + k).len() {
+                    let p = self.data_preds.of(self.slot[id] + k)[i];
                     if !self.done[p] {
-                        self.waiters.entry(p).or_default().push((rank, stream));
+                        self.waiters.entry(p).or_default().push(lane);
                         return;
                     }
                     if self.tl.finish[p] > ready {
                         (ready, bound) = (self.tl.finish[p], Some(p));
                     }
                 }
-                self.ready[id][k] = Some((ready, bound));
+                self.ready[self.slot[id] + k] = Some((ready, bound));
+                self.arrived[id] += 1;
                 if self.dag.nodes[id].comm().is_some() {
                     // Messages are matched in time order: come back at `ready`.
-                    self.heap.push(Due(ready, rank, stream));
+                    self.heap.push(Due(ready, lane));
                     return;
                 }
             }
-            let (ready, bound) = self.ready[id][k].expect("set");
+            let (ready, bound) = self.ready[self.slot[id] + k].expect("set");
             match &self.dag.nodes[id].kind {
                 NodeKind::Compute(op) => {
                     let d = self.cost.op_seconds(op, self.in_graph(id));
@@ -253,33 +284,35 @@ impl<'a> Sim<'a> {
                     self.tl.binding[id] = bound;
                     self.tl.spans.push(Span { node: id, rank, stream, ready, start: ready, finish: ready + d });
                     self.complete(id, ready + d);
-                    *self.cursor.get_mut(&(rank, stream)).expect("lane") += 1;
-                    self.free_at.insert((rank, stream), (ready + d, Some(id)));
+                    let l = &mut self.lanes[lane];
+                    l.cursor += 1;
+                    l.free_at = (ready + d, Some(id));
                 }
                 NodeKind::Comm(c) if c.kind.is_collective() => {
-                    if self.done[id] || self.ready[id].iter().any(Option::is_none) {
+                    if self.done[id] || (self.arrived[id] as usize) < self.dag.nodes[id].ranks.len() {
                         return;
                     }
                     let (d, _) = self.cost.collective_seconds(c);
-                    let (start, last) = self.ready[id].iter().enumerate().map(|(i, r)| (r.expect("all").0, i)).fold((f64::NEG_INFINITY, 0), |a, b| if b.0 > a.0 { b } else { a });
+                    let members = self.slot[id]..self.slot[id] + self.dag.nodes[id].ranks.len();
+                    let (start, last) = self.ready[members].iter().enumerate().map(|(i, r)| (r.expect("all").0, i)).fold((f64::NEG_INFINITY, 0), |a, b| if b.0 > a.0 { b } else { a });
                     self.tl.duration[id] = d;
-                    self.tl.binding[id] = self.ready[id][last].expect("all").1;
-                    let members = self.dag.nodes[id].ranks.clone();
-                    for (i, &r) in members.iter().enumerate() {
-                        let rd = self.ready[id][i].expect("all").0;
-                        let s = self.dag.nodes[id].stream;
+                    self.tl.binding[id] = self.ready[self.slot[id] + last].expect("all").1;
+                    let s = self.dag.nodes[id].stream;
+                    for i in 0..self.dag.nodes[id].ranks.len() {
+                        let r = self.dag.nodes[id].ranks[i];
+                        let rd = self.ready[self.slot[id] + i].expect("all").0;
                         self.tl.spans.push(Span { node: id, rank: r, stream: s, ready: rd, start, finish: start + d });
-                        self.advance(r, s, id, start + d);
+                        let l = self.lane_of[&(r, s)];
+                        self.advance(l, id, start + d);
                     }
                     self.complete(id, start + d);
                     return;
                 }
                 NodeKind::Comm(_) => {
-                    if self.armed[id] {
-                        return;
+                    if !self.armed[id] {
+                        self.armed[id] = true;
+                        self.move_messages(id);
                     }
-                    self.armed[id] = true;
-                    self.move_messages(id);
                     return;
                 }
             }
@@ -291,12 +324,11 @@ impl<'a> Sim<'a> {
 /// DAG cannot finish (it would deadlock on real ranks too).
 pub fn simulate(dag: &Dag, cost: &CostModel) -> Result<Timeline, String> {
     let mut sim = Sim::new(dag, cost);
-    let lanes: Vec<(usize, u32)> = sim.lanes.keys().copied().collect();
-    for (r, s) in lanes {
-        sim.heap.push(Due(0.0, r, s));
+    for lane in 0..sim.lanes.len() {
+        sim.heap.push(Due(0.0, lane));
     }
-    while let Some(Due(_, r, s)) = sim.heap.pop() {
-        sim.run_lane(r, s);
+    while let Some(Due(_, lane)) = sim.heap.pop() {
+        sim.run_lane(lane);
     }
     if let Some(id) = (0..dag.nodes.len()).find(|&i| !sim.done[i]) {
         let left = sim.done.iter().filter(|d| !**d).count();

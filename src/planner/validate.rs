@@ -18,10 +18,10 @@
 //! - `memory-within-capacity`: the memory model's busiest rank and every
 //!   rank's simulated allocation peak fit the GPU.
 
-use super::dag::{Dag, EdgeKind, NodeId, NodeKind, Phase};
+use super::dag::{Csr, Dag, EdgeKind, NodeId, NodeKind, Phase};
 use crate::backend::shape::{OpDims, OpKind};
 use crate::comm::sim_transport::MessageKind;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// A broken DAG rule.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -75,17 +75,17 @@ pub fn all_edges(dag: &Dag) -> Vec<(NodeId, NodeId)> {
 /// A topological order of every node, or a node on a cycle.
 pub fn topological_order(dag: &Dag) -> Result<Vec<NodeId>, NodeId> {
     let n = dag.nodes.len();
+    let edges = all_edges(dag);
     let mut indeg = vec![0usize; n];
-    let mut out: Vec<Vec<NodeId>> = vec![Vec::new(); n];
-    for (a, b) in all_edges(dag) {
+    for &(_, b) in &edges {
         indeg[b] += 1;
-        out[a].push(b);
     }
+    let succ = Csr::new(n, &edges);
     let mut queue: VecDeque<NodeId> = (0..n).filter(|&i| indeg[i] == 0).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(v) = queue.pop_front() {
         order.push(v);
-        for &w in &out[v] {
+        for &w in succ.of(v) {
             indeg[w] -= 1;
             if indeg[w] == 0 {
                 queue.push_back(w);
@@ -99,10 +99,10 @@ pub fn topological_order(dag: &Dag) -> Result<Vec<NodeId>, NodeId> {
 }
 
 fn check_messages(dag: &Dag) -> Result<(), DagViolation> {
-    let mut matched: BTreeMap<u64, ()> = BTreeMap::new();
+    let mut matched: HashSet<u64> = HashSet::new();
     for e in &dag.edges {
         if let EdgeKind::Message { message, bytes, sent_bytes } = e.kind {
-            matched.insert(message, ());
+            matched.insert(message);
             if bytes != sent_bytes {
                 let from = describe(dag, e.from);
                 return Err(broken(dag, "message-bytes-match", e.to, format!("the receive expects {bytes} bytes, its send ({from}) carries {sent_bytes}")));
@@ -111,7 +111,7 @@ fn check_messages(dag: &Dag) -> Result<(), DagViolation> {
     }
     for (id, n) in dag.nodes.iter().enumerate() {
         if let Some(c) = n.comm() {
-            if let Some(p) = c.recvs.iter().find(|p| !matched.contains_key(&p.message)) {
+            if let Some(p) = c.recvs.iter().find(|p| !matched.contains(&p.message)) {
                 return Err(broken(dag, "message-bytes-match", id, format!("the receive from rank {} has no send", p.peer)));
             }
         }
@@ -124,7 +124,7 @@ fn check_shapes(dag: &Dag) -> Result<(), DagViolation> {
         let EdgeKind::Data { rank, buf } = e.kind else { continue };
         let len_at = |id: NodeId, outputs: bool| {
             let n = &dag.nodes[id];
-            let k = n.ranks.iter().position(|&r| r == rank)?;
+            let k = n.member(rank)?;
             let side = if outputs { &n.outputs[k] } else { &n.inputs[k] };
             side.iter().find(|b| b.id == buf).map(|b| b.len)
         };
@@ -137,7 +137,7 @@ fn check_shapes(dag: &Dag) -> Result<(), DagViolation> {
     for (id, n) in dag.nodes.iter().enumerate() {
         if let NodeKind::Compute(op) = &n.kind {
             if let (OpKind::Matmul, OpDims::Gemm { k, .. }) = (op.kind, op.dims) {
-                if let Some(cols) = op.inputs.first().and_then(|b| b.cols) {
+                if let Some(cols) = n.inputs[0].first().and_then(|b| b.cols) {
                     if cols != k {
                         return Err(broken(dag, "edge-shapes-match", id, format!("the GEMM's k is {k} but its input rows are {cols} wide")));
                     }
@@ -149,12 +149,8 @@ fn check_shapes(dag: &Dag) -> Result<(), DagViolation> {
 }
 
 /// Nodes whose results reach an output, over data and message edges.
-fn live_nodes(dag: &Dag) -> Vec<bool> {
+fn live_nodes(dag: &Dag, preds: &Csr<usize>) -> Vec<bool> {
     let n = dag.nodes.len();
-    let mut preds: Vec<Vec<NodeId>> = vec![Vec::new(); n];
-    for e in &dag.edges {
-        preds[e.to].push(e.from);
-    }
     let retained = |id: NodeId| {
         let node = &dag.nodes[id];
         node.ranks.iter().zip(&node.outputs).any(|(&r, outs)| outs.iter().any(|b| dag.creators[r].get(&b.id).is_none_or(|&c| dag.nodes[c].phase < node.phase)))
@@ -168,7 +164,7 @@ fn live_nodes(dag: &Dag) -> Vec<bool> {
         if std::mem::replace(&mut live[v], true) {
             continue;
         }
-        stack.extend(preds[v].iter().copied().filter(|&p| !live[p]));
+        stack.extend(preds.of(v).iter().map(|&e| dag.edges[e].from).filter(|&p| !live[p]));
     }
     live
 }
@@ -177,13 +173,17 @@ fn live_nodes(dag: &Dag) -> Vec<bool> {
 /// ranks' programs: phase, kind, work, and its occurrence on the rank.
 type TwinKey = (Phase, OpKind, u64, u64, u64, usize);
 
-fn twin_keys(dag: &Dag) -> BTreeMap<NodeId, TwinKey> {
-    let mut keys = BTreeMap::new();
+/// Twin keys of the compute nodes whose (phase, kind) is in `wanted`.
+fn twin_keys(dag: &Dag, wanted: &HashSet<(Phase, OpKind)>) -> HashMap<NodeId, TwinKey> {
+    let mut keys = HashMap::new();
     for prog in &dag.programs {
-        let mut seen: BTreeMap<(Phase, OpKind, u64, u64, u64), usize> = BTreeMap::new();
+        let mut seen: HashMap<(Phase, OpKind, u64, u64, u64), usize> = HashMap::new();
         for &id in prog {
             let n = &dag.nodes[id];
             if let NodeKind::Compute(op) = &n.kind {
+                if !wanted.contains(&(n.phase, op.kind)) {
+                    continue;
+                }
                 let base = (n.phase, op.kind, op.flops.to_bits(), op.bytes_read, op.bytes_written);
                 let k = seen.entry(base).or_default();
                 keys.insert(id, (base.0, base.1, base.2, base.3, base.4, *k));
@@ -194,21 +194,18 @@ fn twin_keys(dag: &Dag) -> BTreeMap<NodeId, TwinKey> {
     keys
 }
 
-fn check_reaches_output(dag: &Dag) -> Result<(), DagViolation> {
-    let live = live_nodes(dag);
-    let keys = twin_keys(dag);
+fn check_reaches_output(dag: &Dag, preds: &Csr<usize>) -> Result<(), DagViolation> {
+    let live = live_nodes(dag, preds);
+    let dead: Vec<NodeId> = (0..dag.nodes.len()).filter(|&i| !live[i] && !matches!(dag.nodes[i].phase, Phase::Setup | Phase::Teardown)).collect();
+    if dead.is_empty() {
+        return Ok(());
+    }
     // Replicated work: the same operation at the same place of another
     // rank's program is live there (TP ranks keep the residual stream).
-    let mut live_keys = std::collections::BTreeSet::new();
-    for (id, k) in &keys {
-        if live[*id] {
-            live_keys.insert(*k);
-        }
-    }
-    for (id, n) in dag.nodes.iter().enumerate() {
-        if live[id] || matches!(n.phase, Phase::Setup | Phase::Teardown) {
-            continue;
-        }
+    let wanted: HashSet<(Phase, OpKind)> = dead.iter().filter_map(|&i| dag.nodes[i].op().map(|o| (dag.nodes[i].phase, o.kind))).collect();
+    let keys = twin_keys(dag, &wanted);
+    let live_keys: HashSet<TwinKey> = keys.iter().filter(|(id, _)| live[**id]).map(|(_, k)| *k).collect();
+    for id in dead {
         if !keys.get(&id).is_some_and(|k| live_keys.contains(k)) {
             return Err(broken(dag, "reaches-output", id, "its result reaches neither the leader's sampled tokens nor state the phase leaves behind, and no other rank's copy of it does".into()));
         }
@@ -219,117 +216,135 @@ fn check_reaches_output(dag: &Dag) -> Result<(), DagViolation> {
 /// A buffer version: the node that wrote it, the rank, the buffer.
 type Version = (NodeId, usize, u64);
 
-/// The residual stream: versions written by the embedding, by a residual
-/// addition into the stream, or copied or sent from the stream.
-struct Stream {
-    versions: std::collections::BTreeSet<Version>,
-    /// Each version's stream inputs (an addition's target, a copy's or a message's source).
-    sources: BTreeMap<Version, Vec<Version>>,
+/// The residual stream, found backwards from where it is sampled: versions
+/// written by the embedding, by a residual addition into the stream, or
+/// copied, sent or gathered from the stream.
+struct Lineage<'a> {
+    dag: &'a Dag,
+    preds: &'a Csr<usize>,
+    /// Message id -> the version its send read.
+    sent: HashMap<u64, Version>,
+    memo: HashMap<Version, bool>,
 }
 
-fn stream_of(dag: &Dag, order: &[NodeId]) -> Stream {
-    let mut writer_of: BTreeMap<(NodeId, usize, u64), NodeId> = BTreeMap::new();
-    for e in &dag.edges {
-        if let EdgeKind::Data { rank, buf } = e.kind {
-            writer_of.insert((e.to, rank, buf), e.from);
-        }
-    }
-    let mut versions = std::collections::BTreeSet::new();
-    let mut sources: BTreeMap<Version, Vec<Version>> = BTreeMap::new();
-    // Message id -> the stream version it carried.
-    let mut sent: BTreeMap<u64, Version> = BTreeMap::new();
-    for &id in order {
-        let n = &dag.nodes[id];
-        let input = |k: usize, j: usize| -> Option<Version> {
-            let (r, b) = (n.ranks[k], n.inputs[k].get(j)?.id);
-            let w = *writer_of.get(&(id, r, b))?;
-            versions.contains(&(w, r, b)).then_some((w, r, b))
-        };
-        let all_in = |k: usize| (0..n.inputs[k].len()).filter_map(|j| input(k, j)).collect::<Vec<_>>();
-        // A collective's result carries the stream any member brought.
-        let across: Vec<Version> = (0..n.ranks.len()).flat_map(all_in).collect();
-        let mut outs: Vec<(usize, Vec<Version>)> = Vec::new();
-        for (k, _) in n.ranks.iter().enumerate() {
-            let src: Option<Vec<Version>> = match &n.kind {
-                NodeKind::Compute(op) => match op.kind {
-                    OpKind::Embed => Some(vec![]),
-                    OpKind::Add => input(k, 0).map(|v| vec![v]),
-                    OpKind::GatherRows | OpKind::ScatterRows => Some(all_in(k)).filter(|v| !v.is_empty()),
-                    _ => None,
-                },
-                NodeKind::Comm(c) if c.kind == MessageKind::Exchange => {
-                    for (j, p) in c.sends.iter().enumerate() {
-                        if let Some(v) = input(k, j) {
-                            sent.insert(p.message, v);
-                        }
+impl<'a> Lineage<'a> {
+    fn new(dag: &'a Dag, preds: &'a Csr<usize>) -> Self {
+        let mut l = Self { dag, preds, sent: HashMap::new(), memo: HashMap::new() };
+        for (id, n) in dag.nodes.iter().enumerate() {
+            if let Some(c) = n.comm().filter(|c| c.kind == MessageKind::Exchange) {
+                for (j, p) in c.sends.iter().enumerate() {
+                    if let Some(v) = n.inputs[0].get(j).and_then(|b| l.version(id, n.ranks[0], b.id)) {
+                        l.sent.insert(p.message, v);
                     }
-                    Some(c.recvs.iter().filter_map(|p| sent.get(&p.message).copied()).collect::<Vec<_>>()).filter(|v| !v.is_empty())
                 }
-                NodeKind::Comm(_) => Some(across.clone()).filter(|v| !v.is_empty()),
-            };
-            if let Some(src) = src {
-                outs.push((k, src));
             }
         }
-        for (k, src) in outs {
-            for b in &n.outputs[k] {
-                let v = (id, n.ranks[k], b.id);
-                versions.insert(v);
-                sources.insert(v, src.clone());
-            }
+        l
+    }
+
+    /// The version of `buf` on `rank` that node `id` reads.
+    fn version(&self, id: NodeId, rank: usize, buf: u64) -> Option<Version> {
+        self.preds.of(id).iter().map(|&e| &self.dag.edges[e]).find_map(|e| match e.kind {
+            EdgeKind::Data { rank: r, buf: b } if r == rank && b == buf => Some((e.from, r, b)),
+            _ => None,
+        })
+    }
+
+    /// What version `v` is made from, if it can be the stream (`Some(vec![])`: the embedding).
+    fn candidates(&self, v: Version) -> Option<Vec<Version>> {
+        let n = &self.dag.nodes[v.0];
+        let k = n.member(v.1)?;
+        let ins = |k: usize| n.inputs[k].iter().filter_map(|b| self.version(v.0, n.ranks[k], b.id)).collect::<Vec<_>>();
+        match &n.kind {
+            NodeKind::Compute(op) => match op.kind {
+                OpKind::Embed => Some(vec![]),
+                OpKind::Add => n.inputs[k].first().and_then(|b| self.version(v.0, v.1, b.id)).map(|t| vec![t]),
+                OpKind::GatherRows | OpKind::ScatterRows => Some(ins(k)),
+                _ => None,
+            },
+            NodeKind::Comm(c) if c.kind == MessageKind::Exchange => Some(c.recvs.iter().filter_map(|p| self.sent.get(&p.message).copied()).collect()),
+            // A collective's result carries the stream any member brought.
+            NodeKind::Comm(_) => Some((0..n.ranks.len()).flat_map(ins).collect()),
         }
     }
-    Stream { versions, sources }
+
+    fn is_stream(&mut self, v: Version) -> bool {
+        let mut stack = vec![(v, false)];
+        while let Some((x, expanded)) = stack.pop() {
+            if self.memo.contains_key(&x) {
+                continue;
+            }
+            match self.candidates(x) {
+                None => {
+                    self.memo.insert(x, false);
+                }
+                Some(c) if c.is_empty() => {
+                    let embed = self.dag.nodes[x.0].op().is_some_and(|o| o.kind == OpKind::Embed);
+                    self.memo.insert(x, embed);
+                }
+                Some(c) if expanded => {
+                    let any = c.iter().any(|y| self.memo.get(y) == Some(&true));
+                    self.memo.insert(x, any);
+                }
+                Some(c) => {
+                    stack.push((x, true));
+                    stack.extend(c.into_iter().filter(|y| !self.memo.contains_key(y)).map(|y| (y, false)));
+                }
+            }
+        }
+        self.memo[&v]
+    }
+
+    /// Elements the stream's residual additions added, and its embeddings made.
+    fn count(&mut self, top: Version) -> (u64, u64) {
+        let (mut added, mut embedded) = (0u64, 0u64);
+        let mut seen = HashSet::from([top]);
+        let mut stack = vec![top];
+        while let Some(v) = stack.pop() {
+            let n = &self.dag.nodes[v.0];
+            let len = n.member(v.1).and_then(|k| n.outputs[k].iter().find(|b| b.id == v.2)).map_or(0, |b| b.len as u64);
+            match n.op().map(|o| o.kind) {
+                Some(OpKind::Add) => added += len,
+                Some(OpKind::Embed) => embedded += len,
+                _ => {}
+            }
+            for s in self.candidates(v).unwrap_or_default() {
+                if self.is_stream(s) && seen.insert(s) {
+                    stack.push(s);
+                }
+            }
+        }
+        (added, embedded)
+    }
 }
 
-fn check_residuals(dag: &Dag, order: &[NodeId], layers: usize) -> Result<(), DagViolation> {
-    let st = stream_of(dag, order);
-    let mut preds: Vec<Vec<Version>> = vec![Vec::new(); dag.nodes.len()];
-    for e in &dag.edges {
-        if let EdgeKind::Data { rank, buf } = e.kind {
-            preds[e.to].push((e.from, rank, buf));
-        }
-    }
+fn check_residuals(dag: &Dag, preds: &Csr<usize>, layers: usize) -> Result<(), DagViolation> {
+    let mut st = Lineage::new(dag, preds);
     let phases: Vec<Phase> = std::iter::once(Phase::Prefill).chain((1..=dag.decode_steps()).map(Phase::Decode)).collect();
     for phase in phases {
         for id in dag.sampled(phase) {
             // The nearest residual-stream version the sampled logits come from.
             let mut queue: VecDeque<NodeId> = VecDeque::from([id]);
-            let mut seen = std::collections::BTreeSet::from([id]);
+            let mut seen = HashSet::from([id]);
             let mut found = None;
-            while let Some(v) = queue.pop_front() {
-                if let Some(&p) = preds[v].iter().find(|p| st.versions.contains(p)) {
-                    found = Some(p);
-                    break;
-                }
-                for &(w, _, _) in &preds[v] {
-                    if seen.insert(w) {
-                        queue.push_back(w);
+            'search: while let Some(v) = queue.pop_front() {
+                for &e in preds.of(v) {
+                    let e = &dag.edges[e];
+                    if let EdgeKind::Data { rank, buf } = e.kind {
+                        if st.is_stream((e.from, rank, buf)) {
+                            found = Some((e.from, rank, buf));
+                            break 'search;
+                        }
+                        if seen.insert(e.from) {
+                            queue.push_back(e.from);
+                        }
                     }
                 }
             }
             let Some(top) = found else {
                 return Err(broken(dag, "residual-per-sub-layer", id, "the tokens come from no residual stream (no embedding reaches them)".into()));
             };
-            // Every residual addition the stream went through, by the
-            // elements it added, against the elements its embeddings made.
-            let (mut added, mut embedded) = (0u64, 0u64);
-            let mut seen = std::collections::BTreeSet::from([top]);
-            let mut stack = vec![top];
-            while let Some(v) = stack.pop() {
-                let n = &dag.nodes[v.0];
-                let len = n.ranks.iter().position(|&r| r == v.1).and_then(|k| n.outputs[k].iter().find(|b| b.id == v.2)).map_or(0, |b| b.len as u64);
-                match n.op().map(|o| o.kind) {
-                    Some(OpKind::Add) => added += len,
-                    Some(OpKind::Embed) => embedded += len,
-                    _ => {}
-                }
-                for &s in st.sources.get(&v).into_iter().flatten() {
-                    if seen.insert(s) {
-                        stack.push(s);
-                    }
-                }
-            }
+            let (added, embedded) = st.count(top);
             let need = 2 * layers as u64;
             if embedded == 0 || added != need * embedded {
                 let per = if embedded > 0 { added as f64 / embedded as f64 } else { 0.0 };
@@ -362,8 +377,9 @@ pub fn validate(dag: &Dag, layers: usize, memory: Option<&MemoryLimit>) -> Resul
     let order = topological_order(dag).map_err(|id| broken(dag, "dag-acyclic", id, "lies on a cycle of data, message and program-order edges (a deadlock on real ranks)".into()))?;
     check_messages(dag)?;
     check_shapes(dag)?;
-    check_reaches_output(dag)?;
-    check_residuals(dag, &order, layers)?;
+    let preds = dag.preds();
+    check_reaches_output(dag, &preds)?;
+    check_residuals(dag, &preds, layers)?;
     if let Some(m) = memory {
         check_memory(dag, m)?;
     }
