@@ -120,6 +120,17 @@ fn planner_dag_has_the_runs_messages(np: usize, strategies: &str, tag: &str) {
         }
     }
     assert!(compared >= 2 * np * job.strategies.len(), "compared {compared} rank rows");
+    // Beside every category's measurement: the planner's prediction of it (the CPU model here).
+    for s in &run.strategies {
+        for c in &s.categories {
+            for name in ["ttft_s", "tpot_s", "e2e_s", "tps", "comm_share"] {
+                assert!(c.predictions.get(name).is_some_and(|v| v.is_finite() && *v >= 0.0), "{} {}: no `{name}` prediction in {:?}", s.info.name, c.name, c.predictions);
+            }
+            assert_eq!(c.predictions.get("calibrated"), Some(&0.0));
+        }
+    }
+    let errors = planner::predict::errors(&run);
+    assert!(errors.iter().any(|e| e.quantity == "tpot_s" && e.measured.is_some() && e.error.is_some()), "{errors:?}");
 }
 
 #[test]
@@ -216,4 +227,42 @@ fn a_calibration_file_of_another_schema_version_is_refused() {
     f.new_attr::<u64>().shape(()).create("schema_version").unwrap().write_scalar(&(planner::calibration::SCHEMA_VERSION as u64 + 1)).unwrap();
     drop(f);
     plan_fails_with("calibration-schema-version", &[&quickstart(), "--calibration", p.to_str().unwrap()]);
+}
+
+#[test]
+fn a_plan_compares_the_strategies_and_writes_dags_and_timelines() {
+    let dir = scratch("plan-out");
+    let out = dir.to_string_lossy().into_owned();
+    let o = fapool(&["plan", &quickstart(), "--seq", "24,64", "--dot", &out, "--trace", &out]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("comparison with baseline-tp2-pp2") && t.contains("crossover (4 GPUs, TPOT)"), "{t}");
+    let dot = std::fs::read_to_string(dir.join("fapool-b2-p2-zigzag-s64-prefill.dot")).unwrap();
+    assert!(dot.starts_with("digraph") && dot.contains("kv_replication"), "the pool's K/V all-gather is in the DAG");
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fapool-b2-p2-zigzag-s64.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert!(events.iter().any(|e| e["ph"] == "X" && e["cat"] == "pool_scatter" && e["pid"] == 0), "the base root's scatter is on rank 0's timeline");
+    assert!(events.iter().any(|e| e["name"] == "process_name" && e["args"]["name"] == "rank 2 pool0"));
+}
+
+#[test]
+fn a_search_reports_the_best_of_each_strategy_and_the_settings_it_could_not_vary() {
+    let o = fapool(&["plan", &quickstart(), "--search", "--gpus", "4", "--seq", "64", "--vary", "no_such_setting=1,2"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("baseline:") && t.contains("fapool:") && t.contains("best"), "{t}");
+    assert!(t.contains("`no_such_setting` is not a setting of baseline yet") && t.contains("`no_such_setting` is not a setting of fapool yet"), "{t}");
+    assert!(t.contains("crossover (4 GPUs, TPOT)"), "{t}");
+}
+
+#[test]
+fn a_run_with_a_calibration_file_of_another_dtype_stops_before_any_work() {
+    let dir = scratch("run-cal");
+    let cal = calibration_file(&dir, fapool::backend::Dtype::Bf16);
+    let path = job(&dir, "job", &drift_job(TWO_RANKS));
+    let out = dir.join("run.h5");
+    let o = mpirun(2, &["run", path.to_str().unwrap(), "--backend", "cpu", "--calibration", &cal, "--out", out.to_str().unwrap()]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("rule `calibration-dtype-matches`") && !out.exists(), "{t}");
 }

@@ -7,7 +7,7 @@
 //! sparsity). The efficiency ceilings are stated assumptions: Hopper's come
 //! from the suite's own measurements on an H200 (cuBLAS 8192³ GEMM at 765
 //! TFLOP/s of 989; the suite's mma.sync flash kernel at about 320 TFLOP/s;
-//! decode attention at 2.9–4.0 TB/s of 4.8; copies at 4.13 TB/s); Ampere's
+//! decode attention at up to 4.0 TB/s of 4.8; copies at 4.13 TB/s); Ampere's
 //! are typical cuBLAS and FlashAttention-2-class fractions for the same
 //! instruction set. `docs/planner.md` compares the roofline with the
 //! measured H200 figures. This module is data; the cost model uses it.
@@ -76,7 +76,7 @@ pub fn table() -> Vec<GpuSpec> {
         ib_gbs: 50.0,
         gemm_eff: 0.77,
         attention_eff: 0.32,
-        decode_bw_eff: 0.75,
+        decode_bw_eff: 0.83,
         copy_bw_eff: 0.86,
         launch_s: 4e-6,
         graph_launch_s: 1.5e-6,

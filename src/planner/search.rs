@@ -191,9 +191,19 @@ pub fn run(job: &JobSpec, cfg: &ModelConfig, args: &SearchArgs<'_>) -> Result<()
                 }
                 ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
                 println!("  {kind}: {} candidates planned, {broken} break a rule or the budget, {unfit} do not fit in memory", ranked.len());
-                for (i, (_, what, p)) in ranked.iter().take(4).enumerate() {
-                    let tag = if i == 0 { "best" } else { "     " };
-                    println!("    {tag} {what:<70} TTFT {:>9} ms  TPOT {:>9} ms  TPS {:>10.0}  pool {}", ms(p.ttft_s), ms(p.tpot_s), p.tps, p.setup.pool_effective);
+                // Distinct outcomes only: settings that plan the same batch identically are counted with the first.
+                let mut shown: Vec<(&str, &Prediction, usize)> = Vec::new();
+                for (_, what, p) in &ranked {
+                    match shown.iter().position(|(_, q, _)| (q.ttft_s, q.tpot_s, q.tps) == (p.ttft_s, p.tpot_s, p.tps)) {
+                        Some(i) => shown[i].2 += 1,
+                        None if shown.len() < 4 => shown.push((what, p, 0)),
+                        None => {}
+                    }
+                }
+                for (i, (what, p, same)) in shown.iter().enumerate() {
+                    let tag = if i == 0 { "best" } else { "    " };
+                    let alike = if *same > 0 { format!("  (+{same} alike)") } else { String::new() };
+                    println!("    {tag} {what:<72} TTFT {:>9} ms  TPOT {:>9} ms  TPS {:>10.0}  pool {}{alike}", ms(p.ttft_s), ms(p.tpot_s), p.tps, p.setup.pool_effective);
                 }
                 if let Some((_, what, p)) = ranked.into_iter().next() {
                     best_points.push(Planned { strategy: format!("best {kind} ({what})"), kind: kind.clone(), prediction: p });
