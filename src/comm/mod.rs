@@ -9,6 +9,7 @@
 //! message. This module must not know about strategies or results files.
 
 pub mod host;
+pub mod messages;
 pub mod mpi_transport;
 pub mod nccl_transport;
 pub mod sim_transport;
