@@ -1,6 +1,7 @@
 //! `fapool calibrate --out cal.h5`: one calibration file for the planner,
 //! measured on this rank's backend (rank 0 measures compute; with `--comm`
-//! every rank of the launch joins the message measurements).
+//! every rank measures compute at once, as in a run, and joins the message
+//! measurements; rank 0 writes the file).
 
 use super::{load, start_mpi, with_backend, BackendRequest, Failure, Launch, OnBackend};
 use crate::backend::{Backend, BackendKind, Dtype};
@@ -38,13 +39,21 @@ impl OnBackend for Body {
         let started = Instant::now();
         let device = launch.devices.first().map(|d| d.name.clone()).unwrap_or_else(|| "cpu".into());
         let dev_err = |e: &dyn std::fmt::Display| Failure::new(Exit::Cuda, format!("rank {}: calibration: {e}", cluster.rank));
-        let mut cal = if root {
-            let mut say = |what: &str| eprintln!("calibrate: {what} ({:.1} s)", started.elapsed().as_secs_f64());
+        // With --comm every rank measures the compute grid at the same time,
+        // as every rank of a run computes at once (shared memory bandwidth
+        // and caches on a CPU, power on a node); rank 0's figures are kept.
+        // Otherwise rank 0 measures alone and the others wait without spinning.
+        let mut cal = if root || self.args.comm {
+            let mut say = |what: &str| {
+                if root {
+                    eprintln!("calibrate: {what} ({:.1} s)", started.elapsed().as_secs_f64());
+                }
+            };
             measure_compute(launch.be, dtype, &grid, model.heads, model.head_dim, &mut say).map_err(|e| dev_err(&e))?
         } else {
             Default::default()
         };
-        cluster.world().barrier();
+        wait_quietly(cluster);
         if self.args.comm {
             measure_comm(launch.be, &launch.comm, &launch.world, &grid, &mut cal).map_err(|e| Failure::new(Exit::Nccl, format!("rank {}: calibration: {e}", cluster.rank)))?;
             cal.ranks = cluster.world_size;
@@ -75,6 +84,21 @@ impl OnBackend for Body {
             self.args.out.display()
         );
         Ok(())
+    }
+}
+
+/// A barrier that sleeps while it waits: a waiting rank that spun (as MPI's
+/// barrier does) would take a core from rank 0's compute measurements.
+fn wait_quietly(cluster: &Cluster) {
+    let mut req = cluster.world().immediate_barrier();
+    loop {
+        match req.test() {
+            Ok(_) => return,
+            Err(r) => {
+                req = r;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
     }
 }
 

@@ -2,13 +2,16 @@
 //! through the same `Backend` operations and `Comm` calls the strategies
 //! make: a grid of GEMM shapes, causal prefill attention over query lengths
 //! and offsets, decode attention over sequences and lengths, the bandwidth
-//! of RMSNorm, element-wise, copy and fill kernels, and with `--comm`
+//! of RMSNorm, element-wise addition, GELU, the embedding, copy and fill
+//! kernels, and with `--comm`
 //! all-reduce, all-gather, broadcast, point-to-point and token messages
 //! over sizes on every rank of the launch.
 //!
 //! Each point runs once to warm up, then in groups of calls timed between
 //! two device marks, the group doubling until it lasts the target time; the
-//! median of three groups per call counts. Work and bytes per point are what
+//! median of three groups per call counts. GEMM weights and decode K/V
+//! caches rotate over copies larger than the caches, as a run reads each
+//! once per step; activations stay warm, as a run's are (just written). Work and bytes per point are what
 //! the shape-only backend records for the same call, so the cost model
 //! divides like by like. The GPU grid is sized to finish in about a minute
 //! on one GPU; points whose buffers would exceed the memory cap are skipped.
@@ -35,6 +38,10 @@ pub struct Grid {
     pub max_buffer: usize,
     /// Time a group of calls lasts at least (s).
     pub target_s: f64,
+    /// GEMM weights and decode K/V caches are rotated over copies that
+    /// together exceed this many bytes (more than the caches hold), so they
+    /// come from memory as in a run, where each is read once per step.
+    pub cold_bytes: usize,
 }
 
 impl Grid {
@@ -52,6 +59,7 @@ impl Grid {
             comm_bytes: vec![1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28],
             max_buffer: 8 << 30,
             target_s: 0.01,
+            cold_bytes: 256 << 20,
         }
     }
 
@@ -69,6 +77,7 @@ impl Grid {
             comm_bytes: vec![1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 22],
             max_buffer: 1 << 30,
             target_s: 0.02,
+            cold_bytes: 128 << 20,
         }
     }
 }
@@ -102,6 +111,12 @@ fn pattern<B: Backend>(be: &B, len: usize) -> Result<B::Buf> {
     be.upload(&host)
 }
 
+/// Copies of a `len`-element buffer enough to exceed `cold` bytes (at most 64).
+fn copies<B: Backend>(be: &B, len: usize, elem: usize, cold: usize) -> Result<Vec<B::Buf>> {
+    let n = cold.div_ceil((len * elem).max(1)).clamp(1, 64);
+    (0..n).map(|_| pattern(be, len)).collect()
+}
+
 /// The bytes (read + written) and FLOPs the shape backend records for the
 /// last operation `op` issues.
 fn work(dtype: Dtype, op: impl FnOnce(&ShapeBackend) -> Result<()>) -> Result<(f64, f64, f64)> {
@@ -118,13 +133,17 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
     let fits = |elems: usize| elems * e <= grid.max_buffer;
     for &k in &grid.gemm_k {
         for &n in &grid.gemm_n {
-            let w = pattern(be, k * n)?;
+            let ws = copies(be, k * n, e, grid.cold_bytes)?;
             for &m in &grid.gemm_m {
                 if !fits(m * k) || !fits(m * n) {
                     continue;
                 }
                 let x = pattern(be, m * k)?;
-                let s = time(be, grid.target_s, || be.matmul(&x, &w, m, k, n).map(|_| ()))?;
+                let mut i = 0;
+                let s = time(be, grid.target_s, || {
+                    i = (i + 1) % ws.len();
+                    be.matmul(&x, &ws[i], m, k, n).map(|_| ())
+                })?;
                 c.gemm.push([m as f64, k as f64, n as f64, s]);
             }
         }
@@ -151,8 +170,14 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
                 continue;
             }
             let shape = DecodeShape { nseq, cap: len, len, heads, head_dim };
-            let (q, kc, vc) = (pattern(be, nseq * width)?, pattern(be, nseq * len * width)?, pattern(be, nseq * len * width)?);
-            let s = time(be, grid.target_s, || be.attention_decode(&q, &kc, &vc, shape).map(|_| ()))?;
+            let q = pattern(be, nseq * width)?;
+            let caches = copies(be, nseq * len * width, e, grid.cold_bytes)?;
+            let n = caches.len();
+            let mut i = 0;
+            let s = time(be, grid.target_s, || {
+                i = (i + 1) % n;
+                be.attention_decode(&q, &caches[i], &caches[(i + 1) % n], shape).map(|_| ())
+            })?;
             let (_, read, _) = work(dtype, |sb| sb.attention_decode(&sb.zeros(nseq * width)?, &sb.zeros(nseq * len * width)?, &sb.zeros(nseq * len * width)?, shape).map(|_| ()))?;
             c.decode.push([nseq as f64, len as f64, read, s]);
         }
@@ -173,6 +198,14 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
         let s = time(be, grid.target_s, || be.add_assign(&mut acc, &y))?;
         let (_, r, w) = work(dtype, |sb| sb.add_assign(&mut sb.zeros(len)?, &sb.zeros(len)?))?;
         points.push(("elementwise", r + w, s));
+        // GELU and the embedding's positions are compute on a CPU (tanh, sin/cos per element).
+        let s = time(be, grid.target_s, || be.gelu(&mut acc))?;
+        let (_, r, w) = work(dtype, |sb| sb.gelu(&mut sb.zeros(len)?))?;
+        points.push(("gelu", r + w, s));
+        let tokens = vec![0u32; rows];
+        let s = time(be, grid.target_s, || be.embed(&g, cols, &tokens, 1, rows, 0).map(|_| ()))?;
+        let (_, r, w) = work(dtype, |sb| sb.embed(&sb.zeros(cols)?, cols, &tokens, 1, rows, 0).map(|_| ()))?;
+        points.push(("embed", r + w, s));
         let s = time(be, grid.target_s, || be.gather_rows(&x, cols, &runs).map(|_| ()))?;
         let (_, r, w) = work(dtype, |sb| sb.gather_rows(&sb.zeros(len)?, cols, &runs).map(|_| ()))?;
         points.push(("copy", r + w, s));

@@ -9,8 +9,8 @@
 //! seconds), `attention_prefill` (sq, q_offset, FLOPs, seconds; one
 //! sequence of `heads × head_dim`), `attention_decode` (nseq, len, bytes
 //! read, seconds), and under
-//! `bandwidth/` one dataset per kind (`rmsnorm`, `elementwise`, `copy`,
-//! `zeros`: bytes moved, seconds); under `comm/` (`all_reduce`, `all_gather`,
+//! `bandwidth/` one dataset per kind (`rmsnorm`, `elementwise`, `gelu`,
+//! `embed`, `copy`, `zeros`: bytes moved, seconds); under `comm/` (`all_reduce`, `all_gather`,
 //! `broadcast`, `send_recv`, `host`: ranks, bytes, seconds).
 //!
 //! Interpolation: throughput (FLOP/s, or bytes/s for bandwidth-bound
@@ -37,7 +37,7 @@ pub const FORMAT: &str = "fapool-calibration";
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Bandwidth-bound kernel kinds measured.
-pub const BANDWIDTH_KINDS: [&str; 4] = ["rmsnorm", "elementwise", "copy", "zeros"];
+pub const BANDWIDTH_KINDS: [&str; 6] = ["rmsnorm", "elementwise", "gelu", "embed", "copy", "zeros"];
 /// Communication kinds measured with `--comm`.
 pub const COMM_KINDS: [&str; 5] = ["all_reduce", "all_gather", "broadcast", "send_recv", "host"];
 

@@ -143,7 +143,9 @@ impl CostModel {
             (OpKind::AttentionDecode, OpDims::Decode(s)) => from(&t.decode, &[s.nseq as f64, s.len as f64], op.bytes_read as f64),
             (OpKind::RmsNorm, _) => t.bandwidth.get("rmsnorm").and_then(|g| from(g, &[bytes], bytes)),
             (OpKind::Zeros, _) => t.bandwidth.get("zeros").and_then(|g| from(g, &[bytes], bytes)),
-            (OpKind::Add | OpKind::Gelu | OpKind::GeluMul | OpKind::MergePartials | OpKind::Argmax | OpKind::Embed, _) => t.bandwidth.get("elementwise").and_then(|g| from(g, &[bytes], bytes)),
+            (OpKind::Gelu | OpKind::GeluMul, _) => t.bandwidth.get("gelu").and_then(|g| from(g, &[bytes], bytes)),
+            (OpKind::Embed, _) => t.bandwidth.get("embed").and_then(|g| from(g, &[bytes], bytes)),
+            (OpKind::Add | OpKind::MergePartials | OpKind::Argmax, _) => t.bandwidth.get("elementwise").and_then(|g| from(g, &[bytes], bytes)),
             _ => t.bandwidth.get("copy").and_then(|g| from(g, &[bytes], bytes)),
         };
         measured.unwrap_or_else(|| self.roofline_seconds(op, in_graph))
