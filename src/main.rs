@@ -68,6 +68,9 @@ enum Cmd {
         /// Write each predicted timeline as Chrome/Perfetto trace JSON to DIR.
         #[arg(long, value_name = "DIR")]
         trace: Option<PathBuf>,
+        /// Print every GPU's memory and busy, communicating, waiting and idle time, and the critical paths.
+        #[arg(long)]
+        per_gpu: bool,
         /// Check a deployment plan written by people (e.g. jobs/moe-plan.toml) instead.
         #[arg(long, value_name = "PLAN")]
         check: Option<PathBuf>,
@@ -199,8 +202,8 @@ fn main() {
     let cli = Cli::parse();
     let outcome = match cli.cmd {
         Cmd::Run { job, out, force, resume, timeout, backend, set, calibration } => commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout, calibration }, &set),
-        Cmd::Plan { job, cluster, calibration, seq, gpus, batch, decode_steps, dot, trace, check, search, objective, vary, set } => {
-            commands::plan::plan(PlanArgs { job, cluster, calibration, seq, gpus, batch, decode_steps, dot, trace, check, search, objective, vary, sets: set })
+        Cmd::Plan { job, cluster, calibration, seq, gpus, batch, decode_steps, dot, trace, per_gpu, check, search, objective, vary, set } => {
+            commands::plan::plan(PlanArgs { job, cluster, calibration, seq, gpus, batch, decode_steps, dot, trace, check, search, objective, vary, sets: set, per_gpu })
         }
         Cmd::Calibrate { out, backend, dtype, comm, job } => commands::calibrate::calibrate(CalibrateArgs { out, backend, dtype, comm, job }),
         Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => commands::validate::validate(&job, ValidateArgs { ranks, local_ranks, gpus, memory_gib }, &set),

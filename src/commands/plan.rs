@@ -32,6 +32,8 @@ pub struct PlanArgs {
     pub objective: Option<Objective>,
     pub vary: Vec<String>,
     pub sets: Vec<String>,
+    /// Print every GPU's time and memory, and both critical paths, per point.
+    pub per_gpu: bool,
 }
 
 /// A plan's failure: bad input exits 2, anything else 1.
@@ -88,6 +90,18 @@ fn print_point(pt: &Point) {
         busy(&p.decode_use),
         report::path_summary(&p.prefill_path, 3)
     );
+}
+
+/// Every GPU's memory and time of one point, and its critical paths.
+fn print_gpus(pt: &Point, roles: &[String]) {
+    let p = &pt.prediction;
+    let f = |u: &report::GpuUse| format!("{:>9} {:>9} {:>9} {:>9}", ms(u.compute_s), ms(u.comm_s), ms(u.wait_s), ms(u.idle_s));
+    println!("    {:<5} {:<12} {:>8}  {:^39}  {:^39}", "GPU", "role", "peak GiB", "prefill ms: busy / comm / wait / idle", "decode step ms: busy / comm / wait / idle");
+    for r in (0..p.active.len()).filter(|&r| p.active[r]) {
+        println!("    {r:<5} {:<12} {:>8.2}  {}  {}", roles.get(r).map_or("", String::as_str), gib(pt.dag.peak_bytes[r]), f(&p.prefill_use[r]), f(&p.decode_use[r]));
+    }
+    println!("    prefill critical path ({} GPUs): {}", p.prefill_path_ranks, report::path_summary(&p.prefill_path, 8));
+    println!("    decode step critical path: {}", report::path_summary(&p.decode_path, 8));
 }
 
 fn header() {
@@ -216,6 +230,9 @@ pub fn plan(args: PlanArgs) -> Result<(), Failure> {
                 Err(e) => return Err(failure(e)),
             };
             print_point(&pt);
+            if args.per_gpu {
+                print_gpus(&pt, &spec.deployment().layout(world).roles);
+            }
             write_outputs(&args, &pt, &job, world)?;
             planned.push(Planned { strategy: pt.strategy.clone(), kind: pt.kind.to_string(), prediction: pt.prediction });
         }

@@ -132,17 +132,20 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
     let mut c = Calibration { dtype, heads, head_dim, ..Default::default() };
     let fits = |elems: usize| elems * e <= grid.max_buffer;
     for &k in &grid.gemm_k {
-        for &n in &grid.gemm_n {
-            let ws = copies(be, k * n, e, grid.cold_bytes)?;
-            for &m in &grid.gemm_m {
-                if !fits(m * k) || !fits(m * n) {
+        let ws: Vec<Vec<B::Buf>> = grid.gemm_n.iter().map(|&n| copies(be, k * n, e, grid.cold_bytes)).collect::<Result<_>>()?;
+        for &m in &grid.gemm_m {
+            if !fits(m * k) {
+                continue;
+            }
+            let x = pattern(be, m * k)?;
+            for (&n, w) in grid.gemm_n.iter().zip(&ws) {
+                if !fits(m * n) {
                     continue;
                 }
-                let x = pattern(be, m * k)?;
                 let mut i = 0;
                 let s = time(be, grid.target_s, || {
-                    i = (i + 1) % ws.len();
-                    be.matmul(&x, &ws[i], m, k, n).map(|_| ())
+                    i = (i + 1) % w.len();
+                    be.matmul(&x, &w[i], m, k, n).map(|_| ())
                 })?;
                 c.gemm.push([m as f64, k as f64, n as f64, s]);
             }
