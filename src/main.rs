@@ -96,7 +96,7 @@ enum Cmd {
         /// Also measure collectives and point-to-point messages over every rank of the launch.
         #[arg(long)]
         comm: bool,
-        /// Take attention's heads and head_dim from this job's model (default: dense-4l on a GPU, tiny on the CPU).
+        /// Take attention's heads and head_dim and the weights' cache footprint from this job's model (default: dense-4l on a GPU, tiny on the CPU).
         #[arg(long)]
         job: Option<PathBuf>,
     },

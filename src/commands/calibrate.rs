@@ -1,14 +1,15 @@
 //! `fapool calibrate --out cal.h5`: one calibration file for the planner,
-//! measured on this rank's backend (rank 0 measures compute; with `--comm`
-//! every rank measures compute at once, as in a run, and joins the message
-//! measurements; rank 0 writes the file).
+//! measured on this rank's backend: rank 0 measures compute alone; with
+//! `--comm` every rank then runs contention probes at once (how much ranks
+//! sharing a node slow each other) and joins the message measurements.
+//! Rank 0 writes the file.
 
 use super::{load, start_mpi, with_backend, BackendRequest, Failure, Launch, OnBackend};
 use crate::backend::{Backend, BackendKind, Dtype};
 use crate::cluster::Cluster;
 use crate::exit::Exit;
 use crate::model::ModelConfig;
-use crate::planner::calibrate::{measure_comm, measure_compute, Grid};
+use crate::planner::calibrate::{contention, contention_probes, measure_comm, measure_compute, Grid};
 use mpi::traits::*;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,7 +21,7 @@ pub struct CalibrateArgs {
     pub backend: Option<BackendKind>,
     pub dtype: Dtype,
     pub comm: bool,
-    /// Attention's heads and head_dim from this job's model.
+    /// Attention's heads and head_dim, and the cache footprint of the weights, from this job's model.
     pub job: Option<PathBuf>,
 }
 
@@ -32,29 +33,30 @@ struct Body {
 impl OnBackend for Body {
     fn run<B: Backend>(self, cluster: &Cluster, launch: Launch<'_, B>) -> Result<(), Failure> {
         let cpu = launch.be.name() == "cpu";
-        let grid = if cpu { Grid::cpu() } else { Grid::gpu() };
         let dtype = if cpu { Dtype::Fp32 } else { self.args.dtype };
         let model = self.model.unwrap_or_else(|| if cpu { ModelConfig::tiny() } else { ModelConfig::dense_4l() });
+        let grid = if cpu { Grid::cpu() } else { Grid::gpu() }.for_model(&model, dtype.size_bytes());
         let root = cluster.rank == 0;
         let started = Instant::now();
         let device = launch.devices.first().map(|d| d.name.clone()).unwrap_or_else(|| "cpu".into());
         let dev_err = |e: &dyn std::fmt::Display| Failure::new(Exit::Cuda, format!("rank {}: calibration: {e}", cluster.rank));
-        // With --comm every rank measures the compute grid at the same time,
-        // as every rank of a run computes at once (shared memory bandwidth
-        // and caches on a CPU, power on a node); rank 0's figures are kept.
-        // Otherwise rank 0 measures alone and the others wait without spinning.
-        let mut cal = if root || self.args.comm {
-            let mut say = |what: &str| {
-                if root {
-                    eprintln!("calibrate: {what} ({:.1} s)", started.elapsed().as_secs_f64());
-                }
-            };
+        // Rank 0 measures the tables alone (the others wait without spinning).
+        let mut cal = if root {
+            let mut say = |what: &str| eprintln!("calibrate: {what} ({:.1} s)", started.elapsed().as_secs_f64());
             measure_compute(launch.be, dtype, &grid, model.heads, model.head_dim, &mut say).map_err(|e| dev_err(&e))?
         } else {
             Default::default()
         };
         wait_quietly(cluster);
         if self.args.comm {
+            // How much ranks computing at once slow each other (shared
+            // cores, caches and memory bandwidth on a CPU; power on a GPU node).
+            let probe = || contention_probes(launch.be, &grid, model.heads, model.head_dim).map_err(|e| dev_err(&e));
+            let alone = if root { probe()? } else { Vec::new() };
+            wait_quietly(cluster);
+            let together = probe()?;
+            wait_quietly(cluster);
+            cal.contention = contention(&alone, &together);
             measure_comm(launch.be, &launch.comm, &launch.world, &grid, &mut cal).map_err(|e| Failure::new(Exit::Nccl, format!("rank {}: calibration: {e}", cluster.rank)))?;
             cal.ranks = cluster.world_size;
         }
@@ -68,7 +70,7 @@ impl OnBackend for Body {
         cal.write(&self.args.out).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", self.args.out.display())))?;
         let best = |rows: &[[f64; 4]], work: &dyn Fn(&[f64; 4]) -> f64| rows.iter().map(|r| work(r) / r[3]).fold(0.0, f64::max);
         println!(
-            "calibration of {} ({}, {dtype}) in {:.1} s: {} GEMMs (best {:.1} TFLOP/s), {} prefill attention points (best {:.1} TFLOP/s), {} decode points (best {:.2} TB/s), {} bandwidth points, {} message points over {} ranks -> {}",
+            "calibration of {} ({}, {dtype}) in {:.1} s: {} GEMMs (best {:.1} TFLOP/s), {} prefill attention points (best {:.1} TFLOP/s), {} decode points (best {:.2} TB/s), {} bandwidth points, {} message points over {} ranks, contention {:?} -> {}",
             cal.device,
             cal.backend,
             started.elapsed().as_secs_f64(),
@@ -81,6 +83,7 @@ impl OnBackend for Body {
             cal.bandwidth.values().map(Vec::len).sum::<usize>(),
             cal.comm.values().map(Vec::len).sum::<usize>(),
             cal.ranks,
+            cal.contention,
             self.args.out.display()
         );
         Ok(())

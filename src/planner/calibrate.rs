@@ -9,9 +9,11 @@
 //!
 //! Each point runs once to warm up, then in groups of calls timed between
 //! two device marks, the group doubling until it lasts the target time; the
-//! median of three groups per call counts. GEMM weights and decode K/V
-//! caches rotate over copies larger than the caches, as a run reads each
-//! once per step; activations stay warm, as a run's are (just written). Work and bytes per point are what
+//! fastest of five groups per call counts (other work on the machine only
+//! ever adds time). GEMM weights rotate over copies
+//! as large as the model's weights, and decode K/V caches over one copy per
+//! layer, so each is as warm or cold in the caches as when a decode step
+//! reads it once; activations stay warm, as a run's are (just written). Work and bytes per point are what
 //! the shape-only backend records for the same call, so the cost model
 //! divides like by like. The GPU grid is sized to finish in about a minute
 //! on one GPU; points whose buffers would exceed the memory cap are skipped.
@@ -20,6 +22,7 @@ use super::calibration::Calibration;
 use crate::backend::shape::{Entry, ShapeBackend};
 use crate::backend::{Backend, DecodeShape, Dtype, PrefillShape, Result, RowRun};
 use crate::comm::{Category, Comm, Group};
+use std::collections::BTreeMap;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -38,10 +41,13 @@ pub struct Grid {
     pub max_buffer: usize,
     /// Time a group of calls lasts at least (s).
     pub target_s: f64,
-    /// GEMM weights and decode K/V caches are rotated over copies that
-    /// together exceed this many bytes (more than the caches hold), so they
-    /// come from memory as in a run, where each is read once per step.
+    /// GEMM weights rotate over copies of at least this many bytes in all:
+    /// the model's weights, which a decode step reads once each, so a weight
+    /// is as warm or cold in the caches as in a run (see [`Grid::for_model`]).
     pub cold_bytes: usize,
+    /// Decode K/V caches rotate over this many copies (one per layer, as a
+    /// step reads each layer's cache once).
+    pub cache_copies: usize,
 }
 
 impl Grid {
@@ -58,8 +64,9 @@ impl Grid {
             bytes: vec![1 << 16, 1 << 20, 1 << 24, 1 << 28, 1 << 30],
             comm_bytes: vec![1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28],
             max_buffer: 8 << 30,
-            target_s: 0.01,
+            target_s: 0.005,
             cold_bytes: 256 << 20,
+            cache_copies: 4,
         }
     }
 
@@ -76,19 +83,28 @@ impl Grid {
             bytes: vec![1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26],
             comm_bytes: vec![1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 22],
             max_buffer: 1 << 30,
-            target_s: 0.02,
-            cold_bytes: 128 << 20,
+            target_s: 0.01,
+            cold_bytes: 8 << 20,
+            cache_copies: 2,
         }
+    }
+
+    /// The grid with the cache footprint of `model`'s weights and layers
+    /// (in `elem`-byte values).
+    pub fn for_model(self, model: &crate::model::ModelConfig, elem: usize) -> Self {
+        Self { cold_bytes: (model.params() as usize * elem).min(1 << 30), cache_copies: model.layers.clamp(1, 16), ..self }
     }
 }
 
-/// Seconds per call of `op`: warm-up, then the median of three timed groups.
+/// Seconds per call of `op`: warm-up, then the fastest of five timed
+/// groups (other work on the machine only ever adds time).
 fn time<B: Backend>(be: &B, target_s: f64, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
     op()?;
     be.synchronize()?;
     let mut n = 1usize;
-    let mut per = Vec::new();
-    while per.len() < 3 {
+    let mut best = f64::INFINITY;
+    let mut groups = 0;
+    while groups < 5 {
         let a = be.mark()?;
         for _ in 0..n {
             op()?;
@@ -99,15 +115,21 @@ fn time<B: Backend>(be: &B, target_s: f64, mut op: impl FnMut() -> Result<()>) -
             n *= 2;
             continue;
         }
-        per.push(t / n as f64);
+        best = best.min(t / n as f64);
+        groups += 1;
     }
-    per.sort_by(f64::total_cmp);
-    Ok(per[1])
+    Ok(best)
 }
 
-/// A buffer of `len` values of a fixed, unremarkable pattern.
+/// A buffer of `len` random values of unit variance (uniform on ±√3), as
+/// the model's normalized activations and projections are: some kernels'
+/// speed depends on their inputs (exponentials that underflow, tanh's
+/// ranges on a CPU). Each buffer gets its own values.
 fn pattern<B: Backend>(be: &B, len: usize) -> Result<B::Buf> {
-    let host: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5).collect();
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let mut rng = crate::workload::Rng::new(NEXT.fetch_add(1, Ordering::Relaxed));
+    let host: Vec<f32> = (0..len).map(|_| ((rng.next_f64() * 2.0 - 1.0) * 3f64.sqrt()) as f32).collect();
     be.upload(&host)
 }
 
@@ -174,7 +196,7 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
             }
             let shape = DecodeShape { nseq, cap: len, len, heads, head_dim };
             let q = pattern(be, nseq * width)?;
-            let caches = copies(be, nseq * len * width, e, grid.cold_bytes)?;
+            let caches: Vec<B::Buf> = (0..2 * grid.cache_copies).map(|_| pattern(be, nseq * len * width)).collect::<Result<_>>()?;
             let n = caches.len();
             let mut i = 0;
             let s = time(be, grid.target_s, || {
@@ -201,13 +223,21 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
         let s = time(be, grid.target_s, || be.add_assign(&mut acc, &y))?;
         let (_, r, w) = work(dtype, |sb| sb.add_assign(&mut sb.zeros(len)?, &sb.zeros(len)?))?;
         points.push(("elementwise", r + w, s));
-        // GELU and the embedding's positions are compute on a CPU (tanh, sin/cos per element).
-        let s = time(be, grid.target_s, || be.gelu(&mut acc))?;
+        // GELU and the embedding's positions are compute on a CPU (tanh,
+        // sin/cos per element). GELU runs in place, so each call first
+        // restores fresh inputs with a copy, whose own time is taken off.
+        let restore = time(be, grid.target_s, || be.scatter_rows(&mut acc, cols, &runs, &x))?;
+        let both = time(be, grid.target_s, || {
+            be.scatter_rows(&mut acc, cols, &runs, &x)?;
+            be.gelu(&mut acc)
+        })?;
         let (_, r, w) = work(dtype, |sb| sb.gelu(&mut sb.zeros(len)?))?;
-        points.push(("gelu", r + w, s));
-        let tokens = vec![0u32; rows];
-        let s = time(be, grid.target_s, || be.embed(&g, cols, &tokens, 1, rows, 0).map(|_| ()))?;
-        let (_, r, w) = work(dtype, |sb| sb.embed(&sb.zeros(cols)?, cols, &tokens, 1, rows, 0).map(|_| ()))?;
+        points.push(("gelu", r + w, (both - restore).max(both * 0.05)));
+        // Tokens spread over a table of 1024 rows, as prompts spread over the vocabulary.
+        let table = pattern(be, 1024 * cols)?;
+        let tokens: Vec<u32> = (0..rows as u32).map(|i| i.wrapping_mul(2_654_435_761) % 1024).collect();
+        let s = time(be, grid.target_s, || be.embed(&table, cols, &tokens, 1, rows, 0).map(|_| ()))?;
+        let (_, r, w) = work(dtype, |sb| sb.embed(&sb.zeros(1024 * cols)?, cols, &tokens, 1, rows, 0).map(|_| ()))?;
         points.push(("embed", r + w, s));
         let s = time(be, grid.target_s, || be.gather_rows(&x, cols, &runs).map(|_| ()))?;
         let (_, r, w) = work(dtype, |sb| sb.gather_rows(&sb.zeros(len)?, cols, &runs).map(|_| ()))?;
@@ -220,6 +250,47 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
     }
     say("bandwidth done");
     Ok(c)
+}
+
+/// The contention probes: a few operations of each class the cost model
+/// scales, timed on this rank (`(class, seconds)`). Timed once with the
+/// other ranks asleep and once with every rank running them at the same
+/// time, they give how much ranks that share a node slow each other.
+pub fn contention_probes<B: Backend>(be: &B, grid: &Grid, heads: usize, head_dim: usize) -> Result<Vec<(&'static str, f64)>> {
+    let (kn, mid) = (*grid.gemm_k.last().unwrap_or(&256), grid.gemm_m[grid.gemm_m.len() / 2]);
+    let mut out = Vec::new();
+    for (m, k, n) in [(grid.gemm_m[1], kn, kn), (mid, kn, kn)] {
+        let (x, w) = (pattern(be, m * k)?, pattern(be, k * n)?);
+        out.push(("gemm", time(be, grid.target_s, || be.matmul(&x, &w, m, k, n).map(|_| ()))?));
+    }
+    let width = heads * head_dim;
+    let sq = grid.prefill_sq[grid.prefill_sq.len() / 2];
+    let shape = PrefillShape { nseq: 1, sq, skv: sq, kv_seq_stride: sq, heads, head_dim, q_offset: 0 };
+    let (q, k, v) = (pattern(be, sq * width)?, pattern(be, sq * width)?, pattern(be, sq * width)?);
+    out.push(("attention_prefill", time(be, grid.target_s, || be.attention_prefill(&q, &k, &v, shape).map(|_| ()))?));
+    let len = grid.decode_len[grid.decode_len.len() / 2];
+    let ds = DecodeShape { nseq: grid.decode_nseq[1], cap: len, len, heads, head_dim };
+    let (qd, kc, vc) = (pattern(be, ds.nseq * width)?, pattern(be, ds.nseq * len * width)?, pattern(be, ds.nseq * len * width)?);
+    out.push(("attention_decode", time(be, grid.target_s, || be.attention_decode(&qd, &kc, &vc, ds).map(|_| ()))?));
+    let bytes = grid.bytes[grid.bytes.len() / 2] / 4;
+    let (mut acc, y) = (pattern(be, bytes)?, pattern(be, bytes)?);
+    out.push(("bandwidth", time(be, grid.target_s, || be.add_assign(&mut acc, &y))?));
+    out.push(("bandwidth", time(be, grid.target_s, || be.gelu(&mut acc))?));
+    Ok(out)
+}
+
+/// Slowdown per class: the median of `together / alone` over its probes.
+pub fn contention(alone: &[(&'static str, f64)], together: &[(&'static str, f64)]) -> BTreeMap<String, f64> {
+    let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for ((class, a), (_, t)) in alone.iter().zip(together) {
+        by.entry(class.to_string()).or_default().push(t / a);
+    }
+    by.into_iter()
+        .map(|(c, mut v)| {
+            v.sort_by(f64::total_cmp);
+            (c, v[v.len() / 2].max(1.0))
+        })
+        .collect()
 }
 
 /// Communication tables over `world` (collective: every rank calls it).

@@ -11,7 +11,8 @@
 //! read, seconds), and under
 //! `bandwidth/` one dataset per kind (`rmsnorm`, `elementwise`, `gelu`,
 //! `embed`, `copy`, `zeros`: bytes moved, seconds); under `comm/` (`all_reduce`, `all_gather`,
-//! `broadcast`, `send_recv`, `host`: ranks, bytes, seconds).
+//! `broadcast`, `send_recv`, `host`: ranks, bytes, seconds); under
+//! `contention/` one row per class (ranks, slowdown when they compute at once).
 //!
 //! Interpolation: throughput (FLOP/s, or bytes/s for bandwidth-bound
 //! kernels) is interpolated multilinearly in log–log space between the grid
@@ -57,6 +58,10 @@ pub struct Calibration {
     pub decode: Vec<[f64; 4]>,
     pub bandwidth: BTreeMap<String, Vec<[f64; 2]>>,
     pub comm: BTreeMap<String, Vec<[f64; 3]>>,
+    /// How much `ranks` ranks computing at once on a node slow each other,
+    /// per class (`gemm`, `attention_prefill`, `attention_decode`,
+    /// `bandwidth`): time together / time alone (`--comm` only).
+    pub contention: BTreeMap<String, f64>,
 }
 
 fn vlen(s: &str) -> hdf5::Result<VarLenUnicode> {
@@ -120,6 +125,10 @@ impl Calibration {
         for (k, rows) in &self.comm {
             write_rows(&comm, k, rows)?;
         }
+        let cont = f.create_group("contention")?;
+        for (k, factor) in &self.contention {
+            write_rows(&cont, k, &[[self.ranks as f64, *factor]])?;
+        }
         Ok(())
     }
 
@@ -164,6 +173,13 @@ impl Calibration {
                 let r = read_rows(&g, k).map_err(rows)?;
                 if !r.is_empty() {
                     c.comm.insert(k.to_string(), r);
+                }
+            }
+        }
+        if let Ok(g) = f.group("contention") {
+            for k in g.member_names().map_err(rows)? {
+                if let Some(r) = read_rows::<2>(&g, &k).map_err(rows)?.first() {
+                    c.contention.insert(k, r[1]);
                 }
             }
         }

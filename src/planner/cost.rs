@@ -58,6 +58,12 @@ pub struct CostModel {
     /// Where compute times come from, for reports.
     pub source: String,
     tables: Option<Tables>,
+    /// Calibrated slowdown per class when every calibrated rank computes at once.
+    contention: BTreeMap<String, f64>,
+    contention_ranks: usize,
+    /// Per world rank: how busy the other ranks of its node are (0..1), from
+    /// a first simulation; empty: no contention applied.
+    neighbours: Vec<f64>,
 }
 
 /// Wave quantisation: the fraction of SM slots `tiles` blocks keep busy.
@@ -73,18 +79,67 @@ impl CostModel {
     /// The roofline of the cluster's GPU.
     pub fn roofline(cluster: ClusterSpec, dtype: Dtype, graphs: bool) -> Self {
         let source = format!("roofline of {}", cluster.gpu.key);
-        Self { cluster, dtype, graphs, source, tables: None }
+        Self { cluster, dtype, graphs, source, tables: None, contention: BTreeMap::new(), contention_ranks: 0, neighbours: Vec::new() }
     }
 
     /// Compute from a calibration file, links from the cluster (and the
     /// calibration's fits inside a node, where it has them).
     pub fn calibrated(cluster: ClusterSpec, calibration: &Calibration, graphs: bool) -> Self {
         let source = format!("calibration of {} ({}, {})", calibration.device, calibration.backend, calibration.created_utc);
-        Self { cluster, dtype: calibration.dtype, graphs, source, tables: Some(Tables::from(calibration)) }
+        Self {
+            cluster,
+            dtype: calibration.dtype,
+            graphs,
+            source,
+            tables: Some(Tables::from(calibration)),
+            contention: calibration.contention.clone(),
+            contention_ranks: calibration.ranks,
+            neighbours: Vec::new(),
+        }
     }
 
     pub fn is_calibrated(&self) -> bool {
         self.tables.is_some()
+    }
+
+    /// Whether ranks sharing a node were measured to slow each other.
+    pub fn has_contention(&self) -> bool {
+        self.contention.values().any(|&f| f > 1.0) && self.contention_ranks > 1
+    }
+
+    /// This model with each rank's compute slowed by how busy the other
+    /// ranks of its node are (`busy`: per world rank, the fraction of the
+    /// batch it spends computing): time × (1 + (slowdown − 1) × u), where u
+    /// is the others' busy time over what the calibration's other ranks had
+    /// (all of it), at most 1.
+    pub fn contended(&self, busy: &[f64]) -> Self {
+        let c = &self.cluster;
+        let others = (self.contention_ranks.max(2) - 1) as f64;
+        let neighbours = (0..busy.len())
+            .map(|r| {
+                let node = c.node_of(r);
+                let sum: f64 = (0..busy.len()).filter(|&o| o != r && c.node_of(o) == node).map(|o| busy[o]).sum();
+                (sum / others).min(1.0)
+            })
+            .collect();
+        Self { neighbours, ..self.clone() }
+    }
+
+    /// The slowdown of `op` on `rank` from its node's other busy ranks.
+    fn contention_of(&self, op: &OpRecord, rank: usize) -> f64 {
+        let Some(&u) = self.neighbours.get(rank) else { return 1.0 };
+        let class = match op.kind {
+            OpKind::Matmul => "gemm",
+            OpKind::AttentionPrefill => "attention_prefill",
+            OpKind::AttentionDecode => "attention_decode",
+            _ => "bandwidth",
+        };
+        1.0 + (self.contention.get(class).copied().unwrap_or(1.0) - 1.0) * u
+    }
+
+    /// Seconds of a compute node on `rank`, contention included.
+    pub fn op_seconds_on(&self, op: &OpRecord, in_graph: bool, rank: usize) -> f64 {
+        self.op_seconds(op, in_graph) * self.contention_of(op, rank)
     }
 
     fn peak(&self) -> f64 {

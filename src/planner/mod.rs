@@ -137,7 +137,13 @@ impl Planner<'_> {
         mark(1);
         validate::validate(&dag, self.cfg.layers, Some(&MemoryLimit { capacity: budget, model_estimate: memory_model_bytes }))?;
         mark(2);
-        let timeline = timeline::simulate(&dag, self.cost).map_err(|e| PlanError::Simulation(format!("{}: {e}", spec.name())))?;
+        let simulate = |cost: &CostModel| timeline::simulate(&dag, cost).map_err(|e| PlanError::Simulation(format!("{}: {e}", spec.name())));
+        let mut timeline = simulate(self.cost)?;
+        if self.cost.has_contention() {
+            // Ranks sharing a node slow each other as much as they overlap:
+            // a second pass with each rank's compute slowed by the others' busy share.
+            timeline = simulate(&self.cost.contended(&report::busy_shares(&dag, &timeline)))?;
+        }
         mark(3);
         let prediction = report::predict(&dag, &timeline, shape);
         Ok(Point {

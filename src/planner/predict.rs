@@ -43,12 +43,21 @@ pub fn for_job(job: &JobSpec, cfg: &ModelConfig, cost: &CostModel, world: usize)
         for (c, cat) in job.workload.categories.iter().enumerate() {
             let batches = wl.batches(c);
             let (mut ttft, mut tpot, mut e2e, mut paper, mut tokens, mut peak, mut comm) = (0.0, 0.0, 0.0, 0.0, 0.0, 0u64, 0.0);
+            let mut unfit = None;
             for b in &batches {
                 let shape = BatchShape { nseq: b.sequences.len(), seq_len: b.seq_len, out_tokens: job.workload.output_tokens };
                 let key = (shape.nseq, shape.seq_len);
                 let pt = match cache.entry(key) {
                     std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => e.insert(planner.point(spec, shape)?),
+                    std::collections::btree_map::Entry::Vacant(e) => match planner.point(spec, shape) {
+                        Ok(pt) => e.insert(pt),
+                        // Said once: the category gets no predictions, the others do.
+                        Err(PlanError::Dag(v)) if v.rule == "memory-within-capacity" => {
+                            unfit = Some(format!("{} {}: a batch of {} x {} tokens does not fit ({}: {})", spec.name(), cat.name, shape.nseq, shape.seq_len, v.at, v.detail));
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    },
                 };
                 let p = &pt.prediction;
                 ttft += p.ttft_s;
@@ -58,6 +67,10 @@ pub fn for_job(job: &JobSpec, cfg: &ModelConfig, cost: &CostModel, world: usize)
                 tokens += (shape.nseq * (shape.seq_len + shape.out_tokens)) as f64;
                 peak = peak.max(pt.dag.peak_bytes.iter().copied().max().unwrap_or(0));
                 comm += p.comm_share * p.e2e_s;
+            }
+            if let Some(why) = unfit {
+                eprintln!("fapool: planner: {why}; no predictions for it");
+                continue;
             }
             let n = batches.len().max(1) as f64;
             let mut values = vec![

@@ -118,6 +118,18 @@ fn uses(dag: &Dag, tl: &Timeline, keep: impl Fn(Phase) -> bool, window: f64) -> 
     out
 }
 
+/// Per world rank: the fraction of the simulated batch it spent computing.
+pub fn busy_shares(dag: &Dag, tl: &Timeline) -> Vec<f64> {
+    let end = tl.finish.iter().copied().fold(0.0, f64::max);
+    let mut busy = vec![0.0; dag.programs.len()];
+    for s in &tl.spans {
+        if dag.nodes[s.node].op().is_some() {
+            busy[s.rank] += s.finish - s.start;
+        }
+    }
+    busy.iter().map(|b| if end > 0.0 { b / end } else { 0.0 }).collect()
+}
+
 /// The critical path ending at `end`, by what ran (in path order).
 fn path_parts(dag: &Dag, tl: &Timeline, end: NodeId, from: f64) -> (Vec<PathPart>, usize) {
     let path = tl.critical_path(end);

@@ -279,7 +279,7 @@ impl<'a> Sim<'a> {
             let (ready, bound) = self.ready[self.slot[id] + k].expect("set");
             match &self.dag.nodes[id].kind {
                 NodeKind::Compute(op) => {
-                    let d = self.cost.op_seconds(op, self.in_graph(id));
+                    let d = self.cost.op_seconds_on(op, self.in_graph(id), rank);
                     self.tl.duration[id] = d;
                     self.tl.binding[id] = bound;
                     self.tl.spans.push(Span { node: id, rank, stream, ready, start: ready, finish: ready + d });
