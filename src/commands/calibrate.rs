@@ -9,7 +9,7 @@ use crate::backend::{Backend, BackendKind, Dtype};
 use crate::cluster::Cluster;
 use crate::exit::Exit;
 use crate::model::ModelConfig;
-use crate::planner::calibrate::{contention, contention_probes, measure_comm, measure_compute, Grid};
+use crate::planner::calibrate::{contention, contention_probes, measure_comm, measure_compute, sequence_overhead, Grid};
 use mpi::traits::*;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -43,7 +43,9 @@ impl OnBackend for Body {
         // Rank 0 measures the tables alone (the others wait without spinning).
         let mut cal = if root {
             let mut say = |what: &str| eprintln!("calibrate: {what} ({:.1} s)", started.elapsed().as_secs_f64());
-            measure_compute(launch.be, dtype, &grid, model.heads, model.head_dim, &mut say).map_err(|e| dev_err(&e))?
+            let mut c = measure_compute(launch.be, dtype, &grid, model.heads, model.head_dim, &mut say).map_err(|e| dev_err(&e))?;
+            c.sequence_overhead_s_per_byte = sequence_overhead(launch.be, dtype, &grid, &model).map_err(|e| dev_err(&e))?;
+            c
         } else {
             Default::default()
         };
@@ -70,7 +72,7 @@ impl OnBackend for Body {
         cal.write(&self.args.out).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", self.args.out.display())))?;
         let best = |rows: &[[f64; 4]], work: &dyn Fn(&[f64; 4]) -> f64| rows.iter().map(|r| work(r) / r[3]).fold(0.0, f64::max);
         println!(
-            "calibration of {} ({}, {dtype}) in {:.1} s: {} GEMMs (best {:.1} TFLOP/s), {} prefill attention points (best {:.1} TFLOP/s), {} decode points (best {:.2} TB/s), {} bandwidth points, {} message points over {} ranks, contention {:?} -> {}",
+            "calibration of {} ({}, {dtype}) in {:.1} s: {} GEMMs (best {:.1} TFLOP/s), {} prefill attention points (best {:.1} TFLOP/s), {} decode points (best {:.2} TB/s), {} bandwidth points, {} message points over {} ranks, sequence overhead {:.3} ns per byte, contention {:?} -> {}",
             cal.device,
             cal.backend,
             started.elapsed().as_secs_f64(),
@@ -83,6 +85,7 @@ impl OnBackend for Body {
             cal.bandwidth.values().map(Vec::len).sum::<usize>(),
             cal.comm.values().map(Vec::len).sum::<usize>(),
             cal.ranks,
+            cal.sequence_overhead_s_per_byte * 1e9,
             cal.contention,
             self.args.out.display()
         );

@@ -279,6 +279,64 @@ pub fn contention_probes<B: Backend>(be: &B, grid: &Grid, heads: usize, head_dim
     Ok(out)
 }
 
+/// What a sequence of different operations costs beyond its operations
+/// each timed on their own, per byte they move (s/byte): one decode layer of
+/// `model` for four sequences (norm, QKV, output projection, residual, norm,
+/// FFN, residual), run as a chain and op by op. A run issues operations in
+/// such sequences, each finding its inputs less warm than a loop of its own
+/// leaves them; the cost grows with the data each moves.
+pub fn sequence_overhead<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, model: &crate::model::ModelConfig) -> Result<f64> {
+    let (m, d, a, f) = (4, model.d_model, model.attn_width(), model.ffn);
+    let (x, g) = (pattern(be, m * d)?, pattern(be, d)?);
+    let (wq, wo, wu, wd) = (pattern(be, d * 3 * a)?, pattern(be, a * d)?, pattern(be, d * f)?, pattern(be, f * d)?);
+    let (o, up0) = (pattern(be, m * a)?, pattern(be, m * f)?);
+    let mut acc = pattern(be, m * d)?;
+    let chain = || -> Result<()> {
+        let h = be.rmsnorm(&x, &g, m, d, 1e-6)?;
+        let qkv = be.matmul(&h, &wq, m, d, 3 * a)?;
+        be.split_qkv(&qkv, m, a)?;
+        let p = be.matmul(&o, &wo, m, a, d)?;
+        let mut r = be.gather_rows(&x, d, &[RowRun::new(0, m)])?;
+        be.add_assign(&mut r, &p)?;
+        let h2 = be.rmsnorm(&r, &g, m, d, 1e-6)?;
+        let mut up = be.matmul(&h2, &wu, m, d, f)?;
+        be.gelu(&mut up)?;
+        let dn = be.matmul(&up, &wd, m, f, d)?;
+        be.add_assign(&mut r, &dn)
+    };
+    let together = time(be, grid.target_s, chain)?;
+    let mut alone = 0.0;
+    alone += time(be, grid.target_s, || be.rmsnorm(&x, &g, m, d, 1e-6).map(|_| ()))? * 2.0;
+    alone += time(be, grid.target_s, || be.matmul(&x, &wq, m, d, 3 * a).map(|_| ()))?;
+    let qkv0 = pattern(be, m * 3 * a)?;
+    alone += time(be, grid.target_s, || be.split_qkv(&qkv0, m, a).map(|_| ()))?;
+    alone += time(be, grid.target_s, || be.matmul(&o, &wo, m, a, d).map(|_| ()))?;
+    alone += time(be, grid.target_s, || be.gather_rows(&x, d, &[RowRun::new(0, m)]).map(|_| ()))?;
+    alone += time(be, grid.target_s, || be.add_assign(&mut acc, &x))? * 2.0;
+    alone += time(be, grid.target_s, || be.matmul(&x, &wu, m, d, f).map(|_| ()))?;
+    let mut up = up0;
+    alone += time(be, grid.target_s, || be.gelu(&mut up))?;
+    alone += time(be, grid.target_s, || be.matmul(&up, &wd, m, f, d).map(|_| ()))?;
+    // The chain's bytes, as the shape-only backend counts them.
+    let sb = ShapeBackend::new(dtype);
+    let z = |n: usize| sb.zeros(n);
+    let (sx, sg, swq, swo, swu, swd, so) = (z(m * d)?, z(d)?, z(d * 3 * a)?, z(a * d)?, z(d * f)?, z(f * d)?, z(m * a)?);
+    sb.recorder().take();
+    let h = sb.rmsnorm(&sx, &sg, m, d, 1e-6)?;
+    let qkv = sb.matmul(&h, &swq, m, d, 3 * a)?;
+    sb.split_qkv(&qkv, m, a)?;
+    let p = sb.matmul(&so, &swo, m, a, d)?;
+    let mut r = sb.gather_rows(&sx, d, &[RowRun::new(0, m)])?;
+    sb.add_assign(&mut r, &p)?;
+    let h2 = sb.rmsnorm(&r, &sg, m, d, 1e-6)?;
+    let mut up = sb.matmul(&h2, &swu, m, d, f)?;
+    sb.gelu(&mut up)?;
+    let dn = sb.matmul(&up, &swd, m, f, d)?;
+    sb.add_assign(&mut r, &dn)?;
+    let bytes: u64 = sb.recorder().take().iter().filter_map(|e| if let Entry::Op(o) = e { Some(o.bytes_read + o.bytes_written) } else { None }).sum();
+    Ok(((together - alone) / bytes.max(1) as f64).max(0.0))
+}
+
 /// Slowdown per class: the median of `together / alone` over its probes.
 pub fn contention(alone: &[(&'static str, f64)], together: &[(&'static str, f64)]) -> BTreeMap<String, f64> {
     let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();

@@ -5,7 +5,8 @@
 //! Layout (HDF5, schema [`SCHEMA_VERSION`]): root attributes `format`
 //! (`fapool-calibration`), `schema_version`, `dtype`, `backend`, `device`,
 //! `created_utc`, `heads`, `head_dim`, `ranks` (of the `--comm` run, 0
-//! without); 2-D f64 datasets, one row per measured point: `gemm` (m, k, n,
+//! without), `sequence_overhead_s_per_byte` (what an operation costs in a
+//! sequence of different ones beyond its table time, per byte it moves); 2-D f64 datasets, one row per measured point: `gemm` (m, k, n,
 //! seconds), `attention_prefill` (sq, q_offset, FLOPs, seconds; one
 //! sequence of `heads × head_dim`), `attention_decode` (nseq, len, bytes
 //! read, seconds), and under
@@ -58,6 +59,9 @@ pub struct Calibration {
     pub decode: Vec<[f64; 4]>,
     pub bandwidth: BTreeMap<String, Vec<[f64; 2]>>,
     pub comm: BTreeMap<String, Vec<[f64; 3]>>,
+    /// What an operation of a run costs beyond its table time per byte it
+    /// moves, from a decode layer timed as a chain and op by op (s/byte).
+    pub sequence_overhead_s_per_byte: f64,
     /// How much `ranks` ranks computing at once on a node slow each other,
     /// per class (`gemm`, `attention_prefill`, `attention_decode`,
     /// `bandwidth`): time together / time alone (`--comm` only).
@@ -114,6 +118,7 @@ impl Calibration {
         set_attr_u64(&f, "heads", self.heads as u64)?;
         set_attr_u64(&f, "head_dim", self.head_dim as u64)?;
         set_attr_u64(&f, "ranks", self.ranks as u64)?;
+        f.new_attr::<f64>().shape(()).create("sequence_overhead_s_per_byte")?.write_scalar(&self.sequence_overhead_s_per_byte)?;
         write_rows(&f, "gemm", &self.gemm)?;
         write_rows(&f, "attention_prefill", &self.prefill)?;
         write_rows(&f, "attention_decode", &self.decode)?;
@@ -158,6 +163,7 @@ impl Calibration {
             heads: attr_u64(&f, "heads").unwrap_or(1) as usize,
             head_dim: attr_u64(&f, "head_dim").unwrap_or(1) as usize,
             ranks: attr_u64(&f, "ranks").unwrap_or(0) as usize,
+            sequence_overhead_s_per_byte: f.attr("sequence_overhead_s_per_byte").ok().and_then(|a| a.read_scalar::<f64>().ok()).unwrap_or(0.0),
             gemm: read_rows(&f, "gemm").map_err(rows)?,
             prefill: read_rows(&f, "attention_prefill").map_err(rows)?,
             decode: read_rows(&f, "attention_decode").map_err(rows)?,

@@ -35,6 +35,7 @@ struct Tables {
     decode: LogGrid,
     bandwidth: BTreeMap<String, LogGrid>,
     comm: BTreeMap<String, CommFit>,
+    sequence_overhead_s_per_byte: f64,
 }
 
 impl Tables {
@@ -44,7 +45,7 @@ impl Tables {
         let decode: Vec<(Vec<f64>, f64)> = c.decode.iter().map(|r| (vec![r[0], r[1]], r[2] / r[3])).collect();
         let bandwidth = c.bandwidth.iter().map(|(k, rows)| (k.clone(), LogGrid::new(&rows.iter().map(|r| (vec![r[0]], r[0] / r[1])).collect::<Vec<_>>()))).collect();
         let comm = c.comm.iter().filter_map(|(k, rows)| calibration::fit(k, rows).map(|f| (k.clone(), f))).collect();
-        Self { gemm: LogGrid::new(&gemm), prefill: LogGrid::new(&prefill), decode: LogGrid::new(&decode), bandwidth, comm }
+        Self { gemm: LogGrid::new(&gemm), prefill: LogGrid::new(&prefill), decode: LogGrid::new(&decode), bandwidth, comm, sequence_overhead_s_per_byte: c.sequence_overhead_s_per_byte }
     }
 }
 
@@ -142,6 +143,12 @@ impl CostModel {
         self.op_seconds(op, in_graph) * self.contention_of(op, rank)
     }
 
+    /// What `op` costs beyond its table time in a run's sequence of
+    /// different operations (calibrated, per byte it moves).
+    fn sequence_overhead(&self, op: &OpRecord) -> f64 {
+        self.tables.as_ref().map_or(0.0, |t| t.sequence_overhead_s_per_byte * (op.bytes_read + op.bytes_written) as f64)
+    }
+
     fn peak(&self) -> f64 {
         let g = &self.cluster.gpu;
         1e12 * if self.dtype == Dtype::Fp32 { g.tflops_32 } else { g.tflops_16 }
@@ -192,6 +199,7 @@ impl CostModel {
         let Some(t) = &self.tables else { return self.roofline_seconds(op, in_graph) };
         let bytes = (op.bytes_read + op.bytes_written) as f64;
         let from = |grid: &LogGrid, x: &[f64], work: f64| grid.eval(x).map(|thr| work / thr);
+        let extra = self.sequence_overhead(op);
         let measured = match (op.kind, op.dims) {
             (OpKind::Matmul, OpDims::Gemm { m, k, n }) => from(&t.gemm, &[m as f64, k as f64, n as f64], op.flops),
             (OpKind::AttentionPrefill, OpDims::Prefill(s)) => from(&t.prefill, &[s.sq as f64, s.q_offset as f64], op.flops),
@@ -203,7 +211,7 @@ impl CostModel {
             (OpKind::Add | OpKind::MergePartials | OpKind::Argmax, _) => t.bandwidth.get("elementwise").and_then(|g| from(g, &[bytes], bytes)),
             _ => t.bandwidth.get("copy").and_then(|g| from(g, &[bytes], bytes)),
         };
-        measured.unwrap_or_else(|| self.roofline_seconds(op, in_graph))
+        measured.map(|m| m + extra).unwrap_or_else(|| self.roofline_seconds(op, in_graph))
     }
 
     /// Link latency and bandwidth (bytes/s) between two world ranks.
@@ -300,6 +308,19 @@ mod tests {
         let want = bytes / (4.8e12 * 0.86 * bytes / (bytes + 1048576.0)) + 1.5e-6;
         let got = m.op_seconds(&gemm(1, 4096, 12288), true);
         assert!((got / want - 1.0).abs() < 1e-12, "{got} vs {want}");
+    }
+
+    #[test]
+    fn ranks_sharing_a_node_slow_each_other_by_how_busy_the_others_are() {
+        let cal = Calibration { dtype: Dtype::Fp32, ranks: 2, gemm: vec![[64.0, 64.0, 64.0, 1e-3]], contention: [("gemm".to_string(), 2.0)].into(), ..Default::default() };
+        let cpu = CostModel::calibrated(ClusterSpec::default_for(gpus::cpu(), 2), &cal, false);
+        let op = gemm(64, 64, 64);
+        let alone = cpu.op_seconds_on(&op, false, 0);
+        assert!((alone - 1e-3).abs() < 1e-12, "without a first pass nothing is slowed: {alone}");
+        // The other rank computes half the time: 1 + (2 - 1) * 0.5.
+        let shared = cpu.contended(&[0.9, 0.5]);
+        assert!((shared.op_seconds_on(&op, false, 0) / alone - 1.5).abs() < 1e-9);
+        assert!((shared.op_seconds_on(&op, false, 1) / alone - 1.9).abs() < 1e-9);
     }
 
     #[test]
