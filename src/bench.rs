@@ -84,7 +84,7 @@ pub fn bench_comm<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, sizes: 
             let mut times = Vec::with_capacity(iters);
             for _ in 0..iters {
                 op(buf)?;
-                times.push(per_call(comm.take_stats()?, cat));
+                times.push(per_call(comm.take_stats()?.0.by_category, cat));
             }
             let t = median(times);
             let algbw = moved * (len * elem) as f64 / t / 1e9;

@@ -87,11 +87,25 @@ pub struct RankRecord {
     pub energy_decode_j: Option<f64>,
     /// FLOPs this rank executed.
     pub flops: f64,
+    /// Time the rank's compute timeline worked: wall minus `wait_s`.
+    pub compute_s: f64,
+    /// Time the rank's compute timeline waited for messages (on the CPU
+    /// backend every message's time, since messages block).
+    pub wait_s: f64,
 }
 
 impl RankRecord {
     pub fn comm_seconds(&self) -> f64 {
         self.comm.values().map(|s| s.seconds).sum()
+    }
+
+    /// Share of the rank's wall time it was not computing (waiting for
+    /// messages, or not part of the batch at all).
+    pub fn idle_share(&self) -> f64 {
+        if !self.active || self.wall_s <= 0.0 {
+            return 1.0;
+        }
+        (self.wait_s / self.wall_s).clamp(0.0, 1.0)
     }
 }
 

@@ -127,6 +127,15 @@ pub struct StepVars {
     pub tokens: Vec<u32>,
 }
 
+/// A copy of `len` consecutive rows from row `src` of one buffer to row `dst`
+/// of another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowCopy {
+    pub src: usize,
+    pub dst: usize,
+    pub len: usize,
+}
+
 /// A run of consecutive rows: `len` rows starting at `start`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowRun {
@@ -168,6 +177,12 @@ pub trait Backend {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     /// A zeroed buffer of `len` f32 elements (log-sum-exp buffers).
     fn zeros_f32(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer of `len` model-dtype elements that its user overwrites
+    /// completely (a receive, a copy target): not zero-filled where the
+    /// backend can skip it.
+    fn empty(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
 
     /// `table[token] + sinusoidal(position)` for `nseq × n` tokens whose
     /// positions are `pos0..pos0 + n` in every sequence; returns `[nseq*n, d]`.
@@ -188,6 +203,13 @@ pub trait Backend {
     fn gather_rows(&self, src: &Self::Buf, cols: usize, runs: &[RowRun]) -> Result<Self::Buf>;
     /// Writes consecutive rows of `src` into the given row runs of `dst`, in order.
     fn scatter_rows(&self, dst: &mut Self::Buf, cols: usize, runs: &[RowRun], src: &Self::Buf) -> Result<()>;
+    /// Copies row runs of `src` to rows of `dst` (rows of `cols`), in one pass.
+    fn copy_rows(&self, dst: &mut Self::Buf, cols: usize, src: &Self::Buf, copies: &[RowCopy]) -> Result<()> {
+        let from: Vec<RowRun> = copies.iter().map(|c| RowRun::new(c.src, c.len)).collect();
+        let to: Vec<RowRun> = copies.iter().map(|c| RowRun::new(c.dst, c.len)).collect();
+        let staged = self.gather_rows(src, cols, &from)?;
+        self.scatter_rows(dst, cols, &to, &staged)
+    }
     /// Causal attention; returns the output `[nseq*sq, heads*head_dim]` and
     /// the natural-log log-sum-exp of the scaled scores `[nseq, heads, sq]`.
     fn attention_prefill(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, shape: PrefillShape) -> Result<(Self::Buf, Self::Buf)>;
@@ -227,6 +249,17 @@ pub trait Backend {
 
     /// A point in the device timeline, for timing.
     fn mark(&self) -> Result<Self::Mark>;
+    /// Makes the compute timeline wait until `mark` (recorded on another
+    /// timeline, e.g. a communication stream) is reached.
+    fn wait_for(&self, _mark: &Self::Mark) -> Result<()> {
+        Ok(())
+    }
+    /// Whether a message holds the compute timeline while it runs (blocking
+    /// MPI on the CPU): then all of its time is waiting. GPUs run messages
+    /// on their own streams and wait only where the data is needed.
+    fn messages_block_compute(&self) -> bool {
+        true
+    }
     /// Seconds between two marks (waits for the later one).
     fn elapsed_s(&self, from: &Self::Mark, to: &Self::Mark) -> Result<f64>;
     /// Waits for all queued device work.

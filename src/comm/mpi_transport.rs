@@ -59,6 +59,17 @@ impl Transport<CpuBackend> for MpiTransport {
         })
     }
 
+    fn reduce_scatter_sum(&self, _b: &CpuBackend, group: &Group, send: &Vec<f32>, recv: &mut Vec<f32>) -> Result<Timed<Instant>> {
+        if send.len() != recv.len() * group.size() {
+            return Err(CommError::Size(format!("reduce_scatter: send {} != {} x {}", send.len(), group.size(), recv.len())));
+        }
+        let comm = self.groups.comm(group)?;
+        timed(|| {
+            comm.reduce_scatter_block_into(&send[..], &mut recv[..], SystemOperation::sum());
+            Ok(())
+        })
+    }
+
     fn broadcast(&self, _b: &CpuBackend, group: &Group, root: usize, buf: &mut Vec<f32>) -> Result<Timed<Instant>> {
         let comm = self.groups.comm(group)?;
         timed(|| {

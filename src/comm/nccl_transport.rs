@@ -178,6 +178,22 @@ impl Transport<CudaBackend> for NcclTransport {
         })
     }
 
+    fn reduce_scatter_sum(&self, backend: &CudaBackend, group: &Group, send: &CudaBuf, recv: &mut CudaBuf) -> Result<Timed<CudaEvent>> {
+        let c = self.comm(group)?;
+        if send.len() != recv.len() * c.size || send.dtype() != recv.dtype() {
+            return Err(CommError::Size(format!("reduce_scatter on `{}`: send {} {} != {} x {} {}", group.name, send.len(), send.dtype(), c.size, recv.len(), recv.dtype())));
+        }
+        around(backend, || {
+            // SAFETY: `send` holds size x len(recv) elements of `recv`'s type
+            // (checked above); both are queued on their owning stream.
+            unsafe {
+                nccl::reduce_scatter(send.device_ptr() as *const _, recv.device_ptr() as *mut _, recv.len(), data_type(recv.dtype()), nccl_sys::ncclRedOp_t::ncclSum, c.raw, Self::stream_of(backend))
+            }
+            .map_err(|e| nccl_err("ncclReduceScatter", e))?;
+            Ok(())
+        })
+    }
+
     fn broadcast(&self, backend: &CudaBackend, group: &Group, root: usize, buf: &mut CudaBuf) -> Result<Timed<CudaEvent>> {
         let c = self.comm(group)?;
         let root = Self::peer(group, root)?;

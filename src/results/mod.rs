@@ -43,7 +43,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use schema::{FORMAT_NAME, SCHEMA_VERSION};
+pub use schema::{FORMAT_NAME, OLDEST_READABLE, SCHEMA_VERSION};
 
 /// Errors of the results file.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +58,7 @@ pub enum ResultsError {
     Directory { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a fapool results file (no root attribute `format` = \"{FORMAT_NAME}\")")]
     NotResultsFile { path: PathBuf },
-    #[error("{path} has results schema version {found}; this build reads version {SCHEMA_VERSION}")]
+    #[error("{path} has results schema version {found}; this build reads versions {OLDEST_READABLE} to {SCHEMA_VERSION}")]
     UnsupportedSchema { path: PathBuf, found: u32 },
     #[error("strategy `{0}` was not begun in this results file (call begin_strategy first)")]
     UnknownStrategy(String),
@@ -76,6 +76,8 @@ pub enum ResultsError {
     UnknownStatus(String),
     #[error("{path}: unknown communication category `{name}` in the file")]
     UnknownCommCategory { path: PathBuf, name: String },
+    #[error("{path} was written with results schema version {found}; continuing it needs version {SCHEMA_VERSION} (start a new file)")]
+    OldSchema { path: PathBuf, found: u32 },
     #[error("corrupt results file: {0}")]
     Corrupt(String),
     #[error("HDF5: {0}")]

@@ -125,6 +125,8 @@ pub(crate) fn rank(batch_index: u32, world_rank: u32, energy: Option<f64>) -> Ra
         energy_prefill_j: energy,
         energy_decode_j: energy.map(|e| 3.0 * e),
         flops: 3.0e11,
+        compute_s: 0.45,
+        wait_s: 0.05,
     }
 }
 
@@ -380,7 +382,7 @@ const H5PY_CHECK: &str = r#"
 import sys, h5py, numpy as np
 f = h5py.File(sys.argv[1], "r")
 assert f.attrs["format"] == "fapool-results", f.attrs["format"]
-assert int(f.attrs["schema_version"]) == 1
+assert int(f.attrs["schema_version"]) == 2
 assert f.attrs["status"] == "complete"
 p = f["provenance"]
 assert p.attrs["backend"] == "cuda"

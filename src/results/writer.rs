@@ -105,7 +105,10 @@ impl ResultsFile {
         let path = path.as_ref().to_path_buf();
         let file = File::open_rw(&path).map_err(|source| ResultsError::Open { path: path.clone(), source })?;
         super::cloexec::keep_from_children(&path);
-        super::schema::check_format(&file, &path)?;
+        let found = super::schema::check_format(&file, &path)?;
+        if found != SCHEMA_VERSION {
+            return Err(ResultsError::OldSchema { path, found });
+        }
         let results = Self { file, path };
         results.trim_unreferenced_rows()?;
         results.flush()?;
@@ -319,7 +322,7 @@ impl ResultsFile {
         let g = self.category_group(strategy, category, true)?.expect("created on demand");
         let (flops, ranks) = if g.link_exists("batches") {
             let flops = g.dataset("batches")?.read_raw::<BatchRow>()?.iter().map(|b| b.flops).sum();
-            (flops, super::reader::read_ranks(&g)?)
+            (flops, super::reader::read_ranks(&g, SCHEMA_VERSION)?)
         } else {
             (0.0, Vec::new())
         };

@@ -12,7 +12,7 @@ pub mod records;
 pub mod sweep;
 
 use crate::backend::Backend;
-use crate::comm::{Category, Comm, CommStat, RecordedMessages};
+use crate::comm::{Category, Comm, CommStat, CommTrace, RecordedMessages};
 use crate::model::ModelConfig;
 use crate::strategy::{BatchSetup, BatchShape, Strategy, StrategyError};
 use std::collections::BTreeMap;
@@ -46,6 +46,10 @@ pub struct BatchRun {
     pub energy_prefill_j: Option<f64>,
     pub energy_decode_j: Option<f64>,
     pub comm: BTreeMap<Category, CommStat>,
+    /// Seconds the compute timeline waited for messages.
+    pub wait_s: f64,
+    /// The batch's messages and waits, when it was traced.
+    pub trace: Option<CommTrace>,
 }
 
 /// What to run for one batch.
@@ -167,8 +171,19 @@ pub fn run_batch<B: Backend>(be: &B, comm: &Comm<'_, B>, strategy: &mut dyn Stra
         l.e2e_s = wall_s;
     }
     strategy.end_batch()?;
-    let comm_stats = comm.take_stats()?;
-    Ok(BatchRun { setup, leader, wall_s, prefill_s, decode_s: wall_s - prefill_s, energy_prefill_j: e0.zip(e1).map(|(a, b)| b - a), energy_decode_j: e1.zip(e2).map(|(a, b)| b - a), comm: comm_stats })
+    let (totals, trace) = comm.take_stats()?;
+    Ok(BatchRun {
+        setup,
+        leader,
+        wall_s,
+        prefill_s,
+        decode_s: wall_s - prefill_s,
+        energy_prefill_j: e0.zip(e1).map(|(a, b)| b - a),
+        energy_decode_j: e1.zip(e2).map(|(a, b)| b - a),
+        comm: totals.by_category,
+        wait_s: totals.wait_s,
+        trace,
+    })
 }
 
 /// Model FLOPs of a whole batch (prefill plus every decode step).

@@ -47,6 +47,8 @@ fn encode_rank(r: &RankRecord) -> Vec<f64> {
         r.energy_prefill_j.unwrap_or(f64::NAN),
         r.energy_decode_j.unwrap_or(f64::NAN),
         r.flops,
+        r.compute_s,
+        r.wait_s,
     ];
     for c in Category::ALL {
         let s = r.comm.get(&c).copied().unwrap_or_default();
@@ -55,13 +57,13 @@ fn encode_rank(r: &RankRecord) -> Vec<f64> {
     v
 }
 
-const RANK_FIELDS: usize = 10 + 3 * Category::ALL.len();
+const RANK_FIELDS: usize = 12 + 3 * Category::ALL.len();
 
 fn decode_rank(v: &[f64], batch_index: u32, role: String) -> RankRecord {
     let opt = |x: f64| (!x.is_nan()).then_some(x);
     let mut comm = BTreeMap::new();
     for (i, c) in Category::ALL.into_iter().enumerate() {
-        let s = CommStat { calls: v[10 + 3 * i] as u64, bytes: v[11 + 3 * i] as u64, seconds: v[12 + 3 * i] };
+        let s = CommStat { calls: v[12 + 3 * i] as u64, bytes: v[13 + 3 * i] as u64, seconds: v[14 + 3 * i] };
         if s.calls > 0 {
             comm.insert(c, s);
         }
@@ -80,6 +82,8 @@ fn decode_rank(v: &[f64], batch_index: u32, role: String) -> RankRecord {
         energy_prefill_j: opt(v[7]),
         energy_decode_j: opt(v[8]),
         flops: v[9],
+        compute_s: v[10],
+        wait_s: v[11],
     }
 }
 
@@ -139,6 +143,8 @@ pub fn gather_batch<B: Backend>(be: &B, world: &SimpleCommunicator, run: &BatchR
         energy_prefill_j: run.energy_prefill_j,
         energy_decode_j: run.energy_decode_j,
         flops: if run.setup.active { facts.flops / active_ranks as f64 } else { 0.0 },
+        compute_s: if run.setup.active { (run.wall_s - run.wait_s).max(0.0) } else { 0.0 },
+        wait_s: run.wait_s,
     };
     let row = encode_rank(&rank);
     let lead = leader_to_root(world, facts.leader, run.leader.as_ref());
