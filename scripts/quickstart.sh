@@ -21,4 +21,5 @@ if [ "$gpus" -ge 2 ]; then
 else
   mpirun -np 4 target/release/fapool run jobs/quickstart.toml --backend cpu --out "$out"
 fi
-target/release/fapool analyze "$out"
+target/release/fapool analyze "$out" --plots "${out%.h5}-plots"
+target/release/fapool check "$out" || echo "fapool check found problems in $out (listed above)"

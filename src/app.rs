@@ -806,12 +806,24 @@ fn verify_on<'a, B: Backend>(be: &'a B, transport: Box<dyn Transport<B> + 'a>, c
 }
 
 /// `fapool analyze`.
-pub fn analyze(files: &[PathBuf]) -> Exit {
-    match crate::analyze::analyze(files, &mut std::io::stdout().lock()) {
+pub fn analyze(args: &crate::analyze::AnalyzeArgs) -> Exit {
+    match crate::analyze::analyze(args, &mut std::io::stdout().lock()) {
         Ok(()) => Exit::Ok,
         Err(e) => {
             eprintln!("fapool: {e}");
-            Exit::Failure
+            e.exit()
+        }
+    }
+}
+
+/// `fapool check`: exit 1 when the file has problems, 2 when it is not a readable results file.
+pub fn check(file: &Path) -> Exit {
+    match crate::analyze::check(file, &mut std::io::stdout().lock()) {
+        Ok(report) if report.passed() => Exit::Ok,
+        Ok(_) => Exit::Failure,
+        Err(e) => {
+            eprintln!("fapool: {e}");
+            e.exit()
         }
     }
 }

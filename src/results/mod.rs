@@ -22,6 +22,7 @@
 mod aggregate;
 mod attrs;
 mod cloexec;
+mod layout;
 mod reader;
 mod rows;
 mod writer;
@@ -30,6 +31,7 @@ mod writer;
 pub(crate) mod tests;
 
 pub use aggregate::{CommAggregate, RankAggregates};
+pub use layout::{inspect_layout, read_rank_time_split, schema_columns, verify_format, FileLayout, ObjectLayout, RankTimeSplit};
 pub use reader::read_run;
 pub use writer::ResultsFile;
 
