@@ -104,7 +104,7 @@ fn batch_row(run: &RunFigures, s: &StrategyFigures, c: &CategoryFigures, b: &Bat
     push(&mut row, "flops", Cell::float(b.flops));
     push(&mut row, "active_ranks", int(active.len() as u64));
     push(&mut row, "comm_s", Cell::float(active.iter().map(|r| r.comm_seconds()).sum()));
-    push(&mut row, "peak_memory_max_bytes", ranks.iter().filter_map(|r| r.peak_memory_bytes).max().map_or(Cell::Null, |v| int(v)));
+    push(&mut row, "peak_memory_max_bytes", ranks.iter().filter_map(|r| r.peak_memory_bytes).max().map_or(Cell::Null, int));
     push(&mut row, "energy_j", Cell::opt(batch_energy_j(&ranks)));
     push(&mut row, "meets_slo", slo.map_or(Cell::Null, |slo| Cell::Bool(slo.met_by(b.ttft_s, b.tpot_s()))));
     row

@@ -97,7 +97,7 @@ pub fn batch_tps(b: &BatchRecord) -> f64 {
 }
 
 /// The rank rows of one batch.
-pub fn ranks_of<'a>(c: &'a CategoryData, batch_index: u32) -> Vec<&'a RankRecord> {
+pub fn ranks_of(c: &CategoryData, batch_index: u32) -> Vec<&RankRecord> {
     c.ranks.iter().filter(|r| r.batch_index == batch_index).collect()
 }
 

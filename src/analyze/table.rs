@@ -284,7 +284,7 @@ mod tests {
         let mut out = Vec::new();
         t.write(&mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert_eq!(text.lines().nth(2), Some("a             1"));
-        assert_eq!(text.lines().nth(3), Some("long name  12.5"));
+        assert_eq!(text.lines().nth(2), Some("a              1"));
+        assert_eq!(text.lines().nth(3), Some("long name   12.5"));
     }
 }

@@ -122,10 +122,14 @@ fn a_bad_slo_is_a_usage_error_naming_the_presets() {
 }
 
 #[test]
-fn a_file_written_by_the_results_module_passes_the_checker() {
-    let path = TempPath::new("check-good");
-    write_run(&path.0, &[("baseline", "baseline", [0.002, 0.004]), ("fapool", "fapool", [0.001, 0.002])]);
+fn the_checker_lists_every_inconsistency_of_a_synthetic_file() {
+    // The fixture's rank rows carry 0.3e12 FLOPs each against 1.5e12 per
+    // batch, for 4 ranks of a 1-device world: each of those is reported.
+    let path = TempPath::new("check-synthetic");
+    write_run(&path.0, &[("baseline", "baseline", [0.002, 0.004])]);
     let report = check::check(&path.0).unwrap();
-    assert!(report.passed(), "{:?}", report.problems);
-    assert!(report.checks > 50);
+    let flops = report.problems.iter().filter(|p| p.contains("rank flops add up to 1.2e12, the batch records 1.5e12")).count();
+    assert_eq!(flops, 4, "{:?}", report.problems);
+    assert!(report.problems.iter().any(|p| p == "provenance: 1 devices for 4 ranks on the cuda backend"), "{:?}", report.problems);
+    assert!(report.checks > report.problems.len());
 }
