@@ -72,11 +72,31 @@ enum Cmd {
         #[arg(long, default_value_t = usize::MAX)]
         max_batches: usize,
     },
-    /// Print comparison tables (and write plots) from results files.
+    /// Print comparison tables from results files; write plots, CSV and JSON; compare two runs.
     Analyze {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Write every plot (PNG and SVG) into this directory.
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
+        /// Write batches.csv and summary.csv into this directory.
+        #[arg(long, value_name = "DIR")]
+        csv: Option<PathBuf>,
+        /// Write the batch and summary rows as one JSON file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Latency limits for goodput, e.g. `ttft=2000ms,tpot=200ms`, or an MLPerf preset such as `mlperf-llama2-70b`.
+        #[arg(long)]
+        slo: Option<String>,
+        /// Compare two results files (A B): each metric's change with its confidence interval.
+        #[arg(long)]
+        compare: bool,
+        /// With --compare: compare runs of different models or dtypes anyway.
+        #[arg(long)]
+        force: bool,
     },
+    /// Check a results file: schema, provenance and internal consistency (exit 1 listing every problem).
+    Check { file: PathBuf },
     /// Show what fapool finds: MPI, ranks, GPUs, CUDA/NCCL/NVML libraries.
     Env,
     /// Measure kernels (one GPU) or communication (every rank of the launch).
@@ -131,7 +151,8 @@ fn main() {
         Cmd::Run { job, out, force, resume, timeout, backend, set } => commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout }, &set),
         Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => commands::validate::validate(&job, ValidateArgs { ranks, local_ranks, gpus, memory_gib }, &set),
         Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => commands::verify::verify(&job, VerifyArgs { backend, tolerance, teacher_forcing, max_batches }, &set),
-        Cmd::Analyze { files } => commands::analyze::analyze(&files),
+        Cmd::Analyze { files, plots, csv, json, slo, compare, force } => commands::analyze::analyze(&fapool::analyze::AnalyzeArgs { files, plots, csv, json, slo, compare, force }),
+        Cmd::Check { file } => commands::analyze::check(&file),
         Cmd::Env => commands::env::env(),
         Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => commands::bench::kernels(dtype, &seq, iters, out.as_deref()),
         Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => commands::bench::comm(backend, dtype, &sizes_mib, iters, out.as_deref()),

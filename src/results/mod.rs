@@ -23,6 +23,7 @@ mod aggregate;
 mod attrs;
 mod cloexec;
 pub mod durable;
+mod layout;
 mod reader;
 mod rows;
 mod schema;
@@ -32,6 +33,7 @@ mod writer;
 pub(crate) mod tests;
 
 pub use aggregate::{CommAggregate, RankAggregates};
+pub use layout::{inspect_layout, schema_columns, verify_format, FileLayout, ObjectLayout, RankTimeSplit};
 pub use reader::read_run;
 pub use writer::ResultsFile;
 
