@@ -380,3 +380,79 @@ fn dense_4l_layouts_on_gpus_in_fp32_and_bf16() {
         assert!(out.status.success() && t.contains("all strategies reproduce the single-rank model"), "{job}:\n{t}");
     }
 }
+
+/// A job whose batches include single sequences, pool-active lengths that
+/// chunk unevenly, and one category below the threshold.
+fn options_header() -> String {
+    r#"
+[run]
+name = "options"
+backend = "cpu"
+
+[model]
+preset = "tiny"
+
+[workload]
+sequences_per_category = 3
+output_tokens = 4
+batch_size = 2
+seed = 5
+
+[[workload.category]]
+name = "below"
+lengths = [12]
+
+[[workload.category]]
+name = "mixed"
+lengths = [33, 40, 64]
+
+[[workload.category]]
+name = "even"
+lengths = [48]
+"#
+    .to_string()
+}
+
+/// Every combination of the FA Pool options on `base + pool` ranks.
+fn option_strategies(base: usize, pool: usize) -> String {
+    let mut out = String::new();
+    for chunks in [1, 2, 4] {
+        for mb in [1, 2] {
+            for aggregation in ["direct", "tree"] {
+                for ops in ["attention", "qkv+attention", "qkv+attention+out"] {
+                    for partition in ["contiguous", "zigzag"] {
+                        let tag = ops.replace('+', "-");
+                        out.push_str(&format!(
+                            "[[strategy]]\nkind = \"fapool\"\nname = \"b{base}p{pool}-c{chunks}-mb{mb}-{aggregation}-{tag}-{partition}\"\nbase = {base}\npool_max = {pool}\nthreshold = 32\ntokens_per_pool_gpu = 8\nchunks = {chunks}\nmicro_batches = {mb}\naggregation = \"{aggregation}\"\npool_ops = \"{ops}\"\npartition = \"{partition}\"\n\n"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The option matrix on one layout: every strategy matches the single-rank
+/// model, one sequence per batch included, and the pool was active.
+fn option_matrix(device: Device, base: usize, pool: usize) {
+    let t = verify_job(device, base + pool, &format!("options-b{base}p{pool}"), &options_header(), &option_strategies(base, pool));
+    let names: Vec<String> = t.lines().filter(|l| l.starts_with(&format!("b{base}p{pool}-"))).map(|l| l.split_whitespace().next().unwrap().to_string()).collect();
+    assert_eq!(names.iter().collect::<std::collections::BTreeSet<_>>().len(), 72, "{t}");
+    for line in t.lines().filter(|l| l.starts_with(&format!("b{base}p{pool}-"))) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (category, nseq, p) = (f[1], f[4].parse::<usize>().unwrap(), f[5].parse::<usize>().unwrap());
+        if category != "below" {
+            assert_eq!(p, pool, "{line}");
+        }
+        assert!(nseq >= 1);
+    }
+    assert!(
+        t.lines().any(|l| l.starts_with(&format!("b{base}p{pool}-")) && l.split_whitespace().nth(4) == Some("1") && l.split_whitespace().nth(1) != Some("below")),
+        "a batch of one sequence with the pool active:\n{t}"
+    );
+}
+
+per_device!(fapool_options_on_base1_pool1, 2, |device: Device| option_matrix(device, 1, 1));
+per_device!(fapool_options_on_base2_pool2, 4, |device: Device| option_matrix(device, 2, 2));
+per_device!(fapool_options_on_base2_pool4, 6, |device: Device| option_matrix(device, 2, 4));

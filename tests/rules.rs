@@ -104,3 +104,65 @@ fn run_with_the_wrong_rank_count_stops_before_any_work() {
     assert!(t.contains("rule `ranks-match-job` broken"), "{t}");
     assert!(!res.exists(), "no results file may be created");
 }
+
+const FAPOOL_JOB: &str = r#"
+[run]
+backend = "cpu"
+[model]
+preset = "tiny"
+[workload]
+sequences_per_category = 2
+output_tokens = 2
+[[workload.category]]
+name = "short"
+lengths = [16]
+[[workload.category]]
+name = "long"
+lengths = [40, 48]
+[[strategy]]
+kind = "fapool"
+base = 1
+pool_max = 1
+threshold = 32
+"#;
+
+fn fapool_validate(tag: &str, sets: &[&str]) -> (Option<i32>, String) {
+    let dir = scratch(tag);
+    let path = job(&dir, tag, FAPOOL_JOB);
+    let mut args = vec!["validate", path.to_str().unwrap(), "--ranks", "2"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let out = fapool(&args);
+    (out.status.code(), text(&out))
+}
+
+#[test]
+fn more_chunks_than_the_shortest_pooled_prompt_are_refused() {
+    // The shortest prompt the pool serves has 40 tokens; the 16-token one runs base-only.
+    assert_eq!(fapool_validate("chunks-ok", &["strategy.0.chunks=40"]).0, Some(0));
+    let (code, t) = fapool_validate("chunks-over", &["strategy.0.chunks=41"]);
+    assert_eq!(code, Some(2), "{t}");
+    assert!(t.contains("rule `chunks-within-prompt` broken") && t.contains("40 tokens"), "{t}");
+}
+
+#[test]
+fn zero_chunks_are_refused() {
+    let (code, t) = fapool_validate("chunks-zero", &["strategy.0.chunks=0"]);
+    assert_eq!(code, Some(2), "{t}");
+    assert!(t.contains("rule `chunks-positive` broken"), "{t}");
+}
+
+#[test]
+fn an_unknown_pool_ops_is_refused_by_name() {
+    let (code, t) = fapool_validate("pool-ops", &["strategy.0.pool_ops=\"qkv+ffn\""]);
+    assert_eq!(code, Some(2), "{t}");
+    assert!(t.contains("rule `pool-ops-known` broken") && t.contains("qkv+ffn"), "{t}");
+}
+
+#[test]
+fn an_unknown_aggregation_is_refused_by_name() {
+    let (code, t) = fapool_validate("aggregation", &["strategy.0.aggregation=\"ring\""]);
+    assert_eq!(code, Some(2), "{t}");
+    assert!(t.contains("ring") && t.contains("direct") && t.contains("tree"), "{t}");
+}

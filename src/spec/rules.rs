@@ -58,6 +58,7 @@ pub fn validate(job: &JobSpec, facts: &LaunchFacts) -> Result<ModelConfig, SpecE
             return Err(rule("strategy-names-unique", format!("two strategies are named `{}`", s.name())));
         }
         s.deployment().check(&m)?;
+        s.deployment().check_prompts(&w.categories.iter().flat_map(|c| c.resolved_lengths()).collect::<Vec<_>>())?;
     }
     // World size: enough for every strategy's minimum, and no rank that no strategy can use.
     let need_min = job.strategies.iter().map(|s| s.deployment().rank_range().min).max().unwrap_or(1);

@@ -175,6 +175,11 @@ pub trait Deployment {
     fn rank_range(&self) -> RankRange;
     /// The rules its settings must satisfy with this model.
     fn check(&self, model: &ModelConfig) -> std::result::Result<(), Violation>;
+    /// The rules its settings must satisfy with the workload's prompt
+    /// lengths (every length of every category).
+    fn check_prompts(&self, _lengths: &[usize]) -> std::result::Result<(), Violation> {
+        Ok(())
+    }
     /// Roles and groups of a launch of `world` ranks (`world` within
     /// [`Deployment::rank_range`]).
     fn layout(&self, world: usize) -> Layout;

@@ -148,6 +148,63 @@ impl UnitBlocks {
     }
 }
 
+/// One step of the pipeline every rank walks in the same order: the
+/// hand-off of a unit's layer input from the base to the pool, or the
+/// return of its attention result. Each rank does its part of each step in
+/// this order, so every communicator sees the same sequence of messages on
+/// all its members (no deadlock with blocking messages), while on a GPU the
+/// messages run on their own streams and overlap the compute around them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Handoff { layer: usize, unit: usize },
+    Return { layer: usize, unit: usize },
+}
+
+/// The steps of `layers` layers over `units` units. Pipelined: every unit's
+/// first hand-off, then per layer and unit the return and at once the next
+/// layer's hand-off of the same unit, so the pool attends unit j + 1 while
+/// the base runs the FFN of unit j, across layers. Not pipelined: each
+/// unit's hand-off and return one after another.
+pub fn schedule(layers: usize, units: usize, pipelined: bool) -> Vec<Step> {
+    let mut out = Vec::with_capacity(2 * layers * units);
+    if !pipelined {
+        for layer in 0..layers {
+            for unit in 0..units {
+                out.push(Step::Handoff { layer, unit });
+                out.push(Step::Return { layer, unit });
+            }
+        }
+        return out;
+    }
+    out.extend((0..units).map(|unit| Step::Handoff { layer: 0, unit }));
+    for layer in 0..layers {
+        for unit in 0..units {
+            out.push(Step::Return { layer, unit });
+            if layer + 1 < layers {
+                out.push(Step::Handoff { layer: layer + 1, unit });
+            }
+        }
+    }
+    out
+}
+
+impl UnitBlocks {
+    /// The base rank that owns unit-local row `row`, and its index among
+    /// that rank's rows.
+    pub fn owner_of(&self, row: usize) -> Option<(usize, usize)> {
+        (0..self.b).find_map(|b| {
+            let mut at = 0;
+            for r in self.base_runs(b) {
+                if r.range().contains(&row) {
+                    return Some((b, at + row - r.start));
+                }
+                at += r.len;
+            }
+            None
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +262,46 @@ mod tests {
         assert_eq!((ub.base_rows(0), ub.base_rows(1)), (2, 3));
         assert_eq!(ub.base_runs(1), vec![RowRun::new(2, 3)]);
         assert_eq!(ub.blocks(), 1);
+    }
+
+    #[test]
+    fn the_pipelined_schedule_hands_a_unit_on_as_soon_as_its_result_returns() {
+        use Step::*;
+        assert_eq!(
+            schedule(2, 2, true),
+            vec![
+                Handoff { layer: 0, unit: 0 },
+                Handoff { layer: 0, unit: 1 },
+                Return { layer: 0, unit: 0 },
+                Handoff { layer: 1, unit: 0 },
+                Return { layer: 0, unit: 1 },
+                Handoff { layer: 1, unit: 1 },
+                Return { layer: 1, unit: 0 },
+                Return { layer: 1, unit: 1 }
+            ]
+        );
+        assert_eq!(schedule(1, 2, false), vec![Handoff { layer: 0, unit: 0 }, Return { layer: 0, unit: 0 }, Handoff { layer: 0, unit: 1 }, Return { layer: 0, unit: 1 }]);
+        // Every (layer, unit) is handed off once, and returned once after it.
+        for pipelined in [true, false] {
+            let s = schedule(3, 4, pipelined);
+            for l in 0..3 {
+                for u in 0..4 {
+                    let h = s.iter().position(|x| *x == Handoff { layer: l, unit: u }).unwrap();
+                    let r = s.iter().position(|x| *x == Return { layer: l, unit: u }).unwrap();
+                    assert!(h < r);
+                    if l > 0 {
+                        assert!(s.iter().position(|x| *x == Return { layer: l - 1, unit: u }).unwrap() < h, "a layer's input leaves after the previous layer's result");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_owner_of_a_row_is_the_base_rank_whose_part_holds_it() {
+        let ub = UnitBlocks::prefill(Unit { seqs: 0..1, positions: 0..8 }, Partition::Contiguous, 2, 2);
+        assert_eq!(ub.owner_of(7), Some((1, 3)));
+        assert_eq!(ub.owner_of(4), Some((0, 2)));
+        assert_eq!(ub.owner_of(8), None);
     }
 }
