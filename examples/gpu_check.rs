@@ -1,5 +1,6 @@
-//! Checks every CUDA kernel against the CPU reference and, with `--bench`,
-//! times attention and GEMMs, on one GPU. Exits 1 when a check fails, 2 when
+//! Checks every CUDA kernel against its reference definition and, with
+//! `--bench`, times attention and GEMMs, on one GPU (`fapool check-gpu` and
+//! `fapool bench kernels` in one process, with the device described). Exits 1 when a check fails, 2 when
 //! the CUDA backend cannot run here.
 //!
 //! ```text
@@ -9,7 +10,7 @@
 
 use fapool::backend::cuda::{probe, CudaBackend};
 use fapool::backend::{Backend, Dtype};
-use fapool::gpu_checks::{bench_kernels, check_kernels, print_bench_table, print_table};
+use fapool::{bench, checks};
 
 fn arg_value(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
@@ -62,11 +63,11 @@ fn main() {
             backend.kernel_arch(),
             t.elapsed().as_secs_f64()
         );
-        let rows = check_kernels(&backend, seed);
-        all_pass &= print_table(&rows);
+        let rows = checks::run_all(&backend, seed);
+        all_pass &= checks::print_table(&rows);
         if args.iter().any(|a| a == "--bench") {
-            match bench_kernels(&backend, &seqs, iters) {
-                Ok(rows) => print_bench_table(&rows),
+            match bench::kernels::run(&backend, &seqs, iters) {
+                Ok(rows) => bench::print_table(&rows),
                 Err(e) => {
                     eprintln!("benchmark failed: {e}");
                     all_pass = false;

@@ -839,7 +839,7 @@ pub fn env() -> Exit {
     Exit::Ok
 }
 
-/// `fapool check-gpu`: every CUDA kernel against the CPU backend.
+/// `fapool check-gpu`: every CUDA kernel against its reference definition.
 pub fn check_gpu(dtype: &str, seed: u64) -> Exit {
     use crate::backend::Dtype;
     let dtypes = match dtype {
@@ -866,7 +866,7 @@ pub fn check_gpu(dtype: &str, seed: u64) -> Exit {
             }
         };
         println!("{} ({d})", be.device_name().unwrap_or_default());
-        pass &= crate::gpu_checks::print_table(&crate::gpu_checks::check_kernels(&be, seed));
+        pass &= crate::checks::print_table(&crate::checks::run_all(&be, seed));
     }
     if pass {
         Exit::Ok
@@ -888,15 +888,13 @@ pub fn bench_kernels(dtype: crate::backend::Dtype, seq: &[usize], iters: usize, 
             return Exit::Cuda;
         }
     };
-    let rows = match crate::gpu_checks::bench_kernels(&be, seq, iters) {
+    let rows = match crate::bench::kernels::run(&be, seq, iters) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("fapool: {e}");
             return Exit::Cuda;
         }
     };
-    let rows: Vec<crate::bench::Row> =
-        rows.into_iter().map(|r| crate::bench::Row { what: r.what, shape: r.shape, median_ms: r.median_ms, figure: r.figure, unit: r.unit.into(), busbw_gbs: f64::NAN }).collect();
     let device = be.device_name().unwrap_or_default();
     println!("{device}, {dtype}");
     crate::bench::print_table(&rows);
@@ -924,7 +922,7 @@ pub fn bench_comm(backend: Option<BackendKind>, dtype: crate::backend::Dtype, si
                 return Exit::Mpi;
             }
         };
-        match crate::bench::bench_comm(be, &comm, &world, sizes, 3, iters) {
+        match crate::bench::comm::run(be, &comm, &world, sizes, 3, iters) {
             Ok(rows) if cluster.rank == 0 => {
                 println!("{} ranks, {} transport, {device}", cluster.world_size, comm.transport_name());
                 crate::bench::print_table(&rows);

@@ -4,7 +4,9 @@
 //! job spec (`spec`, `workload`, `model`) → cluster roles and communicators
 //! (`cluster`) → strategy (`strategy`: who computes what) → backend (kernels)
 //! and comm (collectives) → metrics (`metrics`, timed in `runner`) → results
-//! file (`results`) → analysis (`analyze`). `memory` models what fits.
+//! file (`results`) → analysis (`analyze`). `memory` models what fits;
+//! `checks` checks every backend's kernels against reference definitions,
+//! and `bench` measures kernels and collectives.
 
 // Weight shards are addressed as lists of column runs; a list of one run is
 // the common case, not a mistaken `Vec` of a range.
@@ -14,12 +16,12 @@ pub mod analyze;
 pub mod app;
 pub mod backend;
 pub mod bench;
+pub mod checks;
 pub mod cluster;
 pub mod comm;
 pub mod control;
 pub mod energy;
 pub mod exit;
-pub mod gpu_checks;
 pub mod memory;
 pub mod metrics;
 pub mod model;
