@@ -4,7 +4,8 @@
 //! decode step against the same context, cuBLAS GEMMs on dense-4l's shapes,
 //! and RMSNorm. Each row is the median of event-timed calls after two
 //! warm-up calls. Correctness is `fapool check-gpu`'s job: these rows are
-//! not checked (`#wrong` is `-`).
+//! not checked (`#wrong` is `-`). This module must not time anything but
+//! through the harness (`time_with_marks`).
 
 use super::{time_with_marks, Row};
 use crate::backend::cuda::{CudaBackend, PrefillKernel};

@@ -1,6 +1,7 @@
 //! Checks of the attention operations: causal prefill (every implementation
 //! the backend offers), decode, the merge of partial results, and decode
 //! steps driven by the step scalars, op by op and recorded once and replayed.
+//! The expected values come from `reference` only, never from another backend.
 
 use super::reference::{self as r, wide};
 use super::{CheckedBackend, Checker, Pairs};

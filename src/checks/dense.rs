@@ -1,6 +1,7 @@
 //! Checks of the dense and row operations, on the tiny model's shapes
 //! (d 64, vocab 512) and dense-4l's (d 4096, vocab 32000), with row counts
-//! that are not multiples of any tile.
+//! that are not multiples of any tile. The expected values come from
+//! `reference` only, never from another backend.
 
 use super::reference as r;
 use super::{CheckedBackend, Checker};

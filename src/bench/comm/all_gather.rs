@@ -1,6 +1,7 @@
 //! All-gather of equal contributions: every rank ends with every rank's
 //! buffer, in rank order. Like nccl-tests, bandwidth counts the gathered
 //! size (ranks × the per-rank size) and the bus factor is (n-1)/n.
+//! It says only what is specific to this collective; the harness times and checks.
 
 use super::{value, Buffers, Collective};
 use crate::backend::Backend;

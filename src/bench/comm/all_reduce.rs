@@ -1,5 +1,6 @@
 //! Sum all-reduce in place: every rank ends with the sum of every rank's
 //! buffer. Bus factor 2(n-1)/n (nccl-tests).
+//! It says only what is specific to this collective; the harness times and checks.
 
 use super::{value, Buffers, Collective};
 use crate::backend::Backend;

@@ -1,5 +1,6 @@
 //! Broadcast from rank 0 in place: every rank ends with rank 0's buffer.
 //! Bus factor 1 (nccl-tests).
+//! It says only what is specific to this collective; the harness times and checks.
 
 use super::{value, Buffers, Collective};
 use crate::backend::Backend;

@@ -1,5 +1,6 @@
 //! One point-to-point message from rank 0 to rank 1 (the pipeline's
 //! activations); the other ranks take no part. Bus factor 1.
+//! It says only what is specific to this collective; the harness times and checks.
 
 use super::{value, Buffers, Collective};
 use crate::backend::Backend;

@@ -6,6 +6,9 @@
 //! a multiple of 8, 16-bit types: a block streams whole cache rows of
 //! several heads) or `decode_partial` (any head_dim) computes each chunk's
 //! normalised output and log-sum-exp, and `decode_combine` merges them.
+//! With the step scalars the chunks are laid out for the cache's capacity
+//! and the length is read on the device, so a recorded step replays at any
+//! length: this module must not bake a step's length into such a launch.
 
 use super::super::contract::{self, DecodeCombineArgs, DecodePartialArgs, DecodeRowsArgs, MergePartialsArgs, DECODE_ROWS_THREADS, DECODE_THREADS};
 use super::super::launch::{DevPtr, Holds};

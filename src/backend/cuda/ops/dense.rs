@@ -1,5 +1,6 @@
 //! Dense operations: token embeddings, GEMMs (cuBLAS), RMSNorm, the
-//! element-wise kernels, argmax and device-side random fills.
+//! element-wise kernels, argmax and device-side random fills. This module
+//! must not read the step scalars (see `step`).
 
 use super::super::contract::{self, AddArgs, ArgmaxArgs, EmbedArgs, FillUniformArgs, GeluArgs, GeluMulArgs, RmsnormArgs, ARGMAX_THREADS, RMSNORM_THREADS};
 use super::super::ffi::{self, Gemm};

@@ -2,7 +2,9 @@
 //! one (prefill.cu: any head_dim up to 256, any dtype, scalar f32 math) and
 //! the tensor-core ones (flash.cu: head_dim 128, bf16/fp16). A new variant
 //! is one [`PrefillKernel`] value, its kernel declared in `contract`, and
-//! one arm in [`attention_prefill`].
+//! one arm in [`attention_prefill`]. This module must not pick a
+//! tensor-core kernel where it does not apply (it falls back to the general
+//! one under `Auto`, and refuses an explicit request).
 
 use super::super::contract::{self, FlashArgs, FlashVariant, PrefillGeneralArgs, FA_D, PREFILL_MAX_D, PREFILL_WARPS};
 use super::super::launch::DevPtr;

@@ -1,5 +1,6 @@
 //! Row copies: splitting fused QKV, gathering and scattering row runs.
-//! The kernels move bytes, so one kernel serves every dtype.
+//! The kernels move bytes, so one kernel serves every dtype. This module
+//! must not upload a row table while a step is being recorded (it refuses).
 
 use super::super::contract::{self, CopyRowRunsArgs, CopyRowRunsInlineArgs, CopyRowsStridedArgs, RunTable, INLINE_RUNS};
 use super::super::launch::{DevPtr, Holds, THREADS};

@@ -1,7 +1,8 @@
 //! The decode step's scalars and the operations that read them on the
 //! device (embedding the step's tokens, storing the new K/V row), so a step
 //! recorded once replays at every later position. Decode attention over the
-//! step's length is in `decode`.
+//! step's length is in `decode`. This module must not write the scalars
+//! while a step is being recorded: they are the recording's inputs.
 
 use super::super::contract::{self, EmbedStepArgs, StoreRowsAtArgs, STEP_LEN, STEP_POS, STEP_STORE_AT, STEP_TOKENS};
 use super::super::launch::{DevPtr, Holds, THREADS};
