@@ -7,8 +7,8 @@
 //   `copy_row_runs_inline` takes a table of up to 8 runs by value (no upload,
 //   so it can be recorded in a graph);
 // - `store_rows_at`: row n of src to row `at` of sequence n of a
-//   [nseq, cap] cache, `at` read from the decode step's scalars (int32 [1];
-//   negative: store nothing).
+//   [nseq, cap] cache, `at` read from the decode step's scalars
+//   (FAPOOL_STEP_STORE_AT; negative: store nothing).
 // All use 16-byte accesses when every address and length allows it.
 
 #define INLINE_RUNS 8
@@ -64,7 +64,7 @@ extern "C" __global__ void copy_row_runs_inline(unsigned char* dst, const unsign
 
 extern "C" __global__ void store_rows_at(unsigned char* dst, const unsigned char* src, u64 row_bytes, u64 nseq,
                                          u64 cap, const int* step) {
-    int at = step[1];
+    int at = step[FAPOOL_STEP_STORE_AT];
     if (at < 0 || (u64)at >= cap) return;
     bool vec = aligned16(dst, src, row_bytes);
     for (u64 n = blockIdx.x; n < nseq; n += gridDim.x)

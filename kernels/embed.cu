@@ -4,8 +4,8 @@
 // f32 angle would be off by several milliradians.
 //
 // `embed_step` embeds one token per sequence from the decode step's scalars
-// in device memory (int32: [0] position, [4 + n] token of sequence n), so a
-// recorded step replays at the next position.
+// in device memory (int32: FAPOOL_STEP_POS the position, FAPOOL_STEP_TOKENS + n
+// the token of sequence n), so a recorded step replays at the next position.
 
 template <typename T>
 __device__ void embed_impl(T* out, const T* table, const unsigned* tokens, const double* freq, u64 rows, u64 d,
@@ -29,8 +29,8 @@ __device__ void embed_impl(T* out, const T* table, const unsigned* tokens, const
     }                                                                                              \
     extern "C" __global__ void embed_step_##SUFFIX(T* out, const T* table, const int* step,        \
                                                    const double* freq, u64 rows, u64 d) {          \
-        embed_impl<T>(out, table, reinterpret_cast<const unsigned*>(step + 4), freq, rows, d, 1,    \
-                      (u64)step[0]);                                                               \
+        embed_impl<T>(out, table, reinterpret_cast<const unsigned*>(step + FAPOOL_STEP_TOKENS),     \
+                      freq, rows, d, 1, (u64)step[FAPOOL_STEP_POS]);                               \
     }
 
 FAPOOL_FOR_EACH_TYPE(EMBED)

@@ -21,6 +21,10 @@
 #define FA_D 128
 #define FA_BN 64
 #define FA_ROW_BYTES 256
+// Dynamic shared memory of a block: the query block (16 * MF * WARPS rows)
+// and two K and two V tiles, rows of FA_ROW_BYTES. The host asks for this
+// much (src/backend/cuda/contract.rs); the kernel asserts its layout fits.
+#define FLASH_SMEM_BYTES(WARPS, MF) ((16 * (MF) * (WARPS) + 4 * FA_BN) * FA_ROW_BYTES)
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
@@ -105,6 +109,7 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
     constexpr int Q_BYTES = BM * FA_ROW_BYTES;
     constexpr int KV_BYTES = FA_BN * FA_ROW_BYTES;
     constexpr bool Q_IN_REGS = MF == 1;
+    static_assert(Q_BYTES + 4 * KV_BYTES == FLASH_SMEM_BYTES(WARPS, MF), "the launch's shared memory is the layout's");
     extern __shared__ __align__(128) unsigned char fa_smem[];
     const unsigned s_q = smem_addr(fa_smem);
     const unsigned s_k = s_q + Q_BYTES;           // two K buffers
@@ -320,8 +325,8 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
     }
 }
 
-// Dynamic shared memory: (16 * MF * WARPS + 4 * 64) rows of 256 bytes. The
-// MF = 2 variant fits two blocks per SM (registers and shared memory).
+// Dynamic shared memory: FLASH_SMEM_BYTES(WARPS, MF). The MF = 2 variant
+// fits two blocks per SM (registers and shared memory).
 #define FLASH(T, SUFFIX, WARPS, MF, NAME, MINB)                                                    \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                 \
         flash_fwd_d128_##NAME##_##SUFFIX(const T* q, const T* k, const T* v, T* out, float* lse,   \

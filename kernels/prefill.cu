@@ -13,6 +13,10 @@
 #define PREFILL_WARPS 8
 #define PREFILL_TILE 32
 #define PREFILL_MAX_D 256
+// Dynamic shared memory for head_dim d: K and V tiles of PREFILL_TILE rows of
+// pitch d + 1 and one query row per warp, as f32 (the layout below; the host
+// asks for this much, src/backend/cuda/contract.rs).
+#define PREFILL_SMEM_BYTES(d) ((2 * PREFILL_TILE * ((d) + 1) + PREFILL_WARPS * (d)) * 4)
 
 template <typename T>
 __device__ void prefill_general_impl(const T* q, const T* k, const T* v, T* out, float* lse, int sq, int skv,

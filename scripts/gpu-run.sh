@@ -3,8 +3,15 @@
 # with one or two GPUs: `scripts/gpu-run.sh [STEP...]` (default: all). Each
 # step's log goes to $OUT/logs (one archive at the end) and its tail to
 # $OUT/summary.txt. B names the fapool binary (default target/release/fapool).
+# T names the kernel test binary that `cargo test --release --no-run` builds
+# from tests/kernels.rs: cargo names it target/release/deps/kernels-<hash>
+# (the hash changes with the build; default: the newest such executable).
+# Build both where the Rust toolchain is and carry target/release/fapool and
+# that file to the GPU machine at the same paths.
 #
-# Steps: check (kernels against the CPU), kernels (fapool bench kernels and
+# Steps: check (the CUDA instantiation of every kernel check of
+# tests/kernels.rs with FAPOOL_REQUIRE_GPU=1, then fapool check-gpu's
+# table), kernels (fapool bench kernels and
 # the PyTorch reference), comm (NCCL through fapool and torch.distributed, 2
 # GPUs), verify (strategy equivalence on 2 GPUs, fp32 and bf16), model (whole
 # dense-4l on one GPU), model-eager (the same with decode steps not recorded
@@ -14,6 +21,7 @@
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 B=${B:-target/release/fapool}
+T=${T:-$(find target/release/deps -maxdepth 1 -type f -executable -name 'kernels-*' -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2)}
 OUT=${OUT:-results/gpu-run}
 L=$OUT/logs
 mkdir -p "$L"
@@ -29,13 +37,21 @@ steps=${*:-check kernels comm verify model model-eager decode sweep}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$L/smi.txt" 2>&1
 for s in $steps; do
     case $s in
-    check) TAILN=3 step check-gpu timeout 150 "$B" check-gpu --dtype all ;;
+    check)
+        if [ -z "$T" ]; then
+            echo "=== kernel-tests: no target/release/deps/kernels-* (cargo test --release --no-run builds it)" | tee -a "$OUT/summary.txt"
+        else
+            TAILN=3 step kernel-tests env FAPOOL_REQUIRE_GPU=1 timeout 300 "$T" matches_the_reference_on_cuda
+        fi
+        TAILN=3 step check-gpu timeout 150 "$B" check-gpu --dtype all
+        ;;
     kernels)
         step bench-kernels timeout 120 "$B" bench kernels --dtype bf16 --iters 10 --out "$OUT/bench-kernels.h5"
         step torch-kernels timeout 180 python3 scripts/torch_reference.py kernels --out "$L/torch-kernels.json"
         ;;
     comm)
-        step bench-comm timeout 120 mpirun -np 2 "$B" bench comm --sizes-mib 1,16,256,1024 --iters 20 --out "$OUT/bench-comm.h5"
+        # Every size is checked once before it is timed (the #wrong column): allow for the host-side check.
+        step bench-comm timeout 240 mpirun -np 2 "$B" bench comm --sizes-mib 1,16,256,1024 --iters 20 --out "$OUT/bench-comm.h5"
         step torch-nccl timeout 120 mpirun -np 2 python3 scripts/torch_reference.py nccl --out "$L/torch-nccl.json"
         ;;
     verify)

@@ -104,7 +104,7 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
-    /// Check every CUDA kernel against the CPU backend on fresh random inputs (outputs poisoned first).
+    /// Check every CUDA kernel against its f64 reference definition on fresh random inputs (outputs poisoned first).
     CheckGpu {
         /// bf16, fp16, fp32 or all.
         #[arg(long, default_value = "all")]

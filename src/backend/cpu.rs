@@ -1,9 +1,12 @@
-//! The f32 CPU backend: the reference implementation of every kernel, used for
-//! tests, the tiny demo model, and as the oracle the CUDA kernels are checked
-//! against. GEMMs go through `matrixmultiply`; everything else is plain loops
-//! kept simple enough to read as the definition of the operation.
+//! The f32 CPU backend: every operation in plain f32 loops, used for tests,
+//! the tiny demo model, CI, and as the single-rank model that strategies are
+//! verified against. GEMMs go through `matrixmultiply`; everything else is
+//! kept simple enough to read as the definition of the operation. Its
+//! kernels are checked like the CUDA ones, against the f64 definitions in
+//! `checks::reference` (`tests/kernels.rs`).
 
 use super::{Backend, BackendError, DecodeShape, PrefillShape, Result, RowRun, StepVars};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -14,6 +17,8 @@ use std::time::Instant;
 #[derive(Debug, Default)]
 pub struct CpuBackend {
     step: Mutex<StepVars>,
+    /// Outputs start as NaN instead of zero (see [`Backend::set_poison_outputs`]).
+    poison: AtomicBool,
 }
 
 impl CpuBackend {
@@ -22,6 +27,11 @@ impl CpuBackend {
     }
     fn step(&self) -> StepVars {
         self.step.lock().expect("step lock").clone()
+    }
+    /// A new output buffer of `len` elements: zeros, or NaN while poisoning
+    /// is on, so an element an operation does not write cannot pass a check.
+    fn output(&self, len: usize) -> Vec<f32> {
+        vec![if self.poison.load(Ordering::Relaxed) { f32::NAN } else { 0.0 }; len]
     }
 }
 
@@ -113,10 +123,16 @@ impl Backend for CpuBackend {
     fn zeros_f32(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
     }
+    fn set_poison_outputs(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+    fn poison_outputs(&self) -> bool {
+        self.poison.load(Ordering::Relaxed)
+    }
 
     fn embed(&self, table: &Vec<f32>, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<Vec<f32>> {
         check("embed tokens", tokens.len(), nseq * n)?;
-        let mut out = vec![0.0; nseq * n * d];
+        let mut out = self.output(nseq * n * d);
         for (row, &tok) in tokens[..nseq * n].iter().enumerate() {
             let base = tok as usize * d;
             check("embedding table", table.len(), base + d)?;
@@ -131,7 +147,8 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
         check("matmul x", x.len(), m * k)?;
         check("matmul w", w.len(), k * n)?;
-        let mut out = vec![0.0f32; m * n];
+        // beta = 0: sgemm overwrites every element of `out` (k = 0 included).
+        let mut out = self.output(m * n);
         if m == 0 || n == 0 {
             return Ok(out);
         }
@@ -146,7 +163,7 @@ impl Backend for CpuBackend {
     fn rmsnorm(&self, x: &Vec<f32>, weight: &Vec<f32>, rows: usize, cols: usize, eps: f32) -> Result<Vec<f32>> {
         check("rmsnorm x", x.len(), rows * cols)?;
         check("rmsnorm weight", weight.len(), cols)?;
-        let mut out = vec![0.0; rows * cols];
+        let mut out = self.output(rows * cols);
         for r in 0..rows {
             let xr = &x[r * cols..(r + 1) * cols];
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / cols as f32;
@@ -177,7 +194,7 @@ impl Backend for CpuBackend {
 
     fn split_qkv(&self, qkv: &Vec<f32>, rows: usize, width: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         check("split_qkv", qkv.len(), rows * 3 * width)?;
-        let mut parts = [vec![0.0; rows * width], vec![0.0; rows * width], vec![0.0; rows * width]];
+        let mut parts = [self.output(rows * width), self.output(rows * width), self.output(rows * width)];
         for r in 0..rows {
             for (p, part) in parts.iter_mut().enumerate() {
                 let src = r * 3 * width + p * width;
@@ -218,8 +235,8 @@ impl Backend for CpuBackend {
             return Err(BackendError::Shape(format!("prefill skv {} exceeds kv_seq_stride {}", s.skv, s.kv_seq_stride)));
         }
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let mut out = vec![0.0; s.nseq * s.sq * width];
-        let mut lse = vec![0.0; s.nseq * s.heads * s.sq];
+        let mut out = self.output(s.nseq * s.sq * width);
+        let mut lse = self.output(s.nseq * s.heads * s.sq);
         let mut scores = Vec::new();
         for n in 0..s.nseq {
             for h in 0..s.heads {
@@ -245,8 +262,8 @@ impl Backend for CpuBackend {
             return Err(BackendError::Shape(format!("decode len {} exceeds cache capacity {}", s.len, s.cap)));
         }
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let mut out = vec![0.0; s.nseq * width];
-        let mut lse = vec![0.0; s.nseq * s.heads];
+        let mut out = self.output(s.nseq * width);
+        let mut lse = self.output(s.nseq * s.heads);
         let mut scores = Vec::new();
         for n in 0..s.nseq {
             for h in 0..s.heads {
@@ -517,6 +534,19 @@ mod tests {
         // The CPU cannot record: steps run op by op.
         assert!(!be.capture_begin().unwrap());
         assert!(be.capture_end().is_err());
+    }
+
+    #[test]
+    fn poisoning_starts_new_outputs_as_nan_and_leaves_zeros_zero() {
+        let be = CpuBackend::new();
+        be.set_poison_outputs(true);
+        assert!(be.poison_outputs() && be.output(4).iter().all(|x| x.is_nan()));
+        assert_eq!(be.zeros(3).unwrap(), vec![0.0; 3]);
+        // Every element of an operation's output is still written.
+        let y = be.rmsnorm(&random(12, 21), &vec![1.0; 4], 3, 4, 1e-6).unwrap();
+        assert!(y.iter().all(|x| x.is_finite()));
+        be.set_poison_outputs(false);
+        assert_eq!(be.output(2), vec![0.0; 2]);
     }
 
     #[test]

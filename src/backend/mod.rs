@@ -15,14 +15,56 @@ pub mod cuda;
 use std::ops::Range;
 
 /// Errors raised by a backend.
+///
+/// The variants tell the command layer what failed: a backend that cannot
+/// start here, a call into the device's libraries that failed while running
+/// (its own exit code), buffers that do not fit the operation, or an
+/// operation this backend does not implement for the shape or dtype asked.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("backend `{backend}` is not available: {reason}")]
     Unavailable { backend: &'static str, reason: String },
-    #[error("device error: {0}")]
-    Device(String),
+    /// A CUDA driver, cuBLAS or NVRTC call failed at run time; `message` is
+    /// the library's own report.
+    #[error("device error: {message}")]
+    Device { library: DeviceLibrary, message: String },
     #[error("shape error: {0}")]
     Shape(String),
+    /// A limit of this backend's kernels (a head_dim, a dtype, a shared-memory
+    /// size) that the operation's arguments exceed; nothing ran.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl BackendError {
+    /// The library whose call failed, for a run-time device error.
+    pub fn device_library(&self) -> Option<DeviceLibrary> {
+        match self {
+            BackendError::Device { library, .. } => Some(*library),
+            _ => None,
+        }
+    }
+}
+
+/// The device library a [`BackendError::Device`] comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceLibrary {
+    /// The CUDA driver (memory, copies, kernel launches, graphs, events).
+    Driver,
+    /// cuBLAS (the GEMMs).
+    Cublas,
+    /// NVRTC (run-time compilation of `kernels/*.cu`).
+    Nvrtc,
+}
+
+impl DeviceLibrary {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceLibrary::Driver => "CUDA driver",
+            DeviceLibrary::Cublas => "cuBLAS",
+            DeviceLibrary::Nvrtc => "NVRTC",
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -166,6 +208,11 @@ pub trait Backend {
     type Graph;
 
     fn name(&self) -> &'static str;
+    /// Element type of activations and weights (the CPU backend computes
+    /// and stores f32).
+    fn dtype(&self) -> Dtype {
+        Dtype::Fp32
+    }
     /// Number of elements in `buf`.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Bytes `buf` occupies on the device (what a message of it moves).
@@ -182,6 +229,20 @@ pub trait Backend {
     /// backend can skip it.
     fn empty(&self, len: usize) -> Result<Self::Buf> {
         self.zeros(len)
+    }
+    /// Uploads `host` as f32 whatever the model dtype (log-sum-exp buffers).
+    /// The default is [`Backend::upload`], right for a backend that stores f32.
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::Buf> {
+        self.upload(host)
+    }
+    /// When on, every buffer an operation creates is filled with NaN before
+    /// the operation writes it, so an output element it forgets to write
+    /// shows up in a check (see `checks`). Off by default; a backend that
+    /// cannot poison ignores it.
+    fn set_poison_outputs(&self, _on: bool) {}
+    /// Whether outputs are poisoned (see [`Backend::set_poison_outputs`]).
+    fn poison_outputs(&self) -> bool {
+        false
     }
 
     /// `table[token] + sinusoidal(position)` for `nseq × n` tokens whose

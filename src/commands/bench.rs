@@ -13,9 +13,7 @@ pub fn kernels(dtype: Dtype, seq: &[usize], iters: usize, out: Option<&Path>) ->
         return Err(Failure::new(Exit::Cuda, format!("bench kernels needs a GPU: {why}")));
     }
     let be = CudaBackend::new(0, dtype).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
-    let rows = crate::gpu_checks::bench_kernels(&be, seq, iters).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
-    let rows: Vec<crate::bench::Row> =
-        rows.into_iter().map(|r| crate::bench::Row { what: r.what, shape: r.shape, median_ms: r.median_ms, figure: r.figure, unit: r.unit.into(), busbw_gbs: f64::NAN }).collect();
+    let rows = crate::bench::kernels::run(&be, seq, iters).map_err(|e| Failure::new(super::exit_for_backend(&e), e.to_string()))?;
     let device = be.device_name().unwrap_or_default();
     println!("{device}, {dtype}");
     crate::bench::print_table(&rows);
@@ -34,7 +32,10 @@ struct CommBody {
 impl OnBackend for CommBody {
     fn run<B: Backend>(self, cluster: &Cluster, launch: Launch<'_, B>) -> Result<(), Failure> {
         let device = launch.devices.first().map(|d| d.name.clone()).unwrap_or_else(|| "cpu".into());
-        let rows = crate::bench::bench_comm(launch.be, &launch.comm, &launch.world, &self.sizes, 3, self.iters).map_err(|e| Failure::new(Exit::Nccl, format!("rank {}: {e}", cluster.rank)))?;
+        let rows = crate::bench::comm::run(launch.be, &launch.comm, &launch.world, &self.sizes, 3, self.iters).map_err(|e| {
+            let message = format!("rank {}: {e}", cluster.rank);
+            super::end_job_on_failure(cluster, Failure::new(super::exit_for(&e.into()), message))
+        })?;
         if cluster.rank != 0 {
             return Ok(());
         }

@@ -72,10 +72,11 @@ pub fn exit_for(e: &StrategyError) -> Exit {
     }
 }
 
-/// Device errors (CUDA, cuBLAS, NVRTC, an unusable backend) exit 4.
+/// Device errors (CUDA driver, cuBLAS, NVRTC, an unusable backend, a
+/// kernel limit the arguments exceed) exit 4.
 pub fn exit_for_backend(e: &BackendError) -> Exit {
     match e {
-        BackendError::Device(_) | BackendError::Unavailable { .. } => Exit::Cuda,
+        BackendError::Device { .. } | BackendError::Unavailable { .. } | BackendError::Unsupported(_) => Exit::Cuda,
         BackendError::Shape(_) => Exit::Failure,
     }
 }

@@ -8,7 +8,7 @@
 use super::progress::Progress;
 use super::records::{gather_batch, BatchFacts};
 use super::{batch_flops, run_batch, BatchInput, EnergyMeter};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, DeviceLibrary};
 use crate::cluster::Cluster;
 use crate::comm::{Comm, CommError, Group};
 use crate::control::{Fault, FaultEffect, Watchdog};
@@ -203,7 +203,7 @@ fn open_target<B: Backend>(be: &B, comm: &Comm<'_, B>, cluster: &Cluster, setup:
 /// The error a rank's injected fault makes its batch fail with.
 fn injected(effect: FaultEffect) -> Option<StrategyError> {
     match effect {
-        FaultEffect::DeviceError => Some(StrategyError::Backend(BackendError::Device("injected device error (FAPOOL_FAULT)".into()))),
+        FaultEffect::DeviceError => Some(StrategyError::Backend(BackendError::Device { library: DeviceLibrary::Driver, message: "injected device error (FAPOOL_FAULT)".into() })),
         FaultEffect::CommError => Some(StrategyError::Comm(CommError::Nccl("injected communication error (FAPOOL_FAULT)".into()))),
         FaultEffect::None | FaultEffect::DeviceUnusable => None,
     }

@@ -7,12 +7,13 @@
 //! process-wide; loaded modules and looked-up functions per backend, since
 //! modules belong to a CUDA context.
 //!
-//! This module must not launch kernels or know their arguments: that is the
-//! backend's job.
+//! This module must not launch kernels or know their arguments: those are
+//! declared in `contract` and launched by `launch`.
 
+use super::ffi::NvrtcProgram;
 use super::CudaError;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
+use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -98,40 +99,14 @@ pub fn compile(file: KernelFile, arch: &str, extra: &[&str]) -> Result<CompiledI
     let name = CString::new(file.file_name()).expect("file names contain no NUL");
     let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".to_string(), "--generate-line-info".to_string()];
     options.extend(extra.iter().map(|s| s.to_string()));
-    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| CudaError::Nvrtc { file: file.file_name(), arch: arch.into(), log: format!("{e:?}") })?;
-    // SAFETY: `prog` was just created and is destroyed exactly once below; the
-    // option strings outlive the call.
-    let compiled = unsafe { nvrtc::compile_program(prog, &options) };
-    // SAFETY: `prog` is a live program; the log exists after any compile attempt.
-    let log = unsafe { nvrtc::get_program_log(prog) }.map(|raw| c_chars_to_string(&raw)).unwrap_or_default();
-    let result = compiled.map_err(|e| CudaError::Nvrtc { file: file.file_name(), arch: arch.into(), log: format!("{e:?}\n{log}") }).and_then(|()| {
-        let is_cubin = arch.starts_with("sm_");
-        // SAFETY: compilation succeeded, so the program holds its output.
-        let image = if is_cubin { unsafe { get_cubin(prog) } } else { unsafe { nvrtc::get_ptx(prog) }.map(|p| p.iter().map(|&c| c as u8).collect()) };
-        image.map(|image| CompiledImage { arch: arch.into(), image, is_cubin, log: log.clone() }).map_err(|e| CudaError::Nvrtc {
-            file: file.file_name(),
-            arch: arch.into(),
-            log: format!("reading output: {e:?}"),
-        })
-    });
-    // SAFETY: destroyed once; nothing refers to it afterwards.
-    let _ = unsafe { nvrtc::destroy_program(prog) };
-    result
-}
-
-/// # Safety
-/// `prog` must be a live program whose compilation for a real architecture succeeded.
-unsafe fn get_cubin(prog: nvrtc_sys::nvrtcProgram) -> Result<Vec<u8>, nvrtc::NvrtcError> {
-    let mut size = 0usize;
-    nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
-    let mut out = vec![0u8; size];
-    nvrtc_sys::nvrtcGetCUBIN(prog, out.as_mut_ptr() as *mut std::ffi::c_char).result()?;
-    Ok(out)
-}
-
-fn c_chars_to_string(raw: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = raw.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+    let failed = |log: String| CudaError::Nvrtc { file: file.file_name(), arch: arch.into(), log };
+    let prog = NvrtcProgram::new(&src, &name).map_err(|e| failed(format!("{e:?}")))?;
+    let compiled = prog.compile(&options);
+    let log = prog.log().unwrap_or_default();
+    compiled.map_err(|e| failed(format!("{e:?}\n{log}")))?;
+    let is_cubin = arch.starts_with("sm_");
+    let image = if is_cubin { prog.cubin() } else { prog.ptx() }.map_err(|e| failed(format!("reading output: {e:?}")))?;
+    Ok(CompiledImage { arch: arch.into(), image, is_cubin, log })
 }
 
 /// Compiled images by file and architecture.
