@@ -13,6 +13,7 @@
 //! what it measures and decides nothing.
 
 pub mod comm;
+pub mod copies;
 pub mod kernels;
 
 use crate::backend::Backend;

@@ -25,9 +25,13 @@ pub struct SendTo {
     pub range: Range<usize>,
 }
 
-/// A message issued and not yet completed: it owns the buffers it uses.
+/// A message issued and not yet completed: it owns the buffers it uses
+/// until [`Comm::complete`] (a ticket dropped uncompleted would free them
+/// while the message may still use them).
+#[must_use = "a message's buffers live until it is completed"]
 pub struct Ticket<B: Backend> {
     record: MessageRecord<B::Mark>,
+    done: B::Mark,
     send: Option<B::Buf>,
     recv: Option<B::Buf>,
 }
@@ -88,8 +92,8 @@ impl<'a, B: Backend> Comm<'a, B> {
         self.bytes_of(buf).checked_div(self.backend.len(buf)).map_or(0, |elem| elem * n)
     }
 
-    fn record(category: Category, op: &'static str, group: &Group, peers: Vec<usize>, bytes: usize, t: Timed<B::Mark>) -> MessageRecord<B::Mark> {
-        MessageRecord { category, op, group: group.name.clone(), group_id: group.id, peers, bytes: bytes as u64, blocks_compute: false, from: t.start, to: t.end }
+    fn record(category: Category, op: &'static str, group: &Group, peers: Vec<usize>, bytes: usize, t: Timed<B::Mark>) -> (MessageRecord<B::Mark>, B::Mark) {
+        (MessageRecord { category, op, group: group.name.clone(), group_id: group.id, peers, bytes: bytes as u64, blocks_compute: false, from: t.start, to: t.end }, t.done)
     }
 
     /// Runs a collective and completes it at once.
@@ -101,8 +105,8 @@ impl<'a, B: Backend> Comm<'a, B> {
         self.finish(Self::record(category, op, group, peers, bytes, t))
     }
 
-    /// Makes the compute timeline wait for a message and records it.
-    fn finish(&self, mut record: MessageRecord<B::Mark>) -> Result<()> {
+    /// Makes the compute timeline wait for a message (its `done` point) and records it.
+    fn finish(&self, (mut record, done): (MessageRecord<B::Mark>, B::Mark)) -> Result<()> {
         if self.backend.messages_block_compute() {
             // The message itself held the compute timeline: all of it was waiting.
             record.blocks_compute = true;
@@ -110,7 +114,7 @@ impl<'a, B: Backend> Comm<'a, B> {
             return Ok(());
         }
         let from = self.backend.mark()?;
-        self.backend.wait_for(&record.to)?;
+        self.backend.wait_for(&done)?;
         let wait = WaitRecord { category: record.category, from, to: self.backend.mark()? };
         let mut log = self.log.borrow_mut();
         log.pending.push(record);
@@ -176,14 +180,15 @@ impl<'a, B: Backend> Comm<'a, B> {
         let t = self.transport.borrow().exchange(self.backend, group, &sends, recv_buf.as_mut(), &recv_from)?;
         self.beat();
         drop(sends);
-        Ok(Ticket { record: Self::record(category, "exchange", group, peers, sent + received, t), send: send_buf, recv: recv_buf })
+        let (record, done) = Self::record(category, "exchange", group, peers, sent + received, t);
+        Ok(Ticket { record, done, send: send_buf, recv: recv_buf })
     }
 
     /// Completes a message: the compute timeline waits for it; returns the
     /// receive buffer.
     pub fn complete(&self, ticket: Ticket<B>) -> Result<Option<B::Buf>> {
-        let Ticket { record, send, recv } = ticket;
-        self.finish(record)?;
+        let Ticket { record, done, send, recv } = ticket;
+        self.finish((record, done))?;
         // The send buffer is freed after the compute timeline waited for the message.
         drop(send);
         Ok(recv)

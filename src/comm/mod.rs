@@ -132,10 +132,15 @@ pub struct RecvPart {
     pub range: Range<usize>,
 }
 
-/// The marks around one operation, on the timeline that ran it.
+/// The marks around one operation, on the timeline that ran it, and the
+/// point the compute timeline waits for to use its result.
 pub struct Timed<M> {
     pub start: M,
     pub end: M,
+    /// The operation's completion as a dependency (on a GPU a plain event
+    /// on the message's stream; `end` may be a timing node of a recording,
+    /// which orders nothing).
+    pub done: M,
 }
 
 /// Moves device buffers between the ranks of a group, and small host

@@ -23,7 +23,8 @@ impl MpiTransport {
 fn timed(op: impl FnOnce() -> Result<()>) -> Result<Timed<Instant>> {
     let start = Instant::now();
     op()?;
-    Ok(Timed { start, end: Instant::now() })
+    let end = Instant::now();
+    Ok(Timed { start, end, done: end })
 }
 
 impl Transport<CpuBackend> for MpiTransport {

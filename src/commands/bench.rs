@@ -13,7 +13,9 @@ pub fn kernels(dtype: Dtype, seq: &[usize], iters: usize, out: Option<&Path>) ->
         return Err(Failure::new(Exit::Cuda, format!("bench kernels needs a GPU: {why}")));
     }
     let be = CudaBackend::new(0, dtype).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
-    let rows = crate::bench::kernels::run(&be, seq, iters).map_err(|e| Failure::new(super::exit_for_backend(&e), e.to_string()))?;
+    let fail = |e: crate::backend::BackendError| Failure::new(super::exit_for_backend(&e), e.to_string());
+    let mut rows = crate::bench::kernels::run(&be, seq, iters).map_err(fail)?;
+    rows.extend(crate::bench::copies::run(&be, iters).map_err(fail)?);
     let device = be.device_name().unwrap_or_default();
     println!("{device}, {dtype}");
     crate::bench::print_table(&rows);

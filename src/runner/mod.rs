@@ -93,7 +93,9 @@ fn decode_step_device<'r, B: Backend>(
 ) -> Result<Option<&'r B::Buf>, StrategyError> {
     if recorded.is_none() && record && be.capture_begin()? {
         let from = comm.begin_recording();
-        let logits = strategy.decode_device();
+        // Every message of the step is completed inside the recording, so
+        // the message streams rejoin the compute stream before it ends.
+        let logits = strategy.decode_device().and_then(|l| comm.settle().map(|_| l).map_err(StrategyError::from));
         // End the recording whatever happened, so the stream leaves capture mode.
         let graph = be.capture_end();
         let messages = comm.end_recording(from);
@@ -107,6 +109,7 @@ fn decode_step_device<'r, B: Backend>(
         return Ok(r.logits.as_ref());
     }
     *eager = strategy.decode_device()?;
+    comm.settle()?;
     Ok(eager.as_ref())
 }
 

@@ -34,6 +34,8 @@ pub const STEP_TOKENS: usize = 4;
 
 /// Row runs `copy_row_runs_inline` takes by value (`INLINE_RUNS`, copy.cu).
 pub const INLINE_RUNS: usize = 8;
+/// Bytes of row a copy block takes at a time (`COPY_TILE_BYTES`, copy.cu).
+pub const COPY_TILE_BYTES: usize = 16_384;
 
 /// Threads per block the fixed-size kernels are written for.
 pub const RMSNORM_THREADS: u32 = 256;
@@ -61,6 +63,7 @@ pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
     ("FAPOOL_STEP_LEN", STEP_LEN as u64),
     ("FAPOOL_STEP_TOKENS", STEP_TOKENS as u64),
     ("INLINE_RUNS", INLINE_RUNS as u64),
+    ("COPY_TILE_BYTES", COPY_TILE_BYTES as u64),
     ("RMSNORM_THREADS", RMSNORM_THREADS as u64),
     ("ARGMAX_THREADS", ARGMAX_THREADS as u64),
     ("DECODE_THREADS", DECODE_THREADS as u64),

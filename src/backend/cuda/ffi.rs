@@ -125,6 +125,17 @@ pub fn record_external_event(event: &CudaEvent, stream: &CudaStream) -> Result<(
     unsafe { drv_sys::cuEventRecordWithFlags(event.cu_event(), stream.cu_stream(), drv_sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32) }.result()
 }
 
+/// Copies `bytes` bytes from device address `src` to `dst` on `stream`:
+/// [`cuMemcpyDtoDAsync`](https://docs.nvidia.com/cuda/cuda-driver-api/group__CUDA__MEM.html).
+///
+/// # Safety
+/// `src` and `dst` are device allocations of this context holding at least
+/// `bytes` bytes each, alive until the copy has run on `stream`.
+pub unsafe fn memcpy_dtod(dst: u64, src: u64, bytes: usize, stream: &CudaStream) -> Result<(), DriverError> {
+    // SAFETY: the caller's promise.
+    unsafe { drv_sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.cu_stream()) }.result()
+}
+
 /// The PCI bus id of `ctx`'s device as the driver writes it (`0000:19:00.0`):
 /// [`cuDeviceGetPCIBusId`](https://docs.nvidia.com/cuda/cuda-driver-api/group__CUDA__MEM.html).
 ///

@@ -208,6 +208,19 @@ impl CudaBackend {
     }
 
     /// `len` zeros of `dtype`.
+    /// A plain device-to-device copy of all of `src` into `dst` (the
+    /// driver's memcpy: what every copy kernel is measured against).
+    pub fn memcpy(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        if dst.dtype() != src.dtype() || dst.len() < src.len() {
+            return Err(crate::backend::BackendError::Shape(format!("memcpy of {} {} into {} {}", src.len(), src.dtype(), dst.len(), dst.dtype())));
+        }
+        // SAFETY: both buffers are live allocations of this context and
+        // `dst` holds at least `src`'s bytes (checked); the copy is queued
+        // on the stream that owns and frees them.
+        unsafe { super::ffi::memcpy_dtod(dst.device_ptr(), src.device_ptr(), src.size_bytes(), &self.stream) }?;
+        Ok(())
+    }
+
     pub fn zeros_of(&self, dtype: Dtype, len: usize) -> Result<CudaBuf> {
         let buf = self.alloc(dtype, len)?;
         self.memset(&buf, 0)?;

@@ -8,7 +8,11 @@
 //! [`CudaRecording`] so the buffers' addresses stay valid for every replay.
 //! A mark taken while recording is an external event node of the graph, so
 //! each replay records it again and the comm layer can time replayed
-//! messages.
+//! messages. Messages run on streams of their own: a plain event orders a
+//! message stream after the compute stream ([`CudaBackend::fence_to`]) and
+//! the compute stream after the message ([`CudaBackend::point_on`] and
+//! `wait_for`); while recording, those dependencies bring the message
+//! streams into the recording and back.
 //!
 //! This module must not allocate (see `memory`) or launch kernels; the
 //! scalars a recorded step reads are written by `ops::step`.
@@ -16,8 +20,9 @@
 use super::memory::Arena;
 use super::{ffi, CudaBackend};
 use crate::backend::{BackendError, Result};
-use cudarc::driver::{sys as drv_sys, CudaEvent, CudaGraph};
+use cudarc::driver::{sys as drv_sys, CudaEvent, CudaGraph, CudaStream};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// A recorded decode step (a CUDA graph) and the arena its buffers live in.
 pub struct CudaRecording {
@@ -63,12 +68,44 @@ impl CudaBackend {
     /// A timing event recorded on the backend's stream (a graph node while
     /// recording).
     pub(super) fn new_mark(&self) -> Result<CudaEvent> {
+        self.mark_on(&self.stream)
+    }
+
+    /// A timing event recorded on `stream` (a graph node while recording:
+    /// every replay records it again, but it orders nothing).
+    pub fn mark_on(&self, stream: &CudaStream) -> Result<CudaEvent> {
         let ev = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         if self.is_recording() {
-            ffi::record_external_event(&ev, &self.stream)?;
+            ffi::record_external_event(&ev, stream)?;
         } else {
-            ev.record(&self.stream)?;
+            ev.record(stream)?;
         }
         Ok(ev)
+    }
+
+    /// A stream of its own for one communicator's messages, so they run
+    /// beside the compute stream (see `comm::nccl_transport`).
+    pub fn new_message_stream(&self) -> Result<Arc<CudaStream>> {
+        Ok(self.ctx.new_stream()?)
+    }
+
+    /// The point `stream` has reached, as a dependency (a plain event: while
+    /// recording, waiting for it orders the recorded work).
+    pub fn point_on(&self, stream: &CudaStream) -> Result<CudaEvent> {
+        let ev = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+        ev.record(stream)?;
+        Ok(ev)
+    }
+
+    /// Makes `stream` wait for the work queued so far on the compute
+    /// stream (the data a message sends, the buffer it receives into).
+    /// While recording, this brings `stream` into the recording.
+    pub fn fence_to(&self, stream: &CudaStream) -> Result<()> {
+        Ok(stream.wait(&self.point_on(&self.stream)?)?)
+    }
+
+    /// Makes the compute stream wait for `point` (recorded on another stream).
+    pub(super) fn wait_on(&self, point: &CudaEvent) -> Result<()> {
+        Ok(self.stream.wait(point)?)
     }
 }

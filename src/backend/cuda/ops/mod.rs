@@ -22,7 +22,7 @@ mod step;
 use super::memory::CudaBuf;
 use super::recording::CudaRecording;
 use super::CudaBackend;
-use crate::backend::{Backend, BackendError, DecodeShape, Dtype, PrefillShape, Result, RowRun, StepVars};
+use crate::backend::{Backend, BackendError, DecodeShape, Dtype, PrefillShape, Result, RowCopy, RowRun, StepVars};
 use cudarc::driver::CudaEvent;
 use std::sync::atomic::Ordering;
 
@@ -90,6 +90,10 @@ impl Backend for CudaBackend {
     fn zeros_f32(&self, len: usize) -> Result<CudaBuf> {
         self.zeros_of(Dtype::Fp32, len)
     }
+    /// Not zero-filled (poisoned when poisoning is on).
+    fn empty(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc(self.dtype, len)
+    }
     fn upload_f32(&self, host: &[f32]) -> Result<CudaBuf> {
         self.upload_as(host, Dtype::Fp32)
     }
@@ -127,6 +131,10 @@ impl Backend for CudaBackend {
     }
     fn scatter_rows(&self, dst: &mut CudaBuf, cols: usize, runs: &[RowRun], src: &CudaBuf) -> Result<()> {
         rows::scatter_rows(self, dst, cols, runs, src)
+    }
+    /// One launch of the run-table copy.
+    fn copy_rows(&self, dst: &mut CudaBuf, cols: usize, src: &CudaBuf, copies: &[RowCopy]) -> Result<()> {
+        rows::copy_rows(self, dst, cols, src, copies)
     }
     fn attention_prefill(&self, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, s: PrefillShape) -> Result<(CudaBuf, CudaBuf)> {
         prefill::attention_prefill(self, q, k, v, s)
@@ -172,6 +180,14 @@ impl Backend for CudaBackend {
     /// layer can time the replayed messages.
     fn mark(&self) -> Result<CudaEvent> {
         self.new_mark()
+    }
+    fn wait_for(&self, mark: &CudaEvent) -> Result<()> {
+        self.wait_on(mark)
+    }
+    /// Messages run on their own streams (the NCCL transport's): the compute
+    /// stream waits only where it uses their data.
+    fn messages_block_compute(&self) -> bool {
+        false
     }
     fn elapsed_s(&self, from: &CudaEvent, to: &CudaEvent) -> Result<f64> {
         Ok(from.elapsed_ms(to)? as f64 / 1e3)

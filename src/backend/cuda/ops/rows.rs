@@ -2,23 +2,27 @@
 //! The kernels move bytes, so one kernel serves every dtype. This module
 //! must not upload a row table while a step is being recorded (it refuses).
 
-use super::super::contract::{self, CopyRowRunsArgs, CopyRowRunsInlineArgs, CopyRowsStridedArgs, RunTable, INLINE_RUNS};
+use super::super::contract::{self, CopyRowRunsArgs, CopyRowRunsInlineArgs, CopyRowsStridedArgs, RunTable, COPY_TILE_BYTES, INLINE_RUNS};
 use super::super::launch::{DevPtr, Holds, THREADS};
 use super::super::memory::CudaBuf;
 use super::super::CudaBackend;
 use super::{check, same_dtype, shape_err};
-use crate::backend::{Result, RowRun};
+use crate::backend::{Result, RowCopy, RowRun};
 use cudarc::driver::DevicePtr;
 
-/// Most blocks of a row copy (rows beyond are looped over).
-const MAX_ROW_BLOCKS: usize = 65_535 * 16;
+/// Blocks of a row copy: one per tile of `COPY_TILE_BYTES`, at most 16
+/// per multiprocessor (the blocks stride over the remaining tiles).
+fn copy_grid(be: &CudaBackend, rows: usize, row_bytes: usize) -> u32 {
+    let tiles = rows * row_bytes.div_ceil(COPY_TILE_BYTES);
+    tiles.clamp(1, 16 * be.sm_count as usize) as u32
+}
 
 pub(super) fn split_qkv(be: &CudaBackend, qkv: &CudaBuf, rows: usize, width: usize) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
     check("split_qkv", qkv.len(), rows * 3 * width)?;
     let es = qkv.dtype().size_bytes();
     let parts = [be.alloc(qkv.dtype(), rows * width)?, be.alloc(qkv.dtype(), rows * width)?, be.alloc(qkv.dtype(), rows * width)?];
     if rows > 0 && width > 0 {
-        let grid = rows.min(MAX_ROW_BLOCKS) as u32;
+        let grid = copy_grid(be, rows, width * es);
         for (i, part) in parts.iter().enumerate() {
             let args = CopyRowsStridedArgs {
                 dst: DevPtr::of(part),
@@ -72,6 +76,22 @@ pub(super) fn scatter_rows(be: &CudaBackend, dst: &mut CudaBuf, cols: usize, run
     unsafe { copy_row_runs(be, dst, src, cols * src.dtype().size_bytes(), &table, at) }
 }
 
+pub(super) fn copy_rows(be: &CudaBackend, dst: &mut CudaBuf, cols: usize, src: &CudaBuf, copies: &[RowCopy]) -> Result<()> {
+    same_dtype("copy_rows", &[dst, src])?;
+    let mut table = Vec::with_capacity(copies.len() * 4);
+    let mut at = 0usize;
+    for c in copies {
+        check("copy_rows src", src.len(), (c.src + c.len) * cols)?;
+        check("copy_rows dst", dst.len(), (c.dst + c.len) * cols)?;
+        if c.len > 0 {
+            table.extend_from_slice(&[c.src as u64, c.dst as u64, c.len as u64, at as u64]);
+        }
+        at += c.len;
+    }
+    // SAFETY: every copy lies inside `src` and `dst` (checked above).
+    unsafe { copy_row_runs(be, dst, src, cols * src.dtype().size_bytes(), &table, at) }
+}
+
 /// Copies row runs between two buffers of rows of `row_bytes`. `table`
 /// holds (src_row, dst_row, len, first_flat_row) per non-empty run.
 ///
@@ -83,7 +103,7 @@ unsafe fn copy_row_runs(be: &CudaBackend, dst: &CudaBuf, src: &CudaBuf, row_byte
         return Ok(());
     }
     let nruns = (table.len() / 4) as i32;
-    let grid = total_rows.min(MAX_ROW_BLOCKS) as u32;
+    let grid = copy_grid(be, total_rows, row_bytes);
     if table.len() <= 4 * INLINE_RUNS {
         // Small tables travel as a kernel argument: no upload, so the copy
         // can be recorded.
