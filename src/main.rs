@@ -30,6 +30,12 @@ enum Cmd {
         /// Abort every rank (exit 6) when one makes no progress for this many seconds (0: off).
         #[arg(long, default_value_t = 0.0)]
         timeout: f64,
+        /// Write a Chrome/Perfetto trace (JSON) of the chosen batches to this directory.
+        #[arg(long, value_name = "DIR")]
+        trace: Option<PathBuf>,
+        /// Which batches `--trace` records: `last` (of each category), `all`, or CATEGORY/INDEX[,...].
+        #[arg(long, default_value = "last", requires = "trace")]
+        trace_batches: fapool::runner::timeline::TraceBatches,
         /// Override the job's backend.
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
@@ -148,7 +154,10 @@ enum BenchCmd {
 fn main() {
     let cli = Cli::parse();
     let outcome = match cli.cmd {
-        Cmd::Run { job, out, force, resume, timeout, backend, set } => commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout }, &set),
+        Cmd::Run { job, out, force, resume, timeout, trace, trace_batches, backend, set } => {
+            let trace = trace.map(|dir| fapool::runner::timeline::TraceSpec { dir, batches: trace_batches });
+            commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout, trace }, &set)
+        }
         Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => commands::validate::validate(&job, ValidateArgs { ranks, local_ranks, gpus, memory_gib }, &set),
         Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => commands::verify::verify(&job, VerifyArgs { backend, tolerance, teacher_forcing, max_batches }, &set),
         Cmd::Analyze { files, plots, csv, json, slo, compare, force } => commands::analyze::analyze(&fapool::analyze::AnalyzeArgs { files, plots, csv, json, slo, compare, force }),

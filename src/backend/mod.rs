@@ -11,6 +11,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod traced;
 
 use std::ops::Range;
 

@@ -16,7 +16,6 @@ use super::{Category, CommError, CommTrace, Group, RecvPart, Result, SendPart, T
 use crate::backend::{Backend, RowRun};
 use std::cell::RefCell;
 use std::ops::Range;
-use std::time::Instant;
 
 /// Elements `range` of a ticket's send buffer, to group rank `peer`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,13 +235,18 @@ impl<'a, B: Backend> Comm<'a, B> {
         self.finish(Self::record(category, "recv", group, vec![src], bytes, t))
     }
 
-    fn record_host(&self, category: Category, bytes: usize, started: Instant) {
+    /// Host messages (token ids) run on the host between two marks of the
+    /// compute timeline, which they hold: they are messages like any other
+    /// (counted, traced) whose whole time is waiting.
+    fn host(&self, category: Category, op: &'static str, group: &Group, peers: Vec<usize>, bytes: usize, run: impl FnOnce(&dyn Transport<B>) -> Result<()>) -> Result<()> {
         self.beat();
-        let mut log = self.log.borrow_mut();
-        let stat = log.totals.by_category.entry(category).or_default();
-        stat.calls += 1;
-        stat.bytes += bytes as u64;
-        stat.seconds += started.elapsed().as_secs_f64();
+        let from = self.backend.mark()?;
+        run(&**self.transport.borrow())?;
+        let to = self.backend.mark()?;
+        self.beat();
+        let record = MessageRecord { category, op, group: group.name.clone(), group_id: group.id, peers, bytes: bytes as u64, blocks_compute: true, from, to };
+        self.log.borrow_mut().pending.push(record);
+        Ok(())
     }
 
     /// Broadcasts host token ids from group rank `root`.
@@ -250,24 +254,18 @@ impl<'a, B: Backend> Comm<'a, B> {
         if group.size() == 1 {
             return Ok(());
         }
-        let t = Instant::now();
-        self.transport.borrow().host_broadcast(group, root, tokens)?;
-        self.record_host(category, std::mem::size_of_val(tokens), t);
-        Ok(())
+        let peers = (0..group.size()).filter(|&r| r != group.rank()).collect();
+        let bytes = std::mem::size_of_val(tokens);
+        self.host(category, "host_broadcast", group, peers, bytes, |t| t.host_broadcast(group, root, tokens))
     }
 
     pub fn send_tokens(&self, category: Category, group: &Group, dst: usize, tokens: &[u32]) -> Result<()> {
-        let t = Instant::now();
-        self.transport.borrow().host_send(group, dst, tokens)?;
-        self.record_host(category, std::mem::size_of_val(tokens), t);
-        Ok(())
+        self.host(category, "host_send", group, vec![dst], std::mem::size_of_val(tokens), |t| t.host_send(group, dst, tokens))
     }
 
     pub fn recv_tokens(&self, category: Category, group: &Group, src: usize, tokens: &mut [u32]) -> Result<()> {
-        let t = Instant::now();
-        self.transport.borrow().host_recv(group, src, tokens)?;
-        self.record_host(category, std::mem::size_of_val(tokens), t);
-        Ok(())
+        let bytes = std::mem::size_of_val(tokens);
+        self.host(category, "host_recv", group, vec![src], bytes, |t| t.host_recv(group, src, tokens))
     }
 
     /// Starts setting aside the messages of a step being recorded (a CUDA

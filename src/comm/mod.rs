@@ -11,6 +11,7 @@ mod layer;
 mod log;
 pub mod mpi_transport;
 pub mod nccl_transport;
+pub mod traced;
 
 pub use layer::{Comm, SendTo, Ticket};
 pub use log::{CommStat, CommTotals, CommTrace, MessageRecord, RecordedMessages, TracedMessage, TracedWait};

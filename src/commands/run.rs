@@ -5,6 +5,7 @@ use crate::backend::{Backend, BackendKind};
 use crate::cluster::Cluster;
 use crate::exit::Exit;
 use crate::runner::sweep::{run_sweep, SweepEnd, SweepError, SweepSetup, Target};
+use crate::runner::timeline::TraceSpec;
 use crate::spec::JobSpec;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,8 @@ pub struct RunArgs {
     pub force: bool,
     pub backend: Option<BackendKind>,
     pub timeout_s: f64,
+    /// `--trace DIR` with the batches it records.
+    pub trace: Option<TraceSpec>,
 }
 
 struct RunBody<'a> {
@@ -22,14 +25,25 @@ struct RunBody<'a> {
     text: &'a str,
     target: Target,
     timeout_s: f64,
+    trace: Option<TraceSpec>,
 }
 
 impl OnBackend for RunBody<'_> {
     fn run<B: Backend>(self, cluster: &Cluster, launch: Launch<'_, B>) -> Result<(), Failure> {
         let cfg = validate_launch(self.job, &launch.facts, cluster)?;
-        let setup = SweepSetup { job: self.job, text: self.text, cfg: &cfg, facts: &launch.facts, target: self.target, timeout_s: self.timeout_s, devices: launch.devices, versions: launch.versions };
+        let setup = SweepSetup {
+            job: self.job,
+            text: self.text,
+            cfg: &cfg,
+            facts: &launch.facts,
+            target: self.target,
+            timeout_s: self.timeout_s,
+            devices: launch.devices,
+            versions: launch.versions,
+            trace: self.trace,
+        };
         let rank = cluster.rank;
-        match run_sweep(launch.be, &launch.comm, &launch.world, cluster, &setup, launch.energy) {
+        match run_sweep(launch.be, &launch.comm, &launch.world, cluster, &setup, launch.energy, Some(launch.tracer)) {
             Ok(SweepEnd::Complete) => Ok(()),
             Ok(SweepEnd::Interrupted) => Err(Failure::silent(Exit::Interrupted)),
             Err(SweepError::Target) => Err(Failure::silent(Exit::Usage)),
@@ -50,5 +64,5 @@ pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Result<(), Failur
     let path = args.resume.clone().or(args.out.clone()).unwrap_or_else(|| PathBuf::from(format!("results/{}-{}.h5", job.run.name, crate::results::utc_now().replace([':', '-'], ""))));
     let target = Target { path, resume: args.resume.is_some(), force: args.force };
     let request = BackendRequest { kind: args.backend.unwrap_or(job.run.backend), dtype: job.run.dtype, job: Some(&job) };
-    with_backend(request, &cluster, RunBody { job: &job, text: &text, target, timeout_s: args.timeout_s })
+    with_backend(request, &cluster, RunBody { job: &job, text: &text, target, timeout_s: args.timeout_s, trace: args.trace })
 }

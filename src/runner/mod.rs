@@ -10,6 +10,7 @@
 pub mod progress;
 pub mod records;
 pub mod sweep;
+pub mod timeline;
 
 use crate::backend::Backend;
 use crate::comm::{Category, Comm, CommStat, CommTrace, RecordedMessages};

@@ -7,7 +7,9 @@
 
 use super::progress::Progress;
 use super::records::{gather_batch, BatchFacts};
+use super::timeline::{gather_and_write, rank_events, TraceSpec};
 use super::{batch_flops, run_batch, BatchInput, EnergyMeter};
+use crate::backend::traced::Trace;
 use crate::backend::{Backend, BackendError, DeviceLibrary};
 use crate::cluster::Cluster;
 use crate::comm::{Comm, CommError, Group};
@@ -56,6 +58,8 @@ pub struct SweepSetup<'a> {
     /// Every rank's device.
     pub devices: Vec<DeviceInfo>,
     pub versions: StackVersions,
+    /// `--trace`: where timelines go and of which batches.
+    pub trace: Option<TraceSpec>,
 }
 
 /// How a sweep ended without an error.
@@ -210,7 +214,8 @@ fn injected(effect: FaultEffect) -> Option<StrategyError> {
 }
 
 /// Runs the whole sweep on every rank of `world`.
-pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster: &Cluster, setup: &SweepSetup<'_>, energy: Option<&dyn EnergyMeter>) -> Result<SweepEnd> {
+/// `tracer` turns the backend's operation trace on for the batches `--trace` chooses.
+pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster: &Cluster, setup: &SweepSetup<'_>, energy: Option<&dyn EnergyMeter>, tracer: Option<&dyn Trace>) -> Result<SweepEnd> {
     let (job, cfg, facts) = (setup.job, setup.cfg, setup.facts);
     let root = world.rank() == 0;
     let me = world.rank();
@@ -320,7 +325,20 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                 let memory_estimate = deployment.memory_bytes(cfg, BatchShape { nseq: cap.min(shape.nseq), ..shape }, world.size(), facts.elem_bytes);
                 mpi_world.barrier();
                 let input = BatchInput { shape, prompts: &prompts, micro_batch_cap: cap, pool_usable: all_usable == 1, keep_logits: false, forced: None, cuda_graphs: job.run.cuda_graphs };
-                let run = run_batch(be, comm, strategy.as_mut(), &input, energy).map_err(|e| failed(context, e, Some(at)))?;
+                let in_category = plan.iter().filter(|(s2, c2, _)| *s2 == si && *c2 == c).count();
+                let traced = setup.trace.as_ref().filter(|t| t.wants(&cat.name, b.index, in_category)).zip(tracer);
+                if let Some((_, tr)) = traced {
+                    tr.start_trace().map_err(|e| failed(context.clone(), e.into(), Some(at)))?;
+                    comm.start_trace(be.mark().map_err(|e| failed(context.clone(), e.into(), Some(at)))?);
+                }
+                let run = run_batch(be, comm, strategy.as_mut(), &input, energy).map_err(|e| failed(context.clone(), e, Some(at)))?;
+                if let Some((spec, tr)) = traced {
+                    let ops = tr.finish_trace().map_err(|e| failed(context.clone(), e.into(), Some(at)))?;
+                    let events = rank_events(me, &layout.roles[me], &ops, &run.trace.clone().unwrap_or_default());
+                    let path = spec.dir.join(format!("{name}-{}-b{}.json", cat.name, b.index));
+                    let about = serde_json::json!({"strategy": name, "category": cat.name, "batch": b.index, "seq_len": shape.seq_len, "sequences": shape.nseq, "backend": be.name()});
+                    gather_and_write(&mpi_world, events, &path, about).map_err(|e| results_error(format!("writing {}: {e}", path.display())))?;
+                }
                 let facts_b = BatchFacts { batch: b, shape, requested_batch: job.workload.batch_size, flops: batch_flops(cfg, shape), memory_estimate, leader: layout.leader, roles: &layout.roles };
                 if let Some(g) = gather_batch(be, &mpi_world, &run, &facts_b) {
                     if let Some(d) = &file {
