@@ -101,7 +101,7 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Check a results file: schema, provenance and internal consistency (exit 1 listing every problem).
+    /// Check a results file: schema, provenance and internal consistency (exit 8 listing every problem).
     Check { file: PathBuf },
     /// Show what fapool finds: MPI, ranks, GPUs, CUDA/NCCL/NVML libraries.
     Env,
@@ -135,6 +135,32 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// FA Pool's base and pool layer work timed apart (base 1 + pool 1 shapes, each pool_ops and chunk count) beside a TP=2 rank's layer, with predicted TTFTs when bandwidths are given.
+    Sides {
+        #[arg(long, value_enum, default_value = "cuda")]
+        backend: BackendKind,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: fapool::backend::Dtype,
+        /// Model preset.
+        #[arg(long, default_value = "dense-4l")]
+        model: String,
+        /// Prompt lengths (one sequence).
+        #[arg(long, value_delimiter = ',', default_value = "32768,65536")]
+        seq: Vec<usize>,
+        /// Chunk counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        chunks: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Point-to-point bandwidth between the two devices (GB/s), for the FA Pool predictions.
+        #[arg(long)]
+        link_gbs: Option<f64>,
+        /// All-reduce algorithm bandwidth of two devices (GB/s), for the TP=2 prediction.
+        #[arg(long)]
+        allreduce_gbs: Option<f64>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// All-reduce, all-gather, broadcast and send/recv over message sizes, through the comm layer (run under mpirun).
     Comm {
         #[arg(long, value_enum)]
@@ -164,6 +190,9 @@ fn main() {
         Cmd::Check { file } => commands::analyze::check(&file),
         Cmd::Env => commands::env::env(),
         Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => commands::bench::kernels(dtype, &seq, iters, out.as_deref()),
+        Cmd::Bench { what: BenchCmd::Sides { backend, dtype, model, seq, chunks, iters, link_gbs, allreduce_gbs, out } } => {
+            commands::bench::sides(backend, dtype, &model, &fapool::bench::sides::SidesArgs { seq, chunks, iters, link_gbs, allreduce_gbs }, out.as_deref())
+        }
         Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => commands::bench::comm(backend, dtype, &sizes_mib, iters, out.as_deref()),
         Cmd::CheckGpu { dtype, seed } => commands::check_gpu::check_gpu(&dtype, seed),
     };

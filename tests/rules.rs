@@ -166,3 +166,14 @@ fn an_unknown_aggregation_is_refused_by_name() {
     assert_eq!(code, Some(2), "{t}");
     assert!(t.contains("ring") && t.contains("direct") && t.contains("tree"), "{t}");
 }
+
+#[test]
+fn bench_sides_refuses_chunks_it_cannot_cut() {
+    for (args, rule) in [(&["--chunks", "0"][..], "chunks-positive"), (&["--seq", "4", "--chunks", "8"][..], "chunks-within-prompt")] {
+        let mut all = vec!["bench", "sides", "--backend", "cpu", "--model", "tiny"];
+        all.extend_from_slice(args);
+        let o = fapool(&all);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains(rule), "{}", text(&o));
+    }
+}

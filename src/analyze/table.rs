@@ -125,6 +125,9 @@ pub fn write_run(f: &RunFigures, slo: Option<&Slo>, out: &mut dyn Write) -> io::
         writeln!(out)?;
         writeln!(out, "communication ({category})")?;
         write_communication(&entries, out)?;
+        writeln!(out)?;
+        writeln!(out, "where the time goes ({category})")?;
+        write_idle(&entries, out)?;
         write_predictions(&entries, &category, out)?;
     }
     writeln!(out)?;
@@ -204,6 +207,40 @@ fn write_communication(entries: &[(&str, &str, &CategoryFigures)], out: &mut dyn
     t.write(out)
 }
 
+/// A role's family: the role without its indices (`base1` → `base`,
+/// `stage0-tp1` → `stage-tp`).
+pub(crate) fn role_family(role: &str) -> String {
+    role.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
+/// Per role family: the rank rows' compute and waiting time and idle share
+/// (mean and worst over ranks and batches; a rank outside the batch counts
+/// as wholly idle).
+pub(crate) fn idle_by_role(ranks: &[crate::metrics::RankRecord]) -> Vec<(String, usize, f64, f64, f64, f64)> {
+    let mut by: std::collections::BTreeMap<String, Vec<&crate::metrics::RankRecord>> = std::collections::BTreeMap::new();
+    for r in ranks {
+        by.entry(role_family(&r.role)).or_default().push(r);
+    }
+    by.into_iter()
+        .map(|(family, rows)| {
+            let n = rows.len() as f64;
+            let shares: Vec<f64> = rows.iter().map(|r| r.idle_share()).collect();
+            let ranks: std::collections::BTreeSet<u32> = rows.iter().map(|r| r.world_rank).collect();
+            (family, ranks.len(), rows.iter().map(|r| r.compute_s).sum(), rows.iter().map(|r| r.wait_s).sum(), shares.iter().sum::<f64>() / n, shares.iter().copied().fold(0.0, f64::max))
+        })
+        .collect()
+}
+
+fn write_idle(entries: &[(&str, &str, &CategoryFigures)], out: &mut dyn Write) -> io::Result<()> {
+    let mut t = Table::new(&["strategy", "role", "ranks", "compute s", "waiting s", "idle %", "worst idle %"], 2);
+    for (name, _, c) in entries {
+        for (family, ranks, compute, wait, mean, worst) in idle_by_role(&c.data.ranks) {
+            t.rows.push(vec![label(name, c), family, ranks.to_string(), num(compute), num(wait), format!("{:.1}", mean * 100.0), format!("{:.1}", worst * 100.0)]);
+        }
+    }
+    t.write(out)
+}
+
 /// The measured value a prediction of this name is compared with.
 pub(crate) fn measured_value(name: &str, s: &StoredSummary) -> Option<f64> {
     let m = &s.summary;
@@ -265,6 +302,29 @@ fn write_summary(f: &RunFigures, out: &mut dyn Write) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_share_is_summed_per_role_family() {
+        use crate::metrics::RankRecord;
+        let row = |rank: u32, role: &str, active: bool, compute_s: f64, wait_s: f64| RankRecord {
+            world_rank: rank,
+            role: role.into(),
+            active,
+            wall_s: compute_s + wait_s,
+            compute_s,
+            wait_s,
+            ..Default::default()
+        };
+        let ranks = [row(0, "base0", true, 3.0, 1.0), row(1, "base1", true, 1.0, 3.0), row(2, "pool0", true, 2.0, 2.0), row(3, "pool1", false, 0.0, 4.0), row(0, "base0", true, 4.0, 0.0)];
+        let got = idle_by_role(&ranks);
+        assert_eq!(got.len(), 2);
+        let (family, n, compute, wait, mean, worst) = got[0].clone();
+        assert_eq!((family.as_str(), n, compute, wait), ("base", 2, 8.0, 4.0));
+        assert!((mean - (0.25 + 0.75 + 0.0) / 3.0).abs() < 1e-12 && worst == 0.75);
+        // The inactive pool rank is wholly idle.
+        assert_eq!((got[1].0.as_str(), got[1].1, got[1].4, got[1].5), ("pool", 2, 0.75, 1.0));
+        assert_eq!(role_family("stage0-tp1"), "stage-tp");
+    }
 
     #[test]
     fn numbers_keep_about_four_significant_digits() {

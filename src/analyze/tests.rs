@@ -133,3 +133,17 @@ fn the_checker_lists_every_inconsistency_of_a_synthetic_file() {
     assert!(report.problems.iter().any(|p| p == "provenance: 1 devices for 4 ranks on the cuda backend"), "{:?}", report.problems);
     assert!(report.checks > report.problems.len());
 }
+
+#[test]
+fn idle_share_is_printed_per_role() {
+    let path = TempPath::new("analyze-idle");
+    write_run(&path.0, &[("fapool", "fapool", [0.001, 0.002])]);
+    let text = analyze_to_string(&path.0);
+    let section = text.split("where the time goes (short)").nth(1).unwrap().split("\n\n").next().unwrap();
+    let cells =
+        |role: &str| section.lines().find(|l| l.split_whitespace().nth(1) == Some(role)).unwrap_or_else(|| panic!("no {role} row: {text}")).split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    // Two batches of two base ranks waiting 0.05 s of 0.5 s; one pool rank
+    // active likewise, the other outside the pool (wholly idle).
+    assert_eq!(cells("base")[2..], ["2", "1.80", "0.200", "10.0", "10.0"], "{text}");
+    assert_eq!(cells("pool")[2..], ["2", "1.80", "0.200", "55.0", "100.0"], "{text}");
+}

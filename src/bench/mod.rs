@@ -15,6 +15,7 @@
 pub mod comm;
 pub mod copies;
 pub mod kernels;
+pub mod sides;
 
 use crate::backend::Backend;
 use hdf5::types::VarLenUnicode;

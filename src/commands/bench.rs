@@ -25,6 +25,37 @@ pub fn kernels(dtype: Dtype, seq: &[usize], iters: usize, out: Option<&Path>) ->
     Ok(())
 }
 
+/// `fapool bench sides`: FA Pool's base and pool layer work timed apart on
+/// one device (CUDA, or the CPU backend with `--backend cpu`).
+pub fn sides(backend: BackendKind, dtype: Dtype, preset: &str, args: &crate::bench::sides::SidesArgs, out: Option<&Path>) -> Result<(), Failure> {
+    let m = crate::spec::ModelSpec { preset: preset.to_string(), ..Default::default() }.resolve().map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+    if let Some(&c) = args.chunks.iter().find(|&&c| c == 0) {
+        return Err(Failure::new(Exit::Usage, format!("rule `chunks-positive` broken: --chunks {c}")));
+    }
+    if let Some(&s) = args.seq.iter().find(|&&s| s == 0 || args.chunks.iter().any(|&c| c > s)) {
+        return Err(Failure::new(Exit::Usage, format!("rule `chunks-within-prompt` broken: --seq {s} is shorter than a chunk count of --chunks (or zero)")));
+    }
+    let fail = |e: crate::backend::BackendError| Failure::new(super::exit_for_backend(&e), e.to_string());
+    let print = |device: &str, dtype: Dtype, rows: &[crate::bench::Row]| -> Result<(), Failure> {
+        println!("{device}, {dtype}, {}", m.name);
+        crate::bench::print_table(rows);
+        if let Some(p) = out {
+            crate::bench::write_h5(p, "sides", device, rows).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", p.display())))?;
+        }
+        Ok(())
+    };
+    if backend == BackendKind::Cpu {
+        let be = crate::backend::cpu::CpuBackend::new();
+        return print("cpu", be.dtype(), &crate::bench::sides::run(&be, &m, args).map_err(fail)?);
+    }
+    if let Err(why) = crate::backend::cuda::probe::cuda_backend_libraries_present() {
+        return Err(Failure::new(Exit::Cuda, format!("bench sides needs a GPU (or --backend cpu): {why}")));
+    }
+    let be = CudaBackend::new(0, dtype).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
+    let rows = crate::bench::sides::run(&be, &m, args).map_err(fail)?;
+    print(&be.device_name().unwrap_or_default(), dtype, &rows)
+}
+
 struct CommBody {
     sizes: Vec<usize>,
     iters: usize,

@@ -63,7 +63,7 @@ impl Default for RunSpec {
 }
 
 /// `[model]`: a preset and optional overrides of its dimensions.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub preset: String,

@@ -213,6 +213,15 @@ impl FapoolSpec {
     /// The busiest rank's bytes: the base's weight shards and activations,
     /// or a pool rank's attention weights, its KV cache slice, the
     /// replicated K/V of one layer and its block's activations.
+    /// The busier side's bytes (in elements of `elem` bytes) for one batch:
+    /// a base rank or a pool rank, whichever needs more. A base rank always
+    /// holds its TP shard of every layer (batches below the threshold run
+    /// on the base alone), the embedding and the head, plus the full
+    /// projections `pool_ops` leaves on the base; with the pool active it
+    /// holds its own rows (sequence-parallel) and the all-gathered rows of
+    /// its FFN. A pool rank holds the projections `pool_ops` gives it, its
+    /// block's K/V of every layer (and of the decode tokens), and the
+    /// replicated K/V of at most two layers.
     pub(super) fn memory_of(&self, m: &ModelConfig, shape: BatchShape, world: usize, elem: usize) -> u64 {
         let (d, a, f, l, v) = (m.d_model as u64, m.attn_width() as u64, m.ffn as u64, m.layers as u64, m.vocab as u64);
         let (n, sl, ctx) = (shape.nseq as u64, shape.seq_len as u64, shape.context() as u64);
@@ -220,20 +229,28 @@ impl FapoolSpec {
         let tokens = n * sl;
         let bsz = self.base as u64;
         let pool = self.policy(world).pool_size(shape.seq_len).1 as u64;
+        let (pool_qkv, pool_out) = (self.pool_ops.pool_qkv(), self.pool_ops.pool_out());
         let base_weights = l * (4 * d * a + ffn_params) / bsz + 2 * v * d;
-        let base_act = tokens * (4 * d + 2 * f / bsz) + n * v;
         let bytes = if pool == 0 {
             let kv = n * ctx * 2 * l * a / bsz;
-            base_weights + kv + base_act + tokens * 3 * a / bsz
+            let act = tokens * (4 * d + 2 * f / bsz) + n * v;
+            base_weights + kv + act + tokens * 3 * a / bsz
         } else {
+            let on_base = |here: bool, params: u64| if here { 0 } else { l * params };
+            let weights = base_weights + on_base(pool_qkv, 3 * d * a) + on_base(pool_out, d * a);
+            let (rows, handoff, result) = (tokens.div_ceil(bsz), if pool_qkv { d } else { 3 * a }, if pool_out { d } else { a });
+            // Own rows: residual, hand-off and result; gathered FFN input,
+            // hidden columns and the reduce-scatter's input.
+            let act = rows * (d + handoff + result) + tokens * (2 * d + 2 * f / bsz) + n * v;
+            let base = weights + act;
             let block = sl.div_ceil(pool);
-            let pool_weights = l * 4 * d * a;
+            let pool_weights = if pool_qkv { l * 3 * d * a } else { 0 } + if pool_out { l * d * a } else { 0 };
             let kv = n * (block + shape.out_tokens as u64) * 2 * l * a;
-            // The replicated K/V of one layer twice (as gathered, then in
-            // sequence order), and the block's input, fused QKV, q/k/v,
-            // attention output and projected output.
-            let pool_act = n * sl * 4 * a + n * block * (d + 3 * a + 3 * a + a + d);
-            (base_weights + base_act).max(pool_weights + kv + pool_act)
+            // The replicated K/V prefixes in flight (a layer's, and with
+            // chunks the next layer's while the pipeline spans two), and the
+            // block's input, q/k/v, attention output and result.
+            let pool_act = n * sl * 4 * a + n * block * (handoff + 3 * a + a + result);
+            base.max(pool_weights + kv + pool_act)
         };
         bytes * elem as u64
     }
@@ -339,5 +356,35 @@ mod tests {
         assert_eq!(l.family("up").unwrap().groups, vec![vec![0, 1, 2, 3, 4]]);
         assert_eq!(l.family("pool").unwrap().groups, vec![vec![2, 3, 4]]);
         assert_eq!(spec.policy(5).launched, 3);
+    }
+
+    #[test]
+    fn memory_follows_where_pool_ops_places_the_projections() {
+        let spec = |pool_ops| FapoolSpec {
+            name: None,
+            base: 1,
+            pool_max: 1,
+            threshold: 4096,
+            tokens_per_pool_gpu: 32768,
+            partition: Partition::Zigzag,
+            micro_batches: 1,
+            chunks: 1,
+            overlap: true,
+            pool_ops,
+            aggregation: Aggregation::default(),
+        };
+        let m = ModelConfig::dense_4l();
+        let (d, a, l) = (m.d_model as u64, m.attn_width() as u64, m.layers as u64);
+        let long = BatchShape { nseq: 1, seq_len: 32768, out_tokens: 1 };
+        let short = BatchShape { seq_len: 2048, ..long };
+        // Below the threshold the pool is idle and pool_ops changes nothing.
+        let paper = spec(PoolOps::QkvAttentionOut);
+        assert_eq!(spec(PoolOps::Attention).memory_of(&m, short, 2, 2), paper.memory_of(&m, short, 2, 2));
+        // With the pool active at one base rank and 32K tokens, the base is
+        // the larger side and holds the projections the pool does not run.
+        let attention_only = spec(PoolOps::Attention).memory_of(&m, long, 2, 1);
+        let qkv = spec(PoolOps::QkvAttention).memory_of(&m, long, 2, 1);
+        assert_eq!(qkv - paper.memory_of(&m, long, 2, 1), l * d * a - 32768 * (d - a));
+        assert!(attention_only > qkv + l * 3 * d * a - 32768 * 3 * a, "{attention_only} {qkv}");
     }
 }
