@@ -17,7 +17,8 @@
 # dense-4l on one GPU), model-eager (the same with decode steps not recorded
 # as CUDA graphs), decode (decode steps at the PyTorch reference's shapes,
 # recorded and eager: jobs/gpu-1-decode.toml), sweep (jobs/gpu-2.toml on 2
-# GPUs).
+# GPUs), sides (FA Pool's two sides' layer work apart, bench sides), trace
+# (a traced one-GPU run).
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 B=${B:-target/release/fapool}
@@ -79,6 +80,18 @@ for s in $steps; do
     sweep)
         step sweep timeout 400 mpirun -np 2 "$B" run jobs/gpu-2.toml --out "$OUT/gpu-2.h5"
         TAILN=120 step sweep-analyze "$B" analyze "$OUT/gpu-2.h5"
+        ;;
+    sides)
+        # FA Pool's base and pool layer work apart at the base 1 + pool 1 shapes, with the
+        # 2-GPU predictions from the NCCL figures of two NVLinked H200s (LINK_GBS: point to
+        # point, ALLREDUCE_GBS: all-reduce algorithm bandwidth at 256 MiB).
+        TAILN=70 step bench-sides timeout 300 "$B" bench sides --seq 32768,65536 --chunks 1,4,8 --iters 5 \
+            --link-gbs "${LINK_GBS:-360}" --allreduce-gbs "${ALLREDUCE_GBS:-270}" --out "$OUT/bench-sides.h5"
+        ;;
+    trace)
+        # A traced one-GPU run: the compute track of every operation from CUDA events.
+        step trace timeout 150 mpirun -np 1 "$B" run jobs/gpu-1.toml --set workload.sequences_per_category=2 --set run.warmup=false \
+            --set 'workload.category=[{name="short",lengths=[2048]}]' --trace "$OUT/traces" --trace-batches last --out "$OUT/trace.h5"
         ;;
     *) echo "unknown step $s" >&2 ;;
     esac
