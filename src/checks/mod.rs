@@ -88,8 +88,8 @@ impl CheckedBackend for CpuBackend {
 }
 
 /// Small heads run the backend's own choice; heads of 128 run every
-/// kernel that applies to the dtype, each by name (the tensor-core ones only
-/// in 16-bit types).
+/// kernel that applies to the dtype and the device, each by name (the
+/// tensor-core ones only in 16-bit types, the Hopper ones only on sm_90).
 impl CheckedBackend for CudaBackend {
     fn prefill_variants(&self, head_dim: usize) -> Vec<&'static str> {
         if head_dim != 128 {
@@ -98,7 +98,8 @@ impl CheckedBackend for CudaBackend {
         if self.dtype() == Dtype::Fp32 {
             return vec![PrefillKernel::General.name()];
         }
-        PrefillKernel::ALL.iter().filter(|&&k| k != PrefillKernel::Auto).map(|k| k.name()).collect()
+        let cc = self.compute_capability();
+        PrefillKernel::ALL.iter().filter(|&&k| k != PrefillKernel::Auto && k.runs_on(cc)).map(|k| k.name()).collect()
     }
     fn select_prefill_variant(&self, name: &str) -> &'static str {
         let before = self.prefill_kernel().name();

@@ -14,11 +14,12 @@
 //! bf16, f16 or float), `*const f32`, `*mut u8` (`unsigned char*`),
 //! `*const u32` (`unsigned*`), `*const i32` (`int*`), `*const f64`
 //! (`double*`), `*const u64`, and the scalars `u64`, `i32` (`int`), `f32`
-//! (`float`) and [`RunTable`] (`const RunTable`, passed by value).
+//! (`float`), [`RunTable`] (`const RunTable`, passed by value) and
+//! [`TensorMap`] (`const TensorMap`, a TMA tensor map passed by value).
 //!
 //! This module must not launch (see `launch`) or pick kernels (see `ops`).
 
-use super::args::{ArgValue, DevPtr};
+use super::args::{ArgValue, DevPtr, TensorMap};
 use super::kernels::KernelFile;
 use crate::backend::Dtype;
 use std::ffi::c_void;
@@ -51,6 +52,19 @@ pub const PREFILL_MAX_D: u32 = 256;
 pub const FA_D: u32 = 128;
 pub const FA_BN: u32 = 64;
 pub const FA_ROW_BYTES: u32 = 256;
+/// The Hopper prefill kernel (flash_sm90.cu): threads per block (a
+/// producer and two consumer warpgroups), query rows per block, keys per
+/// K/V tile, head_dim, and the bytes of one 64-column half of a 128-row
+/// tile (what one TMA box moves).
+pub const F3_THREADS: u32 = 384;
+pub const F3_BM: u32 = 128;
+pub const F3_BN: u32 = 128;
+pub const F3_D: u32 = 128;
+pub const F3_HALF_BYTES: u32 = 128 * 128;
+/// Its dynamic shared memory (the source's `F3_SMEM_BYTES`): the Q block,
+/// two K and two V stages of two halves each, nine mbarriers, and 1 KiB of
+/// slack to align the tiles to the 1 KiB of the swizzle atoms.
+pub const F3_SMEM_BYTES: u32 = 5 * 2 * F3_HALF_BYTES + 8 * 9 + 1024;
 
 /// The `#define`s of the kernel sources the host relies on, with the
 /// values it uses (checked by the tests).
@@ -71,6 +85,12 @@ pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
     ("FA_D", FA_D as u64),
     ("FA_BN", FA_BN as u64),
     ("FA_ROW_BYTES", FA_ROW_BYTES as u64),
+    ("F3_THREADS", F3_THREADS as u64),
+    ("F3_BM", F3_BM as u64),
+    ("F3_BN", F3_BN as u64),
+    ("F3_D", F3_D as u64),
+    ("F3_HALF_BYTES", F3_HALF_BYTES as u64),
+    ("F3_SMEM_BYTES", F3_SMEM_BYTES as u64),
 ];
 
 /// Dynamic shared memory of `prefill_general` for `head_dim` (the
@@ -147,6 +167,9 @@ pub enum CType {
     F32,
     /// [`RunTable`] by value.
     RunTable,
+    /// [`TensorMap`] by value (`const __grid_constant__ TensorMap`): the
+    /// launch checks the tensor it maps as it does a `const T*`.
+    TensorMap,
 }
 
 impl CType {
@@ -159,6 +182,7 @@ impl CType {
             CType::I32 => "int".into(),
             CType::F32 => "float".into(),
             CType::RunTable => "const RunTable".into(),
+            CType::TensorMap => "const TensorMap".into(),
         }
     }
 }
@@ -208,7 +232,7 @@ macro_rules! scalar_param {
         }
     )*};
 }
-scalar_param!(u64 => U64, i32 => I32, f32 => F32, RunTable => RunTable);
+scalar_param!(u64 => U64, i32 => I32, f32 => F32, RunTable => RunTable, TensorMap => TensorMap);
 
 /// The arguments of one kernel, in the order of its parameters.
 pub trait KernelArgs {
@@ -289,6 +313,13 @@ kernel_args! {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
         sq: i32, skv: i32, kv_stride: i32, heads: i32, q_offset: i32, scale_log2: f32,
     }
+    /// `flash_sm90_fwd_d128_*` and `flash_sm90_ftz_fwd_d128_*` (flash_sm90.cu,
+    /// sm_90a): head_dim [`F3_D`], bf16/f16, Q, K and V read through tensor
+    /// maps (K and V with the cache's sequence stride).
+    FlashSm90Args {
+        tq: TensorMap, tk: TensorMap, tv: TensorMap, out: *mut Storage, lse: *mut f32,
+        sq: i32, skv: i32, heads: i32, q_offset: i32, scale_log2: f32,
+    }
 }
 
 /// The names a kernel is built under.
@@ -333,6 +364,13 @@ impl KernelNames {
 macro_rules! typed {
     ($base:literal) => {
         KernelNames::Typed { base: $base, names: [Some(concat!($base, "_bf16")), Some(concat!($base, "_f16")), Some(concat!($base, "_f32"))] }
+    };
+}
+
+/// `base_bf16` and `base_f16`: a kernel built for the 16-bit types only.
+macro_rules! typed_16bit {
+    ($base:literal) => {
+        KernelNames::Typed { base: $base, names: [Some(concat!($base, "_bf16")), Some(concat!($base, "_f16")), None] }
     };
 }
 
@@ -420,6 +458,10 @@ kernels! {
     DECODE_COMBINE: DecodeCombineArgs = Decode, typed!("decode_combine"), Block::Any;
     PREFILL_GENERAL: PrefillGeneralArgs = Prefill, typed!("prefill_general"), Block::Exactly(PREFILL_WARPS * 32),
         shared |a| prefill_shared_bytes(a.d as u32);
+    /// The Hopper prefill kernel, its softmax's exp2 keeping denormal results.
+    FLASH_SM90: FlashSm90Args = FlashSm90, typed_16bit!("flash_sm90_fwd_d128"), Block::Exactly(F3_THREADS), shared |_| F3_SMEM_BYTES;
+    /// The same kernel with the exp2 flushing denormal results to zero.
+    FLASH_SM90_FTZ: FlashSm90Args = FlashSm90, typed_16bit!("flash_sm90_ftz_fwd_d128"), Block::Exactly(F3_THREADS), shared |_| F3_SMEM_BYTES;
     ;
     flash: FLASH_W8, FLASH_W4, FLASH_W4M2
 }

@@ -17,15 +17,16 @@
 //!   the layouts shared with the kernels, declared once and checked against
 //!   the sources by its tests;
 //! - `launch`: the one launch path, checking arguments against the contract;
+//! - `flash_sm90`: the Hopper prefill kernel's TMA tensor maps and launch;
 //! - `memory`: [`CudaBuf`], the memory tracker, the pool and the recording arena;
 //! - `recording`: recorded steps ([`CudaRecording`]) and timing marks;
 //! - `ops`: the [`Backend`](super::Backend) implementation, by kind of
 //!   operation (dense, rows, step, prefill and decode attention).
 //!
 //! Attention prefill has several implementations: a general one for any
-//! head_dim up to 256 and any dtype, and tensor-core ones for head_dim 128
-//! in bf16/fp16 ([`PrefillKernel`] picks; `Auto` uses the fastest where it
-//! applies). A new variant is a kernel file, its declaration in `contract`
+//! head_dim up to 256 and any dtype, tensor-core ones for head_dim 128 in
+//! bf16/fp16, and on sm_90 a warp-specialised wgmma/TMA one
+//! ([`PrefillKernel`] picks; `Auto` uses the fastest where it applies). A new variant is a kernel file, its declaration in `contract`
 //! and one arm in `ops::prefill`.
 //!
 //! The libraries are loaded at run time: call [`probe::cuda_libraries_present`]
@@ -36,6 +37,7 @@
 mod args;
 mod contract;
 mod ffi;
+mod flash_sm90;
 pub mod kernels;
 mod launch;
 mod memory;

@@ -410,6 +410,17 @@ fn general_prefill_shared_memory_follows_the_source_formula() {
 }
 
 #[test]
+fn the_hopper_prefill_kernels_are_built_with_the_exp2_their_names_say() {
+    let (_, found) = read(KernelFile::FlashSm90);
+    for (kernel, ftz) in [(&FLASH_SM90, "false"), (&FLASH_SM90_FTZ, "true")] {
+        for (_, name) in kernel.names.all() {
+            let k = found.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("{name} not in flash_sm90.cu"));
+            assert_eq!(k.bindings.get("FTZ").map(String::as_str), Some(ftz), "{name}");
+        }
+    }
+}
+
+#[test]
 fn the_reader_expands_nested_macros_with_token_pasting() {
     let src = parse("#define EACH(M) M(bf16, bf16) M(float, f32)\n#define K(T, S) extern \"C\" __global__ void __launch_bounds__(2 * W) k_##S(const T* __restrict__ x, \\\n u64 n) {}\n#define W 64\nEACH(K) // two kernels\n");
     let mut pieces = Vec::new();
