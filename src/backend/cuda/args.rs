@@ -39,6 +39,14 @@ impl DevPtr {
     pub fn raw(addr: u64, holds: Holds) -> Self {
         Self { addr, holds }
     }
+    /// Bytes of one element of what the address holds.
+    pub fn element_bytes(&self) -> u32 {
+        match self.holds {
+            Holds::Elements(dtype) => dtype.size_bytes() as u32,
+            Holds::F64 | Holds::U64 => 8,
+            Holds::I32 | Holds::U32 => 4,
+        }
+    }
 }
 
 /// A value passed as one kernel parameter.

@@ -65,6 +65,13 @@ pub const F3_HALF_BYTES: u32 = 128 * 128;
 /// two K and two V stages of two halves each, nine mbarriers, and 1 KiB of
 /// slack to align the tiles to the 1 KiB of the swizzle atoms.
 pub const F3_SMEM_BYTES: u32 = 5 * 2 * F3_HALF_BYTES + 8 * 9 + 1024;
+/// Rows of K and of V per stage and stages of the bulk-copy decode kernel's
+/// ring (decode.cu's `DECODE_BULK_*`).
+pub const DECODE_BULK_ROWS: u32 = 4;
+pub const DECODE_BULK_STAGES: u32 = 3;
+/// The most warps `decode_combine` takes (its shared arrays hold one entry
+/// per warp).
+pub const DECODE_COMBINE_MAX_WARPS: u32 = 8;
 
 /// The `#define`s of the kernel sources the host relies on, with the
 /// values it uses (checked by the tests).
@@ -91,6 +98,9 @@ pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
     ("F3_D", F3_D as u64),
     ("F3_HALF_BYTES", F3_HALF_BYTES as u64),
     ("F3_SMEM_BYTES", F3_SMEM_BYTES as u64),
+    ("DECODE_BULK_ROWS", DECODE_BULK_ROWS as u64),
+    ("DECODE_BULK_STAGES", DECODE_BULK_STAGES as u64),
+    ("DECODE_COMBINE_MAX_WARPS", DECODE_COMBINE_MAX_WARPS as u64),
 ];
 
 /// Dynamic shared memory of `prefill_general` for `head_dim` (the
@@ -105,6 +115,15 @@ pub const fn prefill_shared_bytes(head_dim: u32) -> u32 {
 /// [`FA_ROW_BYTES`].
 pub const fn flash_shared_bytes(warps: u32, fragments: u32) -> u32 {
     (16 * fragments * warps + 4 * FA_BN) * FA_ROW_BYTES
+}
+
+/// Dynamic shared memory of `decode_bulk` for a group of `hg` heads of
+/// `head_dim` elements of `elem_bytes` each (the source's
+/// `DECODE_BULK_SMEM_BYTES`): [`DECODE_BULK_STAGES`] stages of
+/// [`DECODE_BULK_ROWS`] K rows and as many V rows of the group, then a full
+/// and an empty mbarrier per stage.
+pub const fn decode_bulk_shared_bytes(hg: u32, head_dim: u32, elem_bytes: u32) -> u32 {
+    DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * head_dim * elem_bytes + 16 * DECODE_BULK_STAGES
 }
 
 /// The row runs of a copy passed by value: (src_row, dst_row, len,
@@ -301,6 +320,12 @@ kernel_args! {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
         cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
     }
+    /// `decode_bulk_*` (decode.cu, sm_90 and newer): `decode_rows` fed by
+    /// bulk copies into a ring of shared-memory stages, a producer warp more.
+    DecodeBulkArgs {
+        q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
+    }
     /// `decode_combine_*` (decode.cu): merges the chunks by their log-sum-exp.
     DecodeCombineArgs { part_o: *const f32, part_lse: *const f32, out: *mut Storage, lse: *mut f32, nsplit: i32, heads: i32, d: i32 }
     /// `prefill_general_*` (prefill.cu).
@@ -382,6 +407,10 @@ pub enum Block {
     Exactly(u32),
     /// Up to this many (the source's `__launch_bounds__`).
     AtMost(u32),
+    /// Whole warps, up to this many of them: a limit set by the kernel's
+    /// shared arrays (a `#define` of the source, in `SOURCE_CONSTANTS`),
+    /// not by `__launch_bounds__`, which the source does not declare.
+    WholeWarps(u32),
     /// Any block size (no `__launch_bounds__`).
     Any,
 }
@@ -455,7 +484,9 @@ kernels! {
     MERGE_PARTIALS: MergePartialsArgs = Merge, typed!("merge_partials"), Block::Any;
     DECODE_PARTIAL: DecodePartialArgs = Decode, typed!("decode_partial"), Block::Exactly(DECODE_THREADS);
     DECODE_ROWS: DecodeRowsArgs = Decode, typed!("decode_rows"), Block::AtMost(DECODE_ROWS_THREADS);
-    DECODE_COMBINE: DecodeCombineArgs = Decode, typed!("decode_combine"), Block::Any;
+    DECODE_BULK: DecodeBulkArgs = Decode, typed_16bit!("decode_bulk"), Block::AtMost(32 + DECODE_ROWS_THREADS),
+        shared |a| decode_bulk_shared_bytes(a.hg as u32, a.d as u32, a.q.element_bytes());
+    DECODE_COMBINE: DecodeCombineArgs = Decode, typed!("decode_combine"), Block::WholeWarps(DECODE_COMBINE_MAX_WARPS);
     PREFILL_GENERAL: PrefillGeneralArgs = Prefill, typed!("prefill_general"), Block::Exactly(PREFILL_WARPS * 32),
         shared |a| prefill_shared_bytes(a.d as u32);
     /// The Hopper prefill kernel, its softmax's exp2 keeping denormal results.

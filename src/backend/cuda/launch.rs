@@ -74,6 +74,7 @@ fn check_block(kernel: &str, rule: Block, threads: u32) -> Result<()> {
     let ok = match rule {
         Block::Exactly(n) => threads == n,
         Block::AtMost(n) => threads >= 1 && threads <= n,
+        Block::WholeWarps(n) => threads >= 32 && threads % 32 == 0 && threads <= 32 * n,
         Block::Any => (1..=1024).contains(&threads),
     };
     if !ok {
@@ -166,6 +167,15 @@ mod tests {
         assert!(check_block("decode_rows_bf16", Block::AtMost(512), 384).is_ok());
         assert!(check_block("decode_rows_bf16", Block::AtMost(512), 1024).is_err());
         assert!(check_block("gelu_bf16", Block::Any, 0).is_err());
+    }
+
+    #[test]
+    fn a_kernel_written_for_whole_warps_refuses_a_partial_warp_or_one_too_many() {
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 32).is_ok());
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 256).is_ok());
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 100).is_err());
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 288).is_err());
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 0).is_err());
     }
 
     #[test]
