@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """PyTorch reference for fapool's GPU targets, timed on the same GPU in the
 same call: cuBLAS GEMMs on dense-4l's shapes, causal attention (FlashAttention-2
-and cuDNN backends), decode attention at long KV, the whole dense-4l prefill
-(eager) and decode step (CUDA graph), and, under a 2-process launch, NCCL
-collectives through torch.distributed.
+and cuDNN backends) over whole sequences and for a pool rank's query block
+(the last quarter of the queries against all keys, causal from the bottom
+right), decode attention (SDPA, B = 1, 4, 16, 64 sequences at 4K-64K), the
+whole dense-4l prefill (eager, and with torch.compile when asked) and decode
+step (CUDA graph), and, under a 2-process launch, NCCL collectives through
+torch.distributed.
 
-    python3 scripts/torch_reference.py kernels --out ref.json
+    python3 scripts/torch_reference.py kernels --out ref.json [--compile] [--no-model | --model-only] [--no-decode-step]
     mpirun -np 2 python3 scripts/torch_reference.py nccl --out ref-nccl.json
 
 Medians of CUDA-event timings after warm-up, on random data. FLOP counting:
@@ -31,9 +34,15 @@ def median_ms(fn, iters=10, warmup=3):
     return statistics.median(times)
 
 
-def kernels(out):
+def kernels(out, model=True, compile_model=False, decode_step=True, kernels_too=True):
     dev, dt = "cuda", torch.bfloat16
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    if not kernels_too:
+        model_ref(res, compile_model, decode_step)
+        json.dump(res, open(out, "w"), indent=1)
+        for k_, v_ in res.items():
+            print(f"{k_}: {v_}")
+        return
     for m, k, n in [(8192, 8192, 8192), (16384, 4096, 12288), (16384, 4096, 4096), (16384, 4096, 16384), (16384, 16384, 4096)]:
         x = torch.randn(m, k, device=dev, dtype=dt); w = torch.randn(k, n, device=dev, dtype=dt) * 0.02
         ms = median_ms(lambda: x @ w)
@@ -42,31 +51,54 @@ def kernels(out):
     ms = median_ms(lambda: dst.copy_(copy))
     res["copy_TBps"] = 2 * copy.numel() / ms / 1e9
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
     h, d = 32, 128
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
     for s in [4096, 16384, 65536]:
         q, k, v = (torch.randn(1, h, s, d, device=dev, dtype=dt) for _ in range(3))
         flops = 4 * h * s * s * d / 2
-        for name, be in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+        for name, be in backends:
             try:
                 with sdpa_kernel(be):
                     ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), iters=5)
                 res[f"sdpa_{name}_causal_S{s}_tflops"] = flops / ms / 1e9
             except Exception as e:  # a backend may be unavailable
                 res[f"sdpa_{name}_causal_S{s}_error"] = str(e)[:200]
-        # Decode: one query against s cached rows.
-        qd = torch.randn(1, h, 1, d, device=dev, dtype=dt)
-        ms = median_ms(lambda: F.scaled_dot_product_attention(qd, k, v))
-        res[f"decode_attn_B1_L{s}_TBps"] = 2 * s * h * d * 2 / ms / 1e9
-        del q, k, v
+        # A pool rank's block: queries s - s/4 .. s against all s keys, each
+        # seeing the keys up to its own position (causal from the bottom right).
+        sq = s // 4
+        qb = q[:, :, s - sq:].contiguous()
+        mask = causal_lower_right(sq, s)
+        flops_b = 4 * h * d * (sq * (s - sq) + sq * sq / 2)
+        for name, be in backends:
+            try:
+                with sdpa_kernel(be):
+                    ms = median_ms(lambda: F.scaled_dot_product_attention(qb, k, v, attn_mask=mask), iters=5)
+                res[f"sdpa_{name}_rank_block_S{s}_tflops"] = flops_b / ms / 1e9
+            except Exception as e:
+                res[f"sdpa_{name}_rank_block_S{s}_error"] = str(e)[:200]
+        del q, k, v, qb
     torch.cuda.empty_cache()
-    model_ref(res)
+    # Decode: one query per sequence against s cached rows, SDPA's own choice of backend.
+    for b in [1, 4, 16, 64]:
+        for s in [4096, 16384, 65536]:
+            k, v = (torch.randn(b, h, s, d, device=dev, dtype=dt) for _ in range(2))
+            qd = torch.randn(b, h, 1, d, device=dev, dtype=dt)
+            ms = median_ms(lambda: F.scaled_dot_product_attention(qd, k, v), iters=20)
+            res[f"decode_attn_B{b}_L{s}_TBps"] = 2 * b * s * h * d * 2 / ms / 1e9
+            res[f"decode_attn_B{b}_L{s}_us"] = ms * 1e3
+            del k, v, qd
+            torch.cuda.empty_cache()
+    if model:
+        model_ref(res, compile_model, decode_step)
     json.dump(res, open(out, "w"), indent=1)
     for k_, v_ in res.items():
         print(f"{k_}: {v_}")
 
 
-def model_ref(res):
-    """dense-4l (4 layers, 4096, 32x128, FFN 16384 GELU, RMSNorm, vocab 32000) in eager bf16."""
+def model_ref(res, compile_model=False, decode_step=True):
+    """dense-4l (4 layers, 4096, 32x128, FFN 16384 GELU, RMSNorm, vocab 32000) in bf16, eager
+    (and compiled with torch.compile when `compile_model`)."""
     dev, dt = "cuda", torch.bfloat16
     L, D, H, Dh, Fd, V = 4, 4096, 32, 128, 16384, 32000
     g = torch.Generator(device=dev).manual_seed(0)
@@ -89,13 +121,19 @@ def model_ref(res):
         return rms(x[:, -1], nf) @ head
 
     layer_params = 4 * D * D + 2 * D * Fd
-    for s, b in [(512, 32), (4096, 4), (16384, 1), (65536, 1)]:
+    compiled = torch.compile(prefill) if compile_model else None
+    for s, b in [(512, 32), (4096, 4), (16384, 4), (16384, 1), (65536, 1)]:
         tok = torch.randint(0, V, (b, s), device=dev)
-        with torch.no_grad():
-            ms = median_ms(lambda: prefill(tok), iters=5, warmup=2)
         flops = 2 * b * s * L * layer_params + L * 4 * b * H * s * s * Dh / 2 + 2 * b * D * V
-        res[f"torch_prefill_S{s}_B{b}_ms"] = ms
-        res[f"torch_prefill_S{s}_B{b}_tflops"] = flops / ms / 1e9
+        for tag, fn in [("", prefill), ("_compiled", compiled)]:
+            if fn is None or (tag and s < 4096):
+                continue
+            with torch.no_grad():
+                ms = median_ms(lambda: fn(tok), iters=5, warmup=2)
+            res[f"torch_prefill{tag}_S{s}_B{b}_ms"] = ms
+            res[f"torch_prefill{tag}_S{s}_B{b}_tflops"] = flops / ms / 1e9
+    if not decode_step:
+        return
     # Decode step with a KV cache, captured as a CUDA graph.
     for b, ctx in [(64, 4096), (16, 16384), (4, 65536)]:
         kc = [torch.randn(b, H, ctx + 1, Dh, device=dev, dtype=dt) for _ in range(L)]
@@ -164,5 +202,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["kernels", "nccl"])
     ap.add_argument("--out", default="torch-reference.json")
+    ap.add_argument("--compile", action="store_true", help="also time the whole prefill under torch.compile")
+    ap.add_argument("--no-model", action="store_true", help="kernels only: skip the whole-model prefill and decode step")
+    ap.add_argument("--model-only", action="store_true", help="only the whole model (prefill, decode step)")
+    ap.add_argument("--no-decode-step", action="store_true", help="skip the whole-model decode step")
     a = ap.parse_args()
-    (kernels if a.what == "kernels" else nccl)(a.out)
+    if a.what == "kernels":
+        kernels(a.out, model=not a.no_model, compile_model=a.compile, decode_step=not a.no_decode_step, kernels_too=not a.model_only)
+    else:
+        nccl(a.out)

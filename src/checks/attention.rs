@@ -59,9 +59,13 @@ pub fn attention_prefill_small_heads<B: CheckedBackend>(c: &mut Checker<B>) {
     }
 }
 
+/// A prefill shape with heads of 128.
+fn dense(nseq: usize, sq: usize, skv: usize, stride: usize, heads: usize, q_offset: usize) -> PrefillShape {
+    PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads, head_dim: 128, q_offset }
+}
+
 /// Prefill with dense-4l's heads of 128, every implementation the backend offers.
 pub fn attention_prefill_dense_heads<B: CheckedBackend>(c: &mut Checker<B>) {
-    let dense = |nseq, sq, skv, stride, heads, q_offset| PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads, head_dim: 128, q_offset };
     for variant in c.be.prefill_variants(128) {
         // A pool rank's block: queries 280..480 against K/V rows 0..480 of 512.
         prefill(c, dense(1, 200, 480, 512, 32, 280), variant);
@@ -74,10 +78,32 @@ pub fn attention_prefill_dense_heads<B: CheckedBackend>(c: &mut Checker<B>) {
     }
 }
 
-/// Decode attention at long, zero and one-row lengths, small and dense heads.
+/// Prefill with heads of 128 where the kernels' tiles and pipelines have
+/// their edges (the Hopper kernel's 128-row query blocks and 128-key tiles
+/// in a two-stage ring, the others' smaller tiles), every implementation the
+/// backend offers.
+pub fn attention_prefill_tile_edges<B: CheckedBackend>(c: &mut Checker<B>) {
+    for variant in c.be.prefill_variants(128) {
+        // Eight key tiles of 128: the K/V ring wraps several times.
+        prefill(c, dense(1, 1000, 1000, 1000, 4, 0), variant);
+        // Three sequences, queries at an offset inside a tile, a K/V stride longer than skv.
+        prefill(c, dense(3, 130, 1337, 1400, 2, 1207), variant);
+        // A pool rank's block: queries 1700..2000 against K/V rows 0..2000 of 2048.
+        prefill(c, dense(1, 300, 2000, 2048, 4, 1700), variant);
+        // One query row per sequence, at the end of its K/V.
+        prefill(c, dense(2, 1, 700, 768, 4, 699), variant);
+        // A diagonal that cuts the tiles unevenly (offset 43, 257 rows).
+        prefill(c, dense(1, 257, 300, 320, 2, 43), variant);
+    }
+}
+
+/// Decode attention at long, zero and one-row lengths, small and dense
+/// heads, and one sequence of 33,900 rows of two heads: chunks of 256 rows
+/// and more, which on sm_90 are fed by bulk copies (`decode_bulk`).
 pub fn attention_decode<B: CheckedBackend>(c: &mut Checker<B>) {
     let shape = |nseq, cap, len, heads, head_dim| DecodeShape { nseq, cap, len, heads, head_dim };
-    for s in [shape(2, 20, 13, 4, 16), shape(2, 8, 0, 4, 16), shape(3, 1, 1, 4, 16), shape(2, 5000, 4099, 32, 128), shape(1, 64, 0, 32, 128)] {
+    let shapes = [shape(2, 20, 13, 4, 16), shape(2, 8, 0, 4, 16), shape(3, 1, 1, 4, 16), shape(2, 5000, 4099, 32, 128), shape(1, 64, 0, 32, 128), shape(1, 34_000, 33_900, 2, 128)];
+    for s in shapes {
         let outcome = (|| {
             let width = s.heads * s.head_dim;
             let (q, qb) = c.input(s.nseq * width, 1.0)?;
@@ -96,9 +122,15 @@ pub fn attention_decode<B: CheckedBackend>(c: &mut Checker<B>) {
 /// store them as the new K and V row, attend with them as the query; at
 /// four positions, one of them storing nothing (a pool rank that does not
 /// own the step's token). Outputs of every step and the final caches are
-/// compared with the reference doing the same.
+/// compared with the reference doing the same. The third case, one sequence
+/// of a 34,000-row cache of two heads, has chunks of 256 rows and more,
+/// which on sm_90 are fed by bulk copies (`decode_bulk`).
 pub fn decode_steps<B: CheckedBackend>(c: &mut Checker<B>) {
-    let cases = [(DecodeShape { nseq: 2, cap: 40, len: 30, heads: 4, head_dim: 16 }, 64), (DecodeShape { nseq: 3, cap: 4200, len: 4096, heads: 32, head_dim: 128 }, 100)];
+    let cases = [
+        (DecodeShape { nseq: 2, cap: 40, len: 30, heads: 4, head_dim: 16 }, 64),
+        (DecodeShape { nseq: 3, cap: 4200, len: 4096, heads: 32, head_dim: 128 }, 100),
+        (DecodeShape { nseq: 1, cap: 34_000, len: 33_000, heads: 2, head_dim: 128 }, 100),
+    ];
     for (s, vocab) in cases {
         for record in [false, true] {
             let shape = format!("nseq {} cap {} len {}..{} heads {}x{}, 4 steps", s.nseq, s.cap, s.len + 1, s.len + 3, s.heads, s.head_dim);

@@ -9,8 +9,10 @@
 //! f32. An element the backend does not write stays NaN, and NaN never
 //! passes. Shapes cover the tiny test model (head_dim 16) and dense-4l (32
 //! heads of 128), with rows that are not multiples of any tile, prefill
-//! blocks at a query offset against a longer K/V stride, decode at long and
-//! zero lengths, and decode steps from the step scalars, eager and recorded.
+//! blocks at a query offset against a longer K/V stride, prefill at the
+//! edges of the kernels' tiles and pipelines, decode at long and zero
+//! lengths and in chunks long enough for sm_90's bulk copies, and decode
+//! steps from the step scalars, eager and recorded.
 //!
 //! [`run_all`] runs every check (`fapool check-gpu`); `tests/kernels.rs`
 //! instantiates each one as a test for the CPU backend and for CUDA, both
@@ -24,7 +26,7 @@ pub mod reference;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{attention_decode, attention_prefill_dense_heads, attention_prefill_small_heads, decode_steps, merge_partials};
+pub use attention::{attention_decode, attention_prefill_dense_heads, attention_prefill_small_heads, attention_prefill_tile_edges, decode_steps, merge_partials};
 pub use dense::{add_assign, argmax, embed, gather_rows, gelu, gelu_mul, matmul, rmsnorm, scatter_rows, split_qkv};
 
 use crate::backend::cpu::CpuBackend;
@@ -33,12 +35,17 @@ use crate::backend::{Backend, Dtype};
 use crate::metrics::{relative_l2, worst_error};
 
 /// Calls `$m! { check, ... }` with the name of every check, in table order.
+/// The prefill checks come last (and within each the newest kernels, the
+/// end of `PrefillKernel::ALL`), so that a broken launch of a prefill
+/// kernel, which can leave the device unusable for the rest of the process,
+/// cannot hide the checks of the other operations.
 #[macro_export]
 macro_rules! for_each_kernel_check {
     ($m:ident) => {
         $m! {
             embed, matmul, rmsnorm, gelu, gelu_mul, add_assign, split_qkv, gather_rows, scatter_rows, argmax,
-            merge_partials, attention_prefill_small_heads, attention_prefill_dense_heads, attention_decode, decode_steps,
+            merge_partials, attention_decode, decode_steps, attention_prefill_small_heads, attention_prefill_dense_heads,
+            attention_prefill_tile_edges,
         }
     };
 }
@@ -88,8 +95,8 @@ impl CheckedBackend for CpuBackend {
 }
 
 /// Small heads run the backend's own choice; heads of 128 run every
-/// kernel that applies to the dtype, each by name (the tensor-core ones only
-/// in 16-bit types).
+/// kernel that applies to the dtype and the device, each by name (the
+/// tensor-core ones only in 16-bit types, the Hopper ones only on sm_90).
 impl CheckedBackend for CudaBackend {
     fn prefill_variants(&self, head_dim: usize) -> Vec<&'static str> {
         if head_dim != 128 {
@@ -98,7 +105,8 @@ impl CheckedBackend for CudaBackend {
         if self.dtype() == Dtype::Fp32 {
             return vec![PrefillKernel::General.name()];
         }
-        PrefillKernel::ALL.iter().filter(|&&k| k != PrefillKernel::Auto).map(|k| k.name()).collect()
+        let cc = self.compute_capability();
+        PrefillKernel::ALL.iter().filter(|&&k| k != PrefillKernel::Auto && k.runs_on(cc)).map(|k| k.name()).collect()
     }
     fn select_prefill_variant(&self, name: &str) -> &'static str {
         let before = self.prefill_kernel().name();

@@ -1,6 +1,6 @@
 //! The values a kernel launch passes: device addresses with what they hold
-//! (so a launch can check them against the kernel's declared parameters)
-//! and plain scalars. Shared by the kernel contract, which declares the
+//! (so a launch can check them against the kernel's declared parameters),
+//! TMA tensor maps with the tensor they map, and plain scalars. Shared by the kernel contract, which declares the
 //! parameters, and the launch path, which checks and passes them.
 
 use super::memory::CudaBuf;
@@ -39,6 +39,14 @@ impl DevPtr {
     pub fn raw(addr: u64, holds: Holds) -> Self {
         Self { addr, holds }
     }
+    /// Bytes of one element of what the address holds.
+    pub fn element_bytes(&self) -> u32 {
+        match self.holds {
+            Holds::Elements(dtype) => dtype.size_bytes() as u32,
+            Holds::F64 | Holds::U64 => 8,
+            Holds::I32 | Holds::U32 => 4,
+        }
+    }
 }
 
 /// A value passed as one kernel parameter.
@@ -69,5 +77,30 @@ impl ArgValue for DevPtr {
     }
     fn device_ptr(&self) -> Option<DevPtr> {
         Some(*self)
+    }
+}
+
+/// The 128 opaque bytes of a driver `CUtensorMap`, with its 64-byte
+/// alignment (the kernels' `TensorMap`).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMapBytes(pub [u64; 16]);
+
+/// A TMA tensor map passed by value (`const __grid_constant__ TensorMap`),
+/// with the start of the tensor it maps, so that a launch can check the
+/// tensor's element type as it does a pointer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMap {
+    pub(super) bytes: TensorMapBytes,
+    pub(super) tensor: DevPtr,
+}
+
+impl ArgValue for TensorMap {
+    fn param_ptr(&self) -> *mut c_void {
+        // The kernel receives the map's 128 bytes alone.
+        &self.bytes as *const TensorMapBytes as *mut c_void
+    }
+    fn device_ptr(&self) -> Option<DevPtr> {
+        Some(self.tensor)
     }
 }

@@ -14,11 +14,12 @@
 //! bf16, f16 or float), `*const f32`, `*mut u8` (`unsigned char*`),
 //! `*const u32` (`unsigned*`), `*const i32` (`int*`), `*const f64`
 //! (`double*`), `*const u64`, and the scalars `u64`, `i32` (`int`), `f32`
-//! (`float`) and [`RunTable`] (`const RunTable`, passed by value).
+//! (`float`), [`RunTable`] (`const RunTable`, passed by value) and
+//! [`TensorMap`] (`const TensorMap`, a TMA tensor map passed by value).
 //!
 //! This module must not launch (see `launch`) or pick kernels (see `ops`).
 
-use super::args::{ArgValue, DevPtr};
+use super::args::{ArgValue, DevPtr, TensorMap};
 use super::kernels::KernelFile;
 use crate::backend::Dtype;
 use std::ffi::c_void;
@@ -53,6 +54,26 @@ pub const PREFILL_MAX_D: u32 = 256;
 pub const FA_D: u32 = 128;
 pub const FA_BN: u32 = 64;
 pub const FA_ROW_BYTES: u32 = 256;
+/// The Hopper prefill kernel (flash_sm90.cu): threads per block (a
+/// producer and two consumer warpgroups), query rows per block, keys per
+/// K/V tile, head_dim, and the bytes of one 64-column half of a 128-row
+/// tile (what one TMA box moves).
+pub const F3_THREADS: u32 = 384;
+pub const F3_BM: u32 = 128;
+pub const F3_BN: u32 = 128;
+pub const F3_D: u32 = 128;
+pub const F3_HALF_BYTES: u32 = 128 * 128;
+/// Its dynamic shared memory (the source's `F3_SMEM_BYTES`): the Q block,
+/// two K and two V stages of two halves each, nine mbarriers, and 1 KiB of
+/// slack to align the tiles to the 1 KiB of the swizzle atoms.
+pub const F3_SMEM_BYTES: u32 = 5 * 2 * F3_HALF_BYTES + 8 * 9 + 1024;
+/// Rows of K and of V per stage and stages of the bulk-copy decode kernel's
+/// ring (decode.cu's `DECODE_BULK_*`).
+pub const DECODE_BULK_ROWS: u32 = 4;
+pub const DECODE_BULK_STAGES: u32 = 3;
+/// The most warps `decode_combine` takes (its shared arrays hold one entry
+/// per warp).
+pub const DECODE_COMBINE_MAX_WARPS: u32 = 8;
 
 /// The `#define`s of the kernel sources the host relies on, with the
 /// values it uses (checked by the tests).
@@ -74,6 +95,15 @@ pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
     ("FA_D", FA_D as u64),
     ("FA_BN", FA_BN as u64),
     ("FA_ROW_BYTES", FA_ROW_BYTES as u64),
+    ("F3_THREADS", F3_THREADS as u64),
+    ("F3_BM", F3_BM as u64),
+    ("F3_BN", F3_BN as u64),
+    ("F3_D", F3_D as u64),
+    ("F3_HALF_BYTES", F3_HALF_BYTES as u64),
+    ("F3_SMEM_BYTES", F3_SMEM_BYTES as u64),
+    ("DECODE_BULK_ROWS", DECODE_BULK_ROWS as u64),
+    ("DECODE_BULK_STAGES", DECODE_BULK_STAGES as u64),
+    ("DECODE_COMBINE_MAX_WARPS", DECODE_COMBINE_MAX_WARPS as u64),
 ];
 
 /// Dynamic shared memory of `prefill_general` for `head_dim` (the
@@ -88,6 +118,15 @@ pub const fn prefill_shared_bytes(head_dim: u32) -> u32 {
 /// [`FA_ROW_BYTES`].
 pub const fn flash_shared_bytes(warps: u32, fragments: u32) -> u32 {
     (16 * fragments * warps + 4 * FA_BN) * FA_ROW_BYTES
+}
+
+/// Dynamic shared memory of `decode_bulk` for a group of `hg` heads of
+/// `head_dim` elements of `elem_bytes` each (the source's
+/// `DECODE_BULK_SMEM_BYTES`): [`DECODE_BULK_STAGES`] stages of
+/// [`DECODE_BULK_ROWS`] K rows and as many V rows of the group, then a full
+/// and an empty mbarrier per stage.
+pub const fn decode_bulk_shared_bytes(hg: u32, head_dim: u32, elem_bytes: u32) -> u32 {
+    DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * head_dim * elem_bytes + 16 * DECODE_BULK_STAGES
 }
 
 /// The row runs of a copy passed by value: (src_row, dst_row, len,
@@ -150,6 +189,9 @@ pub enum CType {
     F32,
     /// [`RunTable`] by value.
     RunTable,
+    /// [`TensorMap`] by value (`const __grid_constant__ TensorMap`): the
+    /// launch checks the tensor it maps as it does a `const T*`.
+    TensorMap,
 }
 
 impl CType {
@@ -162,6 +204,7 @@ impl CType {
             CType::I32 => "int".into(),
             CType::F32 => "float".into(),
             CType::RunTable => "const RunTable".into(),
+            CType::TensorMap => "const TensorMap".into(),
         }
     }
 }
@@ -211,7 +254,7 @@ macro_rules! scalar_param {
         }
     )*};
 }
-scalar_param!(u64 => U64, i32 => I32, f32 => F32, RunTable => RunTable);
+scalar_param!(u64 => U64, i32 => I32, f32 => F32, RunTable => RunTable, TensorMap => TensorMap);
 
 /// The arguments of one kernel, in the order of its parameters.
 pub trait KernelArgs {
@@ -280,6 +323,12 @@ kernel_args! {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
         cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
     }
+    /// `decode_bulk_*` (decode.cu, sm_90 and newer): `decode_rows` fed by
+    /// bulk copies into a ring of shared-memory stages, a producer warp more.
+    DecodeBulkArgs {
+        q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
+    }
     /// `decode_combine_*` (decode.cu): merges the chunks by their log-sum-exp.
     DecodeCombineArgs { part_o: *const f32, part_lse: *const f32, out: *mut Storage, lse: *mut f32, nsplit: i32, heads: i32, d: i32 }
     /// `prefill_general_*` (prefill.cu).
@@ -291,6 +340,13 @@ kernel_args! {
     FlashArgs {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
         sq: i32, skv: i32, kv_stride: i32, heads: i32, q_offset: i32, scale_log2: f32,
+    }
+    /// `flash_sm90_fwd_d128_*` and `flash_sm90_ftz_fwd_d128_*` (flash_sm90.cu,
+    /// sm_90a): head_dim [`F3_D`], bf16/f16, Q, K and V read through tensor
+    /// maps (K and V with the cache's sequence stride).
+    FlashSm90Args {
+        tq: TensorMap, tk: TensorMap, tv: TensorMap, out: *mut Storage, lse: *mut f32,
+        sq: i32, skv: i32, heads: i32, q_offset: i32, scale_log2: f32,
     }
 }
 
@@ -339,6 +395,13 @@ macro_rules! typed {
     };
 }
 
+/// `base_bf16` and `base_f16`: a kernel built for the 16-bit types only.
+macro_rules! typed_16bit {
+    ($base:literal) => {
+        KernelNames::Typed { base: $base, names: [Some(concat!($base, "_bf16")), Some(concat!($base, "_f16")), None] }
+    };
+}
+
 /// The block sizes a kernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Block {
@@ -347,6 +410,10 @@ pub enum Block {
     Exactly(u32),
     /// Up to this many (the source's `__launch_bounds__`).
     AtMost(u32),
+    /// Whole warps, up to this many of them: a limit set by the kernel's
+    /// shared arrays (a `#define` of the source, in `SOURCE_CONSTANTS`),
+    /// not by `__launch_bounds__`, which the source does not declare.
+    WholeWarps(u32),
     /// Any block size (no `__launch_bounds__`).
     Any,
 }
@@ -420,9 +487,15 @@ kernels! {
     MERGE_PARTIALS: MergePartialsArgs = Merge, typed!("merge_partials"), Block::Any;
     DECODE_PARTIAL: DecodePartialArgs = Decode, typed!("decode_partial"), Block::Exactly(DECODE_THREADS);
     DECODE_ROWS: DecodeRowsArgs = Decode, typed!("decode_rows"), Block::AtMost(DECODE_ROWS_THREADS);
-    DECODE_COMBINE: DecodeCombineArgs = Decode, typed!("decode_combine"), Block::Any;
+    DECODE_BULK: DecodeBulkArgs = Decode, typed_16bit!("decode_bulk"), Block::AtMost(32 + DECODE_ROWS_THREADS),
+        shared |a| decode_bulk_shared_bytes(a.hg as u32, a.d as u32, a.q.element_bytes());
+    DECODE_COMBINE: DecodeCombineArgs = Decode, typed!("decode_combine"), Block::WholeWarps(DECODE_COMBINE_MAX_WARPS);
     PREFILL_GENERAL: PrefillGeneralArgs = Prefill, typed!("prefill_general"), Block::Exactly(PREFILL_WARPS * 32),
         shared |a| prefill_shared_bytes(a.d as u32);
+    /// The Hopper prefill kernel, its softmax's exp2 keeping denormal results.
+    FLASH_SM90: FlashSm90Args = FlashSm90, typed_16bit!("flash_sm90_fwd_d128"), Block::Exactly(F3_THREADS), shared |_| F3_SMEM_BYTES;
+    /// The same kernel with the exp2 flushing denormal results to zero.
+    FLASH_SM90_FTZ: FlashSm90Args = FlashSm90, typed_16bit!("flash_sm90_ftz_fwd_d128"), Block::Exactly(F3_THREADS), shared |_| F3_SMEM_BYTES;
     ;
     flash: FLASH_W8, FLASH_W4, FLASH_W4M2
 }

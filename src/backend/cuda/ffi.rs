@@ -150,6 +150,66 @@ pub fn pci_bus_id(ctx: &CudaContext) -> Result<String, DriverError> {
     Ok(c_chars_to_string(&buf))
 }
 
+/// The arguments of a tiled TMA tensor map: the tensor's element type and
+/// base address, its extents innermost first, the byte strides of every
+/// dimension but the innermost, the box one copy moves, the element strides
+/// inside the box, and the map's interleave, swizzle, L2 promotion and
+/// out-of-bounds fill.
+pub struct TiledTensorMap<'a> {
+    pub data_type: drv_sys::CUtensorMapDataType,
+    pub base: u64,
+    pub dims: &'a [u64],
+    pub strides: &'a [u64],
+    pub box_dims: &'a [u32],
+    pub element_strides: &'a [u32],
+    pub interleave: drv_sys::CUtensorMapInterleave,
+    pub swizzle: drv_sys::CUtensorMapSwizzle,
+    pub l2_promotion: drv_sys::CUtensorMapL2promotion,
+    pub oob_fill: drv_sys::CUtensorMapFloatOOBfill,
+}
+
+/// Encodes `m` as a `CUtensorMap` (a kernel parameter of 128 bytes):
+/// [`cuTensorMapEncodeTiled`](https://docs.nvidia.com/cuda/cuda-driver-api/group__CUDA__TENSOR__MEMORY.html).
+/// The driver checks the extents, strides, box and alignment against the
+/// rules of TMA and answers `CUDA_ERROR_INVALID_VALUE` where one is broken;
+/// so does this function when the arrays' lengths do not fit one rank.
+///
+/// # Safety
+/// Safe to call: `ctx` (made current) shows the driver is loaded; every array
+/// is a slice whose length is checked against the rank before the call; the
+/// map is written into a value owned here before it is read; and the call
+/// reads no device memory (a kernel reads the tensor through the map later,
+/// so the tensor's extent is the promise of that launch).
+pub fn encode_tensor_map_tiled(ctx: &CudaContext, m: &TiledTensorMap) -> Result<drv_sys::CUtensorMap, DriverError> {
+    let rank = m.dims.len();
+    if !(1..=5).contains(&rank) || m.strides.len() + 1 != rank || m.box_dims.len() != rank || m.element_strides.len() != rank {
+        return Err(DriverError(drv_sys::CUresult::CUDA_ERROR_INVALID_VALUE));
+    }
+    ctx.bind_to_thread()?;
+    let mut map = std::mem::MaybeUninit::<drv_sys::CUtensorMap>::uninit();
+    // SAFETY: the arrays hold `rank` (the strides `rank - 1`) values, checked
+    // above; `map` is valid for writes; the base address is only recorded.
+    unsafe {
+        drv_sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            m.data_type,
+            rank as u32,
+            m.base as *mut c_void,
+            m.dims.as_ptr(),
+            m.strides.as_ptr(),
+            m.box_dims.as_ptr(),
+            m.element_strides.as_ptr(),
+            m.interleave,
+            m.swizzle,
+            m.l2_promotion,
+            m.oob_fill,
+        )
+        .result()?;
+        // SAFETY: a successful call has written the whole map.
+        Ok(map.assume_init())
+    }
+}
+
 /// Keeps freed memory in the device's default pool instead of returning it
 /// to the driver at each synchronisation (release threshold: unlimited):
 /// [`cuDeviceGetDefaultMemPool`](https://docs.nvidia.com/cuda/cuda-driver-api/group__CUDA__DEVICE.html#group__CUDA__DEVICE_1g2170a6e24f7e596854f0c48e1e98120e)

@@ -3,7 +3,9 @@
 //! Every `.cu` file under `kernels/` is embedded in the binary with
 //! `include_str!`, compiled once per process and device architecture (after
 //! `kernels/common.cuh`, which is prepended to each file so NVRTC needs no
-//! include path), and loaded once per backend. Compiled images are cached
+//! include path), and loaded once per backend. A file may have a target of
+//! its own ([`KernelFile::target`]): `flash_sm90.cu` is built for `sm_90a`
+//! and exists on sm_90 devices only. Compiled images are cached
 //! process-wide; loaded modules and looked-up functions per backend, since
 //! modules belong to a CUDA context.
 //!
@@ -33,12 +35,23 @@ pub enum KernelFile {
     Decode,
     Prefill,
     Flash,
+    FlashSm90,
 }
 
 impl KernelFile {
     /// Every kernel file, in the order `compile_all` loads them.
-    pub const ALL: [KernelFile; 9] =
-        [KernelFile::Elementwise, KernelFile::Norm, KernelFile::Embed, KernelFile::Copy, KernelFile::Argmax, KernelFile::Merge, KernelFile::Decode, KernelFile::Prefill, KernelFile::Flash];
+    pub const ALL: [KernelFile; 10] = [
+        KernelFile::Elementwise,
+        KernelFile::Norm,
+        KernelFile::Embed,
+        KernelFile::Copy,
+        KernelFile::Argmax,
+        KernelFile::Merge,
+        KernelFile::Decode,
+        KernelFile::Prefill,
+        KernelFile::Flash,
+        KernelFile::FlashSm90,
+    ];
 
     /// The file's name under `kernels/`.
     pub fn file_name(self) -> &'static str {
@@ -52,6 +65,7 @@ impl KernelFile {
             KernelFile::Decode => "decode.cu",
             KernelFile::Prefill => "prefill.cu",
             KernelFile::Flash => "flash.cu",
+            KernelFile::FlashSm90 => "flash_sm90.cu",
         }
     }
 
@@ -66,6 +80,18 @@ impl KernelFile {
             KernelFile::Decode => include_str!("../../../kernels/decode.cu"),
             KernelFile::Prefill => include_str!("../../../kernels/prefill.cu"),
             KernelFile::Flash => include_str!("../../../kernels/flash.cu"),
+            KernelFile::FlashSm90 => include_str!("../../../kernels/flash_sm90.cu"),
+        }
+    }
+
+    /// The NVRTC target this file is built for on a device whose own target
+    /// is `device_arch` (`sm_90`, ...), or `None` where it does not apply:
+    /// `flash_sm90.cu` uses Hopper-only instructions (wgmma, setmaxnreg),
+    /// which need the architecture-specific `sm_90a`.
+    pub fn target(self, device_arch: &str) -> Option<String> {
+        match self {
+            KernelFile::FlashSm90 => (device_arch == "sm_90").then(|| "sm_90a".to_string()),
+            _ => Some(device_arch.to_string()),
         }
     }
 
@@ -133,7 +159,7 @@ fn cached_image(file: KernelFile, arch: &str) -> Result<Arc<CompiledImage>, Cuda
 pub struct KernelCache {
     ctx: Arc<CudaContext>,
     arch: String,
-    modules: [OnceLock<Arc<CudaModule>>; 9],
+    modules: [OnceLock<Arc<CudaModule>>; KernelFile::ALL.len()],
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
@@ -153,7 +179,8 @@ impl KernelCache {
         if let Some(m) = slot.get() {
             return Ok(m.clone());
         }
-        let img = cached_image(file, &self.arch)?;
+        let arch = file.target(&self.arch).ok_or_else(|| CudaError::Unsupported(format!("{} needs an sm_90 (Hopper) device; this one is {}", file.file_name(), self.arch)))?;
+        let img = cached_image(file, &arch)?;
         let ptx = if img.is_cubin { Ptx::from_binary(img.image.clone()) } else { Ptx::from_src(String::from_utf8_lossy(&img.image).trim_end_matches('\0').to_string()) };
         let module = self.ctx.load_module(ptx)?;
         Ok(slot.get_or_init(|| module).clone())
@@ -172,7 +199,7 @@ impl KernelCache {
     /// Compiles and loads every kernel file now (so that first calls are not
     /// timed with compilation in them).
     pub fn load_all(&self) -> Result<(), CudaError> {
-        for file in KernelFile::ALL {
+        for file in KernelFile::ALL.into_iter().filter(|f| f.target(&self.arch).is_some()) {
             self.module(file)?;
         }
         Ok(())
@@ -200,6 +227,15 @@ mod tests {
     }
 
     #[test]
+    fn the_hopper_kernel_file_is_built_for_sm_90a_on_sm_90_devices_only() {
+        assert_eq!(KernelFile::FlashSm90.target("sm_90").as_deref(), Some("sm_90a"));
+        assert_eq!(KernelFile::FlashSm90.target("sm_80"), None);
+        assert_eq!(KernelFile::FlashSm90.target("sm_100"), None);
+        assert_eq!(KernelFile::Flash.target("sm_90").as_deref(), Some("sm_90"));
+        assert_eq!(KernelFile::Decode.target("sm_80").as_deref(), Some("sm_80"));
+    }
+
+    #[test]
     fn every_kernel_file_compiles_with_nvrtc() {
         let Some(lib) = crate::backend::cuda::probe::nvrtc_library() else {
             eprintln!("SKIPPED every_kernel_file_compiles_with_nvrtc: no NVRTC library found (set LD_LIBRARY_PATH to a directory holding libnvrtc.so.13 and libnvrtc-builtins)");
@@ -207,16 +243,18 @@ mod tests {
         };
         eprintln!("NVRTC: {lib}");
         for file in KernelFile::ALL {
-            for arch in ["compute_80", "compute_90", "sm_80", "sm_90"] {
+            // The Hopper kernels exist only for sm_90a; every other file builds everywhere.
+            let archs: &[&str] = if file == KernelFile::FlashSm90 { &["sm_90a"] } else { &["compute_80", "compute_90", "sm_80", "sm_90"] };
+            for &arch in archs {
                 let img = compile(file, arch, &["--ptxas-options=-v"]).unwrap_or_else(|e| panic!("{e}"));
                 assert!(!img.image.is_empty(), "{} for {arch}: empty image", file.file_name());
-                if arch == "sm_90" {
+                if arch.starts_with("sm_90") {
                     // For disassembly (`nvdisasm`): FAPOOL_CUBIN_DIR=dir keeps the images.
                     if let Ok(dir) = std::env::var("FAPOOL_CUBIN_DIR") {
-                        std::fs::write(std::path::Path::new(&dir).join(format!("{}.sm_90.cubin", file.file_name())), &img.image).expect("write the cubin");
+                        std::fs::write(std::path::Path::new(&dir).join(format!("{}.{arch}.cubin", file.file_name())), &img.image).expect("write the cubin");
                     }
                     for (func, spill) in spills(&img.log) {
-                        eprintln!("{:<14} {:<32} sm_90 spill stores {spill} B", file.file_name(), func);
+                        eprintln!("{:<14} {:<32} {arch} spill stores {spill} B", file.file_name(), func);
                         if file == KernelFile::Flash {
                             // The two-fragment kernel sits at 255 registers and
                             // spills 12 bytes (loop-invariant values, reloaded
@@ -225,10 +263,21 @@ mod tests {
                             let budget = if func.contains("_w4m2_") { 16 } else { 0 };
                             assert!(spill <= budget, "{func} spills {spill} B of registers on sm_90 (budget {budget} B):\n{}", img.log);
                         }
+                        if file == KernelFile::FlashSm90 {
+                            // Both builds (exp2 with and without ftz).
+                            assert_eq!(spill, 0, "{func} spills {spill} B of registers on {arch}:\n{}", img.log);
+                        }
+                    }
+                    if file == KernelFile::FlashSm90 {
+                        // Either note means ptxas undid the design: MMAs that wait
+                        // for each other, or consumers held to the entry register count.
+                        for note in ["wgmma.mma_async instructions are serialized", "'setmaxnreg' ignored"] {
+                            assert!(!img.log.contains(note), "{}: ptxas reports \"{note}\":\n{}", file.file_name(), img.log);
+                        }
                     }
                 }
             }
-            eprintln!("compiled {} for compute_80, compute_90, sm_80, sm_90", file.file_name());
+            eprintln!("compiled {} for {}", file.file_name(), archs.join(", "));
         }
     }
 }

@@ -54,7 +54,13 @@ fn admits(declared: Pointee, holds: Holds, dtype: Dtype) -> bool {
 /// Checks each device address against its parameter's declared pointee.
 fn check_pointers(kernel: &str, params: &[Param], pointers: &[Option<DevPtr>], dtype: Dtype) -> Result<()> {
     for (p, ptr) in params.iter().zip(pointers) {
-        if let (super::contract::CType::Ptr { to, .. }, Some(ptr)) = (p.ty, ptr) {
+        let declared = match p.ty {
+            super::contract::CType::Ptr { to, .. } => Some(to),
+            // A tensor map reads its tensor as the kernel's storage type.
+            super::contract::CType::TensorMap => Some(Pointee::Storage),
+            _ => None,
+        };
+        if let (Some(to), Some(ptr)) = (declared, ptr) {
             if !admits(to, ptr.holds, dtype) {
                 return Err(BackendError::Shape(format!("{kernel}: parameter `{}` is `{}` but the address passed holds {:?}", p.name, p.ty.spelling(Some(dtype)), ptr.holds)));
             }
@@ -68,6 +74,7 @@ fn check_block(kernel: &str, rule: Block, threads: u32) -> Result<()> {
     let ok = match rule {
         Block::Exactly(n) => threads == n,
         Block::AtMost(n) => threads >= 1 && threads <= n,
+        Block::WholeWarps(n) => threads >= 32 && threads % 32 == 0 && threads <= 32 * n,
         Block::Any => (1..=1024).contains(&threads),
     };
     if !ok {
@@ -160,6 +167,27 @@ mod tests {
         assert!(check_block("decode_rows_bf16", Block::AtMost(512), 384).is_ok());
         assert!(check_block("decode_rows_bf16", Block::AtMost(512), 1024).is_err());
         assert!(check_block("gelu_bf16", Block::Any, 0).is_err());
+    }
+
+    #[test]
+    fn a_kernel_written_for_whole_warps_refuses_a_partial_warp_or_one_too_many() {
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 32).is_ok());
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 256).is_ok());
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 100).is_err());
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 288).is_err());
+        assert!(check_block("decode_combine_bf16", Block::WholeWarps(8), 0).is_err());
+    }
+
+    #[test]
+    fn a_tensor_map_of_another_element_type_is_refused() {
+        let params = contract::FlashSm90Args::PARAMS;
+        let (bf16_buf, f16_buf) = (DevPtr::raw(0x1000, Holds::Elements(Dtype::Bf16)), DevPtr::raw(0x2000, Holds::Elements(Dtype::Fp16)));
+        let lse = DevPtr::raw(0x3000, Holds::Elements(Dtype::Fp32));
+        let mut pointers = vec![Some(bf16_buf), Some(bf16_buf), Some(bf16_buf), Some(bf16_buf), Some(lse), None, None, None, None, None];
+        assert!(check_pointers("flash_sm90_fwd_d128_bf16", params, &pointers, Dtype::Bf16).is_ok());
+        pointers[1] = Some(f16_buf);
+        let err = check_pointers("flash_sm90_fwd_d128_bf16", params, &pointers, Dtype::Bf16).unwrap_err();
+        assert!(err.to_string().contains("parameter `tk`"), "{err}");
     }
 
     #[test]

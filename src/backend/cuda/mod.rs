@@ -17,15 +17,16 @@
 //!   the layouts shared with the kernels, declared once and checked against
 //!   the sources by its tests;
 //! - `launch`: the one launch path, checking arguments against the contract;
+//! - `flash_sm90`: the Hopper prefill kernel's TMA tensor maps and launch;
 //! - `memory`: [`CudaBuf`], the memory tracker, the pool and the recording arena;
 //! - `recording`: recorded steps ([`CudaRecording`]) and timing marks;
 //! - `ops`: the [`Backend`](super::Backend) implementation, by kind of
 //!   operation (dense, rows, step, prefill and decode attention).
 //!
 //! Attention prefill has several implementations: a general one for any
-//! head_dim up to 256 and any dtype, and tensor-core ones for head_dim 128
-//! in bf16/fp16 ([`PrefillKernel`] picks; `Auto` uses the fastest where it
-//! applies). A new variant is a kernel file, its declaration in `contract`
+//! head_dim up to 256 and any dtype, tensor-core ones for head_dim 128 in
+//! bf16/fp16, and on sm_90 a warp-specialised wgmma/TMA one
+//! ([`PrefillKernel`] picks; `Auto` uses the fastest where it applies). A new variant is a kernel file, its declaration in `contract`
 //! and one arm in `ops::prefill`.
 //!
 //! The libraries are loaded at run time: call [`probe::cuda_libraries_present`]
@@ -36,6 +37,7 @@
 mod args;
 mod contract;
 mod ffi;
+mod flash_sm90;
 pub mod kernels;
 mod launch;
 mod memory;
@@ -103,6 +105,10 @@ pub struct CudaBackend {
     memory: Arc<MemoryTracker>,
     poison_outputs: AtomicBool,
     prefill_kernel: AtomicU8,
+    /// Whether bulk copies may feed decode attention (`decode_bulk`, on
+    /// sm_90 for long chunks): `FAPOOL_DECODE_KERNEL`, read when the backend
+    /// starts (see [`bulk_decode_setting`]).
+    bulk_decode: bool,
     /// Sinusoid frequency tables by model width (f64, as the reference computes them).
     freq_tables: Mutex<HashMap<usize, CudaSlice<f64>>>,
     /// The decode step's scalars (`contract::STEP_*`), allocated on first use.
@@ -121,6 +127,7 @@ impl CudaBackend {
         if let Err(why) = probe::cuda_backend_libraries_present() {
             return Err(BackendError::Unavailable { backend: "cuda", reason: why });
         }
+        let bulk_decode = bulk_decode_setting(std::env::var("FAPOOL_DECODE_KERNEL").ok().as_deref())?;
         let ctx = CudaContext::new(device_ordinal)?;
         // One stream carries all work, so cross-stream event tracking is
         // pure overhead.
@@ -154,6 +161,7 @@ impl CudaBackend {
             memory: Arc::new(MemoryTracker::default()),
             poison_outputs: AtomicBool::new(false),
             prefill_kernel: AtomicU8::new(PrefillKernel::Auto.to_u8()),
+            bulk_decode,
             freq_tables: Mutex::new(HashMap::new()),
             step: Mutex::new(None),
             capturing: AtomicBool::new(false),
@@ -218,5 +226,34 @@ impl CudaBackend {
     /// The NVRTC target the kernels are compiled for (e.g. `sm_90`).
     pub fn kernel_arch(&self) -> &str {
         self.kernels.arch()
+    }
+}
+
+/// Whether bulk copies may feed decode attention, from the value of
+/// `FAPOOL_DECODE_KERNEL`: unset or `auto`, yes (`decode_bulk` on sm_90 for
+/// chunks of 256 rows or more); `rows`, no (every chunk on the
+/// register-only `decode_rows`, to compare the two). Read once, when a
+/// backend starts: the time before a decode's first launch is part of every
+/// step. Any other value is refused before any GPU work, naming the ones
+/// accepted.
+fn bulk_decode_setting(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("auto") => Ok(true),
+        Some("rows") => Ok(false),
+        Some(other) => Err(BackendError::Unsupported(format!("FAPOOL_DECODE_KERNEL=`{other}`: expected `auto` (bulk copies on sm_90 for chunks of 256 rows or more) or `rows` (never)"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bulk_decode_setting;
+
+    #[test]
+    fn the_decode_kernel_setting_accepts_auto_and_rows_and_names_them_otherwise() {
+        assert!(bulk_decode_setting(None).unwrap());
+        assert!(bulk_decode_setting(Some("auto")).unwrap());
+        assert!(!bulk_decode_setting(Some("rows")).unwrap());
+        let err = bulk_decode_setting(Some("bulk")).unwrap_err().to_string();
+        assert!(err.contains("FAPOOL_DECODE_KERNEL=`bulk`") && err.contains("`auto`") && err.contains("`rows`"), "{err}");
     }
 }

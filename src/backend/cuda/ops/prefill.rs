@@ -1,15 +1,17 @@
 //! Causal prefill attention and the choice among its kernels: the general
-//! one (prefill.cu: any head_dim up to 256, any dtype, scalar f32 math) and
-//! the tensor-core ones (flash.cu: head_dim 128, bf16/fp16). A new variant
-//! is one [`PrefillKernel`] value, its kernel declared in `contract`, and
-//! one arm in [`attention_prefill`]. This module must not pick a
+//! one (prefill.cu: any head_dim up to 256, any dtype, scalar f32 math), the
+//! tensor-core ones (flash.cu: head_dim 128, bf16/fp16, mma.sync) and on
+//! sm_90 the Hopper ones (flash_sm90.cu: head_dim 128, bf16/fp16, TMA and
+//! wgmma; launched by `flash_sm90`). A new variant is one [`PrefillKernel`]
+//! value, its kernel declared in `contract`, and one arm in
+//! [`attention_prefill`]. This module must not pick a
 //! tensor-core kernel where it does not apply (it falls back to the general
 //! one under `Auto`, and refuses an explicit request).
 
 use super::super::contract::{self, FlashArgs, FlashVariant, PrefillGeneralArgs, FA_D, PREFILL_MAX_D, PREFILL_WARPS};
 use super::super::launch::DevPtr;
 use super::super::memory::CudaBuf;
-use super::super::{CudaBackend, CudaError};
+use super::super::{flash_sm90, CudaBackend, CudaError};
 use super::{check, same_dtype, shape_err, to_i32};
 use crate::backend::{BackendError, Dtype, PrefillShape, Result};
 
@@ -17,8 +19,9 @@ use crate::backend::{BackendError, Dtype, PrefillShape, Result};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PrefillKernel {
-    /// The fastest tensor-core kernel (`Flash128W4`, measured on an H200)
-    /// wherever one applies (head_dim 128, bf16/fp16), else the general one.
+    /// The fastest tensor-core kernel wherever one applies (head_dim 128,
+    /// bf16/fp16): `FlashSm90` on sm_90 (Hopper) devices, `Flash128W4`
+    /// elsewhere (both measured on an H200); else the general one.
     #[default]
     Auto,
     /// Always the general kernel (scalar f32 math, any head_dim <= 256).
@@ -30,10 +33,18 @@ pub enum PrefillKernel {
     /// Tensor-core kernel, 4 warps of 32 query rows each (128 per block):
     /// every K/V fragment read from shared memory feeds two MMAs.
     Flash128W4,
+    /// Hopper only (sm_90a): TMA loads, wgmma, a producer and two consumer
+    /// warpgroups of 64 query rows (`flash_sm90`).
+    FlashSm90,
+    /// `FlashSm90` with the softmax's exp2 flushing denormal results to zero
+    /// (`ex2.approx.ftz`): fewer instructions per tile, probabilities below
+    /// 2^-126 of the row's maximum become 0. Never chosen by `Auto`.
+    FlashSm90Ftz,
 }
 
 impl PrefillKernel {
-    pub const ALL: [PrefillKernel; 5] = [PrefillKernel::Auto, PrefillKernel::General, PrefillKernel::Flash128, PrefillKernel::Flash64, PrefillKernel::Flash128W4];
+    pub const ALL: [PrefillKernel; 7] =
+        [PrefillKernel::Auto, PrefillKernel::General, PrefillKernel::Flash128, PrefillKernel::Flash64, PrefillKernel::Flash128W4, PrefillKernel::FlashSm90, PrefillKernel::FlashSm90Ftz];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -42,7 +53,16 @@ impl PrefillKernel {
             PrefillKernel::Flash128 => "flash128",
             PrefillKernel::Flash64 => "flash64",
             PrefillKernel::Flash128W4 => "flash128w4",
+            PrefillKernel::FlashSm90 => "flash_sm90",
+            PrefillKernel::FlashSm90Ftz => "flash_sm90_ftz",
         }
+    }
+
+    /// Whether the kernel exists on a device of compute capability
+    /// `(major, minor)`: the Hopper ones on sm_90 only, the others on every
+    /// device the backend runs on.
+    pub fn runs_on(self, compute_capability: (i32, i32)) -> bool {
+        !matches!(self, PrefillKernel::FlashSm90 | PrefillKernel::FlashSm90Ftz) || compute_capability == (9, 0)
     }
 
     pub(in super::super) fn from_u8(v: u8) -> Self {
@@ -59,7 +79,7 @@ impl PrefillKernel {
             PrefillKernel::Flash128 => Some(&contract::FLASH_W8),
             PrefillKernel::Flash64 => Some(&contract::FLASH_W4),
             PrefillKernel::Flash128W4 => Some(&contract::FLASH_W4M2),
-            PrefillKernel::Auto | PrefillKernel::General => None,
+            PrefillKernel::Auto | PrefillKernel::General | PrefillKernel::FlashSm90 | PrefillKernel::FlashSm90Ftz => None,
         }
     }
 }
@@ -67,7 +87,7 @@ impl PrefillKernel {
 impl std::str::FromStr for PrefillKernel {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| format!("unknown prefill kernel `{s}` (expected auto, general, flash128, flash64 or flash128w4)"))
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| format!("unknown prefill kernel `{s}` (expected auto, general, flash128, flash64, flash128w4, flash_sm90 or flash_sm90_ftz)"))
     }
 }
 
@@ -98,6 +118,10 @@ pub(super) fn attention_prefill(be: &CudaBackend, q: &CudaBuf, k: &CudaBuf, v: &
     let call = PrefillCall { q, k, v, out: &out, lse: &lse, shape: s };
     let tensor_cores = s.head_dim == FA_D as usize && dtype != Dtype::Fp32;
     match be.prefill_kernel() {
+        PrefillKernel::Auto if tensor_cores && PrefillKernel::FlashSm90.runs_on(be.compute_capability) => flash_sm90::prefill(be, &contract::FLASH_SM90, q, k, v, &out, &lse, s)?,
+        // On a device other than sm_90 an explicit request is refused there, with the reason.
+        PrefillKernel::FlashSm90 if tensor_cores => flash_sm90::prefill(be, &contract::FLASH_SM90, q, k, v, &out, &lse, s)?,
+        PrefillKernel::FlashSm90Ftz if tensor_cores => flash_sm90::prefill(be, &contract::FLASH_SM90_FTZ, q, k, v, &out, &lse, s)?,
         PrefillKernel::Auto if tensor_cores => flash(be, PrefillKernel::Flash128W4, &call)?,
         kernel @ (PrefillKernel::Flash128 | PrefillKernel::Flash64 | PrefillKernel::Flash128W4) if tensor_cores => flash(be, kernel, &call)?,
         _ => general(be, &call)?,
