@@ -5,7 +5,7 @@
 
 use super::reference as r;
 use super::{CheckedBackend, Checker};
-use crate::backend::RowRun;
+use crate::backend::{RowCopy, RowRun};
 
 /// The embedding: token rows plus sinusoids, at a position offset; at
 /// position 40000 an f32 angle would be off by milliradians.
@@ -133,6 +133,25 @@ pub fn scatter_rows<B: CheckedBackend>(c: &mut Checker<B>) {
             Ok(vec![(c.be.download(&db)?, r::scatter_rows(&d, cols, &runs, &s))])
         })();
         c.push("scatter_rows", format!("{dst_rows}x{cols} runs {}", describe(&runs)), outcome);
+    }
+}
+
+/// Copying row ranges between buffers at other offsets (the rest of the
+/// target kept), with copies longer than one 16 KiB tile of the kernel.
+pub fn copy_rows<B: CheckedBackend>(c: &mut Checker<B>) {
+    let cases = [
+        (16, 12, 64, vec![RowCopy { src: 0, dst: 5, len: 3 }, RowCopy { src: 9, dst: 0, len: 2 }, RowCopy { src: 4, dst: 15, len: 1 }, RowCopy { src: 2, dst: 9, len: 0 }]),
+        (24, 40, 4096, vec![RowCopy { src: 30, dst: 2, len: 9 }, RowCopy { src: 0, dst: 12, len: 1 }]),
+    ];
+    for (dst_rows, src_rows, cols, copies) in cases {
+        let outcome = (|| {
+            let (d, mut db) = c.input(dst_rows * cols, 1.0)?;
+            let (s, sb) = c.input(src_rows * cols, 1.0)?;
+            c.be.copy_rows(&mut db, cols, &sb, &copies)?;
+            Ok(vec![(c.be.download(&db)?, r::copy_rows(&d, cols, &s, &copies))])
+        })();
+        let shape = copies.iter().map(|k| format!("{}->{}+{}", k.src, k.dst, k.len)).collect::<Vec<_>>().join(",");
+        c.push("copy_rows", format!("{src_rows}x{cols} into {dst_rows} rows, {shape}"), outcome);
     }
 }
 

@@ -27,7 +27,7 @@ pub mod reference;
 mod tests;
 
 pub use attention::{attention_decode, attention_prefill_dense_heads, attention_prefill_small_heads, attention_prefill_tile_edges, decode_steps, merge_partials};
-pub use dense::{add_assign, argmax, embed, gather_rows, gelu, gelu_mul, matmul, rmsnorm, scatter_rows, split_qkv};
+pub use dense::{add_assign, argmax, copy_rows, embed, gather_rows, gelu, gelu_mul, matmul, rmsnorm, scatter_rows, split_qkv};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, PrefillKernel};
@@ -43,7 +43,7 @@ use crate::metrics::{relative_l2, worst_error};
 macro_rules! for_each_kernel_check {
     ($m:ident) => {
         $m! {
-            embed, matmul, rmsnorm, gelu, gelu_mul, add_assign, split_qkv, gather_rows, scatter_rows, argmax,
+            embed, matmul, rmsnorm, gelu, gelu_mul, add_assign, split_qkv, gather_rows, scatter_rows, copy_rows, argmax,
             merge_partials, attention_decode, decode_steps, attention_prefill_small_heads, attention_prefill_dense_heads,
             attention_prefill_tile_edges,
         }

@@ -101,6 +101,15 @@ pub fn scatter_rows(dst: &[f64], cols: usize, runs: &[RowRun], src: &[f64]) -> V
     out
 }
 
+/// `dst` with each copy's `len` rows of `src` from row `src` written at row `dst`.
+pub fn copy_rows(dst: &[f64], cols: usize, src: &[f64], copies: &[crate::backend::RowCopy]) -> Vec<f64> {
+    let mut out = dst.to_vec();
+    for c in copies {
+        out[c.dst * cols..(c.dst + c.len) * cols].copy_from_slice(&src[c.src * cols..(c.src + c.len) * cols]);
+    }
+    out
+}
+
 /// An attention output and the natural-log log-sum-exp of its scaled scores.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attention {
