@@ -10,10 +10,10 @@
 //   [nseq, cap] cache, `at` read from the decode step's scalars
 //   (FAPOOL_STEP_STORE_AT; negative: store nothing).
 // All use 16-byte accesses when every address and length allows it. Rows
-// are cut into tiles of COPY_TILE_BYTES and the blocks stride over the
-// tiles, so a few long rows spread over the whole GPU as well as many short
-// ones do (a 268 MB row no longer goes to one block); each thread issues its
-// loads of a tile before its stores.
+// (and runs of rows) are cut into tiles of COPY_TILE_BYTES and the blocks
+// stride over the tiles, so a few long rows spread over the whole GPU as
+// well as many short ones do (a 268 MB row no longer goes to one block);
+// each thread issues its loads of a tile before its stores.
 
 #define INLINE_RUNS 8
 #define COPY_TILE_BYTES 16384
@@ -56,21 +56,28 @@ __device__ __forceinline__ void copy_row(unsigned char* d, const unsigned char* 
 
 __device__ __forceinline__ u64 tiles_per_row(u64 row_bytes) { return (row_bytes + COPY_TILE_BYTES - 1) / COPY_TILE_BYTES; }
 
+// The rows of a run are consecutive in both buffers, so a run is one span
+// of len * row_bytes bytes: the runs are copied as one stream of bytes cut
+// into tiles (a tile may end one run and begin the next), whatever the row
+// size, so short rows move as fast as long ones.
 __device__ void copy_runs_impl(unsigned char* dst, const unsigned char* src, u64 row_bytes, const u64* runs,
                                int nruns, u64 total_rows) {
     bool vec = aligned16(dst, src, row_bytes);
-    u64 per_row = tiles_per_row(row_bytes);
-    for (u64 t = blockIdx.x; t < total_rows * per_row; t += gridDim.x) {
-        u64 flat = t / per_row, tile = t % per_row;
-        // Last run whose first flat row is <= flat (runs are in flat order).
+    u64 total = total_rows * row_bytes;
+    for (u64 t = blockIdx.x; t * COPY_TILE_BYTES < total; t += gridDim.x) {
+        u64 from = t * COPY_TILE_BYTES, to = min(from + COPY_TILE_BYTES, total);
+        // Last run whose first byte is <= from (runs are in flat order).
         int lo = 0, hi = nruns - 1;
         while (lo < hi) {
             int mid = (lo + hi + 1) / 2;
-            if (runs[4 * mid + 3] <= flat) lo = mid; else hi = mid - 1;
+            if (runs[4 * mid + 3] * row_bytes <= from) lo = mid; else hi = mid - 1;
         }
-        u64 off = flat - runs[4 * lo + 3];
-        u64 from = tile * COPY_TILE_BYTES, to = min(from + COPY_TILE_BYTES, row_bytes);
-        copy_span(dst + (runs[4 * lo + 1] + off) * row_bytes, src + (runs[4 * lo] + off) * row_bytes, from, to, vec);
+        for (; from < to && lo < nruns; ++lo) {
+            u64 start = runs[4 * lo + 3] * row_bytes, end = start + runs[4 * lo + 2] * row_bytes;
+            u64 upto = min(to, end);
+            copy_span(dst + runs[4 * lo + 1] * row_bytes, src + runs[4 * lo] * row_bytes, from - start, upto - start, vec);
+            from = upto;
+        }
     }
 }
 

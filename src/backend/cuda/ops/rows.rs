@@ -10,11 +10,15 @@ use super::{check, same_dtype, shape_err};
 use crate::backend::{Result, RowCopy, RowRun};
 use cudarc::driver::DevicePtr;
 
-/// Blocks of a row copy: one per tile of `COPY_TILE_BYTES`, at most 16
-/// per multiprocessor (the blocks stride over the remaining tiles).
-fn copy_grid(be: &CudaBackend, rows: usize, row_bytes: usize) -> u32 {
-    let tiles = rows * row_bytes.div_ceil(COPY_TILE_BYTES);
+/// Blocks of a copy of `tiles` tiles of `COPY_TILE_BYTES`: one per tile,
+/// at most 16 per multiprocessor (the blocks stride over the rest).
+fn grid_for(be: &CudaBackend, tiles: usize) -> u32 {
     tiles.clamp(1, 16 * be.sm_count as usize) as u32
+}
+
+/// Blocks of a strided row copy: each row is cut into tiles on its own.
+fn copy_grid(be: &CudaBackend, rows: usize, row_bytes: usize) -> u32 {
+    grid_for(be, rows * row_bytes.div_ceil(COPY_TILE_BYTES))
 }
 
 pub(super) fn split_qkv(be: &CudaBackend, qkv: &CudaBuf, rows: usize, width: usize) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
@@ -103,7 +107,8 @@ unsafe fn copy_row_runs(be: &CudaBackend, dst: &CudaBuf, src: &CudaBuf, row_byte
         return Ok(());
     }
     let nruns = (table.len() / 4) as i32;
-    let grid = copy_grid(be, total_rows, row_bytes);
+    // The runs are one stream of bytes, cut into tiles across run ends.
+    let grid = grid_for(be, (total_rows * row_bytes).div_ceil(COPY_TILE_BYTES));
     if table.len() <= 4 * INLINE_RUNS {
         // Small tables travel as a kernel argument: no upload, so the copy
         // can be recorded.
