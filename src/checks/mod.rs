@@ -10,7 +10,9 @@
 //! passes. Shapes cover the tiny test model (head_dim 16) and dense-4l (32
 //! heads of 128), with rows that are not multiples of any tile, prefill
 //! blocks at a query offset against a longer K/V stride, decode at long and
-//! zero lengths, and decode steps from the step scalars, eager and recorded.
+//! zero lengths, and decode steps from the step scalars, eager and recorded;
+//! the mixture-of-experts operations on tiny-moe's and moe-16l's shapes,
+//! with ties in the router's logits and experts over their capacity.
 //!
 //! [`run_all`] runs every check (`fapool check-gpu`); `tests/kernels.rs`
 //! instantiates each one as a test for the CPU backend and for CUDA, both
@@ -20,12 +22,14 @@
 
 mod attention;
 mod dense;
+mod experts;
 pub mod reference;
 #[cfg(test)]
 mod tests;
 
 pub use attention::{attention_decode, attention_prefill_dense_heads, attention_prefill_small_heads, decode_steps, merge_partials};
 pub use dense::{add_assign, argmax, embed, gather_rows, gelu, gelu_mul, matmul, rmsnorm, scatter_rows, split_qkv};
+pub use experts::{combine_from_experts, expert_slots, grouped_matmul, permute_to_experts, router_top_k};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, PrefillKernel};
@@ -39,6 +43,7 @@ macro_rules! for_each_kernel_check {
         $m! {
             embed, matmul, rmsnorm, gelu, gelu_mul, add_assign, split_qkv, gather_rows, scatter_rows, argmax,
             merge_partials, attention_prefill_small_heads, attention_prefill_dense_heads, attention_decode, decode_steps,
+            router_top_k, expert_slots, permute_to_experts, combine_from_experts, grouped_matmul,
         }
     };
 }

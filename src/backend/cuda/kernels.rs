@@ -33,12 +33,23 @@ pub enum KernelFile {
     Decode,
     Prefill,
     Flash,
+    Moe,
 }
 
 impl KernelFile {
     /// Every kernel file, in the order `compile_all` loads them.
-    pub const ALL: [KernelFile; 9] =
-        [KernelFile::Elementwise, KernelFile::Norm, KernelFile::Embed, KernelFile::Copy, KernelFile::Argmax, KernelFile::Merge, KernelFile::Decode, KernelFile::Prefill, KernelFile::Flash];
+    pub const ALL: [KernelFile; 10] = [
+        KernelFile::Elementwise,
+        KernelFile::Norm,
+        KernelFile::Embed,
+        KernelFile::Copy,
+        KernelFile::Argmax,
+        KernelFile::Merge,
+        KernelFile::Decode,
+        KernelFile::Prefill,
+        KernelFile::Flash,
+        KernelFile::Moe,
+    ];
 
     /// The file's name under `kernels/`.
     pub fn file_name(self) -> &'static str {
@@ -52,6 +63,7 @@ impl KernelFile {
             KernelFile::Decode => "decode.cu",
             KernelFile::Prefill => "prefill.cu",
             KernelFile::Flash => "flash.cu",
+            KernelFile::Moe => "moe.cu",
         }
     }
 
@@ -66,6 +78,7 @@ impl KernelFile {
             KernelFile::Decode => include_str!("../../../kernels/decode.cu"),
             KernelFile::Prefill => include_str!("../../../kernels/prefill.cu"),
             KernelFile::Flash => include_str!("../../../kernels/flash.cu"),
+            KernelFile::Moe => include_str!("../../../kernels/moe.cu"),
         }
     }
 
@@ -133,7 +146,7 @@ fn cached_image(file: KernelFile, arch: &str) -> Result<Arc<CompiledImage>, Cuda
 pub struct KernelCache {
     ctx: Arc<CudaContext>,
     arch: String,
-    modules: [OnceLock<Arc<CudaModule>>; 9],
+    modules: [OnceLock<Arc<CudaModule>>; KernelFile::ALL.len()],
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
