@@ -2,7 +2,8 @@
 //! token reaches `top_k` experts per layer, each rank's experts process
 //! exactly the rows its expert group sent them, and the expert traffic's
 //! bytes are those rows; with a capacity, drops are counted and the run
-//! completes; a trace's expert messages are the records'.
+//! completes; a trace's expert messages are the records'; analyze shows the
+//! routing and marks the plan's targets met or missed.
 
 mod common;
 use common::*;
@@ -42,6 +43,12 @@ kind = "moe"
 
 /// Runs a job on 4 CPU ranks; the results file's only category.
 fn run_moe(tag: &str, strategy: &str, extra: &[&str]) -> CategoryData {
+    let out = run_moe_file(tag, strategy, extra);
+    read_run(&out).unwrap().strategies.remove(0).categories.remove(0)
+}
+
+/// Runs a job on 4 CPU ranks and checks its results file; the file.
+fn run_moe_file(tag: &str, strategy: &str, extra: &[&str]) -> std::path::PathBuf {
     let dir = scratch(tag);
     let (path, out) = (job(&dir, tag, &moe_job(strategy)), dir.join("run.h5"));
     let mut args = vec!["run", path.to_str().unwrap(), "--out", out.to_str().unwrap()];
@@ -50,7 +57,7 @@ fn run_moe(tag: &str, strategy: &str, extra: &[&str]) -> CategoryData {
     assert!(o.status.success(), "{}", text(&o));
     let check = fapool(&["check", out.to_str().unwrap()]);
     assert!(check.status.success(), "{}", text(&check));
-    read_run(&out).unwrap().strategies.remove(0).categories.remove(0)
+    out
 }
 
 const EP4_TP2_DP2: &str = "ep = 4\ntp = 2\ndp = 2";
@@ -159,4 +166,16 @@ fn a_traces_expert_messages_are_the_records() {
             assert!(ops.contains_key(op), "no `{op}` on the compute tracks: {ops:?}");
         }
     }
+}
+
+#[test]
+fn analyze_marks_the_plans_targets_met_or_missed() {
+    let out = run_moe_file("moe-targets", &format!("{EP4_TP2_DP2}\nttft_limit_s = 1000.0\ntokens_per_ms_per_gpu_target = 1e9"), &[]);
+    let a = fapool(&["analyze", out.to_str().unwrap()]);
+    let t = text(&a);
+    assert!(a.status.success(), "{t}");
+    let row = |what: &str| t.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no `{what}` row:\n{t}")).to_string();
+    assert!(row("TTFT (worst batch)").ends_with("met"), "{t}");
+    assert!(row("tokens/ms/GPU").ends_with("missed"), "{t}");
+    assert!(t.contains("expert routing (short)") && t.contains("expert_dispatch") && t.contains("expert_combine"), "{t}");
 }

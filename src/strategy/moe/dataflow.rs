@@ -57,9 +57,9 @@ struct BatchState<B: Backend> {
     tally: ExpertTally,
 }
 
-/// The rows one pass covers on this rank's replica: `nseq` sequences of
-/// `tokens` rows each, of which this rank keeps `local` (its SP share, or
-/// all of them without SP).
+/// The rows one pass covers on this rank's replica: sequences `seqs` of
+/// the phase's tokens each (a rank keeps its SP share of them, or all of
+/// them without SP).
 #[derive(Clone, Debug)]
 struct Pass {
     /// The replica's sequences, as indices of its KV cache.
@@ -147,12 +147,10 @@ impl<B: Backend> Flow<'_, '_, '_, B> {
         (i * per).min(rows)..((i + 1) * per).min(rows)
     }
 
-    /// `src`'s rows `run` in a zeroed buffer of `rows` rows.
+    /// `src`'s rows `run` at the start of a zeroed buffer of `rows` rows
+    /// (a TP rank's share, its padding zero).
     fn padded(&self, src: &B::Buf, run: Range<usize>, rows: usize) -> Result<B::Buf> {
         let d = self.cfg.d_model;
-        if run.start == 0 && run.len() == rows && self.be.len(src) == rows * d {
-            return Ok(self.be.gather_rows(src, d, &[RowRun::new(0, rows)])?);
-        }
         let mut out = self.be.zeros(rows * d)?;
         self.be.copy_rows(&mut out, d, src, &[RowCopy { src: run.start, dst: 0, len: run.len() }])?;
         Ok(out)
