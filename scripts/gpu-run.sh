@@ -18,7 +18,10 @@
 # as CUDA graphs), decode (decode steps at the PyTorch reference's shapes,
 # recorded and eager: jobs/gpu-1-decode.toml), sweep (jobs/gpu-2.toml on 2
 # GPUs), sides (FA Pool's two sides' layer work apart, bench sides), trace
-# (a traced one-GPU run).
+# (a traced one-GPU run), moe (moe-16l with EP = 1 on one GPU over
+# jobs/moe.toml with 32 sequences per category and 32 output tokens,
+# analysed; then one MoE layer in PyTorch and in fapool at the same shapes,
+# `bench moe` giving the ratio).
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 B=${B:-target/release/fapool}
@@ -34,7 +37,7 @@ step() {
     echo "exit $?" | tee -a "$OUT/summary.txt"
     tail -n "${TAILN:-40}" "$L/$name.txt" >>"$OUT/summary.txt"
 }
-steps=${*:-check kernels comm verify model model-eager decode sweep}
+steps=${*:-check kernels comm verify model model-eager decode sweep moe}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$L/smi.txt" 2>&1
 for s in $steps; do
     case $s in
@@ -92,6 +95,18 @@ for s in $steps; do
         # A traced one-GPU run: the compute track of every operation from CUDA events.
         step trace timeout 150 mpirun -np 1 "$B" run jobs/gpu-1.toml --set workload.sequences_per_category=2 --set run.warmup=false \
             --set 'workload.category=[{name="short",lengths=[2048]}]' --trace "$OUT/traces" --trace-batches last --out "$OUT/trace.h5"
+        ;;
+    moe)
+        one_gpu="--set strategy.0.ep=1 --set strategy.0.tp=1 --set strategy.0.pp=1 --set strategy.0.dp=1"
+        step moe-run timeout 150 mpirun -np 1 "$B" run jobs/moe.toml $one_gpu --set workload.sequences_per_category=32 --set workload.output_tokens=32 --out "$OUT/moe.h5"
+        TAILN=120 step moe-analyze "$B" analyze "$OUT/moe.h5"
+        step torch-moe timeout 90 python3 scripts/torch_reference.py moe --out "$L/torch-moe.json"
+        reference=()
+        if [ -s "$L/torch-moe.json" ]; then
+            cp "$L/torch-moe.json" "$OUT/torch-moe.json"
+            reference=(--reference "$OUT/torch-moe.json")
+        fi
+        step bench-moe timeout 60 "$B" bench moe --dtype fp16 --iters 20 "${reference[@]}" --out "$OUT/bench-moe.h5"
         ;;
     *) echo "unknown step $s" >&2 ;;
     esac

@@ -10,6 +10,16 @@ torch.distributed.
 
     python3 scripts/torch_reference.py kernels --out ref.json [--compile] [--no-model | --model-only] [--no-decode-step]
     mpirun -np 2 python3 scripts/torch_reference.py nccl --out ref-nccl.json
+    python3 scripts/torch_reference.py moe --out ref-moe.json
+
+The `moe` subcommand times one mixture-of-experts FFN layer of moe-16l
+(d 512, 16 experts of hidden 1024, top 2, fp16) as `fapool bench moe` runs
+it: router GEMM, softmax top-2 renormalised, the assignments sorted by
+expert (stable), the expert counts read back to the host, the rows gathered,
+one GEMM per expert up, GELU (tanh), one GEMM per expert down, and the
+weighted sum back into the tokens; random weights, the same token counts.
+`moe_layer_T<tokens>_ms` is the faster of the per-expert loop and, where
+this PyTorch has it, torch._grouped_mm (both are written down too).
 
 Medians of CUDA-event timings after warm-up, on random data. FLOP counting:
 attention 4*B*H*S^2*D (halved for causal); the model 2*tokens*params(layers)
@@ -170,6 +180,68 @@ def model_ref(res, compile_model=False, decode_step=True):
         torch.cuda.empty_cache()
 
 
+def moe(out, tokens=(128, 4096, 16384, 65536)):
+    dev, dt = "cuda", torch.float16
+    D, E, Fh, K = 512, 16, 1024, 2
+    g = torch.Generator(device=dev).manual_seed(0)
+    uni = lambda *s: (torch.rand(*s, device=dev, generator=g) * 2 - 1)
+    router = (uni(D, E) * (3.0 / D) ** 0.5).to(dt)
+    up = (uni(E, D, Fh) * (3.0 / D) ** 0.5).to(dt)
+    down = (uni(E, Fh, D) * (3.0 / Fh) ** 0.5).to(dt)
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": "fp16", "d_model": D, "experts": E, "ffn": Fh, "top_k": K}
+
+    def route(x):
+        probs = torch.softmax((x @ router).float(), dim=-1)
+        w, ids = torch.topk(probs, K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E).tolist()  # the host read fapool makes too
+        token = order // K
+        return w.flatten()[order], token, counts
+
+    def combine(t, token, weight, outs):
+        y = torch.zeros(t, D, device=dev, dtype=torch.float32)
+        y.index_add_(0, token, outs.float() * weight[:, None])
+        return y.to(dt)
+
+    def loop(x):
+        weight, token, counts = route(x)
+        rows = x[token]
+        outs = torch.empty_like(rows)
+        at = 0
+        for e, n in enumerate(counts):
+            if n:
+                h = F.gelu(rows[at:at + n] @ up[e], approximate="tanh")
+                outs[at:at + n] = h @ down[e]
+            at += n
+        return combine(x.shape[0], token, weight, outs)
+
+    def grouped(x):
+        weight, token, counts = route(x)
+        rows = x[token]
+        offs = torch.tensor(counts, device=dev).cumsum(0).to(torch.int32)
+        h = F.gelu(torch._grouped_mm(rows, up, offs=offs), approximate="tanh")
+        return combine(x.shape[0], token, weight, torch._grouped_mm(h, down, offs=offs))
+
+    for t in tokens:
+        x = torch.randn(t, D, device=dev, dtype=dt) * 1.7
+        with torch.no_grad():
+            times = {"loop": median_ms(lambda: loop(x), iters=20)}
+            try:
+                torch.testing.assert_close(grouped(x), loop(x), rtol=2e-2, atol=2e-2)
+                times["grouped_mm"] = median_ms(lambda: grouped(x), iters=20)
+            except Exception as e:  # not in this PyTorch, or not for fp16
+                res[f"moe_layer_T{t}_grouped_mm_error"] = str(e)[:200]
+        for name, ms in times.items():
+            res[f"moe_layer_T{t}_{name}_ms"] = ms
+        res[f"moe_layer_T{t}_ms"] = min(times.values())
+        res[f"moe_layer_T{t}_tflops"] = 2 * t * (D * E + K * 2 * D * Fh) / res[f"moe_layer_T{t}_ms"] / 1e9
+    json.dump(res, open(out, "w"), indent=1)
+    for k_, v_ in res.items():
+        print(f"{k_}: {v_}")
+
+
 def nccl(out):
     import torch.distributed as dist
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", 0)))
@@ -200,7 +272,7 @@ def nccl(out):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kernels", "nccl"])
+    ap.add_argument("what", choices=["kernels", "nccl", "moe"])
     ap.add_argument("--out", default="torch-reference.json")
     ap.add_argument("--compile", action="store_true", help="also time the whole prefill under torch.compile")
     ap.add_argument("--no-model", action="store_true", help="kernels only: skip the whole-model prefill and decode step")
@@ -210,4 +282,4 @@ if __name__ == "__main__":
     if a.what == "kernels":
         kernels(a.out, model=not a.no_model, compile_model=a.compile, decode_step=not a.no_decode_step, kernels_too=not a.model_only)
     else:
-        nccl(a.out)
+        {"nccl": nccl, "moe": moe}[a.what](a.out)

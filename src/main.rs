@@ -161,6 +161,26 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// One mixture-of-experts FFN layer (router, top-k, expert slots, permutation, one GEMM per expert up and down, weighted combine) over token counts, beside PyTorch's times of the same layer when given.
+    Moe {
+        #[arg(long, value_enum, default_value = "cuda")]
+        backend: BackendKind,
+        #[arg(long, value_enum, default_value = "fp16")]
+        dtype: fapool::backend::Dtype,
+        /// Model preset (one with experts).
+        #[arg(long, default_value = "moe-16l")]
+        model: String,
+        /// Tokens of the layer.
+        #[arg(long, value_delimiter = ',', default_value = "128,4096,16384,65536")]
+        tokens: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// PyTorch's times of the same layer (`scripts/torch_reference.py moe --out FILE`).
+        #[arg(long, value_name = "FILE")]
+        reference: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// All-reduce, all-gather, broadcast and send/recv over message sizes, through the comm layer (run under mpirun).
     Comm {
         #[arg(long, value_enum)]
@@ -192,6 +212,9 @@ fn main() {
         Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => commands::bench::kernels(dtype, &seq, iters, out.as_deref()),
         Cmd::Bench { what: BenchCmd::Sides { backend, dtype, model, seq, chunks, iters, link_gbs, allreduce_gbs, out } } => {
             commands::bench::sides(backend, dtype, &model, &fapool::bench::sides::SidesArgs { seq, chunks, iters, link_gbs, allreduce_gbs }, out.as_deref())
+        }
+        Cmd::Bench { what: BenchCmd::Moe { backend, dtype, model, tokens, iters, reference, out } } => {
+            commands::bench::moe(backend, dtype, &model, &tokens, iters, reference.as_deref(), out.as_deref())
         }
         Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => commands::bench::comm(backend, dtype, &sizes_mib, iters, out.as_deref()),
         Cmd::CheckGpu { dtype, seed } => commands::check_gpu::check_gpu(&dtype, seed),

@@ -18,8 +18,20 @@ pub enum FfnKind {
     GatedGelu,
 }
 
-/// Dimensions of a dense decoder-only model (the presets are described in
-/// `docs/design.md`).
+/// A mixture-of-experts FFN: `count` experts per layer, each a GELU FFN of
+/// [`ModelConfig::ffn`] columns (up, down), of which a softmax router picks
+/// the `top_k` with the highest probability for every token (ties to the
+/// lowest expert index) and weighs their outputs by those probabilities,
+/// renormalised over the chosen ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experts {
+    pub count: usize,
+    pub top_k: usize,
+}
+
+/// Dimensions of a decoder-only model, dense or with a mixture-of-experts
+/// FFN (the presets are described in `docs/design.md`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub name: String,
@@ -27,8 +39,12 @@ pub struct ModelConfig {
     pub d_model: usize,
     pub heads: usize,
     pub head_dim: usize,
+    /// FFN columns (of each expert, in a mixture-of-experts model).
     pub ffn: usize,
     pub ffn_kind: FfnKind,
+    /// `Some`: every layer's FFN is a mixture of experts (GELU experts only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<Experts>,
     pub vocab: usize,
     pub norm_eps: f32,
     /// Longest sequence (prompt + generated tokens) a job may use.
@@ -47,6 +63,7 @@ impl ModelConfig {
             head_dim: 128,
             ffn: 16384,
             ffn_kind: FfnKind::Gelu,
+            experts: None,
             vocab: 32000,
             norm_eps: 1e-6,
             max_seq_len: 65536 + 1024,
@@ -56,7 +73,33 @@ impl ModelConfig {
 
     /// A tiny model on the same code path, for tests and the CPU demo.
     pub fn tiny() -> Self {
-        Self { name: "tiny".into(), layers: 2, d_model: 64, heads: 4, head_dim: 16, ffn: 256, ffn_kind: FfnKind::Gelu, vocab: 512, norm_eps: 1e-6, max_seq_len: 4096, weights_seed: 1 }
+        Self { name: "tiny".into(), layers: 2, d_model: 64, heads: 4, head_dim: 16, ffn: 256, ffn_kind: FfnKind::Gelu, experts: None, vocab: 512, norm_eps: 1e-6, max_seq_len: 4096, weights_seed: 1 }
+    }
+
+    /// The MoE plan's model: 16 layers, d_model 512, 16 × 32 heads, 16
+    /// experts of hidden 1024 per layer, top-2 routing. Prompts of the
+    /// plan's workload go up to 10240 tokens.
+    pub fn moe_16l() -> Self {
+        Self {
+            name: "moe-16l".into(),
+            layers: 16,
+            d_model: 512,
+            heads: 16,
+            head_dim: 32,
+            ffn: 1024,
+            ffn_kind: FfnKind::Gelu,
+            experts: Some(Experts { count: 16, top_k: 2 }),
+            vocab: 32000,
+            norm_eps: 1e-6,
+            max_seq_len: 10240 + 1024,
+            weights_seed: 1,
+        }
+    }
+
+    /// A tiny MoE model on the same code path (8 experts, top 2), for tests
+    /// and the CPU demo.
+    pub fn tiny_moe() -> Self {
+        Self { name: "tiny-moe".into(), ffn: 128, experts: Some(Experts { count: 8, top_k: 2 }), ..Self::tiny() }
     }
 
     /// Attention width `heads × head_dim`.
@@ -71,10 +114,30 @@ impl ModelConfig {
         }
     }
 
+    /// Parameters of one layer's FFN: every expert and the router, or the
+    /// dense matrices.
+    pub fn ffn_params(&self) -> u64 {
+        let (d, f) = (self.d_model as u64, self.ffn as u64);
+        match self.experts {
+            None => self.ffn_matrices() as u64 * d * f,
+            Some(e) => e.count as u64 * 2 * d * f + d * e.count as u64,
+        }
+    }
+
+    /// FFN parameters one token multiplies: its `top_k` experts and the
+    /// router, or the dense matrices.
+    pub fn ffn_active_params(&self) -> u64 {
+        let (d, f) = (self.d_model as u64, self.ffn as u64);
+        match self.experts {
+            None => self.ffn_params(),
+            Some(e) => e.top_k as u64 * 2 * d * f + d * e.count as u64,
+        }
+    }
+
     /// Parameters of one decoder layer (weights and norm scales).
     pub fn layer_params(&self) -> u64 {
-        let (d, a, f) = (self.d_model as u64, self.attn_width() as u64, self.ffn as u64);
-        3 * d * a + a * d + self.ffn_matrices() as u64 * d * f + 2 * d
+        let (d, a) = (self.d_model as u64, self.attn_width() as u64);
+        3 * d * a + a * d + self.ffn_params() + 2 * d
     }
 
     /// All parameters: layers, embedding, final norm and the untied LM head.
@@ -83,9 +146,12 @@ impl ModelConfig {
         self.layers as u64 * self.layer_params() + 2 * v * d + d
     }
 
-    /// FLOPs of the GEMMs of all layers for `tokens` tokens (2 per multiply-add).
+    /// FLOPs of the GEMMs of all layers for `tokens` tokens (2 per
+    /// multiply-add; a token of an MoE layer multiplies its `top_k` experts
+    /// and the router, not every expert).
     pub fn layer_gemm_flops(&self, tokens: u64) -> f64 {
-        2.0 * tokens as f64 * (self.layer_params() - 2 * self.d_model as u64) as f64 * self.layers as f64
+        let attention = 4 * self.d_model as u64 * self.attn_width() as u64;
+        2.0 * tokens as f64 * (attention + self.ffn_active_params()) as f64 * self.layers as f64
     }
 
     /// Causal attention FLOPs of all layers for a prefill of `nseq × s`
@@ -116,6 +182,11 @@ pub enum Tensor {
     Up(usize),
     Gate(usize),
     Down(usize),
+    /// The router of layer `l`: `[d_model, experts]`.
+    Router(usize),
+    /// Expert `e`'s up (`[d_model, ffn]`) and down (`[ffn, d_model]`) matrices of layer `l`.
+    ExpertUp(usize, usize),
+    ExpertDown(usize, usize),
     FinalNorm,
     Head,
 }
@@ -133,6 +204,10 @@ impl Tensor {
             Tensor::Up(l) => 20 + 8 * l as u64,
             Tensor::Gate(l) => 21 + 8 * l as u64,
             Tensor::Down(l) => 22 + 8 * l as u64,
+            Tensor::Router(l) => 23 + 8 * l as u64,
+            // Far above the dense codes, which stay below 2^40 for any layer count.
+            Tensor::ExpertUp(l, e) => (1 << 40) | (l as u64) << 20 | (e as u64) << 1,
+            Tensor::ExpertDown(l, e) => (1 << 40) | (l as u64) << 20 | (e as u64) << 1 | 1,
         }
     }
 }
@@ -171,8 +246,9 @@ impl<'a> Weights<'a> {
             Tensor::AttnNorm(_) | Tensor::FfnNorm(_) | Tensor::FinalNorm => (1, d),
             Tensor::Qkv(_) => (d, 3 * a),
             Tensor::Out(_) => (a, d),
-            Tensor::Up(_) | Tensor::Gate(_) => (d, f),
-            Tensor::Down(_) => (f, d),
+            Tensor::Up(_) | Tensor::Gate(_) | Tensor::ExpertUp(..) => (d, f),
+            Tensor::Down(_) | Tensor::ExpertDown(..) => (f, d),
+            Tensor::Router(_) => (d, c.experts.map_or(0, |e| e.count)),
         }
     }
 
@@ -225,6 +301,32 @@ mod tests {
         // 4 × (4·4096² + 2·4096·16384 + 2·4096) = 805,339,136
         assert_eq!(m.layers as u64 * m.layer_params(), 805_339_136);
         assert_eq!(m.params(), 805_339_136 + 2 * 32000 * 4096 + 4096);
+    }
+
+    #[test]
+    fn moe_16l_has_about_0_32b_parameters_not_10b() {
+        let m = ModelConfig::moe_16l();
+        // Per layer: 4·512² attention + 16 experts × 2·512·1024 + a 512×16 router + 2·512 norms.
+        assert_eq!(m.layer_params(), 1_048_576 + 16_777_216 + 8_192 + 1_024);
+        assert_eq!(m.params(), 16 * 17_835_008 + 2 * 32_000 * 512 + 512);
+        assert!(m.params() < 400_000_000);
+    }
+
+    #[test]
+    fn an_moe_token_multiplies_its_top_k_experts_only() {
+        let m = ModelConfig::moe_16l();
+        let per_token_layer = 4 * 512 * 512 + 2 * 2 * 512 * 1024 + 512 * 16;
+        assert_eq!(m.layer_gemm_flops(3), 2.0 * 3.0 * per_token_layer as f64 * 16.0);
+    }
+
+    #[test]
+    fn expert_tensors_differ_from_each_other_and_from_the_dense_ones() {
+        let m = ModelConfig::tiny_moe();
+        let w = Weights::new(&m);
+        assert_eq!(w.dims(Tensor::Router(0)), (64, 8));
+        assert_ne!(w.full(Tensor::ExpertUp(0, 0)), w.full(Tensor::ExpertUp(0, 1)));
+        assert_ne!(w.full(Tensor::ExpertUp(1, 0)), w.full(Tensor::ExpertUp(0, 0)));
+        assert_ne!(w.full(Tensor::ExpertUp(0, 0)), w.full(Tensor::Up(0)));
     }
 
     #[test]

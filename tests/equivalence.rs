@@ -456,3 +456,65 @@ fn option_matrix(device: Device, base: usize, pool: usize) {
 per_device!(fapool_options_on_base1_pool1, 2, |device: Device| option_matrix(device, 1, 1));
 per_device!(fapool_options_on_base2_pool2, 4, |device: Device| option_matrix(device, 2, 2));
 per_device!(fapool_options_on_base2_pool4, 6, |device: Device| option_matrix(device, 2, 4));
+
+/// tiny-moe (2 layers, 8 experts, top 2): batches of three sequences of odd
+/// lengths, so no TP rank's share of the rows is even, and a last batch of
+/// one sequence, so some replicas have nothing and only serve their experts.
+fn moe_header() -> String {
+    r#"
+[run]
+name = "test"
+backend = "cpu"
+
+[model]
+preset = "tiny-moe"
+
+[workload]
+sequences_per_category = 7
+output_tokens = 5
+batch_size = 3
+seed = 11
+
+[[workload.category]]
+name = "short"
+lengths = [9]
+
+[[workload.category]]
+name = "long"
+lengths = [21, 37]
+"#
+    .to_string()
+}
+
+/// `verify` of MoE layouts against the single-rank MoE model; every named
+/// strategy must have rows in the table.
+fn verify_moe(device: Device, np: usize, tag: &str, strategies: &[(&str, &str)]) {
+    let tables: String = strategies.iter().map(|(name, settings)| format!("\n[[strategy]]\nkind = \"moe\"\nname = \"{name}\"\n{settings}\n")).collect();
+    let t = verify_job(device, np, tag, &moe_header(), &tables);
+    for (name, _) in strategies {
+        assert!(t.lines().filter(|l| l.split_whitespace().next() == Some(name)).count() >= 3, "{name} missing:\n{t}");
+    }
+    assert!(t.contains("single-rank-vs-no-cache"), "{t}");
+}
+
+per_device!(moe_on_two_ranks_ep2_ep2xtp2_and_tp2_with_and_without_sp, 2, |device: Device| {
+    verify_moe(device, 2, "moe-np2", &[("ep2", "ep = 2\ndp = 2"), ("ep2-tp2", "ep = 2\ntp = 2"), ("tp2-sp", "tp = 2"), ("tp2-nosp", "tp = 2\nsp = false"), ("pp2", "pp = 2\nmicro_batches = 2")]);
+});
+
+per_device!(moe_on_four_ranks_ep4_ep2xpp2_and_dp2xep2, 4, |device: Device| {
+    verify_moe(
+        device,
+        4,
+        "moe-np4",
+        &[
+            ("ep4", "ep = 4\ndp = 4"),
+            ("ep2-pp2", "ep = 2\ndp = 2\npp = 2\nmicro_batches = 2"),
+            // Two replicas of the experts, each group of two spanning two replicas' attention.
+            ("dp2xep2", "ep = 2\ndp = 4"),
+            // Two replicas, each with its experts inside its TP group.
+            ("dp2xep2-in-tp2", "ep = 2\ntp = 2\ndp = 2"),
+            ("ep4-tp2-dp2", "ep = 4\ntp = 2\ndp = 2"),
+            ("ep2-tp2-pp2", "ep = 2\ntp = 2\npp = 2"),
+        ],
+    );
+});

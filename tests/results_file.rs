@@ -137,3 +137,21 @@ fn a_schema_version_1_file_reads_and_refuses_to_be_continued() {
     let err = fapool::results::ResultsFile::open_existing(&copy).unwrap_err().to_string();
     assert!(err.contains("schema version 1") && err.contains("start a new file"), "{err}");
 }
+
+#[test]
+fn a_schema_version_2_file_reads_without_expert_traffic_and_refuses_to_be_continued() {
+    // A tiny TP=2 run on the CPU written before the expert categories existed.
+    let v2 = repo_root().join("tests/data/schema-2-tiny.h5");
+    let run = read_run(&v2).expect("version 2 reads");
+    assert_eq!(run.provenance.schema_version, 2);
+    let categories: Vec<_> = run.strategies.iter().flat_map(|s| &s.categories).collect();
+    assert!(categories.iter().all(|c| c.experts.is_empty() && c.routing.is_empty()));
+    let ranks: Vec<_> = categories.iter().flat_map(|c| &c.ranks).collect();
+    assert!(!ranks.is_empty() && ranks.iter().all(|r| r.comm.keys().all(|k| !k.name().starts_with("expert_"))));
+    assert!(ranks.iter().any(|r| r.wait_s > 0.0 && r.comm.keys().any(|k| k.name() == "tp_allreduce")), "version 2 records waiting and TP traffic");
+    let dir = scratch("v2resume");
+    let copy = dir.join("old.h5");
+    std::fs::copy(&v2, &copy).unwrap();
+    let err = fapool::results::ResultsFile::open_existing(&copy).unwrap_err().to_string();
+    assert!(err.contains("schema version 2") && err.contains("start a new file"), "{err}");
+}

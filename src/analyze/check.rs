@@ -10,7 +10,7 @@
 //! input, reported as an error rather than as problems.
 
 use super::AnalyzeError;
-use crate::metrics::{CategorySummary, Distribution};
+use crate::metrics::{CategorySummary, Distribution, LayerRouting};
 use crate::results::{inspect_layout, read_run, schema_columns, verify_format, FileLayout, RankAggregates, RunData, RunStatus};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -90,6 +90,12 @@ fn check_layout(layout: &FileLayout, version: u32, r: &mut CheckReport) {
             for d in ["batches", "itl_s", "ranks"] {
                 dataset(r, format!("{c}/{d}"), d);
             }
+            // A mixture-of-experts strategy's routing rows, where it has them.
+            for d in ["experts", "routing"] {
+                if get(&format!("{c}/{d}")).is_some() {
+                    dataset(r, format!("{c}/{d}"), d);
+                }
+            }
             // Summary and comm come together, after the category ends.
             if get(&format!("{c}/summary")).is_some() || get(&format!("{c}/comm")).is_some() {
                 dataset(r, format!("{c}/summary"), "summary");
@@ -137,6 +143,7 @@ fn check_category(run: &RunData, strategy: &str, c: &crate::results::CategoryDat
         let rank_flops: f64 = ranks.iter().map(|x| x.flops).sum();
         r.expect(close(rank_flops, b.flops, 1e-6), || at(format!("batch {}: rank flops add up to {rank_flops:e}, the batch records {:e}", b.batch_index, b.flops)));
     }
+    check_routing(c, &at, r);
     let Some(stored) = &c.summary else {
         r.expect(run.status != Some(RunStatus::Complete), || at("no summary in a complete run".into()));
         return;
@@ -166,11 +173,40 @@ fn check_category(run: &RunData, strategy: &str, c: &crate::results::CategoryDat
     });
     for f in &fresh.comm {
         let stored_c = a.comm_of(f.category);
-        let ok = stored_c.is_some_and(|x| x.bytes == f.bytes && x.calls == f.calls && close(x.seconds_sum, f.seconds_sum, REL));
+        // A writer that predates a category stored no row for it; none is needed where nothing was sent.
+        let unused = f.calls == 0 && f.bytes == 0 && f.seconds_sum == 0.0;
+        let ok = stored_c.map_or(unused, |x| x.bytes == f.bytes && x.calls == f.calls && close(x.seconds_sum, f.seconds_sum, REL));
         r.expect(ok, || {
             let (bytes, calls, secs) = stored_c.map_or((0, 0, 0.0), |x| (x.bytes, x.calls, x.seconds_sum));
             at(format!("comm {}: summary {bytes} bytes, {calls} calls, {secs} s ≠ rank rows {} bytes, {} calls, {} s", f.category.name(), f.bytes, f.calls, f.seconds_sum))
         });
+    }
+}
+
+/// The expert rows add up: per batch, layer and phase every kept
+/// assignment was processed by exactly one expert copy; expert rows belong
+/// to recorded batches; the stored routing summary is the rows' summary.
+fn check_routing(c: &crate::results::CategoryData, at: &dyn Fn(String) -> String, r: &mut CheckReport) {
+    if c.experts.is_empty() {
+        return;
+    }
+    let mut sums: std::collections::BTreeMap<(u32, u32, bool), (u64, u64)> = std::collections::BTreeMap::new();
+    for l in &c.experts {
+        let s = sums.entry((l.batch_index, l.layer, l.decode)).or_default();
+        s.0 += l.routed - l.dropped.min(l.routed);
+        s.1 += l.received;
+    }
+    for ((batch, layer, decode), (kept, received)) in sums {
+        r.expect(kept == received, || at(format!("batch {batch} layer {layer} {}: {kept} assignments kept, {received} rows processed by the experts", if decode { "decode" } else { "prefill" })));
+        r.expect(c.batches.iter().any(|b| b.batch_index == batch), || at(format!("expert rows of batch {batch}, which the file does not record")));
+    }
+    if c.summary.is_some() {
+        let fresh = LayerRouting::of(&c.experts);
+        let same = fresh.len() == c.routing.len()
+            && fresh.iter().zip(&c.routing).all(|(a, b)| {
+                a.layer == b.layer && a.decode == b.decode && a.assignments == b.assignments && a.dropped == b.dropped && close(a.expert_max, b.expert_max, REL) && close(a.rank_mean, b.rank_mean, REL)
+            });
+        r.expect(same, || at(format!("the routing summary ({} rows) is not the summary of the expert rows ({} rows)", c.routing.len(), fresh.len())));
     }
 }
 

@@ -10,7 +10,7 @@
 use super::slo::Slo;
 use super::stats::Stat;
 use crate::comm::Category;
-use crate::metrics::{BatchRecord, CategorySummary, RankRecord};
+use crate::metrics::{BatchRecord, CategorySummary, LayerRouting, RankRecord};
 use crate::model::ModelConfig;
 use crate::results::{CategoryData, RankAggregates, RunData, StoredSummary, StrategyInfo};
 use std::collections::BTreeMap;
@@ -61,7 +61,7 @@ impl RunMeta {
             Some((hash, rest)) => format!("{}-{rest}", &hash[..hash.len().min(7)]),
             None => p.git_commit.chars().take(7).collect(),
         };
-        let dtype = if p.backend == "cpu" { "fp32".to_string() } else { job.as_ref().map_or_else(|| "unknown".into(), |j| j.run.dtype.name().to_string()) };
+        let dtype = if p.backend == "cpu" { "fp32".to_string() } else { job.as_ref().map_or_else(|| "unknown".into(), |j| j.dtype().name().to_string()) };
         Self {
             job: job.as_ref().map_or(stem, |j| j.run.name.clone()),
             device,
@@ -124,6 +124,32 @@ pub struct CategoryFigures<'a> {
     /// baseline's (fapool-kind strategies with a baseline in the run).
     pub tpot_x: Option<f64>,
     pub tps_x: Option<f64>,
+    /// Per layer and phase, how evenly the experts and their ranks were
+    /// loaded (strategies with experts; from the expert rows, so a
+    /// category without a stored summary has it too).
+    pub routing: Vec<LayerRouting>,
+}
+
+/// The targets a deployment plan sets a strategy (the `moe` kind's
+/// `ttft_limit_s` and `tokens_per_ms_per_gpu_target`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PlanTargets {
+    pub ttft_limit_s: Option<f64>,
+    pub tokens_per_ms_per_gpu: Option<f64>,
+}
+
+impl PlanTargets {
+    /// The targets in a strategy's stored settings (none for kinds without them).
+    pub fn of(info: &StrategyInfo) -> Self {
+        match toml::from_str::<crate::strategy::registry::StrategySpec>(&info.params) {
+            Ok(crate::strategy::registry::StrategySpec::Moe(m)) => Self { ttft_limit_s: m.ttft_limit_s, tokens_per_ms_per_gpu: m.tokens_per_ms_per_gpu_target },
+            _ => Self::default(),
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        self.ttft_limit_s.is_some() || self.tokens_per_ms_per_gpu.is_some()
+    }
 }
 
 /// One (strategy, sequence length): the batches of that length, over all
@@ -150,6 +176,7 @@ pub struct StrategyFigures<'a> {
     pub gpus: usize,
     pub categories: Vec<CategoryFigures<'a>>,
     pub lengths: Vec<LengthFigures>,
+    pub targets: PlanTargets,
 }
 
 impl StrategyFigures<'_> {
@@ -203,6 +230,7 @@ fn category_figures<'a>(c: &'a CategoryData, gpus: usize, slo: Option<&Slo>) -> 
         unstable,
         tpot_x: None,
         tps_x: None,
+        routing: LayerRouting::of(&c.experts),
     })
 }
 
@@ -251,7 +279,7 @@ impl<'a> RunFigures<'a> {
             .map(|s| {
                 let gpus = if s.info.world_ranks_used.is_empty() { run.provenance.world_size as usize } else { s.info.world_ranks_used.len() };
                 let categories = run.category_order().iter().filter_map(|name| category_figures(s.category(name)?, gpus, slo)).collect();
-                StrategyFigures { info: &s.info, gpus, categories, lengths: length_figures(s) }
+                StrategyFigures { info: &s.info, gpus, categories, lengths: length_figures(s), targets: PlanTargets::of(&s.info) }
             })
             .collect();
         if let Some(b) = strategies.iter().position(|s| s.info.kind == "baseline") {

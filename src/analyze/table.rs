@@ -128,6 +128,8 @@ pub fn write_run(f: &RunFigures, slo: Option<&Slo>, out: &mut dyn Write) -> io::
         writeln!(out)?;
         writeln!(out, "where the time goes ({category})")?;
         write_idle(&entries, out)?;
+        write_routing(&entries, &category, out)?;
+        write_targets(f, &category, out)?;
         write_predictions(&entries, &category, out)?;
     }
     writeln!(out)?;
@@ -239,6 +241,62 @@ fn write_idle(entries: &[(&str, &str, &CategoryFigures)], out: &mut dyn Write) -
         }
     }
     t.write(out)
+}
+
+/// Per layer and phase of every strategy with experts: the assignments,
+/// the share dropped by capacity, and the busiest expert and rank against
+/// the mean (1.00× is an even load).
+fn write_routing(entries: &[(&str, &str, &CategoryFigures)], category: &str, out: &mut dyn Write) -> io::Result<()> {
+    let mut t = Table::new(&["strategy", "layer", "phase", "assignments", "dropped %", "expert max", "expert mean", "expert imb", "rank max", "rank mean", "rank imb"], 3);
+    for (name, _, c) in entries {
+        for r in &c.routing {
+            let dropped = if r.assignments > 0 { r.dropped as f64 / r.assignments as f64 * 100.0 } else { 0.0 };
+            t.rows.push(vec![
+                label(name, c),
+                r.layer.to_string(),
+                (if r.decode { "decode" } else { "prefill" }).to_string(),
+                r.assignments.to_string(),
+                format!("{dropped:.2}"),
+                num(r.expert_max),
+                num(r.expert_mean),
+                ratio(Some(r.expert_imbalance())),
+                num(r.rank_max),
+                num(r.rank_mean),
+                ratio(Some(r.rank_imbalance())),
+            ]);
+        }
+    }
+    if !t.rows.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "expert routing ({category}): rows per expert and per rank holding experts, summed over batches")?;
+        t.write(out)?;
+    }
+    Ok(())
+}
+
+/// A strategy's plan targets against the measurement: input plus output
+/// tokens per ms per GPU (the category's TPS over its GPUs) and the
+/// largest TTFT of any batch against the TTFT limit.
+fn write_targets(f: &RunFigures, category: &str, out: &mut dyn Write) -> io::Result<()> {
+    let mut t = Table::new(&["strategy", "target", "plan", "measured", "outcome"], 2);
+    for s in f.strategies.iter().filter(|s| s.targets.any()) {
+        let Some(c) = s.category(category) else { continue };
+        let verdict = |met: bool| if met { "met" } else { "missed" }.to_string();
+        if let Some(target) = s.targets.tokens_per_ms_per_gpu {
+            let measured = c.tps_per_gpu / 1e3;
+            t.rows.push(vec![label(&s.info.name, c), "tokens/ms/GPU ≥".into(), num(target), num(measured), verdict(measured >= target)]);
+        }
+        if let Some(limit) = s.targets.ttft_limit_s {
+            let worst = c.data.batches.iter().map(|b| b.ttft_s).fold(0.0, f64::max);
+            t.rows.push(vec![label(&s.info.name, c), "TTFT (worst batch) ≤ s".into(), num(limit), num(worst), verdict(worst <= limit)]);
+        }
+    }
+    if !t.rows.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "plan targets ({category})")?;
+        t.write(out)?;
+    }
+    Ok(())
 }
 
 /// The measured value a prediction of this name is compared with.

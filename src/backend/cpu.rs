@@ -5,6 +5,8 @@
 //! kernels are checked like the CUDA ones, against the f64 definitions in
 //! `checks::reference` (`tests/kernels.rs`).
 
+mod experts;
+
 use super::{Backend, BackendError, DecodeShape, PrefillShape, Result, RowRun, StepVars};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -312,6 +314,22 @@ impl Backend for CpuBackend {
                 best as u32
             })
             .collect())
+    }
+
+    fn router_top_k(&self, logits: &Vec<f32>, rows: usize, experts: usize, k: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        experts::router_top_k(self, logits, rows, experts, k)
+    }
+    fn expert_slots(&self, ids: &Vec<f32>, assignments: usize, experts: usize, capacity: Option<usize>) -> Result<(Vec<f32>, Vec<usize>)> {
+        experts::expert_slots(self, ids, assignments, experts, capacity)
+    }
+    fn permute_to_experts(&self, x: &Vec<f32>, cols: usize, slots: &Vec<f32>, rows: usize, k: usize, kept: usize) -> Result<Vec<f32>> {
+        experts::permute_to_experts(self, x, cols, slots, rows, k, kept)
+    }
+    fn combine_from_experts(&self, y: &Vec<f32>, cols: usize, slots: &Vec<f32>, weights: &Vec<f32>, rows: usize, k: usize) -> Result<Vec<f32>> {
+        experts::combine_from_experts(self, y, cols, slots, weights, rows, k)
+    }
+    fn grouped_matmul(&self, x: &Vec<f32>, w: &Vec<f32>, groups: &[usize], k: usize, n: usize) -> Result<Vec<f32>> {
+        experts::grouped_matmul(self, x, w, groups, k, n)
     }
 
     fn set_step(&self, vars: &StepVars) -> Result<()> {

@@ -6,6 +6,16 @@
 //! a buffer of `rows × cols` elements, with `rows = sequences × tokens`.
 //! Heads are contiguous inside a row (`[heads, head_dim]`).
 //!
+//! A mixture-of-experts FFN runs as five operations: [`Backend::router_top_k`]
+//! picks each token's experts, [`Backend::expert_slots`] gives every
+//! (token, expert) assignment its row in an order grouped by expert,
+//! [`Backend::permute_to_experts`] copies the tokens' rows there,
+//! [`Backend::grouped_matmul`] runs one GEMM per expert over its rows, and
+//! [`Backend::combine_from_experts`] sums each token's expert outputs by its
+//! routing weights. Their index buffers (expert ids, slots) are f32 buffers
+//! holding integral values, exact below 2^24, so they travel wherever
+//! buffers do (downloads, messages, traces) without an integer buffer type.
+//!
 //! This module must not communicate (see `comm`) or time anything beyond the
 //! marks it hands out (see `metrics`).
 
@@ -284,6 +294,32 @@ pub trait Backend {
     fn merge_partials(&self, o: &mut Self::Buf, lse: &mut Self::Buf, o2: &Self::Buf, lse2: &Self::Buf, rows: usize, head_dim: usize) -> Result<()>;
     /// Index of the largest value of each row (first one on ties).
     fn argmax(&self, logits: &Self::Buf, rows: usize, cols: usize) -> Result<Vec<u32>>;
+
+    /// The router: per row of `experts` logits, the `k` experts of highest
+    /// softmax probability (on ties the lowest index first), in descending
+    /// order, and their probabilities renormalised over the chosen `k`.
+    /// Returns `(ids, weights)`, f32 buffers of `[rows, k]` (ids integral).
+    fn router_top_k(&self, logits: &Self::Buf, rows: usize, experts: usize, k: usize) -> Result<(Self::Buf, Self::Buf)>;
+    /// The permutation that groups the `assignments` expert ids of `ids` by
+    /// expert: expert e's rows start after the kept rows of experts below
+    /// it, and within an expert assignments keep their order. With a
+    /// `capacity`, an expert keeps its first `capacity` assignments and the
+    /// others are dropped. Returns the slot of every assignment (f32,
+    /// integral; -1 when dropped) and, read back to the host, the
+    /// assignments routed to each expert before the capacity (the one host
+    /// read of an MoE layer: it sizes the expert GEMMs and the messages).
+    fn expert_slots(&self, ids: &Self::Buf, assignments: usize, experts: usize, capacity: Option<usize>) -> Result<(Self::Buf, Vec<usize>)>;
+    /// `kept` rows of `cols`: row `slots[a]` is row `a / k` of `x` for every
+    /// assignment `a < rows·k` that is not dropped.
+    fn permute_to_experts(&self, x: &Self::Buf, cols: usize, slots: &Self::Buf, rows: usize, k: usize, kept: usize) -> Result<Self::Buf>;
+    /// `[rows, cols]`: row t is `Σ_j weights[t·k+j] · y[slots[t·k+j]]` over
+    /// the token's kept assignments (zero if all were dropped), summed in f32.
+    fn combine_from_experts(&self, y: &Self::Buf, cols: usize, slots: &Self::Buf, weights: &Self::Buf, rows: usize, k: usize) -> Result<Self::Buf>;
+    /// One GEMM per group: rows `o_g..o_g + groups[g]` of `x` (`[Σ groups,
+    /// k]`, `o_g` the rows of the groups before) times matrix `g` of `w`
+    /// (`[groups.len(), k, n]`), into the same rows of the `[Σ groups, n]`
+    /// result; fp32 accumulation.
+    fn grouped_matmul(&self, x: &Self::Buf, w: &Self::Buf, groups: &[usize], k: usize, n: usize) -> Result<Self::Buf>;
 
     /// Sets the scalars the `*_step` operations read (outside any capture).
     fn set_step(&self, vars: &StepVars) -> Result<()>;

@@ -239,6 +239,40 @@ impl<B: Backend> Backend for Traced<B> {
         self.noted("argmax", || (format!("{rows}x{cols}"), 0.0, (rows * cols) as f64 * e), |b| b.argmax(logits, rows, cols))
     }
 
+    fn router_top_k(&self, logits: &B::Buf, rows: usize, experts: usize, k: usize) -> Result<(B::Buf, B::Buf)> {
+        let e = self.elem();
+        self.noted("router_top_k", || (format!("{rows} rows, top {k} of {experts}"), 0.0, (rows * experts) as f64 * e + 8.0 * (rows * k) as f64), |b| b.router_top_k(logits, rows, experts, k))
+    }
+    fn expert_slots(&self, ids: &B::Buf, assignments: usize, experts: usize, capacity: Option<usize>) -> Result<(B::Buf, Vec<usize>)> {
+        let cap = capacity.map_or("none".to_string(), |c| c.to_string());
+        self.noted(
+            "expert_slots",
+            || (format!("{assignments} assignments to {experts} experts, capacity {cap}"), 0.0, 8.0 * assignments as f64),
+            |b| b.expert_slots(ids, assignments, experts, capacity),
+        )
+    }
+    fn permute_to_experts(&self, x: &B::Buf, cols: usize, slots: &B::Buf, rows: usize, k: usize, kept: usize) -> Result<B::Buf> {
+        let e = self.elem();
+        self.noted("permute_to_experts", || (format!("{rows} rows x {k} to {kept} rows of {cols}"), 0.0, 2.0 * (kept * cols) as f64 * e), |b| b.permute_to_experts(x, cols, slots, rows, k, kept))
+    }
+    fn combine_from_experts(&self, y: &B::Buf, cols: usize, slots: &B::Buf, weights: &B::Buf, rows: usize, k: usize) -> Result<B::Buf> {
+        let e = self.elem();
+        self.noted(
+            "combine_from_experts",
+            || (format!("{rows} rows x {k} of {cols}"), 2.0 * (rows * k * cols) as f64, (rows * k + rows) as f64 * cols as f64 * e),
+            |b| b.combine_from_experts(y, cols, slots, weights, rows, k),
+        )
+    }
+    fn grouped_matmul(&self, x: &B::Buf, w: &B::Buf, groups: &[usize], k: usize, n: usize) -> Result<B::Buf> {
+        let e = self.elem();
+        let m: usize = groups.iter().sum();
+        self.noted(
+            "grouped_matmul",
+            || (format!("{} groups, [{m}x{k}]x[{k}x{n}]", groups.len()), 2.0 * (m * k * n) as f64, (m * k + groups.len() * k * n + m * n) as f64 * e),
+            |b| b.grouped_matmul(x, w, groups, k, n),
+        )
+    }
+
     fn set_step(&self, vars: &StepVars) -> Result<()> {
         self.inner.set_step(vars)
     }

@@ -7,7 +7,8 @@
 //! RMSNorm); [`comm`] times each collective and point-to-point message
 //! through the communication layer over message sizes, on every rank of the
 //! launch (NCCL on GPUs, MPI on the CPU backend), one small file per
-//! collective.
+//! collective; [`moe`] times one mixture-of-experts FFN layer beside
+//! PyTorch's figures of the same layer.
 //!
 //! This module must not be used by the timed paths of a run; it reports
 //! what it measures and decides nothing.
@@ -15,6 +16,7 @@
 pub mod comm;
 pub mod copies;
 pub mod kernels;
+pub mod moe;
 pub mod sides;
 
 use crate::backend::Backend;

@@ -12,7 +12,9 @@
 //! blocks at a query offset against a longer K/V stride, prefill at the
 //! edges of the kernels' tiles and pipelines, decode at long and zero
 //! lengths and in chunks long enough for sm_90's bulk copies, and decode
-//! steps from the step scalars, eager and recorded.
+//! steps from the step scalars, eager and recorded; the mixture-of-experts
+//! operations on tiny-moe's and moe-16l's shapes, with ties in the router's
+//! logits and experts over their capacity.
 //!
 //! [`run_all`] runs every check (`fapool check-gpu`); `tests/kernels.rs`
 //! instantiates each one as a test for the CPU backend and for CUDA, both
@@ -22,12 +24,14 @@
 
 mod attention;
 mod dense;
+mod experts;
 pub mod reference;
 #[cfg(test)]
 mod tests;
 
 pub use attention::{attention_decode, attention_prefill_dense_heads, attention_prefill_small_heads, attention_prefill_tile_edges, decode_steps, merge_partials};
 pub use dense::{add_assign, argmax, copy_rows, embed, gather_rows, gelu, gelu_mul, matmul, rmsnorm, scatter_rows, split_qkv};
+pub use experts::{combine_from_experts, expert_slots, grouped_matmul, permute_to_experts, router_top_k};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, PrefillKernel};
@@ -44,8 +48,9 @@ macro_rules! for_each_kernel_check {
     ($m:ident) => {
         $m! {
             embed, matmul, rmsnorm, gelu, gelu_mul, add_assign, split_qkv, gather_rows, scatter_rows, copy_rows, argmax,
-            merge_partials, attention_decode, decode_steps, attention_prefill_small_heads, attention_prefill_dense_heads,
-            attention_prefill_tile_edges,
+            merge_partials, attention_decode, decode_steps,
+            router_top_k, expert_slots, permute_to_experts, combine_from_experts, grouped_matmul,
+            attention_prefill_small_heads, attention_prefill_dense_heads, attention_prefill_tile_edges,
         }
     };
 }

@@ -221,3 +221,88 @@ pub fn store_rows_at(cache: &[f64], src: &[f64], nseq: usize, cap: usize, width:
     }
     out
 }
+
+/// The router: per row of `experts` logits, the softmax probabilities, the
+/// `k` largest in descending order (an equal probability goes to the lower
+/// index first), and those `k` divided by their sum. Returns the expert ids
+/// and weights, `[rows, k]` each.
+pub fn router_top_k(logits: &[f64], rows: usize, experts: usize, k: usize) -> (Vec<u32>, Vec<f64>) {
+    let (mut ids, mut weights) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
+    for r in 0..rows {
+        let row = &logits[r * experts..(r + 1) * experts];
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = row.iter().map(|l| (l - max).exp()).sum();
+        let p: Vec<f64> = row.iter().map(|l| (l - max).exp() / z).collect();
+        let mut order: Vec<usize> = (0..experts).collect();
+        // A stable sort keeps equal probabilities in index order.
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        let chosen = &order[..k];
+        let sum: f64 = chosen.iter().map(|&e| p[e]).sum();
+        ids.extend(chosen.iter().map(|&e| e as u32));
+        weights.extend(chosen.iter().map(|&e| p[e] / sum));
+    }
+    (ids, weights)
+}
+
+/// Every assignment's row when the assignments are grouped by expert
+/// (experts in index order, assignments in their order within an expert),
+/// an expert keeping at most `capacity` (the rest `None`, dropped); and the
+/// assignments of each expert before the capacity.
+pub fn expert_slots(ids: &[u32], experts: usize, capacity: Option<usize>) -> (Vec<Option<usize>>, Vec<usize>) {
+    let mut counts = vec![0; experts];
+    for &e in ids {
+        counts[e as usize] += 1;
+    }
+    let kept: Vec<usize> = counts.iter().map(|&c| capacity.map_or(c, |cap| c.min(cap))).collect();
+    let start: Vec<usize> = (0..experts).map(|e| kept[..e].iter().sum()).collect();
+    let mut seen = vec![0; experts];
+    let slots = ids
+        .iter()
+        .map(|&e| {
+            let e = e as usize;
+            let s = (seen[e] < kept[e]).then(|| start[e] + seen[e]);
+            seen[e] += 1;
+            s
+        })
+        .collect();
+    (slots, counts)
+}
+
+/// `kept` rows: row `slots[a]` is row `a / k` of `x` (rows of `cols`).
+pub fn permute_to_experts(x: &[f64], cols: usize, slots: &[Option<usize>], k: usize, kept: usize) -> Vec<f64> {
+    let mut out = vec![0.0; kept * cols];
+    for (a, s) in slots.iter().enumerate() {
+        if let Some(s) = s {
+            out[s * cols..(s + 1) * cols].copy_from_slice(&x[a / k * cols..(a / k + 1) * cols]);
+        }
+    }
+    out
+}
+
+/// `[rows, cols]`: row t is the sum over its kept assignments j of
+/// `weights[t·k + j]` times row `slots[t·k + j]` of `y`.
+pub fn combine_from_experts(y: &[f64], cols: usize, slots: &[Option<usize>], weights: &[f64], rows: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0.0; rows * cols];
+    for t in 0..rows {
+        for j in 0..k {
+            if let Some(s) = slots[t * k + j] {
+                for c in 0..cols {
+                    out[t * cols + c] += weights[t * k + j] * y[s * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Consecutive row groups of `x` (`[Σ groups, k]`), each times its own
+/// matrix of `w` (`[groups, k, n]`).
+pub fn grouped_matmul(x: &[f64], w: &[f64], groups: &[usize], k: usize, n: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (g, &m) in groups.iter().enumerate() {
+        out.extend(matmul(&x[at * k..(at + m) * k], &w[g * k * n..(g + 1) * k * n], m, k, n));
+        at += m;
+    }
+    out
+}

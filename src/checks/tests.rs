@@ -15,6 +15,8 @@ enum Fault {
     RmsnormLastUnwritten,
     /// Decode attention leaves out the last cached row.
     DecodeDropsLastKey,
+    /// The router gives a tie to the highest expert index.
+    RouterTiesUpwards,
 }
 
 /// The CPU backend with one [`Fault`].
@@ -105,6 +107,27 @@ impl Backend for Faulty {
     fn argmax(&self, logits: &Vec<f32>, rows: usize, cols: usize) -> Result<Vec<u32>> {
         self.cpu.argmax(logits, rows, cols)
     }
+    fn router_top_k(&self, logits: &Vec<f32>, rows: usize, experts: usize, k: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        if self.fault != Fault::RouterTiesUpwards {
+            return self.cpu.router_top_k(logits, rows, experts, k);
+        }
+        // Experts in reverse order: the lowest index of a tie is the highest one.
+        let reversed: Vec<f32> = logits.chunks(experts).flat_map(|row| row.iter().rev().copied()).collect();
+        let (ids, weights) = self.cpu.router_top_k(&reversed, rows, experts, k)?;
+        Ok((ids.iter().map(|&e| (experts - 1) as f32 - e).collect(), weights))
+    }
+    fn expert_slots(&self, ids: &Vec<f32>, assignments: usize, experts: usize, capacity: Option<usize>) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.cpu.expert_slots(ids, assignments, experts, capacity)
+    }
+    fn permute_to_experts(&self, x: &Vec<f32>, cols: usize, slots: &Vec<f32>, rows: usize, k: usize, kept: usize) -> Result<Vec<f32>> {
+        self.cpu.permute_to_experts(x, cols, slots, rows, k, kept)
+    }
+    fn combine_from_experts(&self, y: &Vec<f32>, cols: usize, slots: &Vec<f32>, weights: &Vec<f32>, rows: usize, k: usize) -> Result<Vec<f32>> {
+        self.cpu.combine_from_experts(y, cols, slots, weights, rows, k)
+    }
+    fn grouped_matmul(&self, x: &Vec<f32>, w: &Vec<f32>, groups: &[usize], k: usize, n: usize) -> Result<Vec<f32>> {
+        self.cpu.grouped_matmul(x, w, groups, k, n)
+    }
     fn set_step(&self, vars: &StepVars) -> Result<()> {
         self.cpu.set_step(vars)
     }
@@ -176,6 +199,24 @@ fn decode_attention_that_drops_a_key_fails_but_an_empty_cache_still_passes() {
         // Zero length: nothing to drop; every other shape loses its last row.
         assert_eq!(r.pass, r.shape.contains("len 0 "), "{r:?}");
     }
+}
+
+#[test]
+fn a_router_that_gives_ties_to_the_highest_index_fails_the_router_check() {
+    let rows = run(&Faulty { cpu: CpuBackend::new(), fault: Fault::RouterTiesUpwards }, 8, router_top_k);
+    assert!(!rows.is_empty() && rows.iter().all(|r| !r.pass), "{rows:?}");
+    assert!(failing(&run(&CpuBackend::new(), 8, router_top_k)).is_empty());
+}
+
+#[test]
+fn the_reference_slots_group_assignments_by_expert_and_drop_past_the_capacity() {
+    let (slots, counts) = r::expert_slots(&[2, 0, 2, 1, 2, 0], 3, Some(2));
+    assert_eq!(counts, vec![2, 1, 3]);
+    // Expert 0 holds rows 0-1, expert 1 row 2, expert 2 rows 3-4; its third assignment is dropped.
+    assert_eq!(slots, vec![Some(3), Some(0), Some(4), Some(2), None, Some(1)]);
+    let (ids, w) = r::router_top_k(&[1.0, 3.0, 3.0, 0.0], 1, 4, 2);
+    assert_eq!(ids, vec![1, 2]);
+    assert!((w[0] - 0.5).abs() < 1e-12 && (w[1] - 0.5).abs() < 1e-12);
 }
 
 #[test]

@@ -160,6 +160,47 @@ impl<'a, B: Backend> Comm<'a, B> {
         self.collective(category, "broadcast", group, bytes, |t| t.broadcast(self.backend, group, root, buf))
     }
 
+    /// All-to-all of rows with counts per peer: block `p` of `send`
+    /// (`send_rows[p]` rows of `cols`, blocks in group-rank order) goes to
+    /// group rank `p`; returns what every rank sent this one, `recv_rows[p]`
+    /// rows from rank `p`, in group-rank order. Completed at once. Bytes:
+    /// the rows sent to and received from other ranks (a rank's own block
+    /// moves no bytes between ranks).
+    pub fn all_to_all_rows(&self, category: Category, group: &Group, send: &B::Buf, cols: usize, send_rows: &[usize], recv_rows: &[usize]) -> Result<B::Buf> {
+        let total: usize = recv_rows.iter().sum();
+        if group.size() == 1 {
+            return Ok(self.backend.gather_rows(send, cols.max(1), &[RowRun::new(0, total)])?);
+        }
+        let me = group.rank();
+        let elems = |rows: &[usize]| rows.iter().map(|r| r * cols).collect::<Vec<_>>();
+        let (send_counts, recv_counts) = (elems(send_rows), elems(recv_rows));
+        let moved: usize = (0..group.size()).filter(|&p| p != me).map(|p| send_counts[p] + recv_counts[p]).sum();
+        let peers: Vec<usize> = (0..group.size()).filter(|&p| p != me && (send_counts[p] > 0 || recv_counts[p] > 0)).collect();
+        let mut recv = self.backend.empty(total * cols)?;
+        // Element bytes from a buffer that has elements (a rank may send nothing).
+        let bytes = if self.backend.len(send) > 0 { self.bytes_of_elems(send, moved) } else { self.bytes_of_elems(&recv, moved) };
+        self.beat();
+        let t = self.transport.borrow().all_to_all_v(self.backend, group, send, &send_counts, &mut recv, &recv_counts)?;
+        self.beat();
+        self.finish(Self::record(category, "all_to_all", group, peers, bytes, t))?;
+        Ok(recv)
+    }
+
+    /// Host all-to-all of counts: `send` holds one block per group rank
+    /// (block `p` for rank `p`, all of one length); returns the blocks every
+    /// rank sent this one, in group-rank order. Bytes: the counts sent to
+    /// and received from other ranks.
+    pub fn all_to_all_counts(&self, category: Category, group: &Group, send: &[u32]) -> Result<Vec<u32>> {
+        if group.size() == 1 {
+            return Ok(send.to_vec());
+        }
+        let mut recv = vec![0u32; send.len()];
+        let peers: Vec<usize> = (0..group.size()).filter(|&r| r != group.rank()).collect();
+        let bytes = 2 * std::mem::size_of_val(send) * peers.len() / group.size();
+        self.host(category, "host_all_to_all", group, peers, bytes, |t| t.host_all_to_all(group, send, &mut recv))?;
+        Ok(recv)
+    }
+
     /// Issues a message: parts of `send` to peers and parts of `recv` from
     /// peers, all together (see [`Transport::exchange`]). Bytes: what this
     /// rank sends and receives.

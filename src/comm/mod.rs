@@ -60,12 +60,17 @@ pub enum Category {
     ResultAggregation,
     /// Pool → base: attention output back to the rows' owners.
     PoolToBase,
+    /// Token rows to the ranks holding their experts (and the token counts
+    /// that size them), inside an expert-parallel group.
+    ExpertDispatch,
+    /// Expert outputs back to the ranks holding their tokens.
+    ExpertCombine,
     /// Token ids and other small control messages.
     Control,
 }
 
 impl Category {
-    pub const ALL: [Category; 10] = [
+    pub const ALL: [Category; 12] = [
         Category::TpAllreduce,
         Category::TpAllgather,
         Category::TpReducescatter,
@@ -75,6 +80,8 @@ impl Category {
         Category::AttentionSync,
         Category::ResultAggregation,
         Category::PoolToBase,
+        Category::ExpertDispatch,
+        Category::ExpertCombine,
         Category::Control,
     ];
     pub fn name(self) -> &'static str {
@@ -88,6 +95,8 @@ impl Category {
             Category::AttentionSync => "attention_sync",
             Category::ResultAggregation => "result_aggregation",
             Category::PoolToBase => "pool_to_base",
+            Category::ExpertDispatch => "expert_dispatch",
+            Category::ExpertCombine => "expert_combine",
             Category::Control => "control",
         }
     }
@@ -170,9 +179,57 @@ pub trait Transport<B: Backend> {
     /// call; non-blocking MPI completed together), so their order among
     /// themselves cannot deadlock. Receive parts are disjoint ranges of `recv`.
     fn exchange(&self, backend: &B, group: &Group, sends: &[SendPart<'_, B>], recv: Option<&mut B::Buf>, recvs: &[RecvPart]) -> Result<Timed<B::Mark>>;
+    /// All-to-all with counts per peer: block `p` of `send` (`send_counts[p]`
+    /// elements, blocks in group-rank order) goes to group rank `p`, and
+    /// `recv` gets block `p` (`recv_counts[p]` elements) from rank `p`,
+    /// this rank's own block included. By default one [`Transport::exchange`]
+    /// (an NCCL group of sends and receives); MPI overrides it with
+    /// `MPI_Alltoallv`.
+    fn all_to_all_v(&self, backend: &B, group: &Group, send: &B::Buf, send_counts: &[usize], recv: &mut B::Buf, recv_counts: &[usize]) -> Result<Timed<B::Mark>> {
+        if send_counts.len() != group.size() || recv_counts.len() != group.size() {
+            return Err(CommError::Size(format!("all_to_all_v on `{}` of {} ranks: {} send and {} receive counts", group.name, group.size(), send_counts.len(), recv_counts.len())));
+        }
+        let blocks = |counts: &[usize]| -> Vec<Range<usize>> {
+            let mut at = 0;
+            counts
+                .iter()
+                .map(|&n| {
+                    at += n;
+                    at - n..at
+                })
+                .collect()
+        };
+        let sends: Vec<SendPart<'_, B>> = blocks(send_counts).into_iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(peer, range)| SendPart { peer, buf: send, range }).collect();
+        let recvs: Vec<RecvPart> = blocks(recv_counts).into_iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(peer, range)| RecvPart { peer, range }).collect();
+        self.exchange(backend, group, &sends, Some(recv), &recvs)
+    }
     fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()>;
     fn host_send(&self, group: &Group, dst: usize, data: &[u32]) -> Result<()>;
     fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()>;
+    /// Host all-to-all: `send` holds `size` equal blocks, block `p` for group
+    /// rank `p`; `recv` (as long) gets block `p` from rank `p`. By default
+    /// pairwise blocking messages in an order that cannot deadlock (each
+    /// rank meets its peers in ascending order, the lower rank sending
+    /// first); MPI overrides it with `MPI_Alltoall`.
+    fn host_all_to_all(&self, group: &Group, send: &[u32], recv: &mut [u32]) -> Result<()> {
+        let (n, me) = (group.size(), group.rank());
+        if send.len() != recv.len() || send.len() % n != 0 {
+            return Err(CommError::Size(format!("host_all_to_all on `{}` of {n} ranks: {} sent, {} received", group.name, send.len(), recv.len())));
+        }
+        let per = send.len() / n;
+        recv[me * per..(me + 1) * per].copy_from_slice(&send[me * per..(me + 1) * per]);
+        for peer in (0..n).filter(|&p| p != me) {
+            let (out, into) = (&send[peer * per..(peer + 1) * per], peer * per..(peer + 1) * per);
+            if me < peer {
+                self.host_send(group, peer, out)?;
+                self.host_recv(group, peer, &mut recv[into])?;
+            } else {
+                self.host_recv(group, peer, &mut recv[into])?;
+                self.host_send(group, peer, out)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Checks that receive parts are disjoint, within `len` elements, and

@@ -267,4 +267,8 @@ impl Transport<CudaBackend> for NcclTransport {
     fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()> {
         self.groups.recv_u32(group, src, data)
     }
+
+    fn host_all_to_all(&self, group: &Group, send: &[u32], recv: &mut [u32]) -> Result<()> {
+        self.groups.all_to_all_u32(group, send, recv)
+    }
 }

@@ -36,6 +36,12 @@ impl<B: Backend, T: Transport<B>> Transport<Traced<B>> for TracedTransport<T> {
         let sends: Vec<SendPart<'_, B>> = sends.iter().map(|p| SendPart { peer: p.peer, buf: p.buf, range: p.range.clone() }).collect();
         self.0.exchange(backend.inner(), group, &sends, recv, recvs)
     }
+    fn all_to_all_v(&self, backend: &Traced<B>, group: &Group, send: &B::Buf, send_counts: &[usize], recv: &mut B::Buf, recv_counts: &[usize]) -> Result<Timed<B::Mark>> {
+        self.0.all_to_all_v(backend.inner(), group, send, send_counts, recv, recv_counts)
+    }
+    fn host_all_to_all(&self, group: &Group, send: &[u32], recv: &mut [u32]) -> Result<()> {
+        self.0.host_all_to_all(group, send, recv)
+    }
     fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()> {
         self.0.host_broadcast(group, root, data)
     }

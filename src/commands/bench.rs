@@ -56,6 +56,45 @@ pub fn sides(backend: BackendKind, dtype: Dtype, preset: &str, args: &crate::ben
     print(&be.device_name().unwrap_or_default(), dtype, &rows)
 }
 
+/// `fapool bench moe`: one MoE FFN layer on one device (CUDA, or the CPU
+/// backend with `--backend cpu`), beside PyTorch's times of the same layer
+/// when `reference` (its JSON) is given.
+pub fn moe(backend: BackendKind, dtype: Dtype, preset: &str, tokens: &[usize], iters: usize, reference: Option<&Path>, out: Option<&Path>) -> Result<(), Failure> {
+    let m = crate::spec::ModelSpec { preset: preset.to_string(), ..Default::default() }.resolve().map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+    if m.experts.is_none() {
+        return Err(Failure::new(Exit::Usage, format!("rule `strategy-serves-model` broken: bench moe needs a model with experts; {} has a dense FFN", m.name)));
+    }
+    let reference = match reference {
+        None => Default::default(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Failure::new(Exit::Usage, format!("cannot read {}: {e}", p.display())))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Failure::new(Exit::Usage, format!("{} is not JSON: {e}", p.display())))?;
+            crate::bench::moe::reference_times(&json)
+        }
+    };
+    let args = crate::bench::moe::MoeBenchArgs { tokens: tokens.to_vec(), iters, reference };
+    let fail = |e: crate::backend::BackendError| Failure::new(super::exit_for_backend(&e), e.to_string());
+    let print = |device: &str, dtype: Dtype, rows: &[crate::bench::Row]| -> Result<(), Failure> {
+        println!("{device}, {dtype}, {}", m.name);
+        crate::bench::print_table(rows);
+        if let Some(p) = out {
+            crate::bench::write_h5(p, "moe", device, rows).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", p.display())))?;
+        }
+        Ok(())
+    };
+    if backend == BackendKind::Cpu {
+        let be = crate::backend::cpu::CpuBackend::new();
+        return print("cpu", be.dtype(), &crate::bench::moe::run(&be, &m, &args).map_err(fail)?);
+    }
+    if let Err(why) = crate::backend::cuda::probe::cuda_backend_libraries_present() {
+        return Err(Failure::new(Exit::Cuda, format!("bench moe needs a GPU (or --backend cpu): {why}")));
+    }
+    let be = CudaBackend::new(0, dtype).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
+    be.load_all_kernels().map_err(fail)?;
+    let rows = crate::bench::moe::run(&be, &m, &args).map_err(fail)?;
+    print(&be.device_name().unwrap_or_default(), dtype, &rows)
+}
+
 struct CommBody {
     sizes: Vec<usize>,
     iters: usize,

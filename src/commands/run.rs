@@ -63,6 +63,6 @@ pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Result<(), Failur
     let cluster = start_mpi()?;
     let path = args.resume.clone().or(args.out.clone()).unwrap_or_else(|| PathBuf::from(format!("results/{}-{}.h5", job.run.name, crate::results::utc_now().replace([':', '-'], ""))));
     let target = Target { path, resume: args.resume.is_some(), force: args.force };
-    let request = BackendRequest { kind: args.backend.unwrap_or(job.run.backend), dtype: job.run.dtype, job: Some(&job) };
+    let request = BackendRequest { kind: args.backend.unwrap_or(job.run.backend), dtype: job.dtype(), job: Some(&job) };
     with_backend(request, &cluster, RunBody { job: &job, text: &text, target, timeout_s: args.timeout_s, trace: args.trace })
 }

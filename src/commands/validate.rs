@@ -21,7 +21,7 @@ pub struct ValidateArgs {
 /// `fapool validate JOB --ranks N`.
 pub fn validate(job: &Path, args: ValidateArgs, sets: &[String]) -> Result<(), Failure> {
     let (job, _) = load(job, sets)?;
-    let elem = if args.gpus.is_some() { job.run.dtype.size_bytes() } else { 4 };
+    let elem = if args.gpus.is_some() { job.dtype().size_bytes() } else { 4 };
     let facts = LaunchFacts {
         world_size: args.ranks,
         max_local_ranks: args.local_ranks.unwrap_or(args.ranks),
@@ -37,7 +37,7 @@ pub fn validate(job: &Path, args: ValidateArgs, sets: &[String]) -> Result<(), F
 
 fn print_job_summary(job: &JobSpec, m: &ModelConfig, world: usize) {
     println!(
-        "model {}: {} layers, d_model {}, {} x {} heads, ffn {} ({:?}), vocab {}: {:.3} B parameters ({:.3} B in layers)",
+        "model {}: {} layers, d_model {}, {} x {} heads, ffn {} ({:?}){}, vocab {}: {:.3} B parameters ({:.3} B in layers)",
         m.name,
         m.layers,
         m.d_model,
@@ -45,6 +45,7 @@ fn print_job_summary(job: &JobSpec, m: &ModelConfig, world: usize) {
         m.head_dim,
         m.ffn,
         m.ffn_kind,
+        m.experts.map_or(String::new(), |e| format!(" in each of {} experts, top {} per token", e.count, e.top_k)),
         m.vocab,
         m.params() as f64 / 1e9,
         (m.layers as u64 * m.layer_params()) as f64 / 1e9

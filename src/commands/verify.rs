@@ -13,6 +13,7 @@ use crate::runner::sweep::shape_of;
 use crate::runner::{run_batch, BatchInput};
 use crate::spec::{JobSpec, StrategySpec};
 use crate::strategy::baseline::BaselineSpec;
+use crate::strategy::moe::MoeSpec;
 use crate::strategy::{BuildContext, Layout, Strategy, StrategyError};
 use crate::workload::Workload;
 use mpi::traits::*;
@@ -73,7 +74,11 @@ impl OnBackend for VerifyBody<'_> {
             let strategy = spec.build(BuildContext { be, comm, cfg: &cfg, world }).map_err(|e| fail(&format!("building {}", spec.name()), e))?;
             Ok(Candidate { spec, layout, strategy })
         };
-        let mut reference = build(StrategySpec::Baseline(BaselineSpec { name: Some("single-rank".into()), tp: 1, pp: 1, micro_batches: 1 }))?;
+        let single = match cfg.experts {
+            None => StrategySpec::Baseline(BaselineSpec { name: Some("single-rank".into()), tp: 1, pp: 1, micro_batches: 1 }),
+            Some(_) => StrategySpec::Moe(MoeSpec::single_rank()),
+        };
+        let mut reference = build(single)?;
         let mut strategies = job.strategies.iter().cloned().map(build).collect::<Result<Vec<_>, _>>()?;
         let wl = Workload::new(&job.workload, cfg.vocab);
         let root = rank == 0;
@@ -136,6 +141,6 @@ impl OnBackend for VerifyBody<'_> {
 pub fn verify(job_path: &Path, args: VerifyArgs, sets: &[String]) -> Result<(), Failure> {
     let (job, _) = load(job_path, sets)?;
     let cluster = start_mpi()?;
-    let request = BackendRequest { kind: args.backend.unwrap_or(job.run.backend), dtype: job.run.dtype, job: Some(&job) };
+    let request = BackendRequest { kind: args.backend.unwrap_or(job.run.backend), dtype: job.dtype(), job: Some(&job) };
     with_backend(request, &cluster, VerifyBody { job: &job, args })
 }

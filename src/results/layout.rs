@@ -85,18 +85,28 @@ fn column_names<T: H5Type>() -> Vec<String> {
 }
 
 /// The columns of each compound dataset in a file of schema `version`, by
-/// dataset name (`batches`, `ranks`, `summary`, `comm` of a category group;
-/// `devices`, `roles` of `/provenance`), taken from the row types
-/// themselves so a checker cannot drift from the writer and the reader.
+/// dataset name (`batches`, `ranks`, `summary`, `comm`, and from version 3
+/// the optional `experts` and `routing` of a category group; `devices`,
+/// `roles` of `/provenance`), taken from the row types themselves so a
+/// checker cannot drift from the writer and the reader.
 pub fn schema_columns(version: u32) -> Vec<(&'static str, Vec<String>)> {
-    use super::rows::{BatchRow, CommRow, DeviceRow, RankRow, RankRowV1, RoleRowH5, SummaryRow};
-    let ranks = if version == 1 { column_names::<RankRowV1>() } else { column_names::<RankRow>() };
-    vec![
+    use super::routing::{ExpertRow, RoutingRow};
+    use super::rows::{BatchRow, CommRow, DeviceRow, RankRow, RankRowV1, RankRowV2, RoleRowH5, SummaryRow};
+    let ranks = match version {
+        1 => column_names::<RankRowV1>(),
+        2 => column_names::<RankRowV2>(),
+        _ => column_names::<RankRow>(),
+    };
+    let mut columns = vec![
         ("batches", column_names::<BatchRow>()),
         ("ranks", ranks),
         ("summary", column_names::<SummaryRow>()),
         ("comm", column_names::<CommRow>()),
         ("devices", column_names::<DeviceRow>()),
         ("roles", column_names::<RoleRowH5>()),
-    ]
+    ];
+    if version >= 3 {
+        columns.extend([("experts", column_names::<ExpertRow>()), ("routing", column_names::<RoutingRow>())]);
+    }
+    columns
 }

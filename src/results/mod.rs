@@ -25,6 +25,7 @@ mod cloexec;
 pub mod durable;
 mod layout;
 mod reader;
+mod routing;
 mod rows;
 mod schema;
 mod writer;
@@ -38,7 +39,7 @@ pub use reader::read_run;
 pub use writer::ResultsFile;
 
 use crate::comm::Category;
-use crate::metrics::{BatchRecord, CategorySummary, RankRecord};
+use crate::metrics::{BatchRecord, CategorySummary, ExpertLoad, LayerRouting, RankRecord};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
@@ -250,6 +251,12 @@ pub struct CategoryData {
     pub batches: Vec<BatchRecord>,
     /// Rank records of all batches, in the order they were appended.
     pub ranks: Vec<RankRecord>,
+    /// What every rank counted per layer and expert (mixture-of-experts
+    /// strategies; empty for the others and for files before schema 3).
+    pub experts: Vec<ExpertLoad>,
+    /// The per-layer routing summary written with the category's summary
+    /// (empty without experts or summary).
+    pub routing: Vec<LayerRouting>,
     /// `None` until [`ResultsFile::write_summary`] ran for the category (an
     /// interrupted run may lack it).
     pub summary: Option<StoredSummary>,

@@ -2,10 +2,11 @@
 //! for tests, and for a resumed run that needs its earlier batches.
 
 use super::attrs;
-use super::rows::{BatchRow, CommRow, DeviceRow, RankRow, RankRowV1, RoleRowH5, SummaryRow};
+use super::routing::{ExpertRow, RoutingRow};
+use super::rows::{BatchRow, CommRow, DeviceRow, RankRow, RankRowV1, RankRowV2, RoleRowH5, SummaryRow};
 use super::schema::{check_format, PROVENANCE, STRATEGIES};
 use super::{CategoryData, DeviceInfo, Provenance, Result, ResultsError, RoleRow, RunData, RunStatus, Seeds, StrategyData, StrategyInfo};
-use crate::metrics::{BatchRecord, RankRecord};
+use crate::metrics::{BatchRecord, ExpertLoad, RankRecord};
 use hdf5::types::VarLenUnicode;
 use hdf5::{File, Group};
 use std::collections::BTreeMap;
@@ -157,7 +158,19 @@ pub(crate) fn read_ranks(g: &Group, version: u32) -> Result<Vec<RankRecord>> {
         return Ok(Vec::new());
     }
     let ds = g.dataset("ranks")?;
-    Ok(if version == 1 { ds.read_raw::<RankRowV1>()?.iter().map(RankRowV1::to_record).collect() } else { ds.read_raw::<RankRow>()?.iter().map(RankRow::to_record).collect() })
+    Ok(match version {
+        1 => ds.read_raw::<RankRowV1>()?.iter().map(RankRowV1::to_record).collect(),
+        2 => ds.read_raw::<RankRowV2>()?.iter().map(RankRowV2::to_record).collect(),
+        _ => ds.read_raw::<RankRow>()?.iter().map(RankRow::to_record).collect(),
+    })
+}
+
+/// The expert rows of a category group (none before schema 3 or without experts).
+pub(crate) fn read_experts(g: &Group) -> Result<Vec<ExpertLoad>> {
+    if !g.link_exists("experts") {
+        return Ok(Vec::new());
+    }
+    Ok(g.dataset("experts")?.read_raw::<ExpertRow>()?.into_iter().map(ExpertRow::to_load).collect())
 }
 
 fn read_category(g: &Group, path: &Path, version: u32) -> Result<CategoryData> {
@@ -181,5 +194,6 @@ fn read_category(g: &Group, path: &Path, version: u32) -> Result<CategoryData> {
             }
         }
     }
-    Ok(CategoryData { name: last_component(&g.name()), batches: read_batches(g)?, ranks: read_ranks(g, version)?, summary, predictions })
+    let routing = if g.link_exists("routing") { g.dataset("routing")?.read_raw::<RoutingRow>()?.into_iter().map(RoutingRow::to_routing).collect() } else { Vec::new() };
+    Ok(CategoryData { name: last_component(&g.name()), batches: read_batches(g)?, ranks: read_ranks(g, version)?, experts: read_experts(g)?, routing, summary, predictions })
 }

@@ -9,11 +9,14 @@ use std::path::Path;
 
 /// The schema this code writes. Version 2 added the compute and waiting
 /// times of every rank row and the `tp_allgather` and `tp_reducescatter`
-/// categories.
-pub const SCHEMA_VERSION: u32 = 2;
+/// categories; version 3 the `expert_dispatch` and `expert_combine`
+/// categories and the `experts` and `routing` datasets of mixture-of-experts
+/// strategies.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The oldest schema this code still reads (a version-1 rank row reads with
-/// its wall time as compute time and no waiting).
+/// its wall time as compute time and no waiting; versions 1 and 2 have no
+/// expert traffic).
 pub const OLDEST_READABLE: u32 = 1;
 
 /// The value of the root attribute `format`, which marks a fapool results file.

@@ -14,6 +14,7 @@ pub mod timeline;
 
 use crate::backend::Backend;
 use crate::comm::{Category, Comm, CommStat, CommTrace, RecordedMessages};
+use crate::metrics::ExpertLoad;
 use crate::model::ModelConfig;
 use crate::strategy::{BatchSetup, BatchShape, Strategy, StrategyError};
 use std::collections::BTreeMap;
@@ -51,6 +52,8 @@ pub struct BatchRun {
     pub wait_s: f64,
     /// The batch's messages and waits, when it was traced.
     pub trace: Option<CommTrace>,
+    /// What the rank counted per layer and expert (strategies with experts).
+    pub experts: Vec<ExpertLoad>,
 }
 
 /// What to run for one batch.
@@ -151,7 +154,8 @@ pub fn run_batch<B: Backend>(be: &B, comm: &Comm<'_, B>, strategy: &mut dyn Stra
         };
         let Some(vars) = strategy.decode_begin(step, &prev)? else { continue };
         be.set_step(&vars)?;
-        let logits = decode_step_device(be, comm, strategy, input.cuda_graphs, &mut recorded, &mut eager)?;
+        let record = input.cuda_graphs && strategy.decode_recordable();
+        let logits = decode_step_device(be, comm, strategy, record, &mut recorded, &mut eager)?;
         let o = strategy.decode_end(logits, input.keep_logits)?;
         if let Some(r) = recorded.as_ref() {
             comm.account_replay(&r.messages)?;
@@ -174,6 +178,7 @@ pub fn run_batch<B: Backend>(be: &B, comm: &Comm<'_, B>, strategy: &mut dyn Stra
     if let Some(l) = leader.as_mut() {
         l.e2e_s = wall_s;
     }
+    let experts = strategy.take_expert_loads();
     strategy.end_batch()?;
     let (totals, trace) = comm.take_stats()?;
     Ok(BatchRun {
@@ -187,6 +192,7 @@ pub fn run_batch<B: Backend>(be: &B, comm: &Comm<'_, B>, strategy: &mut dyn Stra
         comm: totals.by_category,
         wait_s: totals.wait_s,
         trace,
+        experts,
     })
 }
 

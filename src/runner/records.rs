@@ -4,7 +4,7 @@
 use super::{BatchRun, LeaderRun};
 use crate::backend::Backend;
 use crate::comm::{Category, CommStat};
-use crate::metrics::{BatchRecord, RankRecord};
+use crate::metrics::{BatchRecord, ExpertLoad, RankRecord};
 use crate::strategy::BatchShape;
 use crate::workload::Batch;
 use mpi::topology::SimpleCommunicator;
@@ -32,6 +32,44 @@ pub struct GatheredBatch {
     pub batch: BatchRecord,
     pub ranks: Vec<RankRecord>,
     pub logits: Vec<Vec<f32>>,
+    /// Every rank's expert counts (strategies with experts).
+    pub experts: Vec<ExpertLoad>,
+}
+
+/// Numbers of one [`ExpertLoad`] (without its batch) for gathering.
+const EXPERT_FIELDS: usize = 7;
+
+fn encode_expert(l: &ExpertLoad) -> [u64; EXPERT_FIELDS] {
+    [l.world_rank as u64, l.layer as u64, l.expert as u64, l.decode as u64, l.routed, l.dropped, l.received]
+}
+
+fn decode_expert(v: &[u64], batch_index: u32) -> ExpertLoad {
+    ExpertLoad { batch_index, world_rank: v[0] as u32, layer: v[1] as u32, expert: v[2] as u32, decode: v[3] != 0, routed: v[4], dropped: v[5], received: v[6] }
+}
+
+/// Every rank's expert counts on rank 0 (empty elsewhere). Collective.
+fn experts_to_root(world: &SimpleCommunicator, loads: &[ExpertLoad], batch_index: u32) -> Vec<ExpertLoad> {
+    let root = world.process_at_rank(0);
+    let mine: Vec<u64> = loads.iter().flat_map(encode_expert).collect();
+    let count = mine.len() as i32;
+    if world.rank() != 0 {
+        root.gather_into(&count);
+        root.gather_varcount_into(&mine[..]);
+        return Vec::new();
+    }
+    let mut counts = vec![0i32; world.size() as usize];
+    root.gather_into_root(&count, &mut counts[..]);
+    let displs: Vec<i32> = counts
+        .iter()
+        .scan(0, |at, &c| {
+            let d = *at;
+            *at += c;
+            Some(d)
+        })
+        .collect();
+    let mut all = vec![0u64; counts.iter().sum::<i32>() as usize];
+    root.gather_varcount_into_root(&mine[..], &mut mpi::datatype::PartitionMut::new(&mut all[..], &counts[..], &displs[..]));
+    all.chunks(EXPERT_FIELDS).map(|v| decode_expert(v, batch_index)).collect()
 }
 
 /// Numbers of a [`RankRecord`] as one f64 row, for gathering with MPI.
@@ -148,6 +186,7 @@ pub fn gather_batch<B: Backend>(be: &B, world: &SimpleCommunicator, run: &BatchR
     };
     let row = encode_rank(&rank);
     let lead = leader_to_root(world, facts.leader, run.leader.as_ref());
+    let experts = experts_to_root(world, &run.experts, b.index as u32);
     if me != 0 {
         root.gather_into(&row[..]);
         return None;
@@ -174,5 +213,5 @@ pub fn gather_batch<B: Backend>(be: &B, world: &SimpleCommunicator, run: &BatchR
         tokens: lead.tokens,
         flops: facts.flops,
     };
-    Some(GatheredBatch { batch, ranks, logits: lead.logits })
+    Some(GatheredBatch { batch, ranks, logits: lead.logits, experts })
 }

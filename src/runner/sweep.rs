@@ -342,7 +342,7 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                 let facts_b = BatchFacts { batch: b, shape, requested_batch: job.workload.batch_size, flops: batch_flops(cfg, shape), memory_estimate, leader: layout.leader, roles: &layout.roles };
                 if let Some(g) = gather_batch(be, &mpi_world, &run, &facts_b) {
                     if let Some(d) = &file {
-                        d.update(|f| f.append_batch(&name, &cat.name, &g.batch, &g.ranks)).map_err(results_error)?;
+                        d.update(|f| f.append_experts(&name, &cat.name, &g.experts).and_then(|_| f.append_batch(&name, &cat.name, &g.batch, &g.ranks))).map_err(results_error)?;
                     }
                     if let Some(p) = progress.as_mut() {
                         p.batch_done(&name, &cat.name, i as u64, plan.len() as u64, g.batch.total_tokens());

@@ -42,7 +42,9 @@ pub use crate::backend::Dtype;
 pub struct RunSpec {
     pub name: String,
     pub backend: BackendKind,
-    pub dtype: Dtype,
+    /// Element type on the GPU; default: the model preset's
+    /// ([`ModelSpec::default_dtype`]).
+    pub dtype: Option<Dtype>,
     /// Per-rank device memory budget (GiB); default: the device's memory.
     pub memory_budget_gib: Option<f64>,
     /// Run each category's first and last batches once, unrecorded and with
@@ -58,7 +60,7 @@ pub struct RunSpec {
 
 impl Default for RunSpec {
     fn default() -> Self {
-        Self { name: "job".into(), backend: BackendKind::Auto, dtype: Dtype::Bf16, memory_budget_gib: None, warmup: true, cuda_graphs: true }
+        Self { name: "job".into(), backend: BackendKind::Auto, dtype: None, memory_budget_gib: None, warmup: true, cuda_graphs: true }
     }
 }
 
@@ -73,6 +75,11 @@ pub struct ModelSpec {
     pub head_dim: Option<usize>,
     pub ffn: Option<usize>,
     pub ffn_kind: Option<FfnKind>,
+    /// Experts per layer (a mixture-of-experts FFN; a dense preset given
+    /// experts becomes one, with top 2 unless `top_k` says otherwise).
+    pub experts: Option<usize>,
+    /// Experts each token is routed to.
+    pub top_k: Option<usize>,
     pub vocab: Option<usize>,
     pub norm_eps: Option<f32>,
     pub max_seq_len: Option<usize>,
@@ -84,19 +91,45 @@ impl ModelSpec {
         let mut m = match self.preset.as_str() {
             "dense-4l" => ModelConfig::dense_4l(),
             "tiny" => ModelConfig::tiny(),
-            other => return Err(rule("model-preset-known", format!("unknown model preset `{other}` (known: dense-4l, tiny)"))),
+            "moe-16l" => ModelConfig::moe_16l(),
+            "tiny-moe" => ModelConfig::tiny_moe(),
+            other => return Err(rule("model-preset-known", format!("unknown model preset `{other}` (known: dense-4l, tiny, moe-16l, tiny-moe)"))),
         };
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { m.$f = v; } )* };
         }
         set!(layers, d_model, heads, head_dim, ffn, ffn_kind, vocab, norm_eps, max_seq_len, weights_seed);
+        if self.experts.is_some() || self.top_k.is_some() {
+            let was = m.experts.unwrap_or(crate::model::Experts { count: 0, top_k: 2 });
+            m.experts = Some(crate::model::Experts { count: self.experts.unwrap_or(was.count), top_k: self.top_k.unwrap_or(was.top_k) });
+        }
         if m.layers == 0 || m.d_model == 0 || m.heads == 0 || m.head_dim == 0 || m.ffn == 0 || m.vocab == 0 {
             return Err(rule("model-dims-positive", "layers, d_model, heads, head_dim, ffn and vocab must all be > 0"));
         }
         if m.d_model % 2 != 0 {
             return Err(rule("d-model-even", format!("d_model {} must be even (sin/cos position pairs)", m.d_model)));
         }
+        if let Some(e) = m.experts {
+            if e.count == 0 || e.top_k == 0 {
+                return Err(rule("experts-positive", format!("experts {} and top_k {} must both be > 0", e.count, e.top_k)));
+            }
+            if e.top_k > e.count {
+                return Err(rule("top-k-within-experts", format!("top_k {} exceeds the {} experts per layer", e.top_k, e.count)));
+            }
+            if m.ffn_kind != FfnKind::Gelu {
+                return Err(rule("experts-are-gelu", "experts are GELU FFNs (up, down): ffn_kind must be `gelu`"));
+            }
+        }
         Ok(m)
+    }
+
+    /// The element type a GPU run uses when `[run] dtype` is not given:
+    /// fp16 for the MoE presets (the MoE plan's), bf16 for the others.
+    pub fn default_dtype(&self) -> Dtype {
+        match self.preset.as_str() {
+            "moe-16l" | "tiny-moe" => Dtype::Fp16,
+            _ => Dtype::Bf16,
+        }
     }
 }
 
@@ -173,6 +206,13 @@ pub struct JobSpec {
     pub strategies: Vec<StrategySpec>,
 }
 
+impl JobSpec {
+    /// The element type on the GPU: `[run] dtype`, else the model preset's.
+    pub fn dtype(&self) -> Dtype {
+        self.run.dtype.unwrap_or_else(|| self.model.default_dtype())
+    }
+}
+
 /// Parses a TOML job after applying `key=value` overrides (dotted keys;
 /// numeric segments index arrays, e.g. `strategy.0.tp=4`).
 pub fn parse_job(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
@@ -199,5 +239,28 @@ mod tests {
         let vl = w.categories[3].resolved_lengths();
         assert_eq!((vl.len(), vl[0], *vl.last().unwrap()), (33, 32768, 65536));
         assert_eq!((w.sequences_per_category, w.output_tokens, w.batch_size), (1000, 128, 1024));
+    }
+
+    fn job_with(model: &str, run: &str) -> JobSpec {
+        parse_job(&format!("[run]\n{run}\n[model]\n{model}\n[[strategy]]\nkind = \"baseline\"\ntp = 1\npp = 1\n"), &[]).unwrap()
+    }
+
+    #[test]
+    fn the_moe_presets_run_in_fp16_unless_the_job_says_otherwise() {
+        assert_eq!(job_with("preset = \"moe-16l\"", "").dtype(), Dtype::Fp16);
+        assert_eq!(job_with("preset = \"dense-4l\"", "").dtype(), Dtype::Bf16);
+        assert_eq!(job_with("preset = \"moe-16l\"", "dtype = \"bf16\"").dtype(), Dtype::Bf16);
+    }
+
+    #[test]
+    fn top_k_larger_than_the_experts_is_refused() {
+        let err = job_with("preset = \"tiny-moe\"\ntop_k = 9", "").model.resolve().unwrap_err();
+        assert!(matches!(err, SpecError::Rule(ref v) if v.rule == "top-k-within-experts"), "{err}");
+    }
+
+    #[test]
+    fn a_dense_preset_given_experts_routes_to_two_of_them() {
+        let m = job_with("preset = \"tiny\"\nexperts = 4", "").model.resolve().unwrap();
+        assert_eq!(m.experts, Some(crate::model::Experts { count: 4, top_k: 2 }));
     }
 }

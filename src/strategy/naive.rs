@@ -28,6 +28,10 @@ pub fn generate_logits(cfg: &ModelConfig, prompts: &[u32], nseq: usize, s: usize
             let o = be.attention_prefill(&q, &k, &vv, shape)?.0;
             be.add_assign(&mut x, &be.matmul(&o, &w.full(Tensor::Out(l)), rows, a, d)?)?;
             let h = be.rmsnorm(&x, &w.full(Tensor::FfnNorm(l)), rows, d, cfg.norm_eps)?;
+            if cfg.experts.is_some() {
+                be.add_assign(&mut x, &experts_ffn(&be, &w, l, &h, rows)?)?;
+                continue;
+            }
             let mut up = be.matmul(&h, &w.full(Tensor::Up(l)), rows, d, f)?;
             let act = match cfg.ffn_kind {
                 FfnKind::Gelu => {
@@ -48,4 +52,40 @@ pub fn generate_logits(cfg: &ModelConfig, prompts: &[u32], nseq: usize, s: usize
         steps.push(be.matmul(&h, &w.full(Tensor::Head), nseq, d, v)?);
     }
     Ok(steps)
+}
+
+/// The mixture-of-experts FFN of layer `l` for `rows` normalised rows:
+/// each token's `top_k` most probable experts (ties to the lower index),
+/// their outputs summed by the probabilities renormalised over them.
+fn experts_ffn(be: &CpuBackend, w: &Weights, l: usize, h: &[f32], rows: usize) -> Result<Vec<f32>> {
+    let cfg = w.cfg;
+    let e = cfg.experts.expect("called for a model with experts");
+    let (d, f) = (cfg.d_model, cfg.ffn);
+    let logits = be.matmul(&h.to_vec(), &w.full(Tensor::Router(l)), rows, d, e.count)?;
+    // (token, weight) pairs routed to each expert.
+    let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e.count];
+    for t in 0..rows {
+        let row = &logits[t * e.count..(t + 1) * e.count];
+        let mut order: Vec<usize> = (0..e.count).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        let top = &order[..e.top_k];
+        let p: Vec<f32> = top.iter().map(|&x| (row[x] - row[top[0]]).exp()).collect();
+        let sum: f32 = p.iter().sum();
+        for (&x, px) in top.iter().zip(&p) {
+            routed[x].push((t, px / sum));
+        }
+    }
+    let mut out = vec![0.0f32; rows * d];
+    for (x, tokens) in routed.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+        let runs: Vec<RowRun> = tokens.iter().map(|&(t, _)| RowRun::new(t, 1)).collect();
+        let mut up = be.matmul(&be.gather_rows(&h.to_vec(), d, &runs)?, &w.full(Tensor::ExpertUp(l, x)), tokens.len(), d, f)?;
+        be.gelu(&mut up)?;
+        let y = be.matmul(&up, &w.full(Tensor::ExpertDown(l, x)), tokens.len(), f, d)?;
+        for (i, &(t, weight)) in tokens.iter().enumerate() {
+            for c in 0..d {
+                out[t * d + c] += weight * y[i * d + c];
+            }
+        }
+    }
+    Ok(out)
 }

@@ -75,6 +75,17 @@ pub const DECODE_BULK_STAGES: u32 = 3;
 /// per warp).
 pub const DECODE_COMBINE_MAX_WARPS: u32 = 8;
 
+/// The mixture-of-experts kernels (moe.cu): threads of the router (a warp
+/// per row), the most experts and the largest top-k it handles, the
+/// assignments per block of the count and place kernels and their
+/// threads, and the threads of the row kernels (a warp per row).
+pub const MOE_ROUTER_THREADS: u32 = 256;
+pub const MOE_MAX_EXPERTS: usize = 256;
+pub const MOE_MAX_TOP_K: usize = 8;
+pub const MOE_CHUNK: usize = 1024;
+pub const MOE_CHUNK_THREADS: u32 = 256;
+pub const MOE_ROWS_THREADS: u32 = 256;
+
 /// The `#define`s of the kernel sources the host relies on, with the
 /// values it uses (checked by the tests).
 #[cfg(test)]
@@ -104,6 +115,12 @@ pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
     ("DECODE_BULK_ROWS", DECODE_BULK_ROWS as u64),
     ("DECODE_BULK_STAGES", DECODE_BULK_STAGES as u64),
     ("DECODE_COMBINE_MAX_WARPS", DECODE_COMBINE_MAX_WARPS as u64),
+    ("MOE_ROUTER_THREADS", MOE_ROUTER_THREADS as u64),
+    ("MOE_MAX_EXPERTS", MOE_MAX_EXPERTS as u64),
+    ("MOE_MAX_TOP_K", MOE_MAX_TOP_K as u64),
+    ("MOE_CHUNK", MOE_CHUNK as u64),
+    ("MOE_CHUNK_THREADS", MOE_CHUNK_THREADS as u64),
+    ("MOE_ROWS_THREADS", MOE_ROWS_THREADS as u64),
 ];
 
 /// Dynamic shared memory of `prefill_general` for `head_dim` (the
@@ -336,6 +353,18 @@ kernel_args! {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
         sq: i32, skv: i32, kv_stride: i32, heads: i32, d: i32, q_offset: i32, scale_log2: f32,
     }
+    /// `router_top_k_*` (moe.cu): a warp per row, top `k` of `experts`.
+    RouterTopKArgs { logits: *const Storage, ids: *mut f32, weights: *mut f32, rows: u64, experts: i32, k: i32 }
+    /// `expert_count` (moe.cu): assignments per expert in each chunk.
+    ExpertCountArgs { ids: *const f32, counts: *mut i32, n: u64, experts: i32 }
+    /// `expert_offsets` (moe.cu): chunk ranks, expert totals and first rows.
+    ExpertOffsetsArgs { counts: *mut i32, totals: *mut i32, starts: *mut i32, chunks: i32, experts: i32, capacity: i32 }
+    /// `expert_place` (moe.cu): every assignment's slot, or -1 when dropped.
+    ExpertPlaceArgs { ids: *const f32, slots: *mut f32, counts: *const i32, starts: *const i32, n: u64, experts: i32, capacity: i32 }
+    /// `permute_rows` (moe.cu): token rows to their assignments' slots.
+    PermuteRowsArgs { out: *mut u8, x: *const u8, slots: *const f32, n: u64, k: i32, row_bytes: u64, kept: u64 }
+    /// `combine_rows_*` (moe.cu): expert rows summed into token rows by weight.
+    CombineRowsArgs { out: *mut Storage, y: *const Storage, slots: *const f32, weights: *const f32, rows: u64, k: i32, cols: u64, y_rows: u64 }
     /// `flash_fwd_d128_*` (flash.cu): head_dim [`FA_D`], bf16/f16.
     FlashArgs {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
@@ -496,6 +525,12 @@ kernels! {
     FLASH_SM90: FlashSm90Args = FlashSm90, typed_16bit!("flash_sm90_fwd_d128"), Block::Exactly(F3_THREADS), shared |_| F3_SMEM_BYTES;
     /// The same kernel with the exp2 flushing denormal results to zero.
     FLASH_SM90_FTZ: FlashSm90Args = FlashSm90, typed_16bit!("flash_sm90_ftz_fwd_d128"), Block::Exactly(F3_THREADS), shared |_| F3_SMEM_BYTES;
+    ROUTER_TOP_K: RouterTopKArgs = Moe, typed!("router_top_k"), Block::Exactly(MOE_ROUTER_THREADS);
+    EXPERT_COUNT: ExpertCountArgs = Moe, KernelNames::Untyped("expert_count"), Block::Exactly(MOE_CHUNK_THREADS);
+    EXPERT_OFFSETS: ExpertOffsetsArgs = Moe, KernelNames::Untyped("expert_offsets"), Block::Exactly(MOE_MAX_EXPERTS as u32);
+    EXPERT_PLACE: ExpertPlaceArgs = Moe, KernelNames::Untyped("expert_place"), Block::Exactly(MOE_CHUNK_THREADS);
+    PERMUTE_ROWS: PermuteRowsArgs = Moe, KernelNames::Untyped("permute_rows"), Block::Exactly(MOE_ROWS_THREADS);
+    COMBINE_ROWS: CombineRowsArgs = Moe, typed!("combine_rows"), Block::Exactly(MOE_ROWS_THREADS);
     ;
     flash: FLASH_W8, FLASH_W4, FLASH_W4M2
 }

@@ -36,11 +36,12 @@ pub enum KernelFile {
     Prefill,
     Flash,
     FlashSm90,
+    Moe,
 }
 
 impl KernelFile {
     /// Every kernel file, in the order `compile_all` loads them.
-    pub const ALL: [KernelFile; 10] = [
+    pub const ALL: [KernelFile; 11] = [
         KernelFile::Elementwise,
         KernelFile::Norm,
         KernelFile::Embed,
@@ -51,6 +52,7 @@ impl KernelFile {
         KernelFile::Prefill,
         KernelFile::Flash,
         KernelFile::FlashSm90,
+        KernelFile::Moe,
     ];
 
     /// The file's name under `kernels/`.
@@ -66,6 +68,7 @@ impl KernelFile {
             KernelFile::Prefill => "prefill.cu",
             KernelFile::Flash => "flash.cu",
             KernelFile::FlashSm90 => "flash_sm90.cu",
+            KernelFile::Moe => "moe.cu",
         }
     }
 
@@ -81,6 +84,7 @@ impl KernelFile {
             KernelFile::Prefill => include_str!("../../../kernels/prefill.cu"),
             KernelFile::Flash => include_str!("../../../kernels/flash.cu"),
             KernelFile::FlashSm90 => include_str!("../../../kernels/flash_sm90.cu"),
+            KernelFile::Moe => include_str!("../../../kernels/moe.cu"),
         }
     }
 

@@ -65,7 +65,7 @@ pub(super) fn freq_table(be: &CudaBackend, d: usize) -> Result<u64> {
 }
 
 /// The cuBLAS element type of a dtype.
-fn cuda_data_type(d: Dtype) -> cudaDataType {
+pub(super) fn cuda_data_type(d: Dtype) -> cudaDataType {
     match d {
         Dtype::Bf16 => cudaDataType::CUDA_R_16BF,
         Dtype::Fp16 => cudaDataType::CUDA_R_16F,

@@ -5,7 +5,9 @@
 //! - `rows`: splitting, gathering and scattering rows;
 //! - `step`: the decode step's scalars and the operations that read them;
 //! - [`prefill`]: causal prefill attention and its kernel variants;
-//! - `decode`: split-KV decode attention and the merge of partial results.
+//! - `decode`: split-KV decode attention and the merge of partial results;
+//! - `experts`: the mixture-of-experts routing, permutation, combine and
+//!   grouped GEMM.
 //!
 //! Each operation checks its buffers against its shape, allocates its
 //! outputs, picks the kernel and its grid, and launches it; the checks here
@@ -15,6 +17,7 @@
 
 mod decode;
 mod dense;
+mod experts;
 pub mod prefill;
 mod rows;
 mod step;
@@ -147,6 +150,24 @@ impl Backend for CudaBackend {
     }
     fn argmax(&self, logits: &CudaBuf, rows: usize, cols: usize) -> Result<Vec<u32>> {
         dense::argmax(self, logits, rows, cols)
+    }
+
+    fn router_top_k(&self, logits: &CudaBuf, rows: usize, experts: usize, k: usize) -> Result<(CudaBuf, CudaBuf)> {
+        experts::router_top_k(self, logits, rows, experts, k)
+    }
+    /// Four launches and one read of the expert totals (a synchronisation).
+    fn expert_slots(&self, ids: &CudaBuf, assignments: usize, experts: usize, capacity: Option<usize>) -> Result<(CudaBuf, Vec<usize>)> {
+        experts::expert_slots(self, ids, assignments, experts, capacity)
+    }
+    fn permute_to_experts(&self, x: &CudaBuf, cols: usize, slots: &CudaBuf, rows: usize, k: usize, kept: usize) -> Result<CudaBuf> {
+        experts::permute_to_experts(self, x, cols, slots, rows, k, kept)
+    }
+    fn combine_from_experts(&self, y: &CudaBuf, cols: usize, slots: &CudaBuf, weights: &CudaBuf, rows: usize, k: usize) -> Result<CudaBuf> {
+        experts::combine_from_experts(self, y, cols, slots, weights, rows, k)
+    }
+    /// One cuBLAS GEMM per non-empty group.
+    fn grouped_matmul(&self, x: &CudaBuf, w: &CudaBuf, groups: &[usize], k: usize, n: usize) -> Result<CudaBuf> {
+        experts::grouped_matmul(self, x, w, groups, k, n)
     }
 
     fn set_step(&self, vars: &StepVars) -> Result<()> {
