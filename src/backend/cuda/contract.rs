@@ -71,6 +71,9 @@ pub const F3_SMEM_BYTES: u32 = 5 * 2 * F3_HALF_BYTES + 8 * 9 + 1024;
 /// ring (decode.cu's `DECODE_BULK_*`).
 pub const DECODE_BULK_ROWS: u32 = 4;
 pub const DECODE_BULK_STAGES: u32 = 3;
+/// Half the largest head_dim `split_qkv_rope` rotates (its shared tables
+/// of cosines and sines).
+pub const ROPE_MAX_HALF: u32 = 128;
 /// The most warps `decode_combine` takes (its shared arrays hold one entry
 /// per warp).
 pub const DECODE_COMBINE_MAX_WARPS: u32 = 8;
@@ -104,6 +107,7 @@ pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
     ("DECODE_BULK_ROWS", DECODE_BULK_ROWS as u64),
     ("DECODE_BULK_STAGES", DECODE_BULK_STAGES as u64),
     ("DECODE_COMBINE_MAX_WARPS", DECODE_COMBINE_MAX_WARPS as u64),
+    ("ROPE_MAX_HALF", ROPE_MAX_HALF as u64),
 ];
 
 /// Dynamic shared memory of `prefill_general` for `head_dim` (the
@@ -291,13 +295,22 @@ kernel_args! {
     GeluArgs { x: *mut Storage, n: u64 }
     /// `gelu_mul_*` (elementwise.cu): `gate = gelu(gate) * up`.
     GeluMulArgs { gate: *mut Storage, up: *const Storage, n: u64 }
+    /// `silu_mul_*` (elementwise.cu): `gate = silu(gate) * up`.
+    SiluMulArgs { gate: *mut Storage, up: *const Storage, n: u64 }
+    /// `split_qkv_rope_*` (elementwise.cu): fused QKV rows into q, k, v with
+    /// q and k rotated; positions from the step scalars (`step` non-null) or
+    /// from up to two segments per sequence.
+    SplitQkvRopeArgs {
+        q: *mut Storage, k: *mut Storage, v: *mut Storage, qkv: *const Storage, inv_freq: *const f64, step: *const i32,
+        rows: u64, q_width: i32, kv_width: i32, head_dim: i32, per_seq: i32, seg0_start: i32, seg0_len: i32, seg1_start: i32,
+    }
     /// `add_*` (elementwise.cu): `x += y`.
     AddArgs { x: *mut Storage, y: *const Storage, n: u64 }
     /// `fill_uniform_*` (elementwise.cu): uniform values in `[-scale, scale)` from `seed`.
     FillUniformArgs { x: *mut Storage, n: u64, seed: u64, scale: f32 }
     /// `rmsnorm_*` (norm.cu): one block per row.
     RmsnormArgs { out: *mut Storage, x: *const Storage, w: *const Storage, rows: u64, cols: u64, eps: f32 }
-    /// `embed_*` (embed.cu): token rows plus sinusoids, `n` positions per sequence from `pos0`.
+    /// `embed_*` (embed.cu): token rows plus sinusoids, `n` positions per sequence from `pos0` (no sinusoid where `freq` is null).
     EmbedArgs { out: *mut Storage, table: *const Storage, tokens: *const u32, freq: *const f64, rows: u64, d: u64, n: u64, pos0: u64 }
     /// `embed_step_*` (embed.cu): tokens and position from the step scalars.
     EmbedStepArgs { out: *mut Storage, table: *const Storage, step: *const i32, freq: *const f64, rows: u64, d: u64 }
@@ -316,37 +329,37 @@ kernel_args! {
     /// `decode_partial_*` (decode.cu): one split-KV chunk per block, any head_dim.
     DecodePartialArgs {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
-        cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, tpr: i32, chunk: i32, scale_log2: f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, tpr: i32, chunk: i32, scale_log2: f32,
     }
     /// `decode_rows_*` (decode.cu): whole cache rows of `hg` heads per block.
     DecodeRowsArgs {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
-        cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
     }
     /// `decode_bulk_*` (decode.cu, sm_90 and newer): `decode_rows` fed by
     /// bulk copies into a ring of shared-memory stages, a producer warp more.
     DecodeBulkArgs {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
-        cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
     }
     /// `decode_combine_*` (decode.cu): merges the chunks by their log-sum-exp.
     DecodeCombineArgs { part_o: *const f32, part_lse: *const f32, out: *mut Storage, lse: *mut f32, nsplit: i32, heads: i32, d: i32 }
     /// `prefill_general_*` (prefill.cu).
     PrefillGeneralArgs {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
-        sq: i32, skv: i32, kv_stride: i32, heads: i32, d: i32, q_offset: i32, scale_log2: f32,
+        sq: i32, skv: i32, kv_stride: i32, heads: i32, kv_heads: i32, d: i32, q_offset: i32, scale_log2: f32,
     }
     /// `flash_fwd_d128_*` (flash.cu): head_dim [`FA_D`], bf16/f16.
     FlashArgs {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
-        sq: i32, skv: i32, kv_stride: i32, heads: i32, q_offset: i32, scale_log2: f32,
+        sq: i32, skv: i32, kv_stride: i32, heads: i32, kv_heads: i32, q_offset: i32, scale_log2: f32,
     }
     /// `flash_sm90_fwd_d128_*` and `flash_sm90_ftz_fwd_d128_*` (flash_sm90.cu,
     /// sm_90a): head_dim [`F3_D`], bf16/f16, Q, K and V read through tensor
     /// maps (K and V with the cache's sequence stride).
     FlashSm90Args {
         tq: TensorMap, tk: TensorMap, tv: TensorMap, out: *mut Storage, lse: *mut f32,
-        sq: i32, skv: i32, heads: i32, q_offset: i32, scale_log2: f32,
+        sq: i32, skv: i32, heads: i32, kv_heads: i32, q_offset: i32, scale_log2: f32,
     }
 }
 
@@ -474,6 +487,8 @@ macro_rules! kernels {
 kernels! {
     GELU: GeluArgs = Elementwise, typed!("gelu"), Block::Any;
     GELU_MUL: GeluMulArgs = Elementwise, typed!("gelu_mul"), Block::Any;
+    SILU_MUL: SiluMulArgs = Elementwise, typed!("silu_mul"), Block::Any;
+    SPLIT_QKV_ROPE: SplitQkvRopeArgs = Elementwise, typed!("split_qkv_rope"), Block::Any;
     ADD: AddArgs = Elementwise, typed!("add"), Block::Any;
     FILL_UNIFORM: FillUniformArgs = Elementwise, typed!("fill_uniform"), Block::Any;
     RMSNORM: RmsnormArgs = Norm, typed!("rmsnorm"), Block::AtMost(RMSNORM_THREADS);
