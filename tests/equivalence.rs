@@ -456,3 +456,76 @@ fn option_matrix(device: Device, base: usize, pool: usize) {
 per_device!(fapool_options_on_base1_pool1, 2, |device: Device| option_matrix(device, 1, 1));
 per_device!(fapool_options_on_base2_pool2, 4, |device: Device| option_matrix(device, 2, 2));
 per_device!(fapool_options_on_base2_pool4, 6, |device: Device| option_matrix(device, 2, 4));
+
+/// The tiny model as a Llama: 8 query heads over 2 K/V heads of 8, rotary
+/// positions and a SwiGLU FFN (seeded weights).
+fn grouped_rope_header() -> String {
+    tiny_job_header(4, 5).replace("preset = \"tiny\"", "preset = \"tiny\"\nheads = 8\nkv_heads = 2\nhead_dim = 8\npositions = \"rope\"\nffn_kind = \"swiglu\"")
+}
+
+per_device!(grouped_rope_swiglu_layouts_on_four_ranks, 4, |device: Device| {
+    // TP 2 splits the K/V heads; TP 4 replicates each on 2 ranks.
+    let t = verify_job(
+        device,
+        4,
+        "gqa4",
+        &grouped_rope_header(),
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 4
+pp = 1
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 2
+[[strategy]]
+kind = "fapool"
+name = "b2p2-zigzag-chunks2"
+base = 2
+pool_max = 2
+partition = "zigzag"
+chunks = 2
+micro_batches = 2
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b1p3-attention-tree"
+base = 1
+pool_max = 3
+pool_ops = "attention"
+aggregation = "tree"
+{FAPOOL}
+"#
+        ),
+    );
+    assert!(rows(&t, "b2p2-zigzag-chunks2").iter().any(|&(_, p)| p == 2), "{t}");
+    assert!(rows(&t, "b1p3-attention-tree").iter().any(|&(_, p)| p == 3), "{t}");
+});
+
+per_device!(grouped_rope_swiglu_layouts_on_eight_ranks, 8, |device: Device| {
+    // TP 8 over 2 K/V heads: each K/V head on 4 ranks.
+    let t = verify_job(
+        device,
+        8,
+        "gqa8",
+        &grouped_rope_header(),
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 8
+pp = 1
+[[strategy]]
+kind = "fapool"
+name = "b4p4"
+base = 4
+pool_max = 4
+partition = "contiguous"
+{FAPOOL}
+"#
+        ),
+    );
+    assert!(rows(&t, "b4p4").iter().any(|&(_, p)| p == 4), "{t}");
+});
