@@ -5,9 +5,12 @@
 // merges the chunks by their log-sum-exp. Memory-bound: every cache element
 // is read once, with 16-byte loads.
 //
-// Layout: q is [nseq, heads * d]; the caches are [nseq, cap, heads * d]. A
-// row of one head is handled by `tpr` threads (a power of two <= 32) of eight
-// elements each, so d <= 256 and eight-element runs past d read as zero.
+// Layout: q is [nseq, heads * d]; the caches are [nseq, cap, kv_heads * d],
+// and query head h reads K/V head h / (heads / kv_heads) (grouped-query
+// attention: the query heads of a group read the same cache rows, which
+// the caches serve once). A row of one head is handled by `tpr` threads (a
+// power of two <= 32) of eight elements each, so d <= 256 and
+// eight-element runs past d read as zero.
 //
 // With a non-null `len_ptr` the length is read from device memory (the
 // decode step's scalars) and the grid is laid out for `cap` rows: chunks
@@ -19,8 +22,8 @@
 
 template <typename T>
 __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,
-                                    int cap, int len, const int* len_ptr, int heads, int d, int tpr, int chunk,
-                                    float scale_log2) {
+                                    int cap, int len, const int* len_ptr, int heads, int kv_heads, int d, int tpr,
+                                    int chunk, float scale_log2) {
     if (len_ptr) len = min(*len_ptr, cap);
     // Per-group (m, l) and accumulators, for the block-level merge at the end.
     __shared__ float s_m[DECODE_THREADS];
@@ -34,6 +37,8 @@ __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float*
     int c0 = sub * 8;
     int valid = d - c0;  // elements of this thread's run that exist (may be <= 0)
     u64 width = (u64)heads * d;
+    u64 kv_width = (u64)kv_heads * d;
+    int hk = h / (heads / kv_heads);
 
     float qv[8];
     if (valid > 0) {
@@ -47,8 +52,8 @@ __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float*
 
     int start = split * chunk;
     int end = min(len, start + chunk);
-    const T* kbase = kc + (u64)n * cap * width + (u64)h * d + c0;
-    const T* vbase = vc + (u64)n * cap * width + (u64)h * d + c0;
+    const T* kbase = kc + (u64)n * cap * kv_width + (u64)hk * d + c0;
+    const T* vbase = vc + (u64)n * cap * kv_width + (u64)hk * d + c0;
 
     float m = FAPOOL_NEG_INF, l = 0.0f;
     float acc[8];
@@ -65,8 +70,8 @@ __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float*
         for (int u = 0; u < DECODE_UNROLL; ++u) {
             int j = base + g + u * groups;
             if (j < end && valid > 0) {
-                load8_guarded(kbase + (u64)j * width, valid, kv[u]);
-                load8_guarded(vbase + (u64)j * width, valid, vv[u]);
+                load8_guarded(kbase + (u64)j * kv_width, valid, kv[u]);
+                load8_guarded(vbase + (u64)j * kv_width, valid, vv[u]);
             } else {
 #pragma unroll
                 for (int i = 0; i < 8; ++i) kv[u][i] = vv[u][i] = 0.0f;
@@ -141,8 +146,8 @@ __device__ void decode_partial_impl(const T* q, const T* kc, const T* vc, float*
 // one head for the whole chunk, so no merge inside the block is needed.
 template <typename T>
 __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,
-                                 int cap, int len, const int* len_ptr, int heads, int d, int hg, int chunk,
-                                 float scale_log2) {
+                                 int cap, int len, const int* len_ptr, int heads, int kv_heads, int d, int hg,
+                                 int chunk, float scale_log2) {
     if (len_ptr) len = min(*len_ptr, cap);
     int split = blockIdx.x, n = blockIdx.z;
     int nsplit = gridDim.x;
@@ -152,6 +157,8 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
     int hh = live ? h : heads - 1;  // out-of-range heads shadow the last one; their results are dropped
     int c0 = (threadIdx.x % tpr) * 8;
     u64 width = (u64)heads * d;
+    u64 kv_width = (u64)kv_heads * d;
+    int hk = hh / (heads / kv_heads);
 
     float qv[8];
     load8(q + (u64)n * width + (u64)hh * d + c0, qv);
@@ -160,8 +167,8 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
 
     int start = split * chunk;
     int end = min(len, start + chunk);
-    const T* kp = kc + (u64)n * cap * width + (u64)hh * d + c0;
-    const T* vp = vc + (u64)n * cap * width + (u64)hh * d + c0;
+    const T* kp = kc + (u64)n * cap * kv_width + (u64)hk * d + c0;
+    const T* vp = vc + (u64)n * cap * kv_width + (u64)hk * d + c0;
 
     float m = FAPOOL_NEG_INF, l = 0.0f, acc[8];
 #pragma unroll
@@ -172,8 +179,8 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
 #pragma unroll
         for (int u = 0; u < DECODE_ROWS_UNROLL; ++u) {
             if (j + u < end) {
-                rk[u] = ld_stream8(kp + (u64)(j + u) * width);
-                rv[u] = ld_stream8(vp + (u64)(j + u) * width);
+                rk[u] = ld_stream8(kp + (u64)(j + u) * kv_width);
+                rv[u] = ld_stream8(vp + (u64)(j + u) * kv_width);
             } else {
                 zero8(rk[u]);
                 zero8(rv[u]);
@@ -220,7 +227,8 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
 // V per stage, one cp.async.bulk per row and tensor) into a ring of
 // DECODE_BULK_STAGES shared-memory stages, each completing on an mbarrier;
 // the other hg * tpr threads compute exactly as decode_rows does, reading the
-// rows from shared memory, and free a stage per warp on a second mbarrier as
+// rows from shared memory (a row's slot holds the K/V heads the block's
+// query heads read, each once), and free a stage per warp on a second mbarrier as
 // soon as they hold its rows in registers. The copy engine keeps up to
 // STAGES x ROWS x 2 rows (192 KiB for 32 x 128 in bf16) in flight per SM
 // whatever the threads are doing; decode_rows holds 8 rows in registers and
@@ -285,19 +293,24 @@ __device__ __forceinline__ uint4 dq_ld_shared16(unsigned addr) {
     (DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * (hg) * (d) * (elem) + 16 * DECODE_BULK_STAGES)
 template <typename T>
 __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse, int cap,
-                                 int len, const int* len_ptr, int heads, int d, int hg, int chunk, float scale_log2) {
+                                 int len, const int* len_ptr, int heads, int kv_heads, int d, int hg, int chunk,
+                                 float scale_log2) {
     extern __shared__ __align__(128) unsigned char dq_ring[];
     if (len_ptr) len = min(*len_ptr, cap);
     const int split = blockIdx.x, n = blockIdx.z, nsplit = gridDim.x;
     const int tpr = d / 8;
     const int h0 = blockIdx.y * hg;
     const int group_heads = min(hg, heads - h0);
+    const int gsize = heads / kv_heads;  // query heads per K/V head
+    // The K/V heads of the block's query heads: kv0 .. kv0 + nkv - 1 (nkv <= hg).
+    const int kv0 = h0 / gsize, nkv = (h0 + group_heads - 1) / gsize + 1 - kv0;
     const unsigned row_bytes = (unsigned)(hg * d * sizeof(T));  // one row's slot in a stage
-    const unsigned seg = (unsigned)(group_heads * d * sizeof(T));  // bytes copied per row
+    const unsigned seg = (unsigned)(nkv * d * sizeof(T));  // bytes copied per row
     const unsigned stage_bytes = 2 * DECODE_BULK_ROWS * row_bytes;
     const unsigned ring = dq_smem(dq_ring);
     const unsigned bars = ring + DECODE_BULK_STAGES * stage_bytes;  // full[s], then empty[s]
     const u64 width = (u64)heads * d;
+    const u64 kv_width = (u64)kv_heads * d;
     const int start = split * chunk, end = min(len, start + chunk);
     const int nbatch = end > start ? (end - start + DECODE_BULK_ROWS - 1) / DECODE_BULK_ROWS : 0;
     if (threadIdx.x == 0) {
@@ -311,8 +324,8 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     if (threadIdx.x < 32) {
         if (threadIdx.x == 0) {
             bool ok = true;
-            const T* kb = kc + (u64)n * cap * width + (u64)h0 * d;
-            const T* vb = vc + (u64)n * cap * width + (u64)h0 * d;
+            const T* kb = kc + (u64)n * cap * kv_width + (u64)kv0 * d;
+            const T* vb = vc + (u64)n * cap * kv_width + (u64)kv0 * d;
             for (int b = 0; b < nbatch; ++b) {
                 const int s = b % DECODE_BULK_STAGES, round = b / DECODE_BULK_STAGES;
                 dq_bar_wait(bars + 8 * (DECODE_BULK_STAGES + s), (round & 1) ^ 1, ok);
@@ -320,8 +333,8 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
                 const unsigned full = bars + 8 * s, dst = ring + s * stage_bytes;
                 dq_bar_expect(full, 2 * rows * seg);
                 for (int r = 0; r < rows; ++r) {
-                    dq_bulk_copy(dst + r * row_bytes, kb + (u64)(j0 + r) * width, seg, full);
-                    dq_bulk_copy(dst + (DECODE_BULK_ROWS + r) * row_bytes, vb + (u64)(j0 + r) * width, seg, full);
+                    dq_bulk_copy(dst + r * row_bytes, kb + (u64)(j0 + r) * kv_width, seg, full);
+                    dq_bulk_copy(dst + (DECODE_BULK_ROWS + r) * row_bytes, vb + (u64)(j0 + r) * kv_width, seg, full);
                 }
             }
         }
@@ -341,7 +354,7 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     float m = FAPOOL_NEG_INF, l = 0.0f, acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    const unsigned my = (unsigned)((hq * d + c0) * sizeof(T));
+    const unsigned my = (unsigned)(((h / gsize - kv0) * d + c0) * sizeof(T));  // this head's K/V in a row's slot
     for (int b = 0; b < nbatch; ++b) {
         const int s = b % DECODE_BULK_STAGES, round = b / DECODE_BULK_STAGES;
         dq_bar_wait(bars + 8 * s, round & 1, ok);
@@ -489,16 +502,16 @@ __device__ void decode_combine_impl(const float* part_o, const float* part_lse, 
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                   \
         decode_partial_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o,               \
                                 float* part_lse, int cap, int len, const int* len_ptr, int heads,  \
-                                int d, int tpr, int chunk, float scale_log2) {                     \
-        decode_partial_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, d, tpr,      \
-                               chunk, scale_log2);                                                 \
+                                int kv_heads, int d, int tpr, int chunk, float scale_log2) {       \
+        decode_partial_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, kv_heads, d, \
+                               tpr, chunk, scale_log2);                                            \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(DECODE_ROWS_THREADS)                              \
         decode_rows_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,  \
-                             int cap, int len, const int* len_ptr, int heads, int d, int hg,        \
-                             int chunk, float scale_log2) {                                         \
-        decode_rows_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, d, hg, chunk,   \
-                            scale_log2);                                                           \
+                             int cap, int len, const int* len_ptr, int heads, int kv_heads, int d,  \
+                             int hg, int chunk, float scale_log2) {                                 \
+        decode_rows_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, kv_heads, d, hg, \
+                            chunk, scale_log2);                                                    \
     }                                                                                              \
     extern "C" __global__ void decode_combine_##SUFFIX(const float* part_o, const float* part_lse, \
                                                        T* out, float* lse, int nsplit, int heads,  \
@@ -514,10 +527,10 @@ FAPOOL_FOR_EACH_TYPE(DECODE)
 #define DECODE_BULK(T, SUFFIX)                                                                         \
     extern "C" __global__ void __launch_bounds__(32 + DECODE_ROWS_THREADS, 1)                          \
         decode_bulk_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,     \
-                             int cap, int len, const int* len_ptr, int heads, int d, int hg,            \
-                             int chunk, float scale_log2) {                                             \
-        decode_bulk_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, d, hg, chunk,      \
-                            scale_log2);                                                                \
+                             int cap, int len, const int* len_ptr, int heads, int kv_heads, int d,      \
+                             int hg, int chunk, float scale_log2) {                                     \
+        decode_bulk_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, kv_heads, d, hg,   \
+                            chunk, scale_log2);                                                         \
     }
 DECODE_BULK(bf16, bf16)
 DECODE_BULK(f16, f16)

@@ -1,4 +1,5 @@
-// Token embedding plus sinusoidal absolute positions. The frequencies come
+// Token embedding plus sinusoidal absolute positions (none where `freq` is
+// null: models with rotary positions rotate q and k instead). The frequencies come
 // from the host (computed in f64 exactly as the CPU reference does), and the
 // angle and its sine are taken in f64: at positions of tens of thousands an
 // f32 angle would be off by several milliradians.
@@ -14,8 +15,11 @@ __device__ void embed_impl(T* out, const T* table, const unsigned* tokens, const
         u64 tok = tokens[row];
         double pos = (double)(pos0 + row % n);
         for (u64 c = threadIdx.x; c < d; c += blockDim.x) {
-            double angle = pos * freq[c / 2];
-            float enc = (float)((c % 2 == 0) ? sin(angle) : cos(angle));
+            float enc = 0.0f;
+            if (freq) {
+                double angle = pos * freq[c / 2];
+                enc = (float)((c % 2 == 0) ? sin(angle) : cos(angle));
+            }
             out[row * d + c] = from_f32<T>(to_f32(table[tok * d + c]) + enc);
         }
     }

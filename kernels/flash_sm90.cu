@@ -30,7 +30,9 @@
 //
 // Tensor maps (built on the host with cuTensorMapEncodeTiled, passed by value
 // as __grid_constant__ parameters) see Q as [nseq][sq][heads][128] and K, V as
-// [nseq][skv][heads][128] with a sequence stride of kv_seq_stride rows, so
+// [nseq][skv][kv_heads][128] with a sequence stride of kv_seq_stride rows
+// (query head h loads K/V head h / (heads / kv_heads): grouped-query
+// attention is a coordinate of the K/V loads, nothing more), so
 // rows past sq or skv of a sequence read as zeros. The box is 64 columns (128
 // bytes, the 128-byte swizzle's span) by 128 rows: each tile arrives as two
 // 16 KiB halves (columns 0-63, 64-127), each a stack of 8-row, 1 KiB swizzle
@@ -360,19 +362,19 @@ __device__ __forceinline__ int tile_of(int i, int n_tiles) { return F3_ASCENDING
 // The producer thread: Q, then K of every tile, each tile's V one step later
 // (the consumers need tile i's K before tile i-1's V).
 __device__ __forceinline__ void f3_produce(const F3Smem& sm, const TensorMap* tq, const TensorMap* tk,
-                                           const TensorMap* tv, int m0, int h, int n, int n_tiles) {
+                                           const TensorMap* tv, int m0, int h, int hk, int n, int n_tiles) {
     bool ok = true;
     tma_load_tile(sm.q, tq, sm.q_full(), h, m0, n);
     for (int i = 0; i <= n_tiles; ++i) {
         if (i < n_tiles) {
             const int stage = i % F3_STAGES, round = i / F3_STAGES;
             mbar_wait(sm.k_empty(stage), (round & 1) ^ 1, ok);
-            tma_load_tile(sm.k_tile(stage), tk, sm.k_full(stage), h, tile_of(i, n_tiles) * F3_BN, n);
+            tma_load_tile(sm.k_tile(stage), tk, sm.k_full(stage), hk, tile_of(i, n_tiles) * F3_BN, n);
         }
         if (i > 0) {
             const int j = i - 1, stage = j % F3_STAGES, round = j / F3_STAGES;
             mbar_wait(sm.v_empty(stage), (round & 1) ^ 1, ok);
-            tma_load_tile(sm.v_tile(stage), tv, sm.v_full(stage), h, tile_of(j, n_tiles) * F3_BN, n);
+            tma_load_tile(sm.v_tile(stage), tv, sm.v_full(stage), hk, tile_of(j, n_tiles) * F3_BN, n);
         }
     }
 }
@@ -493,7 +495,7 @@ __device__ __forceinline__ void f3_consume(const F3Smem& sm, int cw, T* __restri
 template <typename T, bool FTZ>
 __device__ __forceinline__ void flash_sm90_fwd(const TensorMap* tq, const TensorMap* tk, const TensorMap* tv,
                                                T* __restrict__ out, float* __restrict__ lse, int sq, int skv,
-                                               int heads, int q_offset, float scale_log2) {
+                                               int heads, int kv_heads, int q_offset, float scale_log2) {
     extern __shared__ unsigned char f3_smem[];
     F3Smem sm;
     sm.q = (cta_addr(f3_smem) + 1023u) & ~1023u;
@@ -524,7 +526,7 @@ __device__ __forceinline__ void flash_sm90_fwd(const TensorMap* tq, const Tensor
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-        if (threadIdx.x == 0 && n_tiles > 0) f3_produce(sm, tq, tk, tv, m0, h, n, n_tiles);
+        if (threadIdx.x == 0 && n_tiles > 0) f3_produce(sm, tq, tk, tv, m0, h, h / (heads / kv_heads), n, n_tiles);
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
         f3_consume<T, FTZ>(sm, wg - 1, out, lse, sq, skv, heads, q_offset, scale_log2, m0, h, n, n_tiles);
@@ -537,8 +539,8 @@ __device__ __forceinline__ void flash_sm90_fwd(const TensorMap* tq, const Tensor
     extern "C" __global__ void __launch_bounds__(F3_THREADS, 1)                                             \
         NAME##_fwd_d128_##SUFFIX(const __grid_constant__ TensorMap tq, const __grid_constant__ TensorMap tk, \
                                  const __grid_constant__ TensorMap tv, T* out, float* lse, int sq, int skv,  \
-                                 int heads, int q_offset, float scale_log2) {                               \
-        flash_sm90_fwd<T, FTZ>(&tq, &tk, &tv, out, lse, sq, skv, heads, q_offset, scale_log2);              \
+                                 int heads, int kv_heads, int q_offset, float scale_log2) {                 \
+        flash_sm90_fwd<T, FTZ>(&tq, &tk, &tv, out, lse, sq, skv, heads, kv_heads, q_offset, scale_log2);    \
     }
 
 FLASH_SM90(bf16, bf16, flash_sm90, false)

@@ -21,7 +21,9 @@
 # (a traced one-GPU run), moe (moe-16l with EP = 1 on one GPU over
 # jobs/moe.toml with 32 sequences per category and 32 output tokens,
 # analysed; then one MoE layer in PyTorch and in fapool at the same shapes,
-# `bench moe` giving the ratio).
+# `bench moe` giving the ratio), llama (Llama 3 8B's shapes with 4 of its
+# layers on one GPU, prefill and decode, and the PyTorch reference at the
+# same shapes: jobs/gpu-1-llama.toml, torch_reference.py llama).
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 B=${B:-target/release/fapool}
@@ -90,6 +92,12 @@ for s in $steps; do
         # point, ALLREDUCE_GBS: all-reduce algorithm bandwidth at 256 MiB).
         TAILN=70 step bench-sides timeout 300 "$B" bench sides --seq 32768,65536 --chunks 1,4,8 --iters 5 \
             --link-gbs "${LINK_GBS:-360}" --allreduce-gbs "${ALLREDUCE_GBS:-270}" --out "$OUT/bench-sides.h5"
+        ;;
+    llama)
+        # Llama 3 8B's shapes (GQA 32/8, RoPE, SwiGLU, vocab 128256), 4 of 32 layers, bf16.
+        step llama timeout 150 mpirun -np 1 "$B" run jobs/gpu-1-llama.toml --out "$OUT/llama.h5"
+        TAILN=60 step llama-analyze "$B" analyze "$OUT/llama.h5"
+        step torch-llama timeout 120 python3 scripts/torch_reference.py llama --layers 4 --out "$L/torch-llama.json"
         ;;
     trace)
         # A traced one-GPU run: the compute track of every operation from CUDA events.

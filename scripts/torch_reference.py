@@ -9,6 +9,7 @@ step (CUDA graph), and, under a 2-process launch, NCCL collectives through
 torch.distributed.
 
     python3 scripts/torch_reference.py kernels --out ref.json [--compile] [--no-model | --model-only] [--no-decode-step]
+    python3 scripts/torch_reference.py llama --out ref-llama.json [--layers 4]
     mpirun -np 2 python3 scripts/torch_reference.py nccl --out ref-nccl.json
     python3 scripts/torch_reference.py moe --out ref-moe.json
 
@@ -20,6 +21,11 @@ one GEMM per expert up, GELU (tanh), one GEMM per expert down, and the
 weighted sum back into the tokens; random weights, the same token counts.
 `moe_layer_T<tokens>_ms` is the faster of the per-expert loop and, where
 this PyTorch has it, torch._grouped_mm (both are written down too).
+
+`llama`: Llama 3 8B's shapes (32 query and 8 K/V heads of 128, SwiGLU FFN
+14336, RoPE theta 500000, vocab 128256) with `--layers` of its layers, in
+bf16: prefill (SDPA with enable_gqa, causal) and a decode step with a KV
+cache captured as a CUDA graph, at the shapes of jobs/gpu-1-llama.toml.
 
 Medians of CUDA-event timings after warm-up, on random data. FLOP counting:
 attention 4*B*H*S^2*D (halved for causal); the model 2*tokens*params(layers)
@@ -242,6 +248,90 @@ def moe(out, tokens=(128, 4096, 16384, 65536)):
         print(f"{k_}: {v_}")
 
 
+def llama(out, layers=4):
+    """Llama 3 8B's shapes with `layers` layers in bf16 (jobs/gpu-1-llama.toml's model)."""
+    dev, dt = "cuda", torch.bfloat16
+    L, D, H, KV, Dh, Fd, V, theta, eps = layers, 4096, 32, 8, 128, 14336, 128256, 500000.0, 1e-5
+    g = torch.Generator(device=dev).manual_seed(0)
+    mk = lambda *s: (torch.rand(*s, device=dev, generator=g, dtype=torch.float32) * 2 - 1).to(dt) * (3.0 / s[0]) ** 0.5
+    ones = lambda: torch.ones(D, device=dev, dtype=dt)
+    P = [dict(qkv=mk(D, (H + 2 * KV) * Dh), o=mk(H * Dh, D), gate=mk(D, Fd), up=mk(D, Fd), down=mk(Fd, D), n1=ones(), n2=ones()) for _ in range(L)]
+    emb, head, nf = mk(V, D), mk(D, V), ones()
+    inv = 1.0 / theta ** (torch.arange(0, Dh, 2, device=dev, dtype=torch.float32) / Dh)
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "layers": L}
+
+    def rope(x, pos):
+        # x [b, h, s, dh]; Hugging Face's half-split rotation.
+        ang = pos[:, None].float() * inv[None, :]
+        c, s_ = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+        a, b = x[..., : Dh // 2], x[..., Dh // 2:]
+        return x * c + torch.cat([-b, a], -1) * s_
+
+    def layer(x, p, pos, cache=None, at=None):
+        b, s, _ = x.shape
+        h = F.rms_norm(x, (D,), p["n1"], eps)
+        qkv = h @ p["qkv"]
+        q = qkv[..., : H * Dh].view(b, s, H, Dh).transpose(1, 2)
+        k = qkv[..., H * Dh:(H + KV) * Dh].view(b, s, KV, Dh).transpose(1, 2)
+        v = qkv[..., (H + KV) * Dh:].view(b, s, KV, Dh).transpose(1, 2)
+        q, k = rope(q, pos), rope(k, pos)
+        if cache is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            kc, vc = cache
+            kc[:, :, at:at + 1] = k
+            vc[:, :, at:at + 1] = v
+            a = F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+        x = x + a.transpose(1, 2).reshape(b, s, H * Dh) @ p["o"]
+        h = F.rms_norm(x, (D,), p["n2"], eps)
+        return x + (F.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
+
+    def prefill(tok):
+        pos = torch.arange(tok.shape[1], device=dev)
+        x = emb[tok]
+        for p in P:
+            x = layer(x, p, pos)
+        return F.rms_norm(x[:, -1], (D,), nf, eps) @ head
+
+    layer_params = D * (H + 2 * KV) * Dh + H * Dh * D + 3 * D * Fd
+    for b, s in [(4, 4096), (4, 8064)]:
+        tok = torch.randint(0, V, (b, s), device=dev)
+        flops = 2 * b * s * L * layer_params + L * 4 * b * H * s * s * Dh / 2 + 2 * b * D * V
+        with torch.no_grad():
+            ms = median_ms(lambda: prefill(tok), iters=5, warmup=2)
+        res[f"llama_prefill_B{b}_S{s}_ms"] = ms
+        res[f"llama_prefill_B{b}_S{s}_tflops"] = flops / ms / 1e9
+        # Decode at the prompt's end, one token per sequence, captured as a CUDA graph.
+        ctx = s + 8
+        caches = [(torch.randn(b, KV, ctx + 1, Dh, device=dev, dtype=dt), torch.randn(b, KV, ctx + 1, Dh, device=dev, dtype=dt)) for _ in range(L)]
+        one = torch.randint(0, V, (b, 1), device=dev)
+        pos = torch.tensor([ctx], device=dev)
+
+        def step():
+            x = emb[one]
+            for p, c in zip(P, caches):
+                x = layer(x, p, pos, c, ctx)
+            return (F.rms_norm(x[:, -1], (D,), nf, eps) @ head).argmax(-1)
+
+        with torch.no_grad():
+            res[f"llama_decode_B{b}_S{ctx}_ms"] = median_ms(step, iters=20)
+            s_ = torch.cuda.Stream()
+            s_.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s_):
+                step()
+            torch.cuda.current_stream().wait_stream(s_)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            res[f"llama_decode_B{b}_S{ctx}_graph_ms"] = median_ms(graph.replay, iters=20)
+        res[f"llama_decode_floor_B{b}_S{ctx}_bytes"] = (L * layer_params + 2 * V * D) * 2 + L * 2 * b * KV * (ctx + 1) * Dh * 2
+        del caches
+        torch.cuda.empty_cache()
+    json.dump(res, open(out, "w"), indent=1)
+    for k_, v_ in res.items():
+        print(f"{k_}: {v_}")
+
+
 def nccl(out):
     import torch.distributed as dist
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", 0)))
@@ -272,7 +362,8 @@ def nccl(out):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kernels", "nccl", "moe"])
+    ap.add_argument("what", choices=["kernels", "llama", "moe", "nccl"])
+    ap.add_argument("--layers", type=int, default=4, help="llama: how many of Llama 3 8B's 32 layers")
     ap.add_argument("--out", default="torch-reference.json")
     ap.add_argument("--compile", action="store_true", help="also time the whole prefill under torch.compile")
     ap.add_argument("--no-model", action="store_true", help="kernels only: skip the whole-model prefill and decode step")
@@ -281,5 +372,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.what == "kernels":
         kernels(a.out, model=not a.no_model, compile_model=a.compile, decode_step=not a.no_decode_step, kernels_too=not a.model_only)
+    elif a.what == "llama":
+        llama(a.out, a.layers)
     else:
         {"nccl": nccl, "moe": moe}[a.what](a.out)

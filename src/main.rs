@@ -77,6 +77,21 @@ enum Cmd {
         /// At most this many batches per category.
         #[arg(long, default_value_t = usize::MAX)]
         max_batches: usize,
+        /// Compare with another implementation's prompts, greedy tokens and logits (JSON) instead of the single-rank model.
+        #[arg(long, value_name = "FILE")]
+        reference: Option<PathBuf>,
+    },
+    /// Write a job's weights (seeded, or its checkpoint's) as model.safetensors and config.json in Hugging Face's Llama naming.
+    ExportWeights {
+        job: PathBuf,
+        /// Folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Element type of the written tensors.
+        #[arg(long, value_enum, default_value = "fp32")]
+        dtype: fapool::backend::Dtype,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Print comparison tables from results files; write plots, CSV and JSON; compare two runs.
     Analyze {
@@ -205,8 +220,11 @@ fn main() {
             commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout, trace }, &set)
         }
         Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => commands::validate::validate(&job, ValidateArgs { ranks, local_ranks, gpus, memory_gib }, &set),
-        Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => commands::verify::verify(&job, VerifyArgs { backend, tolerance, teacher_forcing, max_batches }, &set),
+        Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches, reference } => {
+            commands::verify::verify(&job, VerifyArgs { backend, tolerance, teacher_forcing, max_batches, reference }, &set)
+        }
         Cmd::Analyze { files, plots, csv, json, slo, compare, force } => commands::analyze::analyze(&fapool::analyze::AnalyzeArgs { files, plots, csv, json, slo, compare, force }),
+        Cmd::ExportWeights { job, out, dtype, set } => commands::export::export_weights(&job, &out, dtype, &set),
         Cmd::Check { file } => commands::analyze::check(&file),
         Cmd::Env => commands::env::env(),
         Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => commands::bench::kernels(dtype, &seq, iters, out.as_deref()),

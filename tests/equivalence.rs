@@ -497,6 +497,16 @@ fn verify_moe(device: Device, np: usize, tag: &str, strategies: &[(&str, &str)])
     assert!(t.contains("single-rank-vs-no-cache"), "{t}");
 }
 
+per_device!(moe_with_grouped_rotary_attention_on_two_ranks, 2, |device: Device| {
+    // The MoE deployment with the model family's attention: 8 query heads
+    // over 2 K/V heads, rotary positions; TP 2 splits the K/V heads.
+    let header = moe_header().replace("preset = \"tiny-moe\"", "preset = \"tiny-moe\"\nheads = 8\nkv_heads = 2\nhead_dim = 8\npositions = \"rope\"");
+    let t = verify_job(device, 2, "moe-gqa", &header, "\n[[strategy]]\nkind = \"moe\"\nname = \"ep2-tp2-gqa\"\nep = 2\ntp = 2\n\n[[strategy]]\nkind = \"moe\"\nname = \"ep2-gqa\"\nep = 2\ndp = 2\n");
+    for name in ["ep2-tp2-gqa", "ep2-gqa"] {
+        assert!(t.lines().filter(|l| l.split_whitespace().next() == Some(name)).count() >= 3, "{name} missing:\n{t}");
+    }
+});
+
 per_device!(moe_on_two_ranks_ep2_ep2xtp2_and_tp2_with_and_without_sp, 2, |device: Device| {
     verify_moe(device, 2, "moe-np2", &[("ep2", "ep = 2\ndp = 2"), ("ep2-tp2", "ep = 2\ntp = 2"), ("tp2-sp", "tp = 2"), ("tp2-nosp", "tp = 2\nsp = false"), ("pp2", "pp = 2\nmicro_batches = 2")]);
 });
@@ -517,4 +527,77 @@ per_device!(moe_on_four_ranks_ep4_ep2xpp2_and_dp2xep2, 4, |device: Device| {
             ("ep2-tp2-pp2", "ep = 2\ntp = 2\npp = 2"),
         ],
     );
+});
+
+/// The tiny model as a Llama: 8 query heads over 2 K/V heads of 8, rotary
+/// positions and a SwiGLU FFN (seeded weights).
+fn grouped_rope_header() -> String {
+    tiny_job_header(4, 5).replace("preset = \"tiny\"", "preset = \"tiny\"\nheads = 8\nkv_heads = 2\nhead_dim = 8\npositions = \"rope\"\nffn_kind = \"swiglu\"")
+}
+
+per_device!(grouped_rope_swiglu_layouts_on_four_ranks, 4, |device: Device| {
+    // TP 2 splits the K/V heads; TP 4 replicates each on 2 ranks.
+    let t = verify_job(
+        device,
+        4,
+        "gqa4",
+        &grouped_rope_header(),
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 4
+pp = 1
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 2
+[[strategy]]
+kind = "fapool"
+name = "b2p2-zigzag-chunks2"
+base = 2
+pool_max = 2
+partition = "zigzag"
+chunks = 2
+micro_batches = 2
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b1p3-attention-tree"
+base = 1
+pool_max = 3
+pool_ops = "attention"
+aggregation = "tree"
+{FAPOOL}
+"#
+        ),
+    );
+    assert!(rows(&t, "b2p2-zigzag-chunks2").iter().any(|&(_, p)| p == 2), "{t}");
+    assert!(rows(&t, "b1p3-attention-tree").iter().any(|&(_, p)| p == 3), "{t}");
+});
+
+per_device!(grouped_rope_swiglu_layouts_on_eight_ranks, 8, |device: Device| {
+    // TP 8 over 2 K/V heads: each K/V head on 4 ranks.
+    let t = verify_job(
+        device,
+        8,
+        "gqa8",
+        &grouped_rope_header(),
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 8
+pp = 1
+[[strategy]]
+kind = "fapool"
+name = "b4p4"
+base = 4
+pool_max = 4
+partition = "contiguous"
+{FAPOOL}
+"#
+        ),
+    );
+    assert!(rows(&t, "b4p4").iter().any(|&(_, p)| p == 4), "{t}");
 });

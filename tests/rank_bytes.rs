@@ -19,8 +19,8 @@ const SEQ: usize = 64;
 const ELEM: usize = 4;
 
 /// One prompt of `SEQ` tokens, the pool fully active (SEQ / 16 = 4 ranks),
-/// prefill only.
-fn job_toml(pool_ops: &str, aggregation: &str, chunks: usize) -> String {
+/// prefill only, the tiny model with `kv_heads` K/V heads.
+fn job_toml(pool_ops: &str, aggregation: &str, chunks: usize, kv_heads: usize) -> String {
     format!(
         r#"
 [run]
@@ -28,6 +28,7 @@ name = "bytes"
 backend = "cpu"
 [model]
 preset = "tiny"
+kv_heads = {kv_heads}
 [workload]
 sequences_per_category = 1
 output_tokens = 1
@@ -57,7 +58,8 @@ type Bytes = BTreeMap<&'static str, u64>;
 /// pool: the normalised input (d) when the pool projects QKV, else Q, K and
 /// V (d + 2 d_kv).
 fn design_per_layer(cfg: &ModelConfig, pool_ops: &str, aggregation: &str, role: &str, index: usize) -> Bytes {
-    let (d, kv) = (cfg.d_model, cfg.heads * cfg.head_dim);
+    // K/V rows are kv_heads × head_dim wide: replication moves heads / kv_heads times less than with every head.
+    let (d, kv) = (cfg.d_model, cfg.kv_heads * cfg.head_dim);
     let q = if pool_ops == "attention" { d + 2 * kv } else { d };
     let row = |width: usize| (width * ELEM) as u64;
     let mut b = Bytes::new();
@@ -94,9 +96,9 @@ fn design_per_layer(cfg: &ModelConfig, pool_ops: &str, aggregation: &str, role: 
     b
 }
 
-fn measured(pool_ops: &str, aggregation: &str, chunks: usize) -> Vec<(String, Bytes)> {
-    let dir = scratch(&format!("rank-bytes-{}-{aggregation}-{chunks}", pool_ops.replace('+', "-")));
-    let job = job(&dir, "bytes", &job_toml(pool_ops, aggregation, chunks));
+fn measured(pool_ops: &str, aggregation: &str, chunks: usize, kv_heads: usize) -> Vec<(String, Bytes)> {
+    let dir = scratch(&format!("rank-bytes-{}-{aggregation}-{chunks}-kv{kv_heads}", pool_ops.replace('+', "-")));
+    let job = job(&dir, "bytes", &job_toml(pool_ops, aggregation, chunks, kv_heads));
     let out = dir.join("run.h5");
     let o = mpirun(BASE + POOL, &["run", job.to_str().unwrap(), "--backend", "cpu", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
@@ -108,9 +110,13 @@ fn measured(pool_ops: &str, aggregation: &str, chunks: usize) -> Vec<(String, By
 }
 
 fn check(pool_ops: &str, aggregation: &str, chunks: usize) {
-    let cfg = ModelConfig::tiny();
+    check_grouped(pool_ops, aggregation, chunks, ModelConfig::tiny().heads)
+}
+
+fn check_grouped(pool_ops: &str, aggregation: &str, chunks: usize, kv_heads: usize) {
+    let cfg = ModelConfig { kv_heads, ..ModelConfig::tiny() };
     let layers = cfg.layers as u64;
-    let got = measured(pool_ops, aggregation, chunks);
+    let got = measured(pool_ops, aggregation, chunks, kv_heads);
     assert_eq!(got.len(), BASE + POOL);
     let once = (cfg.d_model * ELEM) as u64;
     let mut last_row_owner = None;
@@ -165,4 +171,12 @@ fn chunks_move_the_same_bytes_in_more_messages() {
 fn the_tree_funnels_results_through_pool_rank_0() {
     check("qkv+attention+out", "tree", 1);
     check("attention", "tree", 2);
+}
+
+#[test]
+fn grouped_kv_heads_divide_kv_replication_by_heads_over_kv_heads() {
+    // 4 heads over 2 K/V heads: half the replication, and a hand-off of q plus the smaller k and v.
+    check_grouped("attention", "direct", 2, 2);
+    // One K/V head for all (MQA): a quarter.
+    check_grouped("qkv+attention+out", "direct", 1, 1);
 }

@@ -136,11 +136,14 @@ impl std::fmt::Display for Dtype {
 
 /// Shape of a causal prefill attention call.
 ///
-/// Queries are `nseq × sq` rows; the query at row `i` of a sequence sits at
-/// absolute position `q_offset + i` and attends to keys `0..=q_offset + i`
-/// (clipped to `skv`). Keys/values are `nseq × kv_seq_stride` rows of which
-/// the first `skv` of each sequence are used. This is what a pool rank
-/// computes for its query block against the replicated K/V.
+/// Queries are `nseq × sq` rows of `heads × head_dim`; the query at row `i`
+/// of a sequence sits at absolute position `q_offset + i` and attends to
+/// keys `0..=q_offset + i` (clipped to `skv`). Keys/values are `nseq ×
+/// kv_seq_stride` rows of `kv_heads × head_dim`, of which the first `skv`
+/// of each sequence are used; query head `h` reads K/V head
+/// `h / (heads / kv_heads)` (grouped-query attention; `kv_heads == heads`
+/// is multi-head). This is what a pool rank computes for its query block
+/// against the replicated K/V.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillShape {
     pub nseq: usize,
@@ -148,20 +151,102 @@ pub struct PrefillShape {
     pub skv: usize,
     pub kv_seq_stride: usize,
     pub heads: usize,
+    /// K/V heads, dividing `heads`.
+    pub kv_heads: usize,
     pub head_dim: usize,
     pub q_offset: usize,
 }
 
+impl PrefillShape {
+    /// Query heads per K/V head.
+    pub fn group(&self) -> usize {
+        group(self.heads, self.kv_heads)
+    }
+}
+
 /// Shape of a decode (one query per sequence) attention call over a KV cache
-/// laid out `[nseq, cap, heads * head_dim]`, of which the first `len` rows of
-/// each sequence are valid.
+/// laid out `[nseq, cap, kv_heads * head_dim]`, of which the first `len`
+/// rows of each sequence are valid; query head `h` reads K/V head
+/// `h / (heads / kv_heads)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeShape {
     pub nseq: usize,
     pub cap: usize,
     pub len: usize,
     pub heads: usize,
+    /// K/V heads, dividing `heads`.
+    pub kv_heads: usize,
     pub head_dim: usize,
+}
+
+impl DecodeShape {
+    /// Query heads per K/V head.
+    pub fn group(&self) -> usize {
+        group(self.heads, self.kv_heads)
+    }
+}
+
+/// Query heads per K/V head (1 for a degenerate shape, which
+/// [`check_kv_heads`] refuses).
+fn group(heads: usize, kv_heads: usize) -> usize {
+    heads.checked_div(kv_heads).unwrap_or(1).max(1)
+}
+
+/// `Err` unless `kv_heads` is at least 1 and divides `heads`.
+pub fn check_kv_heads(what: &str, heads: usize, kv_heads: usize) -> Result<()> {
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(BackendError::Shape(format!("{what}: {kv_heads} K/V heads do not divide {heads} query heads")));
+    }
+    Ok(())
+}
+
+/// Where the rows of a rotary-embedding call sit: each sequence's rows
+/// cover `Segments` of positions `(start, len)` one after the other (rows =
+/// sequences × the segments' total), or every row sits at the decode step's
+/// position (`Step`, read from the step scalars).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopePositions<'a> {
+    Segments(&'a [(usize, usize)]),
+    Step,
+}
+
+impl RopePositions<'_> {
+    /// The position of row `row` (a `Segments` layout; `step_pos` for `Step`).
+    pub fn of_row(&self, row: usize, step_pos: usize) -> usize {
+        match self {
+            RopePositions::Step => step_pos,
+            RopePositions::Segments(segs) => {
+                let per_seq: usize = segs.iter().map(|s| s.1).sum();
+                let mut j = row % per_seq.max(1);
+                for &(start, len) in segs.iter() {
+                    if j < len {
+                        return start + j;
+                    }
+                    j -= len;
+                }
+                0
+            }
+        }
+    }
+}
+
+/// Rotary position embedding of q and k: element `j < head_dim/2` of a
+/// head pairs with `j + head_dim/2` and both turn by `pos · θ^(-2j/head_dim)`
+/// (Hugging Face's half-split rotation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope<'a> {
+    pub head_dim: usize,
+    pub theta: f64,
+    pub positions: RopePositions<'a>,
+}
+
+/// How a fused QKV row splits: `q_width` of q, then `kv_width` of k and of
+/// v, and the rotation q and k take (none: a plain split).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QkvSplit<'a> {
+    pub q_width: usize,
+    pub kv_width: usize,
+    pub rope: Option<Rope<'a>>,
 }
 
 /// The scalars of one decode step. A strategy writes them with
@@ -259,6 +344,13 @@ pub trait Backend {
     /// `table[token] + sinusoidal(position)` for `nseq × n` tokens whose
     /// positions are `pos0..pos0 + n` in every sequence; returns `[nseq*n, d]`.
     fn embed(&self, table: &Self::Buf, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<Self::Buf>;
+    /// `table[token]` for each token, no position encoding (models with
+    /// rotary positions); returns `[tokens, d]`. The default gathers the
+    /// table's rows.
+    fn embed_tokens(&self, table: &Self::Buf, d: usize, tokens: &[u32]) -> Result<Self::Buf> {
+        let runs: Vec<RowRun> = tokens.iter().map(|&t| RowRun::new(t as usize, 1)).collect();
+        self.gather_rows(table, d, &runs)
+    }
     /// `x[m,k] · w[k,n]`, fp32 accumulation.
     fn matmul(&self, x: &Self::Buf, w: &Self::Buf, m: usize, k: usize, n: usize) -> Result<Self::Buf>;
     /// RMSNorm of each row, scaled by `weight[cols]`.
@@ -267,10 +359,18 @@ pub trait Backend {
     fn gelu(&self, x: &mut Self::Buf) -> Result<()>;
     /// `gate = gelu(gate) * up`.
     fn gelu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf) -> Result<()>;
+    /// `gate = silu(gate) * up` (SwiGLU), `silu(x) = x / (1 + e^-x)`.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf) -> Result<()>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
     /// Splits `[rows, 3*width]` into q, k, v of `[rows, width]` each.
-    fn split_qkv(&self, qkv: &Self::Buf, rows: usize, width: usize) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    fn split_qkv(&self, qkv: &Self::Buf, rows: usize, width: usize) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        self.split_qkv_rope(qkv, rows, &QkvSplit { q_width: width, kv_width: width, rope: None })
+    }
+    /// Splits `[rows, q_width + 2*kv_width]` into q `[rows, q_width]`, k and
+    /// v `[rows, kv_width]`, rotating q and k by their rows' positions when
+    /// `split.rope` says so (in the same pass).
+    fn split_qkv_rope(&self, qkv: &Self::Buf, rows: usize, split: &QkvSplit) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
     /// Concatenates the given row runs of `src` (rows of `cols`) into a new buffer.
     fn gather_rows(&self, src: &Self::Buf, cols: usize, runs: &[RowRun]) -> Result<Self::Buf>;
     /// Writes consecutive rows of `src` into the given row runs of `dst`, in order.
@@ -326,6 +426,8 @@ pub trait Backend {
     /// [`Backend::embed`] of one token per sequence: the step's tokens at the
     /// step's position.
     fn embed_step(&self, table: &Self::Buf, d: usize, nseq: usize) -> Result<Self::Buf>;
+    /// [`Backend::embed_tokens`] of the step's tokens (no position encoding).
+    fn embed_step_tokens(&self, table: &Self::Buf, d: usize, nseq: usize) -> Result<Self::Buf>;
     /// Writes row `n` of `src` (`[nseq, width]`) to row `store_at` of
     /// sequence `n` of `cache` (`[nseq, cap, width]`); nothing without a `store_at`.
     fn store_step(&self, cache: &mut Self::Buf, src: &Self::Buf, nseq: usize, cap: usize, width: usize) -> Result<()>;

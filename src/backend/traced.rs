@@ -12,7 +12,7 @@
 //! This module must not communicate or decide anything; the runner turns
 //! what it notes into trace files.
 
-use super::{Backend, DecodeShape, Dtype, PrefillShape, Result, RowCopy, RowRun, StepVars};
+use super::{Backend, DecodeShape, Dtype, PrefillShape, QkvSplit, Result, RowCopy, RowRun, StepVars};
 use std::cell::{Cell, RefCell};
 
 /// One operation as noted: what it was and the marks around it.
@@ -193,9 +193,20 @@ impl<B: Backend> Backend for Traced<B> {
         let e = self.elem();
         self.noted("add", || (format!("n {n}"), 0.0, 3.0 * n as f64 * e), |b| b.add_assign(x, y))
     }
-    fn split_qkv(&self, qkv: &B::Buf, rows: usize, width: usize) -> Result<(B::Buf, B::Buf, B::Buf)> {
+    fn split_qkv_rope(&self, qkv: &B::Buf, rows: usize, split: &QkvSplit) -> Result<(B::Buf, B::Buf, B::Buf)> {
         let e = self.elem();
-        self.noted("split_qkv", || (format!("{rows}x3x{width}"), 0.0, 6.0 * (rows * width) as f64 * e), |b| b.split_qkv(qkv, rows, width))
+        let (qw, kw) = (split.q_width, split.kv_width);
+        let name = if split.rope.is_some() { "split_qkv_rope" } else { "split_qkv" };
+        self.noted(name, || (format!("{rows}x({qw}+2x{kw})"), 0.0, 2.0 * (rows * (qw + 2 * kw)) as f64 * e), |b| b.split_qkv_rope(qkv, rows, split))
+    }
+    fn silu_mul(&self, gate: &mut B::Buf, up: &B::Buf) -> Result<()> {
+        let n = self.inner.len(gate);
+        let e = self.elem();
+        self.noted("silu_mul", || (format!("n {n}"), 0.0, 3.0 * n as f64 * e), |b| b.silu_mul(gate, up))
+    }
+    fn embed_tokens(&self, table: &B::Buf, d: usize, tokens: &[u32]) -> Result<B::Buf> {
+        let e = self.elem();
+        self.noted("embed_tokens", || (format!("{} tokens, d {d}", tokens.len()), 0.0, 2.0 * (tokens.len() * d) as f64 * e), |b| b.embed_tokens(table, d, tokens))
     }
     fn gather_rows(&self, src: &B::Buf, cols: usize, runs: &[RowRun]) -> Result<B::Buf> {
         let rows: usize = runs.iter().map(|r| r.len).sum();
@@ -218,7 +229,7 @@ impl<B: Backend> Backend for Traced<B> {
         let flops = 4.0 * (s.nseq * s.heads * s.head_dim) as f64 * keys;
         self.noted(
             "attention_prefill",
-            || (format!("{} seq x {} queries at {} x {} keys, {}x{}", s.nseq, s.sq, s.q_offset, s.skv, s.heads, s.head_dim), flops, 0.0),
+            || (format!("{} seq x {} queries at {} x {} keys, {}x{} (K/V {})", s.nseq, s.sq, s.q_offset, s.skv, s.heads, s.head_dim, s.kv_heads), flops, 0.0),
             |b| b.attention_prefill(q, k, v, s),
         )
     }
@@ -226,7 +237,7 @@ impl<B: Backend> Backend for Traced<B> {
         let e = self.elem();
         self.noted(
             "attention_decode",
-            || (format!("{} seq x {} keys, {}x{}", s.nseq, s.len, s.heads, s.head_dim), 0.0, 2.0 * (s.nseq * s.len * s.heads * s.head_dim) as f64 * e),
+            || (format!("{} seq x {} keys, {}x{} (K/V {})", s.nseq, s.len, s.heads, s.head_dim, s.kv_heads), 0.0, 2.0 * (s.nseq * s.len * s.kv_heads * s.head_dim) as f64 * e),
             |b| b.attention_decode(q, k_cache, v_cache, s),
         )
     }
@@ -280,6 +291,10 @@ impl<B: Backend> Backend for Traced<B> {
         let e = self.elem();
         self.noted("embed_step", || (format!("{nseq} tokens, d {d}"), 0.0, 2.0 * (nseq * d) as f64 * e), |b| b.embed_step(table, d, nseq))
     }
+    fn embed_step_tokens(&self, table: &B::Buf, d: usize, nseq: usize) -> Result<B::Buf> {
+        let e = self.elem();
+        self.noted("embed_step_tokens", || (format!("{nseq} tokens, d {d}"), 0.0, 2.0 * (nseq * d) as f64 * e), |b| b.embed_step_tokens(table, d, nseq))
+    }
     fn store_step(&self, cache: &mut B::Buf, src: &B::Buf, nseq: usize, cap: usize, width: usize) -> Result<()> {
         let e = self.elem();
         self.noted("store_step", || (format!("{nseq} rows of {width}"), 0.0, 2.0 * (nseq * width) as f64 * e), |b| b.store_step(cache, src, nseq, cap, width))
@@ -289,7 +304,7 @@ impl<B: Backend> Backend for Traced<B> {
         // The attended length is read on the device: the bytes count the cache's capacity.
         self.noted(
             "attention_decode",
-            || (format!("{} seq x up to {} keys, {}x{}", s.nseq, s.cap, s.heads, s.head_dim), 0.0, 2.0 * (s.nseq * s.cap * s.heads * s.head_dim) as f64 * e),
+            || (format!("{} seq x up to {} keys, {}x{} (K/V {})", s.nseq, s.cap, s.heads, s.head_dim, s.kv_heads), 0.0, 2.0 * (s.nseq * s.cap * s.kv_heads * s.head_dim) as f64 * e),
             |b| b.attention_decode_step(q, k_cache, v_cache, s),
         )
     }

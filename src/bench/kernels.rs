@@ -60,7 +60,7 @@ pub fn run(b: &CudaBackend, seq_lens: &[usize], iters: usize) -> Result<Vec<Row>
         // of the queries against all of the keys.
         let rank_rows = s / 4;
         for (sq, q_offset, what) in [(s, 0, "causal"), (rank_rows, s - rank_rows, "last quarter of queries")] {
-            let shape = PrefillShape { nseq: 1, sq, skv: s, kv_seq_stride: s, heads, head_dim: hd, q_offset };
+            let shape = PrefillShape { nseq: 1, sq, skv: s, kv_seq_stride: s, heads, kv_heads: heads, head_dim: hd, q_offset };
             let flops = 4.0 * (hd * heads) as f64 * (sq as f64 * q_offset as f64 + (sq as f64).powi(2) / 2.0);
             for kernel in PREFILL_KERNELS.into_iter().filter(|&kernel| times_prefill(kernel, s, q_offset, cc, dt)) {
                 b.set_prefill_kernel(kernel);
@@ -76,7 +76,7 @@ pub fn run(b: &CudaBackend, seq_lens: &[usize], iters: usize) -> Result<Vec<Row>
         for &s in seq_lens {
             let qd = b.random_uniform(dt, nseq * width, 4, 1.0)?;
             let (k, v) = (b.random_uniform(dt, nseq * s * width, 2, 1.0)?, b.random_uniform(dt, nseq * s * width, 3, 1.0)?);
-            let ds = DecodeShape { nseq, cap: s, len: s, heads, head_dim: hd };
+            let ds = DecodeShape { nseq, cap: s, len: s, heads, kv_heads: heads, head_dim: hd };
             let secs = time_with_marks(b, WARMUP, iters, || b.attention_decode(&qd, &k, &v, ds).map(|_| ()))?;
             let bytes = 2.0 * (nseq * s * width * dt.size_bytes()) as f64;
             rows.push(row("decode attention (split-KV)", format!("B {nseq}, len {s}, {heads}x{hd}"), secs, bytes / secs / 1e12, "TB/s"));

@@ -32,7 +32,7 @@
 //! ([`time_with_marks`]) and decides nothing.
 
 use super::{time_with_marks, Row};
-use crate::backend::{Backend, PrefillShape, Result, RowCopy, RowRun};
+use crate::backend::{Backend, PrefillShape, QkvSplit, Result, RowCopy, RowRun};
 use crate::model::ModelConfig;
 use crate::strategy::fapool::layout::PoolOps;
 use crate::strategy::fapool::units::{schedule, split_parts, Step};
@@ -124,23 +124,24 @@ struct LayerWeights<B: Backend> {
 
 impl<B: Backend> LayerWeights<B> {
     fn new(be: &B, m: &ModelConfig, tp: usize) -> Result<Self> {
-        let (d, a, f) = (m.d_model, m.attn_width() / tp, m.ffn / tp);
-        Ok(Self { norm: random(be, d, 1, 1.0)?, qkv: random(be, d * 3 * a, 2, 0.02)?, out: random(be, a * d, 3, 0.02)?, up: random(be, d * f, 4, 0.02)?, down: random(be, f * d, 5, 0.02)? })
+        let (d, a, kv, f) = (m.d_model, m.attn_width() / tp, m.kv_heads_per_rank(tp) * m.head_dim, m.ffn / tp);
+        Ok(Self { norm: random(be, d, 1, 1.0)?, qkv: random(be, d * (a + 2 * kv), 2, 0.02)?, out: random(be, a * d, 3, 0.02)?, up: random(be, d * f, 4, 0.02)?, down: random(be, f * d, 5, 0.02)? })
     }
 }
 
 /// FA Pool's per-unit times for `s` tokens in `chunks` chunks.
 pub fn fapool_sides<B: Backend>(be: &B, m: &ModelConfig, w: &LayerWeightsFor<B>, s: usize, chunks: usize, ops: PoolOps, iters: usize) -> Result<SideTimes> {
     let w = &w.0;
-    let (d, a, dh, heads, f, eps) = (m.d_model, m.attn_width(), m.head_dim, m.heads, m.ffn, m.norm_eps);
+    let (d, a, kv, dh, heads, f, eps) = (m.d_model, m.attn_width(), m.kv_width(), m.head_dim, m.heads, m.ffn, m.norm_eps);
+    let (qkv_w, split) = (a + 2 * kv, QkvSplit { q_width: a, kv_width: kv, rope: None });
     let cuts = split_parts(s, chunks.min(s).max(1));
     let c = cuts[0].len();
     let x = random(be, c * d, 11, 1.0)?;
-    let handoff = if ops.pool_qkv() { random(be, c * d, 12, 1.0)? } else { random(be, c * 3 * a, 12, 1.0)? };
+    let handoff = if ops.pool_qkv() { random(be, c * d, 12, 1.0)? } else { random(be, c * qkv_w, 12, 1.0)? };
     let base_pre = time_with_marks(be, WARMUP, iters, || {
         let h = be.rmsnorm(&x, &w.norm, c, d, eps)?;
         if !ops.pool_qkv() {
-            be.matmul(&h, &w.qkv, c, d, 3 * a)?;
+            be.matmul(&h, &w.qkv, c, d, qkv_w)?;
         }
         Ok(())
     })?;
@@ -163,25 +164,26 @@ pub fn fapool_sides<B: Backend>(be: &B, m: &ModelConfig, w: &LayerWeightsFor<B>,
         be.add_assign(&mut xx, &ffn)
     })?;
     // The pool's cache and prefix of the whole sequence.
-    let (mut cache_k, mut cache_v) = (be.empty(s * a)?, be.empty(s * a)?);
-    let (mut pre_k, mut pre_v) = (random(be, s * a, 15, 1.0)?, random(be, s * a, 16, 1.0)?);
+    let (mut cache_k, mut cache_v) = (be.empty(s * kv)?, be.empty(s * kv)?);
+    let (mut pre_k, mut pre_v) = (random(be, s * kv, 15, 1.0)?, random(be, s * kv, 16, 1.0)?);
     let mut pool = Vec::with_capacity(cuts.len());
     for cut in &cuts {
         let (st, len) = (cut.start, cut.len());
         let t = time_with_marks(be, WARMUP, iters, || {
-            let (q, k, v) = if ops.pool_qkv() { be.split_qkv(&be.matmul(&handoff, &w.qkv, len, d, 3 * a)?, len, a)? } else { be.split_qkv(&handoff, len, a)? };
+            let (q, k, v) = if ops.pool_qkv() { be.split_qkv_rope(&be.matmul(&handoff, &w.qkv, len, d, qkv_w)?, len, &split)? } else { be.split_qkv_rope(&handoff, len, &split)? };
             let keep = [RowCopy { src: 0, dst: st, len }];
-            be.copy_rows(&mut cache_k, a, &k, &keep)?;
-            be.copy_rows(&mut cache_v, a, &v, &keep)?;
+            be.copy_rows(&mut cache_k, kv, &k, &keep)?;
+            be.copy_rows(&mut cache_v, kv, &v, &keep)?;
             let one = cuts.len() == 1;
             if !one {
-                be.copy_rows(&mut pre_k, a, &k, &keep)?;
-                be.copy_rows(&mut pre_v, a, &v, &keep)?;
+                be.copy_rows(&mut pre_k, kv, &k, &keep)?;
+                be.copy_rows(&mut pre_v, kv, &v, &keep)?;
             }
             let (kp, vp) = if one { (&k, &v) } else { (&pre_k, &pre_v) };
             let run = [RowRun::new(0, len)];
             let q_seg = be.gather_rows(&q, a, &run)?;
-            let shape = PrefillShape { nseq: 1, sq: len, skv: st + len, kv_seq_stride: if one { len } else { s }, heads, head_dim: dh, q_offset: st };
+            let stride = if one { len } else { s };
+            let shape = PrefillShape { nseq: 1, sq: len, skv: st + len, kv_seq_stride: stride, heads, kv_heads: m.kv_heads, head_dim: dh, q_offset: st };
             let (o, _) = be.attention_prefill(&q_seg, kp, vp, shape)?;
             let mut blk = be.empty(len * a)?;
             be.scatter_rows(&mut blk, a, &run, &o)?;
@@ -193,7 +195,7 @@ pub fn fapool_sides<B: Backend>(be: &B, m: &ModelConfig, w: &LayerWeightsFor<B>,
         pool.push(t);
     }
     let e = be.dtype().size_bytes() as f64;
-    let width = |pool_side: bool| if pool_side { d } else { 3 * a };
+    let width = |pool_side: bool| if pool_side { d } else { qkv_w };
     Ok(SideTimes { base_pre, base_post, pool, down_bytes: (c * width(ops.pool_qkv())) as f64 * e, up_bytes: (c * if ops.pool_out() { d } else { a }) as f64 * e })
 }
 
@@ -204,16 +206,18 @@ pub struct LayerWeightsFor<B: Backend>(LayerWeights<B>);
 fn tp_layer<B: Backend>(be: &B, m: &ModelConfig, tp: usize, s: usize, iters: usize) -> Result<f64> {
     let w = LayerWeights::new(be, m, tp)?;
     let (d, a, dh, heads, f, eps) = (m.d_model, m.attn_width() / tp, m.head_dim, m.heads / tp, m.ffn / tp, m.norm_eps);
+    let kv_heads = m.kv_heads_per_rank(tp);
+    let kv = kv_heads * dh;
     let mut x = random(be, s * d, 21, 1.0)?;
-    let (mut ck, mut cv) = (be.empty(s * a)?, be.empty(s * a)?);
+    let (mut ck, mut cv) = (be.empty(s * kv)?, be.empty(s * kv)?);
     time_with_marks(be, WARMUP, iters, || {
         let h = be.rmsnorm(&x, &w.norm, s, d, eps)?;
-        let qkv = be.matmul(&h, &w.qkv, s, d, 3 * a)?;
-        let (q, k, v) = be.split_qkv(&qkv, s, a)?;
+        let qkv = be.matmul(&h, &w.qkv, s, d, a + 2 * kv)?;
+        let (q, k, v) = be.split_qkv_rope(&qkv, s, &QkvSplit { q_width: a, kv_width: kv, rope: None })?;
         let all = [RowCopy { src: 0, dst: 0, len: s }];
-        be.copy_rows(&mut ck, a, &k, &all)?;
-        be.copy_rows(&mut cv, a, &v, &all)?;
-        let (o, _) = be.attention_prefill(&q, &k, &v, PrefillShape { nseq: 1, sq: s, skv: s, kv_seq_stride: s, heads, head_dim: dh, q_offset: 0 })?;
+        be.copy_rows(&mut ck, kv, &k, &all)?;
+        be.copy_rows(&mut cv, kv, &v, &all)?;
+        let (o, _) = be.attention_prefill(&q, &k, &v, PrefillShape { nseq: 1, sq: s, skv: s, kv_seq_stride: s, heads, kv_heads, head_dim: dh, q_offset: 0 })?;
         let y = be.matmul(&o, &w.out, s, a, d)?;
         be.add_assign(&mut x, &y)?;
         let h = be.rmsnorm(&x, &w.norm, s, d, eps)?;

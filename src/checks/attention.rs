@@ -51,7 +51,7 @@ fn prefill<B: CheckedBackend>(c: &mut Checker<B>, s: PrefillShape, variant: &str
 /// Prefill with the tiny model's heads of 16: a query block at an offset
 /// against a longer K/V stride, a length past one tile, and no keys at all.
 pub fn attention_prefill_small_heads<B: CheckedBackend>(c: &mut Checker<B>) {
-    let tiny = |nseq, sq, skv, stride, q_offset| PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads: 4, head_dim: 16, q_offset };
+    let tiny = |nseq, sq, skv, stride, q_offset| PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads: 4, kv_heads: 4, head_dim: 16, q_offset };
     for variant in c.be.prefill_variants(16) {
         for s in [tiny(2, 7, 12, 16, 5), tiny(1, 33, 33, 33, 0), tiny(2, 5, 0, 4, 0)] {
             prefill(c, s, variant);
@@ -61,7 +61,7 @@ pub fn attention_prefill_small_heads<B: CheckedBackend>(c: &mut Checker<B>) {
 
 /// A prefill shape with heads of 128.
 fn dense(nseq: usize, sq: usize, skv: usize, stride: usize, heads: usize, q_offset: usize) -> PrefillShape {
-    PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads, head_dim: 128, q_offset }
+    PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads, kv_heads: heads, head_dim: 128, q_offset }
 }
 
 /// Prefill with dense-4l's heads of 128, every implementation the backend offers.
@@ -101,7 +101,7 @@ pub fn attention_prefill_tile_edges<B: CheckedBackend>(c: &mut Checker<B>) {
 /// heads, and one sequence of 33,900 rows of two heads: chunks of 256 rows
 /// and more, which on sm_90 are fed by bulk copies (`decode_bulk`).
 pub fn attention_decode<B: CheckedBackend>(c: &mut Checker<B>) {
-    let shape = |nseq, cap, len, heads, head_dim| DecodeShape { nseq, cap, len, heads, head_dim };
+    let shape = |nseq, cap, len, heads, head_dim| DecodeShape { nseq, cap, len, heads, kv_heads: heads, head_dim };
     let shapes = [shape(2, 20, 13, 4, 16), shape(2, 8, 0, 4, 16), shape(3, 1, 1, 4, 16), shape(2, 5000, 4099, 32, 128), shape(1, 64, 0, 32, 128), shape(1, 34_000, 33_900, 2, 128)];
     for s in shapes {
         let outcome = (|| {
@@ -127,9 +127,9 @@ pub fn attention_decode<B: CheckedBackend>(c: &mut Checker<B>) {
 /// which on sm_90 are fed by bulk copies (`decode_bulk`).
 pub fn decode_steps<B: CheckedBackend>(c: &mut Checker<B>) {
     let cases = [
-        (DecodeShape { nseq: 2, cap: 40, len: 30, heads: 4, head_dim: 16 }, 64),
-        (DecodeShape { nseq: 3, cap: 4200, len: 4096, heads: 32, head_dim: 128 }, 100),
-        (DecodeShape { nseq: 1, cap: 34_000, len: 33_000, heads: 2, head_dim: 128 }, 100),
+        (DecodeShape { nseq: 2, cap: 40, len: 30, heads: 4, kv_heads: 4, head_dim: 16 }, 64),
+        (DecodeShape { nseq: 3, cap: 4200, len: 4096, heads: 32, kv_heads: 32, head_dim: 128 }, 100),
+        (DecodeShape { nseq: 1, cap: 34_000, len: 33_000, heads: 2, kv_heads: 2, head_dim: 128 }, 100),
     ];
     for (s, vocab) in cases {
         for record in [false, true] {

@@ -14,7 +14,10 @@
 //! lengths and in chunks long enough for sm_90's bulk copies, and decode
 //! steps from the step scalars, eager and recorded; the mixture-of-experts
 //! operations on tiny-moe's and moe-16l's shapes, with ties in the router's
-//! logits and experts over their capacity.
+//! logits and experts over their capacity; and the model family's own
+//! operations (SwiGLU, rotary embeddings fused into the QKV split, grouped
+//! K/V heads in prefill and decode) on the tiny model's and Llama 3 8B's
+//! heads.
 //!
 //! [`run_all`] runs every check (`fapool check-gpu`); `tests/kernels.rs`
 //! instantiates each one as a test for the CPU backend and for CUDA, both
@@ -25,6 +28,7 @@
 mod attention;
 mod dense;
 mod experts;
+mod family;
 pub mod reference;
 #[cfg(test)]
 mod tests;
@@ -32,6 +36,7 @@ mod tests;
 pub use attention::{attention_decode, attention_prefill_dense_heads, attention_prefill_small_heads, attention_prefill_tile_edges, decode_steps, merge_partials};
 pub use dense::{add_assign, argmax, copy_rows, embed, gather_rows, gelu, gelu_mul, matmul, rmsnorm, scatter_rows, split_qkv};
 pub use experts::{combine_from_experts, expert_slots, grouped_matmul, permute_to_experts, router_top_k};
+pub use family::{attention_decode_grouped_heads, attention_prefill_grouped_heads, embed_tokens, silu_mul, split_qkv_rope};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, PrefillKernel};
@@ -47,10 +52,11 @@ use crate::metrics::{relative_l2, worst_error};
 macro_rules! for_each_kernel_check {
     ($m:ident) => {
         $m! {
-            embed, matmul, rmsnorm, gelu, gelu_mul, add_assign, split_qkv, gather_rows, scatter_rows, copy_rows, argmax,
-            merge_partials, attention_decode, decode_steps,
+            embed, embed_tokens, matmul, rmsnorm, gelu, gelu_mul, silu_mul, add_assign, split_qkv, split_qkv_rope, gather_rows,
+            scatter_rows, copy_rows, argmax, merge_partials, attention_decode, attention_decode_grouped_heads, decode_steps,
             router_top_k, expert_slots, permute_to_experts, combine_from_experts, grouped_matmul,
             attention_prefill_small_heads, attention_prefill_dense_heads, attention_prefill_tile_edges,
+            attention_prefill_grouped_heads,
         }
     };
 }

@@ -37,6 +37,11 @@ pub fn embed(table: &[f64], d: usize, tokens: &[u32], nseq: usize, n: usize, pos
     out
 }
 
+/// `table[token]` for each token (no position encoding): `[tokens, d]`.
+pub fn embed_tokens(table: &[f64], d: usize, tokens: &[u32]) -> Vec<f64> {
+    tokens.iter().flat_map(|&t| table[t as usize * d..(t as usize + 1) * d].iter().copied()).collect()
+}
+
 /// `x[m,k] · w[k,n]`.
 pub fn matmul(x: &[f64], w: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
     let mut out = vec![0.0; m * n];
@@ -69,6 +74,16 @@ pub fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
 }
 
+/// SiLU: `x / (1 + e^-x)`.
+pub fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `silu(gate) · up`, element by element (SwiGLU).
+pub fn silu_mul(gate: &[f64], up: &[f64]) -> Vec<f64> {
+    gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect()
+}
+
 /// `gelu(gate) · up`, element by element.
 pub fn gelu_mul(gate: &[f64], up: &[f64]) -> Vec<f64> {
     gate.iter().zip(up).map(|(&g, &u)| gelu(g) * u).collect()
@@ -81,8 +96,35 @@ pub fn add(x: &[f64], y: &[f64]) -> Vec<f64> {
 
 /// Rows of `[q | k | v]` (each `width` wide) as three `[rows, width]` matrices.
 pub fn split_qkv(x: &[f64], rows: usize, width: usize) -> [Vec<f64>; 3] {
-    let part = |p: usize| (0..rows).flat_map(|r| x[r * 3 * width + p * width..r * 3 * width + (p + 1) * width].iter().copied()).collect();
-    [part(0), part(1), part(2)]
+    split_qkv_widths(x, rows, width, width)
+}
+
+/// Rows of `[q | k | v]` (q `q_width` wide, k and v `kv_width`) as three matrices.
+pub fn split_qkv_widths(x: &[f64], rows: usize, q_width: usize, kv_width: usize) -> [Vec<f64>; 3] {
+    let w = q_width + 2 * kv_width;
+    let part = |at: usize, n: usize| (0..rows).flat_map(|r| x[r * w + at..r * w + at + n].iter().copied()).collect();
+    [part(0, q_width), part(q_width, kv_width), part(q_width + kv_width, kv_width)]
+}
+
+/// Rotary embedding of rows of heads of `head_dim`, row `r` at position
+/// `positions[r]`: element `j < head_dim/2` of a head and element
+/// `j + head_dim/2` turn by the angle `pos · theta^(-2j/head_dim)`:
+/// `(a, b) -> (a cos - b sin, b cos + a sin)`.
+pub fn rope(x: &[f64], width: usize, head_dim: usize, theta: f64, positions: &[usize]) -> Vec<f64> {
+    let half = head_dim / 2;
+    let mut out = x.to_vec();
+    for (r, &pos) in positions.iter().enumerate() {
+        for h in 0..width / head_dim {
+            let at = r * width + h * head_dim;
+            for j in 0..half {
+                let angle = pos as f64 * theta.powf(-2.0 * j as f64 / head_dim as f64);
+                let (a, b) = (x[at + j], x[at + j + half]);
+                out[at + j] = a * angle.cos() - b * angle.sin();
+                out[at + j + half] = b * angle.cos() + a * angle.sin();
+            }
+        }
+    }
+    out
 }
 
 /// The rows of each run of `src`, one run after the other.
@@ -140,10 +182,12 @@ fn attend<'a>(q: &[f64], keys: usize, row: impl Fn(usize) -> (&'a [f64], &'a [f6
 
 /// Causal attention: query `i` of sequence `n` (absolute position
 /// `q_offset + i`) attends to keys `0..=q_offset + i` of that sequence,
-/// clipped to `skv`; keys of sequence `n` start at row `n · kv_seq_stride`.
-/// Output `[nseq·sq, heads·head_dim]`, log-sum-exp `[nseq, heads, sq]`.
+/// clipped to `skv`; keys of sequence `n` start at row `n · kv_seq_stride`,
+/// and query head `h` reads K/V head `h / (heads / kv_heads)` of rows
+/// `kv_heads·head_dim` wide. Output `[nseq·sq, heads·head_dim]`,
+/// log-sum-exp `[nseq, heads, sq]`.
 pub fn attention_prefill(q: &[f64], k: &[f64], v: &[f64], s: PrefillShape) -> Attention {
-    let (dh, width) = (s.head_dim, s.heads * s.head_dim);
+    let (dh, width, kv_width, group) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads / s.kv_heads);
     let mut out = vec![0.0; s.nseq * s.sq * width];
     let mut lse = vec![0.0; s.nseq * s.heads * s.sq];
     for n in 0..s.nseq {
@@ -152,7 +196,7 @@ pub fn attention_prefill(q: &[f64], k: &[f64], v: &[f64], s: PrefillShape) -> At
                 let at = (n * s.sq + i) * width + h * dh;
                 let keys = (s.q_offset + i + 1).min(s.skv);
                 let kv = |j: usize| {
-                    let r = (n * s.kv_seq_stride + j) * width + h * dh;
+                    let r = (n * s.kv_seq_stride + j) * kv_width + (h / group) * dh;
                     (&k[r..r + dh], &v[r..r + dh])
                 };
                 let (o, l) = attend(&q[at..at + dh], keys, kv);
@@ -165,17 +209,18 @@ pub fn attention_prefill(q: &[f64], k: &[f64], v: &[f64], s: PrefillShape) -> At
 }
 
 /// One query per sequence against the first `len` rows of a cache
-/// `[nseq, cap, heads·head_dim]`: output `[nseq, heads·head_dim]`,
+/// `[nseq, cap, kv_heads·head_dim]` (query head `h` reads K/V head
+/// `h / (heads / kv_heads)`): output `[nseq, heads·head_dim]`,
 /// log-sum-exp `[nseq, heads]`.
 pub fn attention_decode(q: &[f64], k_cache: &[f64], v_cache: &[f64], s: DecodeShape) -> Attention {
-    let (dh, width) = (s.head_dim, s.heads * s.head_dim);
+    let (dh, width, kv_width, group) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads / s.kv_heads);
     let mut out = vec![0.0; s.nseq * width];
     let mut lse = vec![0.0; s.nseq * s.heads];
     for n in 0..s.nseq {
         for h in 0..s.heads {
             let at = n * width + h * dh;
             let kv = |j: usize| {
-                let r = (n * s.cap + j) * width + h * dh;
+                let r = (n * s.cap + j) * kv_width + (h / group) * dh;
                 (&k_cache[r..r + dh], &v_cache[r..r + dh])
             };
             let (o, l) = attend(&q[at..at + dh], s.len, kv);

@@ -3,7 +3,7 @@
 
 use super::reference as r;
 use super::*;
-use crate::backend::{BackendError, DecodeShape, PrefillShape, Result, RowRun, StepVars};
+use crate::backend::{BackendError, DecodeShape, PrefillShape, QkvSplit, Result, RowRun, StepVars};
 use std::time::Instant;
 
 /// One deliberate mistake in an otherwise correct backend.
@@ -17,6 +17,10 @@ enum Fault {
     DecodeDropsLastKey,
     /// The router gives a tie to the highest expert index.
     RouterTiesUpwards,
+    /// The rotary embedding turns q but leaves k as it was.
+    RopeLeavesKUnrotated,
+    /// Grouped attention reads K/V head `h % kv_heads` instead of `h / group`.
+    GroupsInterleaved,
 }
 
 /// The CPU backend with one [`Fault`].
@@ -85,8 +89,16 @@ impl Backend for Faulty {
     fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
         self.cpu.add_assign(x, y)
     }
-    fn split_qkv(&self, qkv: &Vec<f32>, rows: usize, width: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        self.cpu.split_qkv(qkv, rows, width)
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<()> {
+        self.cpu.silu_mul(gate, up)
+    }
+    fn split_qkv_rope(&self, qkv: &Vec<f32>, rows: usize, split: &QkvSplit) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (q, k, v) = self.cpu.split_qkv_rope(qkv, rows, split)?;
+        if self.fault == Fault::RopeLeavesKUnrotated {
+            let plain = self.cpu.split_qkv_rope(qkv, rows, &QkvSplit { rope: None, ..*split })?;
+            return Ok((q, plain.1, v));
+        }
+        Ok((q, k, v))
     }
     fn gather_rows(&self, src: &Vec<f32>, cols: usize, runs: &[RowRun]) -> Result<Vec<f32>> {
         self.cpu.gather_rows(src, cols, runs)
@@ -95,6 +107,12 @@ impl Backend for Faulty {
         self.cpu.scatter_rows(dst, cols, runs, src)
     }
     fn attention_prefill(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, s: PrefillShape) -> Result<(Vec<f32>, Vec<f32>)> {
+        if self.fault == Fault::GroupsInterleaved && s.kv_heads < s.heads {
+            // Repeat the K/V heads so that query head h meets K/V head h % kv_heads.
+            let rows = s.nseq * s.kv_seq_stride;
+            let spread = |x: &Vec<f32>| -> Vec<f32> { (0..rows).flat_map(|r| (0..s.heads).flat_map(move |h| x[(r * s.kv_heads + h % s.kv_heads) * s.head_dim..][..s.head_dim].to_vec())).collect() };
+            return self.cpu.attention_prefill(q, &spread(k), &spread(v), PrefillShape { kv_heads: s.heads, ..s });
+        }
         self.cpu.attention_prefill(q, k, v, s)
     }
     fn attention_decode(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, s: DecodeShape) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -133,6 +151,9 @@ impl Backend for Faulty {
     }
     fn embed_step(&self, table: &Vec<f32>, d: usize, nseq: usize) -> Result<Vec<f32>> {
         self.cpu.embed_step(table, d, nseq)
+    }
+    fn embed_step_tokens(&self, table: &Vec<f32>, d: usize, nseq: usize) -> Result<Vec<f32>> {
+        self.cpu.embed_step_tokens(table, d, nseq)
     }
     fn store_step(&self, cache: &mut Vec<f32>, src: &Vec<f32>, nseq: usize, cap: usize, width: usize) -> Result<()> {
         self.cpu.store_step(cache, src, nseq, cap, width)
@@ -220,6 +241,27 @@ fn the_reference_slots_group_assignments_by_expert_and_drop_past_the_capacity() 
 }
 
 #[test]
+fn a_rotation_that_leaves_k_unrotated_fails_only_the_rotating_splits() {
+    let be = Faulty { cpu: CpuBackend::new(), fault: Fault::RopeLeavesKUnrotated };
+    let rows = run(&be, 7, split_qkv_rope);
+    for r in &rows {
+        // A plain split has nothing to rotate; a rotation at position 0 turns nothing.
+        let unturned = r.op == "split_qkv[grouped]" || r.shape.contains("[(0, 1)]");
+        assert_eq!(r.pass, unturned, "{r:?}");
+    }
+}
+
+#[test]
+fn grouped_attention_that_pairs_the_wrong_kv_heads_fails_but_mqa_and_mha_cannot_tell() {
+    let be = Faulty { cpu: CpuBackend::new(), fault: Fault::GroupsInterleaved };
+    let rows = run(&be, 8, attention_prefill_grouped_heads);
+    for r in &rows {
+        // With one K/V head every pairing is the same one.
+        assert_eq!(r.pass, r.shape.contains("kv 1 "), "{r:?}");
+    }
+}
+
+#[test]
 fn the_cpu_backend_passes_the_checks_it_is_asked_for() {
     let be = CpuBackend::new();
     let rows = run(&be, 6, split_qkv);
@@ -262,11 +304,11 @@ fn the_reference_merge_of_two_cache_halves_is_attention_over_the_whole_cache() {
     let (nseq, cap, heads, dh) = (2, 9, 3, 4);
     let width = heads * dh;
     let (q, k, v) = (normals(nseq * width, 1), normals(nseq * cap * width, 2), normals(nseq * cap * width, 3));
-    let whole = r::attention_decode(&q, &k, &v, DecodeShape { nseq, cap, len: cap, heads, head_dim: dh });
+    let whole = r::attention_decode(&q, &k, &v, DecodeShape { nseq, cap, len: cap, heads, kv_heads: heads, head_dim: dh });
     let half = |start: usize, len: usize| {
         let runs: Vec<RowRun> = (0..nseq).map(|n| RowRun::new(n * cap + start, len)).collect();
         let (kh, vh) = (r::gather_rows(&k, width, &runs), r::gather_rows(&v, width, &runs));
-        r::attention_decode(&q, &kh, &vh, DecodeShape { nseq, cap: len, len, heads, head_dim: dh })
+        r::attention_decode(&q, &kh, &vh, DecodeShape { nseq, cap: len, len, heads, kv_heads: heads, head_dim: dh })
     };
     let (a, b) = (half(0, 4), half(4, 5));
     let merged = r::merge_partials(&a.out, &a.lse, &b.out, &b.lse, nseq * heads, dh);
@@ -279,12 +321,12 @@ fn a_reference_query_block_at_an_offset_equals_those_rows_of_the_full_prefill() 
     let (s, heads, dh) = (8, 2, 4);
     let width = heads * dh;
     let (q, k, v) = (normals(s * width, 4), normals(s * width, 5), normals(s * width, 6));
-    let full = r::attention_prefill(&q, &k, &v, PrefillShape { nseq: 1, sq: s, skv: s, kv_seq_stride: s, heads, head_dim: dh, q_offset: 0 });
-    let block = r::attention_prefill(&q[3 * width..6 * width], &k, &v, PrefillShape { nseq: 1, sq: 3, skv: 6, kv_seq_stride: s, heads, head_dim: dh, q_offset: 3 });
+    let full = r::attention_prefill(&q, &k, &v, PrefillShape { nseq: 1, sq: s, skv: s, kv_seq_stride: s, heads, kv_heads: heads, head_dim: dh, q_offset: 0 });
+    let block = r::attention_prefill(&q[3 * width..6 * width], &k, &v, PrefillShape { nseq: 1, sq: 3, skv: 6, kv_seq_stride: s, heads, kv_heads: heads, head_dim: dh, q_offset: 3 });
     close(&block.out, &full.out[3 * width..6 * width]);
     // The first query sees one key: its output is that key's value.
     close(&full.out[..dh], &v[..dh]);
-    assert_eq!(r::attention_prefill(&q, &k, &v, PrefillShape { nseq: 1, sq: s, skv: 0, kv_seq_stride: s, heads, head_dim: dh, q_offset: 0 }).lse, vec![f64::NEG_INFINITY; heads * s]);
+    assert_eq!(r::attention_prefill(&q, &k, &v, PrefillShape { nseq: 1, sq: s, skv: 0, kv_seq_stride: s, heads, kv_heads: heads, head_dim: dh, q_offset: 0 }).lse, vec![f64::NEG_INFINITY; heads * s]);
 }
 
 #[test]

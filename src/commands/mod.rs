@@ -7,6 +7,7 @@ pub mod analyze;
 pub mod bench;
 pub mod check_gpu;
 pub mod env;
+pub mod export;
 pub mod run;
 pub mod validate;
 pub mod verify;
@@ -65,11 +66,12 @@ impl From<SpecError> for Failure {
 }
 
 /// The exit code of a strategy's failure: device errors 4, NCCL errors 5,
-/// anything else (a bug) 1.
+/// a checkpoint that breaks a rule 2, anything else (a bug) 1.
 pub fn exit_for(e: &StrategyError) -> Exit {
     match e {
         StrategyError::Backend(b) | StrategyError::Comm(CommError::Backend(b)) => exit_for_backend(b),
         StrategyError::Comm(CommError::Nccl(_)) => Exit::Nccl,
+        StrategyError::Checkpoint(_) => Exit::Usage,
         StrategyError::Comm(_) | StrategyError::Protocol(_) => Exit::Failure,
     }
 }

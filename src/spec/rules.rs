@@ -25,6 +25,8 @@ pub struct LaunchFacts {
 /// strategy's own rules, the world size, one rank per GPU and the memory fit.
 pub fn validate(job: &JobSpec, facts: &LaunchFacts) -> Result<ModelConfig, SpecError> {
     let m = job.model.resolve()?;
+    // The checkpoint's files, tensors, shapes and dtypes, before any device work.
+    crate::model::checkpoint::check(&m)?;
     let w = &job.workload;
     if job.strategies.is_empty() {
         return Err(rule("at-least-one-strategy", "the job lists no [[strategy]]"));

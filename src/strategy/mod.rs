@@ -34,6 +34,10 @@ pub enum StrategyError {
     Backend(#[from] crate::backend::BackendError),
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// The model's checkpoint broke a rule when it was opened (checked
+    /// before any work, so only a file changed since then gets here).
+    #[error(transparent)]
+    Checkpoint(#[from] Violation),
     /// The dataflow was driven out of order (a bug, not bad input).
     #[error("{0}")]
     Protocol(String),

@@ -24,104 +24,8 @@ use super::kernels::KernelFile;
 use crate::backend::Dtype;
 use std::ffi::c_void;
 
-/// The decode step's scalars are int32 values in device memory at these
-/// indices (`FAPOOL_STEP_*` in `kernels/common.cuh`): the position, the
-/// cache row to store the new K/V at (-1: none), the length to attend over,
-/// and from [`STEP_TOKENS`] on the token of each sequence.
-pub const STEP_POS: usize = 0;
-pub const STEP_STORE_AT: usize = 1;
-pub const STEP_LEN: usize = 2;
-pub const STEP_TOKENS: usize = 4;
-
-/// Row runs `copy_row_runs_inline` takes by value (`INLINE_RUNS`, copy.cu).
-pub const INLINE_RUNS: usize = 8;
-/// Bytes of row a copy block takes at a time (`COPY_TILE_BYTES`, copy.cu).
-pub const COPY_TILE_BYTES: usize = 16_384;
-
-/// Threads per block the fixed-size kernels are written for.
-pub const RMSNORM_THREADS: u32 = 256;
-pub const ARGMAX_THREADS: u32 = 256;
-pub const DECODE_THREADS: u32 = 128;
-pub const DECODE_ROWS_THREADS: u32 = 512;
-/// Warps (query rows) per block of the general prefill kernel, and the
-/// key/value rows it stages per tile.
-pub const PREFILL_WARPS: u32 = 8;
-pub const PREFILL_TILE: u32 = 32;
-/// The largest head_dim the general prefill kernel handles.
-pub const PREFILL_MAX_D: u32 = 256;
-/// The head_dim of the tensor-core prefill kernels, their key/value tile
-/// rows, and the bytes of one staged row.
-pub const FA_D: u32 = 128;
-pub const FA_BN: u32 = 64;
-pub const FA_ROW_BYTES: u32 = 256;
-/// The Hopper prefill kernel (flash_sm90.cu): threads per block (a
-/// producer and two consumer warpgroups), query rows per block, keys per
-/// K/V tile, head_dim, and the bytes of one 64-column half of a 128-row
-/// tile (what one TMA box moves).
-pub const F3_THREADS: u32 = 384;
-pub const F3_BM: u32 = 128;
-pub const F3_BN: u32 = 128;
-pub const F3_D: u32 = 128;
-pub const F3_HALF_BYTES: u32 = 128 * 128;
-/// Its dynamic shared memory (the source's `F3_SMEM_BYTES`): the Q block,
-/// two K and two V stages of two halves each, nine mbarriers, and 1 KiB of
-/// slack to align the tiles to the 1 KiB of the swizzle atoms.
-pub const F3_SMEM_BYTES: u32 = 5 * 2 * F3_HALF_BYTES + 8 * 9 + 1024;
-/// Rows of K and of V per stage and stages of the bulk-copy decode kernel's
-/// ring (decode.cu's `DECODE_BULK_*`).
-pub const DECODE_BULK_ROWS: u32 = 4;
-pub const DECODE_BULK_STAGES: u32 = 3;
-/// The most warps `decode_combine` takes (its shared arrays hold one entry
-/// per warp).
-pub const DECODE_COMBINE_MAX_WARPS: u32 = 8;
-
-/// The mixture-of-experts kernels (moe.cu): threads of the router (a warp
-/// per row), the most experts and the largest top-k it handles, the
-/// assignments per block of the count and place kernels and their
-/// threads, and the threads of the row kernels (a warp per row).
-pub const MOE_ROUTER_THREADS: u32 = 256;
-pub const MOE_MAX_EXPERTS: usize = 256;
-pub const MOE_MAX_TOP_K: usize = 8;
-pub const MOE_CHUNK: usize = 1024;
-pub const MOE_CHUNK_THREADS: u32 = 256;
-pub const MOE_ROWS_THREADS: u32 = 256;
-
-/// The `#define`s of the kernel sources the host relies on, with the
-/// values it uses (checked by the tests).
-#[cfg(test)]
-pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
-    ("FAPOOL_STEP_POS", STEP_POS as u64),
-    ("FAPOOL_STEP_STORE_AT", STEP_STORE_AT as u64),
-    ("FAPOOL_STEP_LEN", STEP_LEN as u64),
-    ("FAPOOL_STEP_TOKENS", STEP_TOKENS as u64),
-    ("INLINE_RUNS", INLINE_RUNS as u64),
-    ("COPY_TILE_BYTES", COPY_TILE_BYTES as u64),
-    ("RMSNORM_THREADS", RMSNORM_THREADS as u64),
-    ("ARGMAX_THREADS", ARGMAX_THREADS as u64),
-    ("DECODE_THREADS", DECODE_THREADS as u64),
-    ("DECODE_ROWS_THREADS", DECODE_ROWS_THREADS as u64),
-    ("PREFILL_WARPS", PREFILL_WARPS as u64),
-    ("PREFILL_TILE", PREFILL_TILE as u64),
-    ("PREFILL_MAX_D", PREFILL_MAX_D as u64),
-    ("FA_D", FA_D as u64),
-    ("FA_BN", FA_BN as u64),
-    ("FA_ROW_BYTES", FA_ROW_BYTES as u64),
-    ("F3_THREADS", F3_THREADS as u64),
-    ("F3_BM", F3_BM as u64),
-    ("F3_BN", F3_BN as u64),
-    ("F3_D", F3_D as u64),
-    ("F3_HALF_BYTES", F3_HALF_BYTES as u64),
-    ("F3_SMEM_BYTES", F3_SMEM_BYTES as u64),
-    ("DECODE_BULK_ROWS", DECODE_BULK_ROWS as u64),
-    ("DECODE_BULK_STAGES", DECODE_BULK_STAGES as u64),
-    ("DECODE_COMBINE_MAX_WARPS", DECODE_COMBINE_MAX_WARPS as u64),
-    ("MOE_ROUTER_THREADS", MOE_ROUTER_THREADS as u64),
-    ("MOE_MAX_EXPERTS", MOE_MAX_EXPERTS as u64),
-    ("MOE_MAX_TOP_K", MOE_MAX_TOP_K as u64),
-    ("MOE_CHUNK", MOE_CHUNK as u64),
-    ("MOE_CHUNK_THREADS", MOE_CHUNK_THREADS as u64),
-    ("MOE_ROWS_THREADS", MOE_ROWS_THREADS as u64),
-];
+mod constants;
+pub use constants::*;
 
 /// Dynamic shared memory of `prefill_general` for `head_dim` (the
 /// source's `PREFILL_SMEM_BYTES`): K and V tiles of [`PREFILL_TILE`] rows
@@ -308,13 +212,22 @@ kernel_args! {
     GeluArgs { x: *mut Storage, n: u64 }
     /// `gelu_mul_*` (elementwise.cu): `gate = gelu(gate) * up`.
     GeluMulArgs { gate: *mut Storage, up: *const Storage, n: u64 }
+    /// `silu_mul_*` (elementwise.cu): `gate = silu(gate) * up`.
+    SiluMulArgs { gate: *mut Storage, up: *const Storage, n: u64 }
+    /// `split_qkv_rope_*` (elementwise.cu): fused QKV rows into q, k, v with
+    /// q and k rotated; positions from the step scalars (`step` non-null) or
+    /// from up to two segments per sequence.
+    SplitQkvRopeArgs {
+        q: *mut Storage, k: *mut Storage, v: *mut Storage, qkv: *const Storage, inv_freq: *const f64, step: *const i32,
+        rows: u64, q_width: i32, kv_width: i32, head_dim: i32, per_seq: i32, seg0_start: i32, seg0_len: i32, seg1_start: i32,
+    }
     /// `add_*` (elementwise.cu): `x += y`.
     AddArgs { x: *mut Storage, y: *const Storage, n: u64 }
     /// `fill_uniform_*` (elementwise.cu): uniform values in `[-scale, scale)` from `seed`.
     FillUniformArgs { x: *mut Storage, n: u64, seed: u64, scale: f32 }
     /// `rmsnorm_*` (norm.cu): one block per row.
     RmsnormArgs { out: *mut Storage, x: *const Storage, w: *const Storage, rows: u64, cols: u64, eps: f32 }
-    /// `embed_*` (embed.cu): token rows plus sinusoids, `n` positions per sequence from `pos0`.
+    /// `embed_*` (embed.cu): token rows plus sinusoids, `n` positions per sequence from `pos0` (no sinusoid where `freq` is null).
     EmbedArgs { out: *mut Storage, table: *const Storage, tokens: *const u32, freq: *const f64, rows: u64, d: u64, n: u64, pos0: u64 }
     /// `embed_step_*` (embed.cu): tokens and position from the step scalars.
     EmbedStepArgs { out: *mut Storage, table: *const Storage, step: *const i32, freq: *const f64, rows: u64, d: u64 }
@@ -333,25 +246,25 @@ kernel_args! {
     /// `decode_partial_*` (decode.cu): one split-KV chunk per block, any head_dim.
     DecodePartialArgs {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
-        cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, tpr: i32, chunk: i32, scale_log2: f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, tpr: i32, chunk: i32, scale_log2: f32,
     }
     /// `decode_rows_*` (decode.cu): whole cache rows of `hg` heads per block.
     DecodeRowsArgs {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
-        cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
     }
     /// `decode_bulk_*` (decode.cu, sm_90 and newer): `decode_rows` fed by
     /// bulk copies into a ring of shared-memory stages, a producer warp more.
     DecodeBulkArgs {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
-        cap: i32, len: i32, len_ptr: *const i32, heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
     }
     /// `decode_combine_*` (decode.cu): merges the chunks by their log-sum-exp.
     DecodeCombineArgs { part_o: *const f32, part_lse: *const f32, out: *mut Storage, lse: *mut f32, nsplit: i32, heads: i32, d: i32 }
     /// `prefill_general_*` (prefill.cu).
     PrefillGeneralArgs {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
-        sq: i32, skv: i32, kv_stride: i32, heads: i32, d: i32, q_offset: i32, scale_log2: f32,
+        sq: i32, skv: i32, kv_stride: i32, heads: i32, kv_heads: i32, d: i32, q_offset: i32, scale_log2: f32,
     }
     /// `router_top_k_*` (moe.cu): a warp per row, top `k` of `experts`.
     RouterTopKArgs { logits: *const Storage, ids: *mut f32, weights: *mut f32, rows: u64, experts: i32, k: i32 }
@@ -368,14 +281,14 @@ kernel_args! {
     /// `flash_fwd_d128_*` (flash.cu): head_dim [`FA_D`], bf16/f16.
     FlashArgs {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
-        sq: i32, skv: i32, kv_stride: i32, heads: i32, q_offset: i32, scale_log2: f32,
+        sq: i32, skv: i32, kv_stride: i32, heads: i32, kv_heads: i32, q_offset: i32, scale_log2: f32,
     }
     /// `flash_sm90_fwd_d128_*` and `flash_sm90_ftz_fwd_d128_*` (flash_sm90.cu,
     /// sm_90a): head_dim [`F3_D`], bf16/f16, Q, K and V read through tensor
     /// maps (K and V with the cache's sequence stride).
     FlashSm90Args {
         tq: TensorMap, tk: TensorMap, tv: TensorMap, out: *mut Storage, lse: *mut f32,
-        sq: i32, skv: i32, heads: i32, q_offset: i32, scale_log2: f32,
+        sq: i32, skv: i32, heads: i32, kv_heads: i32, q_offset: i32, scale_log2: f32,
     }
 }
 
@@ -503,6 +416,8 @@ macro_rules! kernels {
 kernels! {
     GELU: GeluArgs = Elementwise, typed!("gelu"), Block::Any;
     GELU_MUL: GeluMulArgs = Elementwise, typed!("gelu_mul"), Block::Any;
+    SILU_MUL: SiluMulArgs = Elementwise, typed!("silu_mul"), Block::Any;
+    SPLIT_QKV_ROPE: SplitQkvRopeArgs = Elementwise, typed!("split_qkv_rope"), Block::Any;
     ADD: AddArgs = Elementwise, typed!("add"), Block::Any;
     FILL_UNIFORM: FillUniformArgs = Elementwise, typed!("fill_uniform"), Block::Any;
     RMSNORM: RmsnormArgs = Norm, typed!("rmsnorm"), Block::AtMost(RMSNORM_THREADS);

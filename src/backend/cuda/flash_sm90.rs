@@ -138,7 +138,8 @@ pub(super) fn prefill(be: &CudaBackend, kernel: &Kernel<FlashSm90Args>, q: &Cuda
     // The kernel indexes keys as q_offset + row; both must stay in range.
     int("q_offset + sq", s.q_offset + s.sq)?;
     let tq = Operand { base: q.device_ptr(), rows: s.sq, seq_stride: s.sq, heads: s.heads, nseq: s.nseq }.map(be, q)?;
-    let kv = |buf: &CudaBuf| Operand { base: buf.device_ptr(), rows: s.skv, seq_stride: s.kv_seq_stride, heads: s.heads, nseq: s.nseq }.map(be, buf);
+    // K and V have kv_heads heads: the kernel loads K/V head h / (heads / kv_heads) for query head h.
+    let kv = |buf: &CudaBuf| Operand { base: buf.device_ptr(), rows: s.skv, seq_stride: s.kv_seq_stride, heads: s.kv_heads, nseq: s.nseq }.map(be, buf);
     let args = FlashSm90Args {
         tq,
         tk: kv(k)?,
@@ -148,12 +149,14 @@ pub(super) fn prefill(be: &CudaBackend, kernel: &Kernel<FlashSm90Args>, q: &Cuda
         sq: int("sq", s.sq)?,
         skv: int("skv", s.skv)?,
         heads: int("heads", s.heads)?,
+        kv_heads: int("kv_heads", s.kv_heads)?,
         q_offset: int("q_offset", s.q_offset)?,
         scale_log2: std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt(),
     };
     let grid = (mblocks as u32, s.heads as u32, s.nseq as u32);
     // SAFETY: the maps cover q's nseq × sq rows and k's and v's nseq ×
-    // kv_seq_stride rows with skv <= kv_seq_stride (checked by the caller),
+    // kv_seq_stride rows of kv_heads heads with skv <= kv_seq_stride and
+    // kv_heads dividing heads (checked by the caller),
     // and the kernel reads only through them (reads past a map's extent
     // return zeros); out and lse hold nseq × sq rows (allocated by the
     // caller); the grid covers exactly the (query block, head, sequence)
@@ -172,6 +175,14 @@ mod tests {
         let (dims, strides) = op.dims_and_strides();
         assert_eq!(dims, [128, 32, 480, 2]);
         assert_eq!(strides, [256, 32 * 256, 512 * 32 * 256]);
+    }
+
+    #[test]
+    fn grouped_kv_maps_have_the_kv_heads_only() {
+        // Llama 3 8B's K/V: 8 heads of 128 in rows of 2 KiB.
+        let (dims, strides) = Operand { base: 0, rows: 4096, seq_stride: 4096, heads: 8, nseq: 1 }.dims_and_strides();
+        assert_eq!(dims, [128, 8, 4096, 1]);
+        assert_eq!(strides, [256, 8 * 256, 4096 * 8 * 256]);
     }
 
     #[test]

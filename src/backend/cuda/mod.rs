@@ -111,6 +111,8 @@ pub struct CudaBackend {
     bulk_decode: bool,
     /// Sinusoid frequency tables by model width (f64, as the reference computes them).
     freq_tables: Mutex<HashMap<usize, CudaSlice<f64>>>,
+    /// RoPE's inverse frequencies by (head_dim, θ's bits), uploaded on first use.
+    rope_tables: Mutex<HashMap<(usize, u64), CudaSlice<f64>>>,
     /// The decode step's scalars (`contract::STEP_*`), allocated on first use.
     step: Mutex<Option<CudaSlice<i32>>>,
     /// A recording is in progress: buffers come from `arena`, marks are
@@ -163,6 +165,7 @@ impl CudaBackend {
             prefill_kernel: AtomicU8::new(PrefillKernel::Auto.to_u8()),
             bulk_decode,
             freq_tables: Mutex::new(HashMap::new()),
+            rope_tables: Mutex::new(HashMap::new()),
             step: Mutex::new(None),
             capturing: AtomicBool::new(false),
             arena: Mutex::new(Arena::default()),

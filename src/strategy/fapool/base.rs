@@ -11,6 +11,7 @@ use super::layout::Aggregation;
 use super::units::{schedule, Step, UnitBlocks};
 use crate::backend::{Backend, RowCopy, RowRun};
 use crate::comm::{Category, RecvPart, SendTo, Ticket};
+use crate::strategy::common::tp;
 use crate::strategy::{protocol, Result, StepOut};
 use std::collections::BTreeMap;
 
@@ -21,7 +22,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         if self.spec.pool_ops.pool_qkv() {
             self.cfg.d_model
         } else {
-            3 * self.cfg.attn_width()
+            self.cfg.qkv_width()
         }
     }
 
@@ -45,7 +46,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         }
         let h = self.be.rmsnorm(x, &rank.layers[l].attn_norm, rows, d, self.cfg.norm_eps)?;
         let (send, w) = match &rank.attention[l].qkv {
-            Some(qkv) => (self.be.matmul(&h, qkv, rows, d, 3 * self.cfg.attn_width())?, self.handoff_width()),
+            Some(qkv) => (self.be.matmul(&h, qkv, rows, d, self.cfg.qkv_width())?, self.handoff_width()),
             None => (h, self.handoff_width()),
         };
         let parts: Vec<SendTo> = if ub.blocks() == 1 && ub.segments.iter().all(Vec::is_empty) {
@@ -188,7 +189,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         for ub in &units {
             let (seqs, pos) = (&ub.unit.seqs, &ub.unit.positions);
             let tokens: Vec<u32> = seqs.clone().flat_map(|n| prompts[n * s + pos.start..n * s + pos.end].iter().copied()).collect();
-            let all = self.be.embed(&rank.edge.embedding, d, &tokens, seqs.len(), pos.len(), pos.start)?;
+            let all = tp::embed(self.be, self.cfg, &rank.edge.embedding, &tokens, seqs.len(), pos.len(), pos.start)?;
             x.push(self.be.gather_rows(&all, d, &ub.base_runs(rank.index))?);
         }
         self.base_pipeline(rank, &units, &mut x)?;
@@ -211,7 +212,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
     pub(super) fn base_decode(&self, rank: &BaseRank<B>, batch: &BatchState<B>) -> Result<Option<B::Buf>> {
         let (nseq, d) = (batch.shape.nseq, self.cfg.d_model);
         let units = batch.decode_blocks(&self.spec, batch.shape.seq_len);
-        let all = self.be.embed_step(&rank.edge.embedding, d, nseq)?;
+        let all = tp::embed_step(self.be, self.cfg, &rank.edge.embedding, nseq)?;
         let mut x = Vec::with_capacity(units.len());
         for ub in &units {
             let runs: Vec<RowRun> = ub.base_runs(rank.index).into_iter().map(|r| RowRun::new(ub.unit.seqs.start + r.start, r.len)).collect();

@@ -25,7 +25,7 @@ use crate::comm::{Category, Comm, Group};
 use crate::model::{ModelConfig, Tensor, Weights};
 use crate::strategy::common::groups::Groups;
 use crate::strategy::common::kv::KvCache;
-use crate::strategy::common::tp::{EdgeWeights, LayerShard, Span, TpMath};
+use crate::strategy::common::tp::{self, EdgeWeights, LayerShard, Span, TpMath};
 use crate::strategy::common::{micro_batches, split_even, Phase};
 use crate::strategy::{protocol, BatchSetup, BatchShape, BuildContext, Layout, Result, StepOut, Strategy};
 use std::collections::BTreeMap;
@@ -137,10 +137,10 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
     /// sequence's last token on the base root.
     fn base_only_pass(&self, rank: &BaseRank<B>, batch: &mut BatchState<B>, tokens: &[u32], span: Span) -> Result<Option<B::Buf>> {
         let math = self.math();
-        let (nseq, d) = (span.seqs.len(), self.cfg.d_model);
+        let nseq = span.seqs.len();
         let mut x = match span.phase {
-            Phase::Prefill(s) => self.be.embed(&rank.edge.embedding, d, tokens, nseq, s, 0)?,
-            Phase::Decode => self.be.embed_step(&rank.edge.embedding, d, nseq)?,
+            Phase::Prefill(s) => tp::embed(self.be, self.cfg, &rank.edge.embedding, tokens, nseq, s, 0)?,
+            Phase::Decode => tp::embed_step(self.be, self.cfg, &rank.edge.embedding, nseq)?,
         };
         let cache = batch.base_cache.as_mut().ok_or_else(|| protocol("the base has no cache with the pool active"))?;
         for (l, layer) in rank.layers.iter().enumerate() {
@@ -167,7 +167,7 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
     pub fn new(cx: BuildContext<'a, 'c, B>, spec: &FapoolSpec, name: &str, layout: &Layout) -> Result<Self> {
         let BuildContext { be, comm, cfg, world } = cx;
         let mut groups = Groups::create(comm, world, layout, name)?;
-        let w = Weights::new(cfg);
+        let w = Weights::open(cfg)?;
         let policy = spec.policy(world.size());
         let ops = spec.pool_ops;
         let full = |t: Tensor| be.upload(&w.full(t));
@@ -231,11 +231,11 @@ impl<'a, 'c, B: Backend> Strategy<B> for Fapool<'a, 'c, B> {
         let groups = if effective > 0 && spec.overlap && shape.nseq >= 2 { split_even(shape.nseq, 2) } else { vec![0..shape.nseq] };
         let mut batch = BatchState { shape, micro_batches: split_even(shape.nseq, mbs), p: effective, base_cache: None, groups, pool_caches: Vec::new(), cached: Vec::new() };
         let (be, cfg) = (self.cx.be, self.cx.cfg);
-        let a = cfg.attn_width();
+        let kv = cfg.kv_width();
         let active = match &self.rank {
             Rank::Base(_) => {
                 if effective == 0 {
-                    batch.base_cache = Some(KvCache::new(be, cfg.layers, shape.nseq, shape.context(), a / spec.base)?);
+                    batch.base_cache = Some(KvCache::new(be, cfg.layers, shape.nseq, shape.context(), cfg.kv_heads_per_rank(spec.base) * cfg.head_dim)?);
                 }
                 true
             }
@@ -244,7 +244,7 @@ impl<'a, 'c, B: Backend> Strategy<B> for Fapool<'a, 'c, B> {
                 let first = batch.prefill_blocks(spec).into_iter().filter(|u| u.unit.seqs.start == 0).collect::<Vec<_>>();
                 batch.cached = (0..effective).map(|i| first.iter().map(|u| u.segments[i].iter().map(|seg| seg.1).sum::<usize>()).sum()).collect();
                 let cap = batch.cached.iter().copied().max().unwrap_or(0) + shape.out_tokens;
-                batch.pool_caches = batch.groups.iter().map(|g| KvCache::new(be, cfg.layers, g.len(), cap, a)).collect::<Result<Vec<_>>>()?;
+                batch.pool_caches = batch.groups.iter().map(|g| KvCache::new(be, cfg.layers, g.len(), cap, kv)).collect::<Result<Vec<_>>>()?;
                 true
             }
             Rank::Pool(_) | Rank::Idle => false,

@@ -223,34 +223,37 @@ impl FapoolSpec {
     /// block's K/V of every layer (and of the decode tokens), and the
     /// replicated K/V of at most two layers.
     pub(super) fn memory_of(&self, m: &ModelConfig, shape: BatchShape, world: usize, elem: usize) -> u64 {
-        let (d, a, f, l, v) = (m.d_model as u64, m.attn_width() as u64, m.ffn as u64, m.layers as u64, m.vocab as u64);
+        let (d, a, kv, f, l, v) = (m.d_model as u64, m.attn_width() as u64, m.kv_width() as u64, m.ffn as u64, m.layers as u64, m.vocab as u64);
         let (n, sl, ctx) = (shape.nseq as u64, shape.seq_len as u64, shape.context() as u64);
-        let ffn_params = m.layer_params() - 4 * d * a - 2 * d;
+        let (qkv_params, out_params) = (d * (a + 2 * kv), a * d);
+        let ffn_params = m.layer_params() - qkv_params - out_params - 2 * d;
         let tokens = n * sl;
         let bsz = self.base as u64;
+        // A base rank's K/V width as a TP rank (its K/V heads, at least one).
+        let kvb = (m.kv_heads_per_rank(self.base) * m.head_dim) as u64;
         let pool = self.policy(world).pool_size(shape.seq_len).1 as u64;
         let (pool_qkv, pool_out) = (self.pool_ops.pool_qkv(), self.pool_ops.pool_out());
-        let base_weights = l * (4 * d * a + ffn_params) / bsz + 2 * v * d;
+        let base_weights = l * (d * (a / bsz + 2 * kvb) + out_params / bsz + ffn_params / bsz) + 2 * v * d;
         let bytes = if pool == 0 {
-            let kv = n * ctx * 2 * l * a / bsz;
+            let kv_cache = n * ctx * 2 * l * kvb;
             let act = tokens * (4 * d + 2 * f / bsz) + n * v;
-            base_weights + kv + act + tokens * 3 * a / bsz
+            base_weights + kv_cache + act + tokens * (a / bsz + 2 * kvb)
         } else {
             let on_base = |here: bool, params: u64| if here { 0 } else { l * params };
-            let weights = base_weights + on_base(pool_qkv, 3 * d * a) + on_base(pool_out, d * a);
-            let (rows, handoff, result) = (tokens.div_ceil(bsz), if pool_qkv { d } else { 3 * a }, if pool_out { d } else { a });
+            let weights = base_weights + on_base(pool_qkv, qkv_params) + on_base(pool_out, out_params);
+            let (rows, handoff, result) = (tokens.div_ceil(bsz), if pool_qkv { d } else { a + 2 * kv }, if pool_out { d } else { a });
             // Own rows: residual, hand-off and result; gathered FFN input,
             // hidden columns and the reduce-scatter's input.
             let act = rows * (d + handoff + result) + tokens * (2 * d + 2 * f / bsz) + n * v;
             let base = weights + act;
             let block = sl.div_ceil(pool);
-            let pool_weights = if pool_qkv { l * 3 * d * a } else { 0 } + if pool_out { l * d * a } else { 0 };
-            let kv = n * (block + shape.out_tokens as u64) * 2 * l * a;
+            let pool_weights = if pool_qkv { l * qkv_params } else { 0 } + if pool_out { l * out_params } else { 0 };
+            let kv_cache = n * (block + shape.out_tokens as u64) * 2 * l * kv;
             // The replicated K/V prefixes in flight (a layer's, and with
             // chunks the next layer's while the pipeline spans two), and the
             // block's input, q/k/v, attention output and result.
-            let pool_act = n * sl * 4 * a + n * block * (handoff + 3 * a + a + result);
-            base.max(pool_weights + kv + pool_act)
+            let pool_act = n * sl * 4 * kv + n * block * (handoff + a + 2 * kv + a + result);
+            base.max(pool_weights + kv_cache + pool_act)
         };
         bytes * elem as u64
     }

@@ -13,8 +13,9 @@
 use super::dataflow::{BatchState, Ctx, PoolRank};
 use super::layout::Aggregation;
 use super::units::{schedule, Step, UnitBlocks};
-use crate::backend::{Backend, DecodeShape, PrefillShape, RowCopy, RowRun};
+use crate::backend::{Backend, DecodeShape, PrefillShape, RopePositions, RowCopy, RowRun};
 use crate::comm::{Category, Group, RecvPart, SendTo, Ticket};
+use crate::strategy::common::tp;
 use crate::strategy::common::tree::{self, TreeStep};
 use crate::strategy::{protocol, Result};
 use std::collections::BTreeMap;
@@ -37,7 +38,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         if self.spec.pool_ops.pool_qkv() {
             self.cfg.d_model
         } else {
-            3 * self.cfg.attn_width()
+            self.cfg.qkv_width()
         }
     }
 
@@ -52,14 +53,15 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         Ok(Some(self.comm.issue(Category::PoolScatter, &rank.down, None, Some((self.be.empty(rows * w)?, parts)))?))
     }
 
-    /// q, k, v of `rows` received rows, projected here or by the base.
-    fn pool_qkv(&self, rank: &PoolRank<B>, l: usize, input: &B::Buf, rows: usize) -> Result<(B::Buf, B::Buf, B::Buf)> {
-        let (d, a) = (self.cfg.d_model, self.cfg.attn_width());
-        let qkv = match &rank.layers[l].qkv {
-            Some(w) => self.be.matmul(input, w, rows, d, 3 * a)?,
-            None => return Ok(self.be.split_qkv(input, rows, a)?),
-        };
-        Ok(self.be.split_qkv(&qkv, rows, a)?)
+    /// q, k, v of `rows` received rows at `positions`, projected here or by
+    /// the base, q and k rotated here when the model has rotary positions.
+    fn pool_qkv(&self, rank: &PoolRank<B>, l: usize, input: &B::Buf, rows: usize, positions: RopePositions) -> Result<(B::Buf, B::Buf, B::Buf)> {
+        let c = self.cfg;
+        let split = |qkv: &B::Buf| tp::split_qkv(self.be, c, qkv, rows, c.heads, c.kv_heads, positions);
+        match &rank.layers[l].qkv {
+            Some(w) => split(&self.be.matmul(input, w, rows, c.d_model, c.qkv_width())?),
+            None => split(input),
+        }
     }
 
     /// The pool's output of `rows` attended rows: projected here, or left to the base.
@@ -139,11 +141,11 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
     /// (projected per `pool_ops`) returned.
     fn pool_attend(&self, rank: &PoolRank<B>, batch: &mut BatchState<B>, ub: &UnitBlocks, l: usize, input: Option<B::Buf>, prefix: &mut Option<Prefix<B>>) -> Result<B::Buf> {
         let (i, p, s) = (rank.index, ub.p, batch.shape.seq_len);
-        let (a, dh, heads) = (self.cfg.attn_width(), self.cfg.head_dim, self.cfg.heads);
+        let (a, kv, dh, heads, kv_heads) = (self.cfg.attn_width(), self.cfg.kv_width(), self.cfg.head_dim, self.cfg.heads, self.cfg.kv_heads);
         let (seqs, pos) = (ub.unit.seqs.clone(), ub.unit.positions.clone());
         let (nb, chunk, bi) = (seqs.len(), pos.len(), ub.block_len(i));
         let (q, k, v) = match &input {
-            Some(x) => self.pool_qkv(rank, l, x, bi)?,
+            Some(x) => self.pool_qkv(rank, l, x, bi, RopePositions::Segments(&ub.segments[i]))?,
             None => (self.be.empty(0)?, self.be.empty(0)?, self.be.empty(0)?),
         };
         // This rank's rows of K/V, for decode: per sequence after its rows of earlier chunks.
@@ -155,8 +157,8 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
                 let (g, at) = batch.group_of(n);
                 let cache = &mut batch.pool_caches[g];
                 let copy = [RowCopy { src: (n - seqs.start) * per_seq, dst: at * cache.cap + before, len: per_seq }];
-                self.be.copy_rows(&mut cache.k[l], a, &k, &copy)?;
-                self.be.copy_rows(&mut cache.v[l], a, &v, &copy)?;
+                self.be.copy_rows(&mut cache.k[l], kv, &k, &copy)?;
+                self.be.copy_rows(&mut cache.v[l], kv, &v, &copy)?;
             }
         }
         // One pool rank and one chunk: its block is the sequences in order, already the prefix.
@@ -164,8 +166,8 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         if !identity {
             let bmax = ub.max_block();
             let pad = |t: &B::Buf| -> Result<B::Buf> {
-                let mut z = self.be.zeros(bmax * a)?;
-                self.be.copy_rows(&mut z, a, t, &[RowCopy { src: 0, dst: 0, len: bi }])?;
+                let mut z = self.be.zeros(bmax * kv)?;
+                self.be.copy_rows(&mut z, kv, t, &[RowCopy { src: 0, dst: 0, len: bi }])?;
                 Ok(z)
             };
             let gathered = if p == 1 {
@@ -191,11 +193,11 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
                 }
             }
             if prefix.is_none() {
-                *prefix = Some(Prefix { k: self.be.empty(nb * s * a)?, v: self.be.empty(nb * s * a)? });
+                *prefix = Some(Prefix { k: self.be.empty(nb * s * kv)?, v: self.be.empty(nb * s * kv)? });
             }
             let pf = prefix.as_mut().expect("just made");
-            self.be.copy_rows(&mut pf.k, a, k_src, &copies)?;
-            self.be.copy_rows(&mut pf.v, a, v_src, &copies)?;
+            self.be.copy_rows(&mut pf.k, kv, k_src, &copies)?;
+            self.be.copy_rows(&mut pf.v, kv, v_src, &copies)?;
         }
         let (k_pre, v_pre) = match (identity, prefix.as_ref()) {
             (true, _) => (&k, &v),
@@ -207,7 +209,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         for &(st, len) in &ub.segments[i] {
             let runs: Vec<RowRun> = (0..nb).map(|n| RowRun::new(n * per_seq + off, len)).collect();
             let q_seg = self.be.gather_rows(&q, a, &runs)?;
-            let shape = PrefillShape { nseq: nb, sq: len, skv: st + len, kv_seq_stride: s, heads, head_dim: dh, q_offset: st };
+            let shape = PrefillShape { nseq: nb, sq: len, skv: st + len, kv_seq_stride: s, heads, kv_heads, head_dim: dh, q_offset: st };
             let (o, _lse) = self.be.attention_prefill(&q_seg, k_pre, v_pre, shape)?;
             self.be.scatter_rows(&mut o_blk, a, &runs, &o)?;
             off += len;
@@ -269,7 +271,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         if i >= p {
             return Ok(());
         }
-        let (a, dh, heads) = (self.cfg.attn_width(), self.cfg.head_dim, self.cfg.heads);
+        let (a, dh, heads, kv_heads) = (self.cfg.attn_width(), self.cfg.head_dim, self.cfg.heads, self.cfg.kv_heads);
         let units = batch.decode_blocks(&self.spec, batch.shape.seq_len);
         let group = active_group(rank, p)?;
         let mut inputs: BTreeMap<(usize, usize), Ticket<B>> = BTreeMap::new();
@@ -288,10 +290,10 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
                     if let Some(t) = layer.checked_sub(1).and_then(|prev| results.remove(&(prev, unit))) {
                         self.comm.complete(t)?;
                     }
-                    let (q, k, v) = self.pool_qkv(rank, layer, &input, rows)?;
+                    let (q, k, v) = self.pool_qkv(rank, layer, &input, rows, RopePositions::Step)?;
                     let cache = &mut batch.pool_caches[unit];
                     cache.store_step(self.be, layer, &k, &v)?;
-                    let shape = DecodeShape { nseq: rows, cap: cache.cap, len: 0, heads, head_dim: dh };
+                    let shape = DecodeShape { nseq: rows, cap: cache.cap, len: 0, heads, kv_heads, head_dim: dh };
                     let (mut o, mut lse) = self.be.attention_decode_step(&q, &cache.k[layer], &cache.v[layer], shape)?;
                     // Binary-tree combine of the partial outputs by their log-sum-exp.
                     let mut root = true;

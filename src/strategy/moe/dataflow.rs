@@ -17,12 +17,12 @@
 use super::experts::{ExpertGroup, ExpertTally, MoeFfn, Tallied};
 use super::layout::{MoeSpec, Place};
 use super::shards::MoeLayer;
-use crate::backend::{Backend, DecodeShape, PrefillShape, RowCopy, RowRun, StepVars};
+use crate::backend::{Backend, DecodeShape, PrefillShape, RopePositions, RowCopy, RowRun, StepVars};
 use crate::comm::{Category, Comm, Group, RecvPart, SendTo};
 use crate::model::{ModelConfig, Weights};
 use crate::strategy::common::groups::Groups;
 use crate::strategy::common::kv::KvCache;
-use crate::strategy::common::tp::EdgeWeights;
+use crate::strategy::common::tp::{self, EdgeWeights};
 use crate::strategy::common::{micro_batches, Phase};
 use crate::strategy::{protocol, BatchSetup, BatchShape, BuildContext, Layout, Result, StepOut, Strategy};
 use std::ops::Range;
@@ -103,7 +103,7 @@ impl<'a, 'c, B: Backend> Moe<'a, 'c, B> {
         let rank = match spec.place(world_rank) {
             None => None,
             Some(place) => {
-                let w = Weights::new(cfg);
+                let w = Weights::open(cfg)?;
                 let per = spec.layers_per_stage(cfg);
                 let held = spec.experts_of(cfg, place.ep_rank);
                 let layers = (place.stage * per..(place.stage + 1) * per).map(|l| MoeLayer::load(be, &w, l, place.tp_rank, spec.tp, held.clone())).collect::<Result<Vec<_>>>()?;
@@ -166,18 +166,20 @@ impl<B: Backend> Flow<'_, '_, '_, B> {
         let local = if self.spec.sp { rows.div_ceil(t) } else { rows };
         let h = be.rmsnorm(x, &layer.attn_norm, local, d, self.cfg.norm_eps)?;
         let full = if self.spec.sp && t > 1 { comm.all_gather(Category::TpAllgather, &rank.tp, &h)? } else { h };
-        let width = layer.heads * dh;
-        let qkv = be.matmul(&full, &layer.qkv, rows, d, 3 * width)?;
-        let (q, k, v) = be.split_qkv(&qkv, rows, width)?;
+        let (width, kv_heads) = (layer.heads * dh, layer.kv_heads);
+        let qkv = be.matmul(&full, &layer.qkv, rows, d, width + 2 * kv_heads * dh)?;
+        let prompt = [(0, pass.phase.tokens())];
+        let positions = if pass.phase == Phase::Decode { RopePositions::Step } else { RopePositions::Segments(&prompt) };
+        let (q, k, v) = tp::split_qkv(be, self.cfg, &qkv, rows, layer.heads, kv_heads, positions)?;
         let nseq = pass.seqs.len();
         let o = match pass.phase {
             Phase::Prefill(s) => {
                 batch.cache.store_prompt(be, l, pass.seqs.clone(), s, &k, &v)?;
-                be.attention_prefill(&q, &k, &v, PrefillShape { nseq, sq: s, skv: s, kv_seq_stride: s, heads: layer.heads, head_dim: dh, q_offset: 0 })?.0
+                be.attention_prefill(&q, &k, &v, PrefillShape { nseq, sq: s, skv: s, kv_seq_stride: s, heads: layer.heads, kv_heads, head_dim: dh, q_offset: 0 })?.0
             }
             Phase::Decode => {
                 batch.cache.store_step(be, l, &k, &v)?;
-                be.attention_decode_step(&q, &batch.cache.k[l], &batch.cache.v[l], DecodeShape { nseq, cap: batch.cache.cap, len: 0, heads: layer.heads, head_dim: dh })?.0
+                be.attention_decode_step(&q, &batch.cache.k[l], &batch.cache.v[l], DecodeShape { nseq, cap: batch.cache.cap, len: 0, heads: layer.heads, kv_heads, head_dim: dh })?.0
             }
         };
         let mut y = be.matmul(&o, &layer.out, rows, width, d)?;
@@ -243,8 +245,8 @@ impl<B: Backend> Flow<'_, '_, '_, B> {
         }
         let nseq = pass.seqs.len();
         let all = match pass.phase {
-            Phase::Prefill(s) => be.embed(&self.rank.edge.embedding, d, tokens, nseq, s, 0)?,
-            Phase::Decode => be.embed_step(&self.rank.edge.embedding, d, nseq)?,
+            Phase::Prefill(s) => tp::embed(be, self.cfg, &self.rank.edge.embedding, tokens, nseq, s, 0)?,
+            Phase::Decode => tp::embed_step(be, self.cfg, &self.rank.edge.embedding, nseq)?,
         };
         if !self.spec.sp || self.spec.tp == 1 {
             return Ok(all);
@@ -436,7 +438,7 @@ impl<'a, 'c, B: Backend> Strategy<B> for Moe<'a, 'c, B> {
             return Ok(BatchSetup { micro_batches, active: false, ..Default::default() });
         };
         let seqs = split_exact(shape.nseq, self.spec.dp)[rank.place.replica].clone();
-        let width = self.cfg.attn_width() / self.spec.tp;
+        let width = self.cfg.kv_heads_per_rank(self.spec.tp) * self.cfg.head_dim;
         let cache = KvCache::new(self.be, rank.layers.len(), seqs.len(), shape.context(), width)?;
         let (per, stage) = (self.spec.layers_per_stage(self.cfg), rank.place.stage);
         let tally = ExpertTally::new(stage * per..(stage + 1) * per, self.cfg.experts.map_or(0, |e| e.count));

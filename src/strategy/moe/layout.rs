@@ -132,6 +132,9 @@ impl MoeSpec {
         let name = self.name.clone().unwrap_or_else(|| self.default_name());
         ensure(self.ep > 0 && self.tp > 0 && self.pp > 0 && self.dp > 0, "parallel-degrees-positive", || format!("{name}: ep, tp, pp and dp must be >= 1"))?;
         ensure(m.heads % self.tp == 0, "heads-divisible-by-tp", || format!("{name}: {} heads are not divisible by tp={}", m.heads, self.tp))?;
+        ensure(m.kv_heads % self.tp == 0 || self.tp % m.kv_heads == 0, "kv-heads-split-by-tp", || {
+            format!("{name}: {} K/V heads neither divide into tp={t} parts nor divide tp={t}", m.kv_heads, t = self.tp)
+        })?;
         ensure(m.layers % self.pp == 0, "layers-divisible-by-pp", || format!("{name}: {} layers are not divisible by pp={}", m.layers, self.pp))?;
         let Some(experts) = m.experts else { return Ok(()) };
         ensure(experts.count % self.ep == 0, "experts-divisible-by-ep", || format!("{name}: {} experts per layer are not divisible by ep={}", experts.count, self.ep))?;
@@ -188,10 +191,12 @@ impl MoeSpec {
         let (d, a, f, l, v) = (m.d_model as u64, m.attn_width() as u64, m.ffn as u64, m.layers as u64, m.vocab as u64);
         let (experts, k) = m.experts.map_or((1, 1), |e| (e.count as u64, e.top_k as u64));
         let (t, p, e) = (self.tp as u64, self.pp as u64, self.ep as u64);
-        let per_layer = 4 * d * a / t + 2 * d + d * experts + (experts / e) * 2 * d * f;
+        // K/V width of a TP rank: its share of the K/V heads, at least one.
+        let kvr = (m.kv_heads_per_rank(self.tp) * m.head_dim) as u64;
+        let per_layer = d * (a / t + 2 * kvr) + a * d / t + 2 * d + d * experts + (experts / e) * 2 * d * f;
         let weights = (l / p) * per_layer + 2 * v * d + d;
         let nseq = shape.nseq.div_ceil(self.dp) as u64;
-        let kv = nseq * shape.context() as u64 * 2 * (l / p) * a / t;
+        let kv = nseq * shape.context() as u64 * 2 * (l / p) * kvr;
         let rows = nseq * shape.seq_len as u64;
         let local = rows.div_ceil(t);
         let routed = local * k;
@@ -199,7 +204,7 @@ impl MoeSpec {
             Some(cap) => (experts * cap as u64).min(e * routed),
             None => (2 * routed).min(e * routed),
         };
-        let attention = rows * (d + 3 * a / t + a / t + d);
+        let attention = rows * (d + 2 * (a / t + 2 * kvr) + a / t + d);
         let moe = 3 * local * d + routed * (2 * d + 2) + received * (2 * d + f) + local * experts;
         let act = attention + moe + nseq * v;
         (weights + kv + act) * elem as u64

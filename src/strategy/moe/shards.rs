@@ -16,8 +16,10 @@ pub struct MoeLayer<B: Backend> {
     pub qkv: B::Buf,
     /// `[heads · head_dim, d]` of this rank's heads.
     pub out: B::Buf,
-    /// Heads on this rank.
+    /// Query heads on this rank.
     pub heads: usize,
+    /// K/V heads on this rank (those its query heads read).
+    pub kv_heads: usize,
     /// `[d, experts]`.
     pub router: B::Buf,
     /// `[local experts, d, ffn]` and `[local experts, ffn, d]`.
@@ -38,6 +40,7 @@ impl<B: Backend> MoeLayer<B> {
             qkv: be.upload(&w.shard(Tensor::Qkv(l), 0..d, &w.qkv_columns(heads.clone())))?,
             out: be.upload(&w.shard(Tensor::Out(l), heads.start * dh..heads.end * dh, &[0..d]))?,
             heads: hl,
+            kv_heads: c.kv_heads_of(heads.clone()).len(),
             router: be.upload(&w.full(Tensor::Router(l)))?,
             up: be.upload(&stack(Tensor::ExpertUp))?,
             down: be.upload(&stack(Tensor::ExpertDown))?,

@@ -450,5 +450,5 @@ fn the_reader_expands_nested_macros_with_token_pasting() {
 /// depends on the variant only).
 fn flash_args() -> FlashArgs {
     let p = DevPtr::raw(0, super::super::launch::Holds::Elements(Dtype::Bf16));
-    FlashArgs { q: p, k: p, v: p, out: p, lse: p, sq: 0, skv: 0, kv_stride: 0, heads: 0, q_offset: 0, scale_log2: 0.0 }
+    FlashArgs { q: p, k: p, v: p, out: p, lse: p, sq: 0, skv: 0, kv_stride: 0, heads: 0, kv_heads: 0, q_offset: 0, scale_log2: 0.0 }
 }

@@ -18,7 +18,7 @@ use super::super::launch::{DevPtr, Holds};
 use super::super::memory::CudaBuf;
 use super::super::CudaBackend;
 use super::{check, expect_f32, same_dtype, shape_err, to_i32};
-use crate::backend::{BackendError, DecodeShape, Dtype, Result};
+use crate::backend::{check_kv_heads, BackendError, DecodeShape, Dtype, Result};
 
 /// The largest head_dim the decode kernels handle (32 threads of 8 elements per row).
 const DECODE_MAX_D: usize = 256;
@@ -40,10 +40,11 @@ const BULK_MIN_CHUNK: usize = 256;
 /// Split-KV decode attention over `s.len` rows, or with `from_step` over
 /// the step's length read on the device, the chunks laid out for `s.cap`.
 pub(super) fn attention(be: &CudaBackend, q: &CudaBuf, k_cache: &CudaBuf, v_cache: &CudaBuf, s: DecodeShape, from_step: bool) -> Result<(CudaBuf, CudaBuf)> {
-    let width = s.heads * s.head_dim;
+    check_kv_heads("decode", s.heads, s.kv_heads)?;
+    let (width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     check("decode q", q.len(), s.nseq * width)?;
-    check("decode k cache", k_cache.len(), s.nseq * s.cap * width)?;
-    check("decode v cache", v_cache.len(), s.nseq * s.cap * width)?;
+    check("decode k cache", k_cache.len(), s.nseq * s.cap * kv_width)?;
+    check("decode v cache", v_cache.len(), s.nseq * s.cap * kv_width)?;
     let len_ptr = if from_step { super::step::step_len_ptr(be)? } else { 0 };
     // The length the chunks are laid out for.
     let span = if from_step { s.cap } else { s.len };
@@ -80,25 +81,26 @@ pub(super) fn attention(be: &CudaBackend, q: &CudaBuf, k_cache: &CudaBuf, v_cach
     let (po, pl) = (DevPtr::of(&work), DevPtr::of_at(&work, 4 * pairs * nsplit * s.head_dim));
     let (q_p, k_p, v_p) = (DevPtr::of(q), DevPtr::of(k_cache), DevPtr::of(v_cache));
     let (cap, len, heads, d) = (to_i32("cap", s.cap)?, to_i32("len", s.len)?, to_i32("heads", s.heads)?, to_i32("head_dim", s.head_dim)?);
+    let kv_heads = to_i32("kv_heads", s.kv_heads)?;
     let (chunk, nsplit_i) = (to_i32("chunk", chunk)?, to_i32("splits", nsplit)?);
     let len_ptr = DevPtr::raw(len_ptr, Holds::I32);
     let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
-    // SAFETY (every launch below): q holds nseq rows and the caches nseq ×
-    // cap rows of `width` (checked above); the chunks cover at most `span`
+    // SAFETY (every launch below): q holds nseq rows of `width` and the
+    // caches nseq × cap rows of `kv_width`, kv_heads dividing heads (checked above); the chunks cover at most `span`
     // <= cap rows (a length read from the step is clipped to cap on the
     // device); the workspace holds pairs × nsplit partial outputs and as
     // many log-sum-exps after them.
     if nsplit > 0 && bulk {
         // A producer warp more than decode_rows; the stages' shared memory comes from the contract.
-        let args = DecodeBulkArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, d, hg: hg as i32, chunk, scale_log2 };
+        let args = DecodeBulkArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, kv_heads, d, hg: hg as i32, chunk, scale_log2 };
         unsafe { be.launch(&contract::DECODE_BULK, dtype, (nsplit as u32, head_groups as u32, s.nseq as u32), (32 + hg * tpr_rows) as u32, &args) }?;
     } else if nsplit > 0 && rows_kernel {
-        let args = DecodeRowsArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, d, hg: hg as i32, chunk, scale_log2 };
+        let args = DecodeRowsArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, kv_heads, d, hg: hg as i32, chunk, scale_log2 };
         unsafe { be.launch(&contract::DECODE_ROWS, dtype, (nsplit as u32, head_groups as u32, s.nseq as u32), (hg * tpr_rows) as u32, &args) }?;
     } else if nsplit > 0 {
         // Threads per head row: eight elements each, a power of two up to 32.
         let tpr = s.head_dim.div_ceil(8).next_power_of_two() as i32;
-        let args = DecodePartialArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, d, tpr, chunk, scale_log2 };
+        let args = DecodePartialArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, kv_heads, d, tpr, chunk, scale_log2 };
         unsafe { be.launch(&contract::DECODE_PARTIAL, dtype, (nsplit as u32, s.heads as u32, s.nseq as u32), DECODE_THREADS, &args) }?;
     }
     // The outputs are allocated once the partial kernel is queued (its run

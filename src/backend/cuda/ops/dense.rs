@@ -2,7 +2,7 @@
 //! element-wise kernels, argmax and device-side random fills. This module
 //! must not read the step scalars (see `step`).
 
-use super::super::contract::{self, AddArgs, ArgmaxArgs, EmbedArgs, FillUniformArgs, GeluArgs, GeluMulArgs, RmsnormArgs, ARGMAX_THREADS, RMSNORM_THREADS};
+use super::super::contract::{self, AddArgs, ArgmaxArgs, EmbedArgs, FillUniformArgs, GeluArgs, GeluMulArgs, RmsnormArgs, SiluMulArgs, ARGMAX_THREADS, RMSNORM_THREADS};
 use super::super::ffi::{self, Gemm};
 use super::super::launch::{DevPtr, Holds, THREADS};
 use super::super::memory::CudaBuf;
@@ -15,7 +15,10 @@ use cudarc::driver::DevicePtr;
 /// Most blocks of a grid-stride row kernel (rows beyond are looped over).
 const MAX_ROW_BLOCKS: usize = 65_535 * 16;
 
-pub(super) fn embed(be: &CudaBackend, table: &CudaBuf, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<CudaBuf> {
+/// Token rows of `table` plus, with `sinusoid`, the sinusoidal encoding of
+/// positions `pos0..pos0 + n` in each of `nseq` sequences.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn embed(be: &CudaBackend, table: &CudaBuf, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize, sinusoid: bool) -> Result<CudaBuf> {
     let rows = nseq * n;
     check("embed tokens", tokens.len(), rows)?;
     let tokens = &tokens[..rows];
@@ -28,7 +31,8 @@ pub(super) fn embed(be: &CudaBackend, table: &CudaBuf, d: usize, tokens: &[u32],
     }
     let tok = be.stream.clone_htod(tokens)?;
     let (tok_ptr, _s) = tok.device_ptr(&be.stream);
-    let freq = freq_table(be, d)?;
+    // A null frequency table: the token rows alone.
+    let freq = if sinusoid { freq_table(be, d)? } else { 0 };
     let args = EmbedArgs {
         out: DevPtr::of(&out),
         table: DevPtr::of(table),
@@ -40,7 +44,7 @@ pub(super) fn embed(be: &CudaBackend, table: &CudaBuf, d: usize, tokens: &[u32],
         pos0: pos0 as u64,
     };
     // SAFETY: `out` holds rows × d elements, the table every token's row
-    // (checked above), `tok` the rows tokens and `freq` d/2 frequencies;
+    // (checked above), `tok` the rows tokens and `freq` d/2 frequencies or null;
     // `tok` is freed on the stream after the kernel.
     unsafe { be.launch(&contract::EMBED, table.dtype(), rows.min(MAX_ROW_BLOCKS) as u32, THREADS, &args) }?;
     Ok(out)
@@ -127,6 +131,36 @@ pub(super) fn gelu_mul(be: &CudaBackend, gate: &mut CudaBuf, up: &CudaBuf) -> Re
     let args = GeluMulArgs { gate: DevPtr::of(gate), up: DevPtr::of(up), n: gate.len() as u64 };
     // SAFETY: `n` elements of `gate`, and `up` holds at least as many (checked above).
     unsafe { be.launch(&contract::GELU_MUL, dtype, be.grid_for(gate.len().div_ceil(8)), THREADS, &args) }
+}
+
+pub(super) fn silu_mul(be: &CudaBackend, gate: &mut CudaBuf, up: &CudaBuf) -> Result<()> {
+    check("silu_mul up", up.len(), gate.len())?;
+    let dtype = same_dtype("silu_mul", &[gate, up])?;
+    if gate.is_empty() {
+        return Ok(());
+    }
+    let args = SiluMulArgs { gate: DevPtr::of(gate), up: DevPtr::of(up), n: gate.len() as u64 };
+    // SAFETY: `n` elements of `gate`, and `up` holds at least as many (checked above).
+    unsafe { be.launch(&contract::SILU_MUL, dtype, be.grid_for(gate.len().div_ceil(8)), THREADS, &args) }
+}
+
+/// The device address of RoPE's inverse frequencies `theta^(-2i/head_dim)`
+/// for `i < head_dim/2`, uploaded on first use (refused while recording).
+pub(super) fn rope_table(be: &CudaBackend, head_dim: usize, theta: f64) -> Result<u64> {
+    let mut tables = be.rope_tables.lock().expect("rope table lock");
+    let key = (head_dim, theta.to_bits());
+    if let Some(t) = tables.get(&key) {
+        return Ok(t.device_ptr(&be.stream).0);
+    }
+    if be.is_recording() {
+        return Err(shape_err(format!("the RoPE table of head_dim {head_dim}, theta {theta} cannot be uploaded while recording: rotate once before recording")));
+    }
+    // Same formula and precision as the CPU backend and `checks::reference`.
+    let host: Vec<f64> = (0..(head_dim / 2).max(1)).map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64)).collect();
+    let t = be.stream.clone_htod(&host)?;
+    let p = t.device_ptr(&be.stream).0;
+    tables.insert(key, t);
+    Ok(p)
 }
 
 pub(super) fn add_assign(be: &CudaBackend, x: &mut CudaBuf, y: &CudaBuf) -> Result<()> {

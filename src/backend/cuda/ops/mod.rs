@@ -1,8 +1,9 @@
 //! The model's operations on the GPU: the [`Backend`] implementation of
 //! [`CudaBackend`], each method a call into the file for its kind of
 //! operation:
-//! - `dense`: embeddings, GEMMs, RMSNorm, element-wise ops, argmax, random fills;
-//! - `rows`: splitting, gathering and scattering rows;
+//! - `dense`: embeddings, GEMMs, RMSNorm, element-wise ops, argmax, random fills,
+//!   the RoPE frequency tables;
+//! - `rows`: splitting (and rotating) fused QKV, gathering and scattering rows;
 //! - `step`: the decode step's scalars and the operations that read them;
 //! - [`prefill`]: causal prefill attention and its kernel variants;
 //! - `decode`: split-KV decode attention and the merge of partial results;
@@ -25,7 +26,7 @@ mod step;
 use super::memory::CudaBuf;
 use super::recording::CudaRecording;
 use super::CudaBackend;
-use crate::backend::{Backend, BackendError, DecodeShape, Dtype, PrefillShape, Result, RowCopy, RowRun, StepVars};
+use crate::backend::{Backend, BackendError, DecodeShape, Dtype, PrefillShape, QkvSplit, Result, RowCopy, RowRun, StepVars};
 use cudarc::driver::CudaEvent;
 use std::sync::atomic::Ordering;
 
@@ -109,7 +110,11 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &CudaBuf, d: usize, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<CudaBuf> {
-        dense::embed(self, table, d, tokens, nseq, n, pos0)
+        dense::embed(self, table, d, tokens, nseq, n, pos0, true)
+    }
+    /// The embedding kernel without its sinusoid (no per-token run table to upload).
+    fn embed_tokens(&self, table: &CudaBuf, d: usize, tokens: &[u32]) -> Result<CudaBuf> {
+        dense::embed(self, table, d, tokens, 1, tokens.len(), 0, false)
     }
     fn matmul(&self, x: &CudaBuf, w: &CudaBuf, m: usize, k: usize, n: usize) -> Result<CudaBuf> {
         dense::matmul(self, x, w, m, k, n)
@@ -123,11 +128,14 @@ impl Backend for CudaBackend {
     fn gelu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf) -> Result<()> {
         dense::gelu_mul(self, gate, up)
     }
+    fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf) -> Result<()> {
+        dense::silu_mul(self, gate, up)
+    }
     fn add_assign(&self, x: &mut CudaBuf, y: &CudaBuf) -> Result<()> {
         dense::add_assign(self, x, y)
     }
-    fn split_qkv(&self, qkv: &CudaBuf, rows: usize, width: usize) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
-        rows::split_qkv(self, qkv, rows, width)
+    fn split_qkv_rope(&self, qkv: &CudaBuf, rows: usize, split: &QkvSplit) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
+        rows::split_qkv(self, qkv, rows, split)
     }
     fn gather_rows(&self, src: &CudaBuf, cols: usize, runs: &[RowRun]) -> Result<CudaBuf> {
         rows::gather_rows(self, src, cols, runs)
@@ -174,7 +182,10 @@ impl Backend for CudaBackend {
         step::set_step(self, vars)
     }
     fn embed_step(&self, table: &CudaBuf, d: usize, nseq: usize) -> Result<CudaBuf> {
-        step::embed_step(self, table, d, nseq)
+        step::embed_step(self, table, d, nseq, true)
+    }
+    fn embed_step_tokens(&self, table: &CudaBuf, d: usize, nseq: usize) -> Result<CudaBuf> {
+        step::embed_step(self, table, d, nseq, false)
     }
     fn store_step(&self, cache: &mut CudaBuf, src: &CudaBuf, nseq: usize, cap: usize, width: usize) -> Result<()> {
         step::store_step(self, cache, src, nseq, cap, width)

@@ -13,7 +13,7 @@ use super::super::launch::DevPtr;
 use super::super::memory::CudaBuf;
 use super::super::{flash_sm90, CudaBackend, CudaError};
 use super::{check, same_dtype, shape_err, to_i32};
-use crate::backend::{BackendError, Dtype, PrefillShape, Result};
+use crate::backend::{check_kv_heads, BackendError, Dtype, PrefillShape, Result};
 
 /// Which prefill attention kernel runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -102,10 +102,11 @@ struct PrefillCall<'a> {
 }
 
 pub(super) fn attention_prefill(be: &CudaBackend, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, s: PrefillShape) -> Result<(CudaBuf, CudaBuf)> {
-    let width = s.heads * s.head_dim;
+    check_kv_heads("prefill", s.heads, s.kv_heads)?;
+    let (width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     check("prefill q", q.len(), s.nseq * s.sq * width)?;
-    check("prefill k", k.len(), s.nseq * s.kv_seq_stride * width)?;
-    check("prefill v", v.len(), s.nseq * s.kv_seq_stride * width)?;
+    check("prefill k", k.len(), s.nseq * s.kv_seq_stride * kv_width)?;
+    check("prefill v", v.len(), s.nseq * s.kv_seq_stride * kv_width)?;
     if s.skv > s.kv_seq_stride {
         return Err(shape_err(format!("prefill skv {} exceeds kv_seq_stride {}", s.skv, s.kv_seq_stride)));
     }
@@ -152,12 +153,14 @@ fn general(be: &CudaBackend, c: &PrefillCall) -> Result<()> {
         skv: to_i32("skv", s.skv)?,
         kv_stride: to_i32("kv_seq_stride", s.kv_seq_stride)?,
         heads: to_i32("heads", s.heads)?,
+        kv_heads: to_i32("kv_heads", s.kv_heads)?,
         d: to_i32("head_dim", s.head_dim)?,
         q_offset: to_i32("q_offset", s.q_offset)?,
         scale_log2: scale_log2(s.head_dim),
     };
     // SAFETY: q, out and lse hold nseq × sq rows, k and v nseq ×
-    // kv_seq_stride rows with skv <= kv_seq_stride (checked by the caller);
+    // kv_seq_stride rows of kv_heads heads, kv_heads dividing heads, with
+    // skv <= kv_seq_stride (checked by the caller);
     // the grid covers exactly the (query block, head, sequence) triples.
     unsafe { be.launch(&contract::PREFILL_GENERAL, c.q.dtype(), grid, PREFILL_WARPS * 32, &args) }
 }
@@ -184,6 +187,7 @@ fn flash(be: &CudaBackend, kernel: PrefillKernel, c: &PrefillCall) -> Result<()>
         skv: to_i32("skv", s.skv)?,
         kv_stride: to_i32("kv_seq_stride", s.kv_seq_stride)?,
         heads: to_i32("heads", s.heads)?,
+        kv_heads: to_i32("kv_heads", s.kv_heads)?,
         q_offset: to_i32("q_offset", s.q_offset)?,
         scale_log2: scale_log2(s.head_dim),
     };

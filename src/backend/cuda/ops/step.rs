@@ -57,16 +57,17 @@ pub(super) fn step_len_ptr(be: &CudaBackend) -> Result<u64> {
     Ok(step_ptr(be)? + (STEP_LEN * std::mem::size_of::<i32>()) as u64)
 }
 
-pub(super) fn embed_step(be: &CudaBackend, table: &CudaBuf, d: usize, nseq: usize) -> Result<CudaBuf> {
+/// The step's tokens' rows of `table`, plus with `sinusoid` the encoding of the step's position.
+pub(super) fn embed_step(be: &CudaBackend, table: &CudaBuf, d: usize, nseq: usize, sinusoid: bool) -> Result<CudaBuf> {
     let out = be.alloc(table.dtype(), nseq * d)?;
     if nseq == 0 || d == 0 {
         return Ok(out);
     }
-    let freq = super::dense::freq_table(be, d)?;
+    let freq = if sinusoid { super::dense::freq_table(be, d)? } else { 0 };
     let step = step_ptr(be)?;
     let args = EmbedStepArgs { out: DevPtr::of(&out), table: DevPtr::of(table), step: DevPtr::raw(step, Holds::I32), freq: DevPtr::raw(freq, Holds::F64), rows: nseq as u64, d: d as u64 };
-    // SAFETY: `out` holds nseq × d elements; the step scalars hold a token
-    // per sequence (`set_step` was given them) and the runner embeds only
+    // SAFETY: `out` holds nseq × d elements; `freq` d/2 frequencies or is
+    // null; the step scalars hold a token per sequence (`set_step` was given them) and the runner embeds only
     // tokens of the table.
     unsafe { be.launch(&contract::EMBED_STEP, table.dtype(), nseq.min(MAX_ROW_BLOCKS) as u32, THREADS, &args) }?;
     Ok(out)
