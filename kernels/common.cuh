@@ -14,6 +14,15 @@
 
 typedef unsigned long long u64;
 
+// The decode step's scalars (int32 in device memory, written by the host
+// before each step; the host declares the same offsets in
+// src/backend/cuda/contract.rs): position, cache row to store the new K/V at
+// (negative: none), length to attend over, then one token per sequence.
+#define FAPOOL_STEP_POS 0
+#define FAPOOL_STEP_STORE_AT 1
+#define FAPOOL_STEP_LEN 2
+#define FAPOOL_STEP_TOKENS 4
+
 struct bf16 {
     unsigned short bits;
 };

@@ -16,11 +16,17 @@
 // lives at chunk c ^ (r & 7), so the eight rows an ldmatrix phase reads fall
 // in eight different bank groups.
 //
-// Same semantics and outputs as prefill.cu (PrefillShape), for head_dim 128.
+// Same semantics and outputs as prefill.cu (PrefillShape), for head_dim 128:
+// K/V rows hold kv_heads heads and query head h reads K/V head
+// h / (heads / kv_heads).
 
 #define FA_D 128
 #define FA_BN 64
 #define FA_ROW_BYTES 256
+// Dynamic shared memory of a block: the query block (16 * MF * WARPS rows)
+// and two K and two V tiles, rows of FA_ROW_BYTES. The host asks for this
+// much (src/backend/cuda/contract.rs); the kernel asserts its layout fits.
+#define FLASH_SMEM_BYTES(WARPS, MF) ((16 * (MF) * (WARPS) + 4 * FA_BN) * FA_ROW_BYTES)
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
@@ -94,7 +100,7 @@ __device__ __forceinline__ void load_tile(unsigned tile, const T* src, u64 ld, i
 template <typename T, int WARPS, int MF>
 __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                T* __restrict__ out, float* __restrict__ lse, int sq, int skv, int kv_stride,
-                               int heads, int q_offset, float scale_log2) {
+                               int heads, int kv_heads, int q_offset, float scale_log2) {
     // MF m16 fragments (16 * MF query rows) per warp. With MF = 1 the warp
     // keeps its Q fragments in registers; with MF = 2 it re-reads them from
     // shared memory every tile, and each K/V fragment it loads feeds two
@@ -105,6 +111,7 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
     constexpr int Q_BYTES = BM * FA_ROW_BYTES;
     constexpr int KV_BYTES = FA_BN * FA_ROW_BYTES;
     constexpr bool Q_IN_REGS = MF == 1;
+    static_assert(Q_BYTES + 4 * KV_BYTES == FLASH_SMEM_BYTES(WARPS, MF), "the launch's shared memory is the layout's");
     extern __shared__ __align__(128) unsigned char fa_smem[];
     const unsigned s_q = smem_addr(fa_smem);
     const unsigned s_k = s_q + Q_BYTES;           // two K buffers
@@ -116,10 +123,12 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
     const int mblock = gridDim.y - 1 - blockIdx.y;
     const int m0 = mblock * BM;
     const u64 ld = (u64)heads * FA_D;
+    const u64 kv_ld = (u64)kv_heads * FA_D;
+    const int hk = h / (heads / kv_heads);  // the K/V head this query head reads
 
     const T* qb = q + ((u64)n * sq + m0) * ld + (u64)h * FA_D;
-    const T* kb = k + (u64)n * kv_stride * ld + (u64)h * FA_D;
-    const T* vb = v + (u64)n * kv_stride * ld + (u64)h * FA_D;
+    const T* kb = k + (u64)n * kv_stride * kv_ld + (u64)hk * FA_D;
+    const T* vb = v + (u64)n * kv_stride * kv_ld + (u64)hk * FA_D;
 
     // Keys any row of this block may see.
     const int last_row = min(m0 + BM, sq) - 1;
@@ -129,13 +138,13 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
     // Prologue: group 0 = Q + tile 0, group 1 = tile 1 (possibly empty).
     load_tile<T, BM, THREADS>(s_q, qb, ld, sq - m0);
     if (n_tiles > 0) {
-        load_tile<T, FA_BN, THREADS>(s_k, kb, ld, skv);
-        load_tile<T, FA_BN, THREADS>(s_v, vb, ld, skv);
+        load_tile<T, FA_BN, THREADS>(s_k, kb, kv_ld, skv);
+        load_tile<T, FA_BN, THREADS>(s_v, vb, kv_ld, skv);
     }
     cp_async_commit();
     if (n_tiles > 1) {
-        load_tile<T, FA_BN, THREADS>(s_k + KV_BYTES, kb + (u64)FA_BN * ld, ld, skv - FA_BN);
-        load_tile<T, FA_BN, THREADS>(s_v + KV_BYTES, vb + (u64)FA_BN * ld, ld, skv - FA_BN);
+        load_tile<T, FA_BN, THREADS>(s_k + KV_BYTES, kb + (u64)FA_BN * kv_ld, kv_ld, skv - FA_BN);
+        load_tile<T, FA_BN, THREADS>(s_v + KV_BYTES, vb + (u64)FA_BN * kv_ld, kv_ld, skv - FA_BN);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -286,9 +295,9 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
         __syncthreads();
         if (t + 2 < n_tiles) {
             const int n2 = n0 + 2 * FA_BN;
-            const u64 off = ((u64)n * kv_stride + n2) * ld + (u64)h * FA_D;
-            load_tile<T, FA_BN, THREADS>(s_k + buf * KV_BYTES, k + off, ld, skv - n2);
-            load_tile<T, FA_BN, THREADS>(s_v + buf * KV_BYTES, v + off, ld, skv - n2);
+            const u64 off = ((u64)n * kv_stride + n2) * kv_ld + (u64)hk * FA_D;
+            load_tile<T, FA_BN, THREADS>(s_k + buf * KV_BYTES, k + off, kv_ld, skv - n2);
+            load_tile<T, FA_BN, THREADS>(s_v + buf * KV_BYTES, v + off, kv_ld, skv - n2);
         }
         cp_async_commit();
     }
@@ -320,15 +329,15 @@ __device__ void flash_fwd_d128(const T* __restrict__ q, const T* __restrict__ k,
     }
 }
 
-// Dynamic shared memory: (16 * MF * WARPS + 4 * 64) rows of 256 bytes. The
-// MF = 2 variant fits two blocks per SM (registers and shared memory).
+// Dynamic shared memory: FLASH_SMEM_BYTES(WARPS, MF). The MF = 2 variant
+// fits two blocks per SM (registers and shared memory).
 #define FLASH(T, SUFFIX, WARPS, MF, NAME, MINB)                                                    \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                 \
         flash_fwd_d128_##NAME##_##SUFFIX(const T* q, const T* k, const T* v, T* out, float* lse,   \
-                                         int sq, int skv, int kv_stride, int heads, int q_offset,  \
-                                         float scale_log2) {                                       \
-        flash_fwd_d128<T, WARPS, MF>(q, k, v, out, lse, sq, skv, kv_stride, heads, q_offset,       \
-                                     scale_log2);                                                  \
+                                         int sq, int skv, int kv_stride, int heads, int kv_heads,  \
+                                         int q_offset, float scale_log2) {                         \
+        flash_fwd_d128<T, WARPS, MF>(q, k, v, out, lse, sq, skv, kv_stride, heads, kv_heads,       \
+                                     q_offset, scale_log2);                                        \
     }
 
 FLASH(bf16, bf16, 8, 1, w8, 1)

@@ -6,17 +6,23 @@
 //
 // Semantics (PrefillShape): query row i of sequence n sits at absolute
 // position q_offset + i and attends to keys 0 ..= q_offset + i, clipped to
-// skv. K/V rows of sequence n start at n * kv_stride. Outputs: o with the
-// query layout, and the natural-log log-sum-exp of the scaled scores,
-// [nseq, heads, sq]; a row with no keys gets o = 0 and lse = -inf.
+// skv. K/V rows of sequence n start at n * kv_stride and hold kv_heads heads
+// (grouped-query attention: query head h reads K/V head h / (heads /
+// kv_heads)). Outputs: o with the query layout, and the natural-log
+// log-sum-exp of the scaled scores, [nseq, heads, sq]; a row with no keys
+// gets o = 0 and lse = -inf.
 
 #define PREFILL_WARPS 8
 #define PREFILL_TILE 32
 #define PREFILL_MAX_D 256
+// Dynamic shared memory for head_dim d: K and V tiles of PREFILL_TILE rows of
+// pitch d + 1 and one query row per warp, as f32 (the layout below; the host
+// asks for this much, src/backend/cuda/contract.rs).
+#define PREFILL_SMEM_BYTES(d) ((2 * PREFILL_TILE * ((d) + 1) + PREFILL_WARPS * (d)) * 4)
 
 template <typename T>
 __device__ void prefill_general_impl(const T* q, const T* k, const T* v, T* out, float* lse, int sq, int skv,
-                                     int kv_stride, int heads, int d, int q_offset, float scale_log2) {
+                                     int kv_stride, int heads, int kv_heads, int d, int q_offset, float scale_log2) {
     extern __shared__ float smem[];
     const int pitch = d + 1;  // odd pitch: lane j reading row j hits distinct banks
     float* ks = smem;
@@ -28,6 +34,8 @@ __device__ void prefill_general_impl(const T* q, const T* k, const T* v, T* out,
     int i = blockIdx.x * PREFILL_WARPS + warp;
     bool row_valid = i < sq;
     u64 width = (u64)heads * d;
+    u64 kv_width = (u64)kv_heads * d;
+    int hk = h / (heads / kv_heads);  // the K/V head this query head reads
     float* qw = qs + warp * d;
 
     if (row_valid) {
@@ -44,16 +52,16 @@ __device__ void prefill_general_impl(const T* q, const T* k, const T* v, T* out,
 #pragma unroll
     for (int c = 0; c < PREFILL_MAX_D / 32; ++c) acc[c] = 0.0f;
 
-    const T* kb = k + (u64)n * kv_stride * width + (u64)h * d;
-    const T* vb = v + (u64)n * kv_stride * width + (u64)h * d;
+    const T* kb = k + (u64)n * kv_stride * kv_width + (u64)hk * d;
+    const T* vb = v + (u64)n * kv_stride * kv_width + (u64)hk * d;
     for (int t0 = 0; t0 < block_keys; t0 += PREFILL_TILE) {
         __syncthreads();
         for (int e = threadIdx.x; e < PREFILL_TILE * d; e += blockDim.x) {
             int r = e / d, c = e % d;
             int j = t0 + r;
             bool in = j < skv;
-            ks[r * pitch + c] = in ? to_f32(kb[(u64)j * width + c]) : 0.0f;
-            vs[r * pitch + c] = in ? to_f32(vb[(u64)j * width + c]) : 0.0f;
+            ks[r * pitch + c] = in ? to_f32(kb[(u64)j * kv_width + c]) : 0.0f;
+            vs[r * pitch + c] = in ? to_f32(vb[(u64)j * kv_width + c]) : 0.0f;
         }
         __syncthreads();
         if (t0 >= row_keys) continue;  // warp-uniform: nothing left for this row
@@ -93,10 +101,10 @@ __device__ void prefill_general_impl(const T* q, const T* k, const T* v, T* out,
 #define PREFILL(T, SUFFIX)                                                                         \
     extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32)                               \
         prefill_general_##SUFFIX(const T* q, const T* k, const T* v, T* out, float* lse, int sq,   \
-                                 int skv, int kv_stride, int heads, int d, int q_offset,           \
-                                 float scale_log2) {                                               \
-        prefill_general_impl<T>(q, k, v, out, lse, sq, skv, kv_stride, heads, d, q_offset,        \
-                                scale_log2);                                                       \
+                                 int skv, int kv_stride, int heads, int kv_heads, int d,           \
+                                 int q_offset, float scale_log2) {                                 \
+        prefill_general_impl<T>(q, k, v, out, lse, sq, skv, kv_stride, heads, kv_heads, d,        \
+                                q_offset, scale_log2);                                             \
     }
 
 FAPOOL_FOR_EACH_TYPE(PREFILL)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what fapool needs to build and run on Debian/Ubuntu: an MPI,
 # libhdf5, libclang (for the MPI bindings), pkg-config, a C toolchain, Python
-# with h5py (tests read results files with it), Graphviz (the planner's SVG
-# DAGs), and Rust if it is missing.
+# with h5py and pandas (tests read results files with them) and NumPy (the
+# cross-checks' NumPy model), Graphviz (the planner's SVG DAGs), and Rust if
+# it is missing. Plots need no system font: the binary embeds its own.
 set -euo pipefail
 
 need=()
@@ -13,6 +14,9 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 dpkg -s python3-h5py >/dev/null 2>&1 || need+=(python3-h5py python3-numpy)
+# The NumPy model the cross-checks compare with (scripts/numpy_reference.py).
+dpkg -s python3-numpy >/dev/null 2>&1 || need+=(python3-numpy)
+dpkg -s python3-pandas >/dev/null 2>&1 || need+=(python3-pandas)
 command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
 # Open MPI's launcher looks for an ssh agent even for ranks on one node.
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)

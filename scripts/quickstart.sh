@@ -34,4 +34,5 @@ cargo build --release
 mkdir -p results
 out="results/quickstart-$(date -u +%Y%m%dT%H%M%SZ).h5"
 "${plan[@]}" --out "$out"
-target/release/fapool analyze "$out"
+target/release/fapool analyze "$out" --plots "${out%.h5}-plots"
+target/release/fapool check "$out" || echo "fapool check found problems in $out (listed above)"

@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+# NVRTC (the CUDA 13.0 series the GPU machines run), so the kernel compile
+# test builds every .cu file (sm_90a included) without a GPU or CUDA toolkit.
+nvrtc="$HOME/.cache/fapool/nvrtc-13.0"
+if [ ! -e "$nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target "$nvrtc" "nvidia-cuda-nvrtc==13.0.88" ||
+    echo "test.sh: NVRTC could not be installed; the kernel compile test will say it skipped" >&2
+fi
+export LD_LIBRARY_PATH="$nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # mpirun refuses root unless told; oversubscription lets 8 ranks share 2 cores.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 cargo fmt --check

@@ -1,4 +1,5 @@
-//! GPU energy and memory readings through NVML.
+//! GPU energy readings through NVML, and the identity of the GPU they come
+//! from (UUID, driver version) for the results' provenance.
 //!
 //! A [`GpuMonitor`] is bound to the NVML device that is the same physical GPU
 //! as a CUDA device, matched by PCI bus id (CUDA and NVML number devices
@@ -29,12 +30,10 @@ fn nvml_err(e: nvml_wrapper::error::NvmlError) -> EnergyError {
     EnergyError::Nvml(e.to_string())
 }
 
-/// Energy and memory readings of one GPU.
+/// Energy readings of one GPU.
 pub struct GpuMonitor {
     nvml: Nvml,
     index: u32,
-    pci_bus_id: String,
-    name: String,
     uuid: String,
     driver_version: String,
 }
@@ -62,13 +61,13 @@ impl GpuMonitor {
             let dev = nvml.device_by_index(i).map_err(nvml_err)?;
             let bus = dev.pci_info().map_err(nvml_err)?.bus_id;
             if normalise_bus_id(&bus) == want {
-                found = Some((i, dev.name().map_err(nvml_err)?, dev.uuid().map_err(nvml_err)?));
+                found = Some((i, dev.uuid().map_err(nvml_err)?));
                 break;
             }
         }
-        let (index, name, uuid) = found.ok_or_else(|| EnergyError::NoSuchDevice(pci_bus_id.to_string()))?;
+        let (index, uuid) = found.ok_or_else(|| EnergyError::NoSuchDevice(pci_bus_id.to_string()))?;
         let driver_version = nvml.sys_driver_version().map_err(nvml_err)?;
-        Ok(Self { nvml, index, pci_bus_id: pci_bus_id.to_string(), name, uuid, driver_version })
+        Ok(Self { nvml, index, uuid, driver_version })
     }
 
     fn device(&self) -> Result<nvml_wrapper::Device<'_>> {
@@ -81,32 +80,6 @@ impl GpuMonitor {
         Ok(self.device()?.total_energy_consumption().map_err(nvml_err)? as f64 / 1e3)
     }
 
-    /// Device memory in use by all processes, in bytes.
-    pub fn memory_used_bytes(&self) -> Result<u64> {
-        Ok(self.device()?.memory_info().map_err(nvml_err)?.used)
-    }
-
-    /// Device memory NVML attributes to process `pid`, when it reports one
-    /// (inside containers the pid namespace may hide it: `Ok(None)`).
-    pub fn process_memory_bytes(&self, pid: u32) -> Result<Option<u64>> {
-        use nvml_wrapper::enums::device::UsedGpuMemory;
-        let procs = self.device()?.running_compute_processes().map_err(nvml_err)?;
-        Ok(procs.into_iter().find(|p| p.pid == pid).and_then(|p| match p.used_gpu_memory {
-            UsedGpuMemory::Used(b) => Some(b),
-            UsedGpuMemory::Unavailable => None,
-        }))
-    }
-
-    /// GPU and memory utilisation over NVML's last sample period, percent.
-    pub fn utilization_percent(&self) -> Result<(u32, u32)> {
-        let u = self.device()?.utilization_rates().map_err(nvml_err)?;
-        Ok((u.gpu, u.memory))
-    }
-
-    /// Product name, e.g. "NVIDIA H200".
-    pub fn name(&self) -> &str {
-        &self.name
-    }
     /// The GPU's UUID (`GPU-...`), stable across reboots and renumbering.
     pub fn uuid(&self) -> &str {
         &self.uuid
@@ -114,10 +87,6 @@ impl GpuMonitor {
     /// The NVIDIA driver version, e.g. "580.65.06".
     pub fn driver_version(&self) -> &str {
         &self.driver_version
-    }
-    /// The PCI bus id this monitor was bound with.
-    pub fn pci_bus_id(&self) -> &str {
-        &self.pci_bus_id
     }
 }
 

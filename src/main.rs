@@ -30,6 +30,12 @@ enum Cmd {
         /// Abort every rank (exit 6) when one makes no progress for this many seconds (0: off).
         #[arg(long, default_value_t = 0.0)]
         timeout: f64,
+        /// Write a Chrome/Perfetto trace (JSON) of the chosen batches to this directory.
+        #[arg(long, value_name = "DIR")]
+        trace: Option<PathBuf>,
+        /// Which batches `--trace` records: `last` (of each category), `all`, or CATEGORY/INDEX[,...].
+        #[arg(long, default_value = "last", requires = "trace")]
+        trace_batches: fapool::runner::timeline::TraceBatches,
         /// Override the job's backend.
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
@@ -134,12 +140,47 @@ enum Cmd {
         /// At most this many batches per category.
         #[arg(long, default_value_t = usize::MAX)]
         max_batches: usize,
+        /// Compare with another implementation's prompts, greedy tokens and logits (JSON) instead of the single-rank model.
+        #[arg(long, value_name = "FILE")]
+        reference: Option<PathBuf>,
     },
-    /// Print comparison tables (and write plots) from results files.
+    /// Write a job's weights (seeded, or its checkpoint's) as model.safetensors and config.json in Hugging Face's Llama naming.
+    ExportWeights {
+        job: PathBuf,
+        /// Folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Element type of the written tensors.
+        #[arg(long, value_enum, default_value = "fp32")]
+        dtype: fapool::backend::Dtype,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print comparison tables from results files; write plots, CSV and JSON; compare two runs.
     Analyze {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Write every plot (PNG and SVG) into this directory.
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
+        /// Write batches.csv and summary.csv into this directory.
+        #[arg(long, value_name = "DIR")]
+        csv: Option<PathBuf>,
+        /// Write the batch and summary rows as one JSON file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Latency limits for goodput, e.g. `ttft=2000ms,tpot=200ms`, or an MLPerf preset such as `mlperf-llama2-70b`.
+        #[arg(long)]
+        slo: Option<String>,
+        /// Compare two results files (A B): each metric's change with its confidence interval.
+        #[arg(long)]
+        compare: bool,
+        /// With --compare: compare runs of different models or dtypes anyway.
+        #[arg(long)]
+        force: bool,
     },
+    /// Check a results file: schema, provenance and internal consistency (exit 8 listing every problem).
+    Check { file: PathBuf },
     /// Show what fapool finds: MPI, ranks, GPUs, CUDA/NCCL/NVML libraries.
     Env,
     /// Measure kernels (one GPU) or communication (every rank of the launch).
@@ -147,7 +188,7 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
-    /// Check every CUDA kernel against the CPU backend on fresh random inputs (outputs poisoned first).
+    /// Check every CUDA kernel against its f64 reference definition on fresh random inputs (outputs poisoned first).
     CheckGpu {
         /// bf16, fp16, fp32 or all.
         #[arg(long, default_value = "all")]
@@ -182,6 +223,52 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// FA Pool's base and pool layer work timed apart (base 1 + pool 1 shapes, each pool_ops and chunk count) beside a TP=2 rank's layer, with predicted TTFTs when bandwidths are given.
+    Sides {
+        #[arg(long, value_enum, default_value = "cuda")]
+        backend: BackendKind,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: fapool::backend::Dtype,
+        /// Model preset.
+        #[arg(long, default_value = "dense-4l")]
+        model: String,
+        /// Prompt lengths (one sequence).
+        #[arg(long, value_delimiter = ',', default_value = "32768,65536")]
+        seq: Vec<usize>,
+        /// Chunk counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        chunks: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Point-to-point bandwidth between the two devices (GB/s), for the FA Pool predictions.
+        #[arg(long)]
+        link_gbs: Option<f64>,
+        /// All-reduce algorithm bandwidth of two devices (GB/s), for the TP=2 prediction.
+        #[arg(long)]
+        allreduce_gbs: Option<f64>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// One mixture-of-experts FFN layer (router, top-k, expert slots, permutation, one GEMM per expert up and down, weighted combine) over token counts, beside PyTorch's times of the same layer when given.
+    Moe {
+        #[arg(long, value_enum, default_value = "cuda")]
+        backend: BackendKind,
+        #[arg(long, value_enum, default_value = "fp16")]
+        dtype: fapool::backend::Dtype,
+        /// Model preset (one with experts).
+        #[arg(long, default_value = "moe-16l")]
+        model: String,
+        /// Tokens of the layer.
+        #[arg(long, value_delimiter = ',', default_value = "128,4096,16384,65536")]
+        tokens: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// PyTorch's times of the same layer (`scripts/torch_reference.py moe --out FILE`).
+        #[arg(long, value_name = "FILE")]
+        reference: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// All-reduce, all-gather, broadcast and send/recv over message sizes, through the comm layer (run under mpirun).
     Comm {
         #[arg(long, value_enum)]
@@ -201,16 +288,29 @@ enum BenchCmd {
 fn main() {
     let cli = Cli::parse();
     let outcome = match cli.cmd {
-        Cmd::Run { job, out, force, resume, timeout, backend, set, calibration } => commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout, calibration }, &set),
+        Cmd::Run { job, out, force, resume, timeout, trace, trace_batches, backend, set, calibration } => {
+            let trace = trace.map(|dir| fapool::runner::timeline::TraceSpec { dir, batches: trace_batches });
+            commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout, trace, calibration }, &set)
+        }
         Cmd::Plan { job, cluster, calibration, seq, gpus, batch, decode_steps, dot, trace, per_gpu, check, search, objective, vary, set } => {
             commands::plan::plan(PlanArgs { job, cluster, calibration, seq, gpus, batch, decode_steps, dot, trace, check, search, objective, vary, sets: set, per_gpu })
         }
         Cmd::Calibrate { out, backend, dtype, comm, job } => commands::calibrate::calibrate(CalibrateArgs { out, backend, dtype, comm, job }),
         Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => commands::validate::validate(&job, ValidateArgs { ranks, local_ranks, gpus, memory_gib }, &set),
-        Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches } => commands::verify::verify(&job, VerifyArgs { backend, tolerance, teacher_forcing, max_batches }, &set),
-        Cmd::Analyze { files } => commands::analyze::analyze(&files),
+        Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches, reference } => {
+            commands::verify::verify(&job, VerifyArgs { backend, tolerance, teacher_forcing, max_batches, reference }, &set)
+        }
+        Cmd::Analyze { files, plots, csv, json, slo, compare, force } => commands::analyze::analyze(&fapool::analyze::AnalyzeArgs { files, plots, csv, json, slo, compare, force }),
+        Cmd::ExportWeights { job, out, dtype, set } => commands::export::export_weights(&job, &out, dtype, &set),
+        Cmd::Check { file } => commands::analyze::check(&file),
         Cmd::Env => commands::env::env(),
         Cmd::Bench { what: BenchCmd::Kernels { dtype, seq, iters, out } } => commands::bench::kernels(dtype, &seq, iters, out.as_deref()),
+        Cmd::Bench { what: BenchCmd::Sides { backend, dtype, model, seq, chunks, iters, link_gbs, allreduce_gbs, out } } => {
+            commands::bench::sides(backend, dtype, &model, &fapool::bench::sides::SidesArgs { seq, chunks, iters, link_gbs, allreduce_gbs }, out.as_deref())
+        }
+        Cmd::Bench { what: BenchCmd::Moe { backend, dtype, model, tokens, iters, reference, out } } => {
+            commands::bench::moe(backend, dtype, &model, &tokens, iters, reference.as_deref(), out.as_deref())
+        }
         Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => commands::bench::comm(backend, dtype, &sizes_mib, iters, out.as_deref()),
         Cmd::Bench { what: BenchCmd::Plan { gpus, seq, cluster } } => commands::bench::plan_scale(&gpus, seq, cluster.as_deref()),
         Cmd::CheckGpu { dtype, seed } => commands::check_gpu::check_gpu(&dtype, seed),

@@ -87,11 +87,114 @@ pub struct RankRecord {
     pub energy_decode_j: Option<f64>,
     /// FLOPs this rank executed.
     pub flops: f64,
+    /// Time the rank's compute timeline worked: wall minus `wait_s`.
+    pub compute_s: f64,
+    /// Time the rank's compute timeline waited for messages (on the CPU
+    /// backend every message's time, since messages block).
+    pub wait_s: f64,
 }
 
 impl RankRecord {
     pub fn comm_seconds(&self) -> f64 {
         self.comm.values().map(|s| s.seconds).sum()
+    }
+
+    /// Share of the rank's wall time it was not computing (waiting for
+    /// messages, or not part of the batch at all).
+    pub fn idle_share(&self) -> f64 {
+        if !self.active || self.wall_s <= 0.0 {
+            return 1.0;
+        }
+        (self.wait_s / self.wall_s).clamp(0.0, 1.0)
+    }
+}
+
+/// What one rank counted for one expert of one layer in one phase of a
+/// batch (strategies with a mixture-of-experts FFN).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpertLoad {
+    pub batch_index: u32,
+    pub world_rank: u32,
+    /// The model's layer index.
+    pub layer: u32,
+    pub expert: u32,
+    /// Counted over the decode steps (true) or the prefill (false).
+    pub decode: bool,
+    /// Assignments of this rank's tokens to the expert, before any capacity.
+    pub routed: u64,
+    /// Of those, the ones the expert's capacity dropped.
+    pub dropped: u64,
+    /// Rows this rank's copy of the expert processed (from every rank of
+    /// its expert-parallel group); zero where the rank does not hold it.
+    pub received: u64,
+}
+
+/// The routing of one layer in one phase, summed over batches and ranks:
+/// how evenly the experts and the ranks holding them were loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LayerRouting {
+    pub layer: u32,
+    pub decode: bool,
+    /// Token-expert assignments (every token counts `top_k`), before capacity.
+    pub assignments: u64,
+    pub dropped: u64,
+    /// Rows processed per expert (all its copies): the largest and the mean
+    /// over the layer's experts.
+    pub expert_max: f64,
+    pub expert_mean: f64,
+    /// Rows processed per rank holding experts of the layer.
+    pub rank_max: f64,
+    pub rank_mean: f64,
+}
+
+impl LayerRouting {
+    /// Largest over mean expert load (1 is perfectly even; NaN without rows).
+    pub fn expert_imbalance(&self) -> f64 {
+        if self.expert_mean > 0.0 {
+            self.expert_max / self.expert_mean
+        } else {
+            f64::NAN
+        }
+    }
+    /// Largest over mean rank load.
+    pub fn rank_imbalance(&self) -> f64 {
+        if self.rank_mean > 0.0 {
+            self.rank_max / self.rank_mean
+        } else {
+            f64::NAN
+        }
+    }
+
+    /// One summary per (layer, phase) present in `loads`, in that order.
+    /// The experts of a layer are those any rank counted, the ranks those
+    /// that counted the layer (every rank of its stage).
+    pub fn of(loads: &[ExpertLoad]) -> Vec<LayerRouting> {
+        /// Rows per expert and per rank, assignments and drops of one (layer, phase).
+        #[derive(Default)]
+        struct Sums {
+            experts: BTreeMap<u32, u64>,
+            ranks: BTreeMap<u32, u64>,
+            assignments: u64,
+            dropped: u64,
+        }
+        let mut by: BTreeMap<(u32, bool), Sums> = BTreeMap::new();
+        for l in loads {
+            let s = by.entry((l.layer, l.decode)).or_default();
+            *s.experts.entry(l.expert).or_default() += l.received;
+            *s.ranks.entry(l.world_rank).or_default() += l.received;
+            s.assignments += l.routed;
+            s.dropped += l.dropped;
+        }
+        let stats = |m: &BTreeMap<u32, u64>| {
+            let max = m.values().copied().max().unwrap_or(0) as f64;
+            (max, m.values().sum::<u64>() as f64 / m.len().max(1) as f64)
+        };
+        by.into_iter()
+            .map(|((layer, decode), s)| {
+                let ((expert_max, expert_mean), (rank_max, rank_mean)) = (stats(&s.experts), stats(&s.ranks));
+                LayerRouting { layer, decode, assignments: s.assignments, dropped: s.dropped, expert_max, expert_mean, rank_max, rank_mean }
+            })
+            .collect()
     }
 }
 
@@ -205,6 +308,18 @@ mod tests {
         assert_eq!(d.p50, 2.5);
         assert!((d.p90 - 3.7).abs() < 1e-12);
         assert_eq!(d.mean, 2.5);
+    }
+
+    #[test]
+    fn routing_imbalance_is_the_busiest_over_the_mean_per_layer_and_phase() {
+        let load = |world_rank, layer, expert, routed, received| ExpertLoad { world_rank, layer, expert, routed, received, ..Default::default() };
+        // Layer 0: rank 0 holds experts 0-1, rank 1 experts 2-3; 12 assignments, expert 0 takes 6.
+        let loads = [load(0, 0, 0, 4, 6), load(0, 0, 1, 2, 2), load(1, 0, 2, 3, 3), load(1, 0, 3, 3, 1), load(0, 1, 0, 2, 2)];
+        let r = LayerRouting::of(&loads);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].layer, r[0].assignments, r[0].expert_max, r[0].expert_mean), (0, 12, 6.0, 3.0));
+        assert_eq!((r[0].expert_imbalance(), r[0].rank_max, r[0].rank_mean, r[0].rank_imbalance()), (2.0, 8.0, 6.0, 8.0 / 6.0));
+        assert!(LayerRouting::default().expert_imbalance().is_nan());
     }
 
     #[test]

@@ -380,3 +380,224 @@ fn dense_4l_layouts_on_gpus_in_fp32_and_bf16() {
         assert!(out.status.success() && t.contains("all strategies reproduce the single-rank model"), "{job}:\n{t}");
     }
 }
+
+/// A job whose batches include single sequences, pool-active lengths that
+/// chunk unevenly, and one category below the threshold.
+fn options_header() -> String {
+    r#"
+[run]
+name = "options"
+backend = "cpu"
+
+[model]
+preset = "tiny"
+
+[workload]
+sequences_per_category = 3
+output_tokens = 4
+batch_size = 2
+seed = 5
+
+[[workload.category]]
+name = "below"
+lengths = [12]
+
+[[workload.category]]
+name = "mixed"
+lengths = [33, 40, 64]
+
+[[workload.category]]
+name = "even"
+lengths = [48]
+"#
+    .to_string()
+}
+
+/// Every combination of the FA Pool options on `base + pool` ranks.
+fn option_strategies(base: usize, pool: usize) -> String {
+    let mut out = String::new();
+    for chunks in [1, 2, 4] {
+        for mb in [1, 2] {
+            for aggregation in ["direct", "tree"] {
+                for ops in ["attention", "qkv+attention", "qkv+attention+out"] {
+                    for partition in ["contiguous", "zigzag"] {
+                        let tag = ops.replace('+', "-");
+                        out.push_str(&format!(
+                            "[[strategy]]\nkind = \"fapool\"\nname = \"b{base}p{pool}-c{chunks}-mb{mb}-{aggregation}-{tag}-{partition}\"\nbase = {base}\npool_max = {pool}\nthreshold = 32\ntokens_per_pool_gpu = 8\nchunks = {chunks}\nmicro_batches = {mb}\naggregation = \"{aggregation}\"\npool_ops = \"{ops}\"\npartition = \"{partition}\"\n\n"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The option matrix on one layout: every strategy matches the single-rank
+/// model, one sequence per batch included, and the pool was active.
+fn option_matrix(device: Device, base: usize, pool: usize) {
+    let t = verify_job(device, base + pool, &format!("options-b{base}p{pool}"), &options_header(), &option_strategies(base, pool));
+    let names: Vec<String> = t.lines().filter(|l| l.starts_with(&format!("b{base}p{pool}-"))).map(|l| l.split_whitespace().next().unwrap().to_string()).collect();
+    assert_eq!(names.iter().collect::<std::collections::BTreeSet<_>>().len(), 72, "{t}");
+    for line in t.lines().filter(|l| l.starts_with(&format!("b{base}p{pool}-"))) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (category, nseq, p) = (f[1], f[4].parse::<usize>().unwrap(), f[5].parse::<usize>().unwrap());
+        if category != "below" {
+            assert_eq!(p, pool, "{line}");
+        }
+        assert!(nseq >= 1);
+    }
+    assert!(
+        t.lines().any(|l| l.starts_with(&format!("b{base}p{pool}-")) && l.split_whitespace().nth(4) == Some("1") && l.split_whitespace().nth(1) != Some("below")),
+        "a batch of one sequence with the pool active:\n{t}"
+    );
+}
+
+per_device!(fapool_options_on_base1_pool1, 2, |device: Device| option_matrix(device, 1, 1));
+per_device!(fapool_options_on_base2_pool2, 4, |device: Device| option_matrix(device, 2, 2));
+per_device!(fapool_options_on_base2_pool4, 6, |device: Device| option_matrix(device, 2, 4));
+
+/// tiny-moe (2 layers, 8 experts, top 2): batches of three sequences of odd
+/// lengths, so no TP rank's share of the rows is even, and a last batch of
+/// one sequence, so some replicas have nothing and only serve their experts.
+fn moe_header() -> String {
+    r#"
+[run]
+name = "test"
+backend = "cpu"
+
+[model]
+preset = "tiny-moe"
+
+[workload]
+sequences_per_category = 7
+output_tokens = 5
+batch_size = 3
+seed = 11
+
+[[workload.category]]
+name = "short"
+lengths = [9]
+
+[[workload.category]]
+name = "long"
+lengths = [21, 37]
+"#
+    .to_string()
+}
+
+/// `verify` of MoE layouts against the single-rank MoE model; every named
+/// strategy must have rows in the table.
+fn verify_moe(device: Device, np: usize, tag: &str, strategies: &[(&str, &str)]) {
+    let tables: String = strategies.iter().map(|(name, settings)| format!("\n[[strategy]]\nkind = \"moe\"\nname = \"{name}\"\n{settings}\n")).collect();
+    let t = verify_job(device, np, tag, &moe_header(), &tables);
+    for (name, _) in strategies {
+        assert!(t.lines().filter(|l| l.split_whitespace().next() == Some(name)).count() >= 3, "{name} missing:\n{t}");
+    }
+    assert!(t.contains("single-rank-vs-no-cache"), "{t}");
+}
+
+per_device!(moe_with_grouped_rotary_attention_on_two_ranks, 2, |device: Device| {
+    // The MoE deployment with the model family's attention: 8 query heads
+    // over 2 K/V heads, rotary positions; TP 2 splits the K/V heads.
+    let header = moe_header().replace("preset = \"tiny-moe\"", "preset = \"tiny-moe\"\nheads = 8\nkv_heads = 2\nhead_dim = 8\npositions = \"rope\"");
+    let t = verify_job(device, 2, "moe-gqa", &header, "\n[[strategy]]\nkind = \"moe\"\nname = \"ep2-tp2-gqa\"\nep = 2\ntp = 2\n\n[[strategy]]\nkind = \"moe\"\nname = \"ep2-gqa\"\nep = 2\ndp = 2\n");
+    for name in ["ep2-tp2-gqa", "ep2-gqa"] {
+        assert!(t.lines().filter(|l| l.split_whitespace().next() == Some(name)).count() >= 3, "{name} missing:\n{t}");
+    }
+});
+
+per_device!(moe_on_two_ranks_ep2_ep2xtp2_and_tp2_with_and_without_sp, 2, |device: Device| {
+    verify_moe(device, 2, "moe-np2", &[("ep2", "ep = 2\ndp = 2"), ("ep2-tp2", "ep = 2\ntp = 2"), ("tp2-sp", "tp = 2"), ("tp2-nosp", "tp = 2\nsp = false"), ("pp2", "pp = 2\nmicro_batches = 2")]);
+});
+
+per_device!(moe_on_four_ranks_ep4_ep2xpp2_and_dp2xep2, 4, |device: Device| {
+    verify_moe(
+        device,
+        4,
+        "moe-np4",
+        &[
+            ("ep4", "ep = 4\ndp = 4"),
+            ("ep2-pp2", "ep = 2\ndp = 2\npp = 2\nmicro_batches = 2"),
+            // Two replicas of the experts, each group of two spanning two replicas' attention.
+            ("dp2xep2", "ep = 2\ndp = 4"),
+            // Two replicas, each with its experts inside its TP group.
+            ("dp2xep2-in-tp2", "ep = 2\ntp = 2\ndp = 2"),
+            ("ep4-tp2-dp2", "ep = 4\ntp = 2\ndp = 2"),
+            ("ep2-tp2-pp2", "ep = 2\ntp = 2\npp = 2"),
+        ],
+    );
+});
+
+/// The tiny model as a Llama: 8 query heads over 2 K/V heads of 8, rotary
+/// positions and a SwiGLU FFN (seeded weights).
+fn grouped_rope_header() -> String {
+    tiny_job_header(4, 5).replace("preset = \"tiny\"", "preset = \"tiny\"\nheads = 8\nkv_heads = 2\nhead_dim = 8\npositions = \"rope\"\nffn_kind = \"swiglu\"")
+}
+
+per_device!(grouped_rope_swiglu_layouts_on_four_ranks, 4, |device: Device| {
+    // TP 2 splits the K/V heads; TP 4 replicates each on 2 ranks.
+    let t = verify_job(
+        device,
+        4,
+        "gqa4",
+        &grouped_rope_header(),
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 4
+pp = 1
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 2
+[[strategy]]
+kind = "fapool"
+name = "b2p2-zigzag-chunks2"
+base = 2
+pool_max = 2
+partition = "zigzag"
+chunks = 2
+micro_batches = 2
+{FAPOOL}
+[[strategy]]
+kind = "fapool"
+name = "b1p3-attention-tree"
+base = 1
+pool_max = 3
+pool_ops = "attention"
+aggregation = "tree"
+{FAPOOL}
+"#
+        ),
+    );
+    assert!(rows(&t, "b2p2-zigzag-chunks2").iter().any(|&(_, p)| p == 2), "{t}");
+    assert!(rows(&t, "b1p3-attention-tree").iter().any(|&(_, p)| p == 3), "{t}");
+});
+
+per_device!(grouped_rope_swiglu_layouts_on_eight_ranks, 8, |device: Device| {
+    // TP 8 over 2 K/V heads: each K/V head on 4 ranks.
+    let t = verify_job(
+        device,
+        8,
+        "gqa8",
+        &grouped_rope_header(),
+        &format!(
+            r#"
+[[strategy]]
+kind = "baseline"
+tp = 8
+pp = 1
+[[strategy]]
+kind = "fapool"
+name = "b4p4"
+base = 4
+pool_max = 4
+partition = "contiguous"
+{FAPOOL}
+"#
+        ),
+    );
+    assert!(rows(&t, "b4p4").iter().any(|&(_, p)| p == 4), "{t}");
+});

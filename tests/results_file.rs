@@ -27,7 +27,7 @@ fn the_quickstart_completes_on_4_ranks_in_under_2_minutes_and_reads_back() {
     let run = read_run(&out).expect("results file reads back");
     assert_eq!(run.status, Some(RunStatus::Complete));
     let p = &run.provenance;
-    assert_eq!(p.schema_version, 1);
+    assert_eq!(p.schema_version, fapool::results::SCHEMA_VERSION);
     assert_eq!(p.world_size, 4);
     assert_eq!(p.backend, "cpu");
     assert!(p.job_toml.contains("[[strategy]]"));
@@ -120,4 +120,38 @@ fn reading_energy_counters_stays_out_of_e2e_and_the_inter_token_latencies() {
         }
     }
     assert!(batches > 0);
+}
+
+#[test]
+fn a_schema_version_1_file_reads_and_refuses_to_be_continued() {
+    // A real two-GPU run written before the compute and waiting times existed.
+    let v1 = repo_root().join("results/gpu-2-h200x2.h5");
+    let run = read_run(&v1).expect("version 1 reads");
+    assert_eq!(run.provenance.schema_version, 1);
+    let ranks: Vec<_> = run.strategies.iter().flat_map(|s| &s.categories).flat_map(|c| &c.ranks).collect();
+    assert!(!ranks.is_empty());
+    assert!(ranks.iter().all(|r| r.wait_s == 0.0 && r.compute_s == r.wall_s), "version 1 has no waiting recorded");
+    let dir = scratch("v1resume");
+    let copy = dir.join("old.h5");
+    std::fs::copy(&v1, &copy).unwrap();
+    let err = fapool::results::ResultsFile::open_existing(&copy).unwrap_err().to_string();
+    assert!(err.contains("schema version 1") && err.contains("start a new file"), "{err}");
+}
+
+#[test]
+fn a_schema_version_2_file_reads_without_expert_traffic_and_refuses_to_be_continued() {
+    // A tiny TP=2 run on the CPU written before the expert categories existed.
+    let v2 = repo_root().join("tests/data/schema-2-tiny.h5");
+    let run = read_run(&v2).expect("version 2 reads");
+    assert_eq!(run.provenance.schema_version, 2);
+    let categories: Vec<_> = run.strategies.iter().flat_map(|s| &s.categories).collect();
+    assert!(categories.iter().all(|c| c.experts.is_empty() && c.routing.is_empty()));
+    let ranks: Vec<_> = categories.iter().flat_map(|c| &c.ranks).collect();
+    assert!(!ranks.is_empty() && ranks.iter().all(|r| r.comm.keys().all(|k| !k.name().starts_with("expert_"))));
+    assert!(ranks.iter().any(|r| r.wait_s > 0.0 && r.comm.keys().any(|k| k.name() == "tp_allreduce")), "version 2 records waiting and TP traffic");
+    let dir = scratch("v2resume");
+    let copy = dir.join("old.h5");
+    std::fs::copy(&v2, &copy).unwrap();
+    let err = fapool::results::ResultsFile::open_existing(&copy).unwrap_err().to_string();
+    assert!(err.contains("schema version 2") && err.contains("start a new file"), "{err}");
 }

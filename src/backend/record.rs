@@ -24,15 +24,24 @@ pub enum OpKind {
     RmsNorm,
     Gelu,
     GeluMul,
+    SiluMul,
     Add,
     SplitQkv,
     GatherRows,
     ScatterRows,
+    CopyRows,
     AttentionPrefill,
     AttentionDecode,
     MergePartials,
     Argmax,
+    RouterTopK,
+    ExpertSlots,
+    PermuteToExperts,
+    GroupedMatmul,
+    CombineFromExperts,
     Zeros,
+    /// A buffer its user overwrites (`Backend::empty`): no device work.
+    Alloc,
     Upload,
     Download,
     StoreStep,
@@ -47,15 +56,23 @@ impl OpKind {
             OpKind::RmsNorm => "rmsnorm",
             OpKind::Gelu => "gelu",
             OpKind::GeluMul => "gelu_mul",
+            OpKind::SiluMul => "silu_mul",
             OpKind::Add => "add",
             OpKind::SplitQkv => "split_qkv",
             OpKind::GatherRows => "gather_rows",
             OpKind::ScatterRows => "scatter_rows",
+            OpKind::CopyRows => "copy_rows",
             OpKind::AttentionPrefill => "attention_prefill",
             OpKind::AttentionDecode => "attention_decode",
             OpKind::MergePartials => "merge_partials",
             OpKind::Argmax => "argmax",
+            OpKind::RouterTopK => "router_top_k",
+            OpKind::ExpertSlots => "expert_slots",
+            OpKind::PermuteToExperts => "permute_to_experts",
+            OpKind::GroupedMatmul => "grouped_matmul",
+            OpKind::CombineFromExperts => "combine_from_experts",
             OpKind::Zeros => "zeros",
+            OpKind::Alloc => "alloc",
             OpKind::Upload => "upload",
             OpKind::Download => "download",
             OpKind::StoreStep => "store_step",
@@ -77,6 +94,14 @@ pub enum OpDims {
         rows: usize,
         cols: usize,
     },
+    /// One GEMM per expert group: `groups` non-empty groups of `m` rows in
+    /// all, each `[rows_g, k] · [k, n]`.
+    Grouped {
+        groups: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+    },
     Prefill(PrefillShape),
     /// Decode attention; `len` is the attended length the step's scalars gave.
     Decode(DecodeShape),
@@ -91,8 +116,9 @@ impl std::fmt::Display for OpDims {
         match self {
             OpDims::Gemm { m, k, n } => write!(f, "m={m} k={k} n={n}"),
             OpDims::Rows { rows, cols } => write!(f, "{rows}x{cols}"),
-            OpDims::Prefill(s) => write!(f, "nseq={} sq={} skv={} off={} {}x{}", s.nseq, s.sq, s.skv, s.q_offset, s.heads, s.head_dim),
-            OpDims::Decode(s) => write!(f, "nseq={} len={} cap={} {}x{}", s.nseq, s.len, s.cap, s.heads, s.head_dim),
+            OpDims::Grouped { groups, m, k, n } => write!(f, "groups={groups} m={m} k={k} n={n}"),
+            OpDims::Prefill(s) => write!(f, "nseq={} sq={} skv={} off={} {}x{} kv_heads={}", s.nseq, s.sq, s.skv, s.q_offset, s.heads, s.head_dim, s.kv_heads),
+            OpDims::Decode(s) => write!(f, "nseq={} len={} cap={} {}x{} kv_heads={}", s.nseq, s.len, s.cap, s.heads, s.head_dim, s.kv_heads),
             OpDims::Elems { len } => write!(f, "{len}"),
         }
     }
@@ -120,6 +146,9 @@ pub enum Marker {
     Sync,
     /// `Backend::set_step`: a decode step's scalars.
     SetStep { pos: usize, store_at: Option<usize>, len: usize },
+    /// `Backend::wait_for`: the compute stream waits for the completion of
+    /// the rank's `n`-th recorded message (issued on its group's stream).
+    WaitFor(usize),
 }
 
 /// An entry of a rank's program, in issue order.

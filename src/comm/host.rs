@@ -61,6 +61,14 @@ impl HostGroups {
         Ok(())
     }
 
+    pub fn all_to_all_u32(&self, group: &Group, send: &[u32], recv: &mut [u32]) -> Result<()> {
+        if send.len() != recv.len() || send.len() % group.size() != 0 {
+            return Err(CommError::Size(format!("host all-to-all on `{}` of {} ranks: {} sent, {} received", group.name, group.size(), send.len(), recv.len())));
+        }
+        self.comm(group)?.all_to_all_into(send, recv);
+        Ok(())
+    }
+
     pub fn recv_u32(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()> {
         self.comm(group)?.process_at_rank(src as i32).receive_into(data);
         Ok(())

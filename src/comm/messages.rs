@@ -18,13 +18,19 @@ pub enum MessageKind {
     Broadcast {
         root: usize,
     },
+    ReduceScatter,
     /// Point-to-point sends and receives issued together.
     Exchange,
+    /// Blocks of rows to and from every peer of the group (its own block
+    /// stays in place): point-to-point parts, like an exchange.
+    AllToAll,
     HostBroadcast {
         root: usize,
     },
     HostSend,
     HostRecv,
+    /// Token counts to and from every peer of the group (host memory).
+    HostAllToAll,
 }
 
 impl MessageKind {
@@ -33,19 +39,26 @@ impl MessageKind {
             MessageKind::AllReduce => "all_reduce",
             MessageKind::AllGather => "all_gather",
             MessageKind::Broadcast { .. } => "broadcast",
+            MessageKind::ReduceScatter => "reduce_scatter",
             MessageKind::Exchange => "send_recv",
+            MessageKind::AllToAll => "all_to_all",
             MessageKind::HostBroadcast { .. } => "host_broadcast",
             MessageKind::HostSend => "host_send",
             MessageKind::HostRecv => "host_recv",
+            MessageKind::HostAllToAll => "host_all_to_all",
         }
     }
     /// A collective over the whole group (the others are point-to-point).
     pub fn is_collective(self) -> bool {
-        matches!(self, MessageKind::AllReduce | MessageKind::AllGather | MessageKind::Broadcast { .. } | MessageKind::HostBroadcast { .. })
+        matches!(self, MessageKind::AllReduce | MessageKind::AllGather | MessageKind::Broadcast { .. } | MessageKind::ReduceScatter | MessageKind::HostBroadcast { .. })
+    }
+    /// Point-to-point parts joined by message ids (sends and receives).
+    pub fn has_parts(self) -> bool {
+        matches!(self, MessageKind::Exchange | MessageKind::AllToAll | MessageKind::HostSend | MessageKind::HostRecv | MessageKind::HostAllToAll)
     }
     /// Token ids in host memory rather than a device buffer.
     pub fn is_host(self) -> bool {
-        matches!(self, MessageKind::HostBroadcast { .. } | MessageKind::HostSend | MessageKind::HostRecv)
+        matches!(self, MessageKind::HostBroadcast { .. } | MessageKind::HostSend | MessageKind::HostRecv | MessageKind::HostAllToAll)
     }
 }
 
@@ -81,7 +94,16 @@ pub struct MessageRecord {
     pub recvs: Vec<Part>,
     pub inputs: Vec<BufRef>,
     pub outputs: Vec<BufRef>,
+    /// 0: the compute stream (host messages, and every message where they
+    /// hold it); else the group's own stream ([`group_stream`]).
     pub stream: u32,
+}
+
+/// The stream of group `id`'s device messages on a GPU, where every
+/// communicator has a stream of its own (as trace files number their
+/// message threads: 1000 + the group's id).
+pub fn group_stream(id: usize) -> u32 {
+    1000 + id as u32
 }
 
 /// A rank's message records, shared between its transport and whoever

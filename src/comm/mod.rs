@@ -9,16 +9,19 @@
 //! message. This module must not know about strategies or results files.
 
 pub mod host;
+mod layer;
+mod log;
 pub mod messages;
 pub mod mpi_transport;
 pub mod nccl_transport;
 pub mod sim_transport;
+pub mod traced;
+
+pub use layer::{Comm, SendTo, Ticket};
+pub use log::{CommStat, CommTotals, CommTrace, MessageRecord, RecordedMessages, TracedMessage, TracedWait};
 
 use crate::backend::Backend;
-use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::ops::Range;
-use std::time::Instant;
 
 /// Errors of the communication layer.
 #[derive(Debug, thiserror::Error)]
@@ -42,34 +45,62 @@ pub type Result<T> = std::result::Result<T, CommError>;
 pub enum Category {
     /// Tensor-parallel all-reduce after row-parallel GEMMs.
     TpAllreduce,
+    /// All-gather of sequence-sharded rows inside a TP group (FA Pool's base
+    /// before its column-parallel FFN, and the last rows to the LM head).
+    TpAllgather,
+    /// Reduce-scatter of row-parallel partial sums back to the rows' owners
+    /// inside a TP group (FA Pool's base after its FFN).
+    TpReducescatter,
     /// Pipeline-parallel activations (and tokens) between stages.
     PpP2p,
-    /// Base root → pool ranks: the normalized hidden states of each block.
+    /// Base → pool ranks: each block's hidden states (or q/k/v) for attention.
     PoolScatter,
     /// All-gather of K and V across the active pool ranks.
     KvReplication,
-    /// Pool root → pool ranks: the decode step's hidden states.
+    /// Pool root → pool ranks: a decode step's hidden states.
     AttentionSync,
-    /// Binary-tree gather (prefill) or log-sum-exp combine (decode) in the pool.
+    /// Binary-tree gather (prefill, `aggregation = "tree"`) or log-sum-exp
+    /// combine (decode) in the pool.
     ResultAggregation,
-    /// Pool root → base root, and base root → base group, of attention output.
+    /// Pool → base: attention output back to the rows' owners.
     PoolToBase,
+    /// Token rows to the ranks holding their experts (and the token counts
+    /// that size them), inside an expert-parallel group.
+    ExpertDispatch,
+    /// Expert outputs back to the ranks holding their tokens.
+    ExpertCombine,
     /// Token ids and other small control messages.
     Control,
 }
 
 impl Category {
-    pub const ALL: [Category; 8] =
-        [Category::TpAllreduce, Category::PpP2p, Category::PoolScatter, Category::KvReplication, Category::AttentionSync, Category::ResultAggregation, Category::PoolToBase, Category::Control];
+    pub const ALL: [Category; 12] = [
+        Category::TpAllreduce,
+        Category::TpAllgather,
+        Category::TpReducescatter,
+        Category::PpP2p,
+        Category::PoolScatter,
+        Category::KvReplication,
+        Category::AttentionSync,
+        Category::ResultAggregation,
+        Category::PoolToBase,
+        Category::ExpertDispatch,
+        Category::ExpertCombine,
+        Category::Control,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Category::TpAllreduce => "tp_allreduce",
+            Category::TpAllgather => "tp_allgather",
+            Category::TpReducescatter => "tp_reducescatter",
             Category::PpP2p => "pp_p2p",
             Category::PoolScatter => "pool_scatter",
             Category::KvReplication => "kv_replication",
             Category::AttentionSync => "attention_sync",
             Category::ResultAggregation => "result_aggregation",
             Category::PoolToBase => "pool_to_base",
+            Category::ExpertDispatch => "expert_dispatch",
+            Category::ExpertCombine => "expert_combine",
             Category::Control => "control",
         }
     }
@@ -115,10 +146,15 @@ pub struct RecvPart {
     pub range: Range<usize>,
 }
 
-/// The marks around one operation, on the timeline that ran it.
+/// The marks around one operation, on the timeline that ran it, and the
+/// point the compute timeline waits for to use its result.
 pub struct Timed<M> {
     pub start: M,
     pub end: M,
+    /// The operation's completion as a dependency (on a GPU a plain event
+    /// on the message's stream; `end` may be a timing node of a recording,
+    /// which orders nothing).
+    pub done: M,
 }
 
 /// Moves device buffers between the ranks of a group, and small host
@@ -140,13 +176,64 @@ pub trait Transport<B: Backend> {
     /// holds `size × len(send)` elements in group-rank order.
     fn all_gather(&self, backend: &B, group: &Group, send: &B::Buf, recv: &mut B::Buf) -> Result<Timed<B::Mark>>;
     fn broadcast(&self, backend: &B, group: &Group, root: usize, buf: &mut B::Buf) -> Result<Timed<B::Mark>>;
+    /// Every rank contributes `send` (`size × len(recv)` elements, group-rank
+    /// blocks); `recv` gets the sum of every rank's block of its own rank.
+    fn reduce_scatter_sum(&self, backend: &B, group: &Group, send: &B::Buf, recv: &mut B::Buf) -> Result<Timed<B::Mark>>;
     /// Point-to-point sends and receives issued together (an NCCL group
     /// call; non-blocking MPI completed together), so their order among
     /// themselves cannot deadlock. Receive parts are disjoint ranges of `recv`.
     fn exchange(&self, backend: &B, group: &Group, sends: &[SendPart<'_, B>], recv: Option<&mut B::Buf>, recvs: &[RecvPart]) -> Result<Timed<B::Mark>>;
+    /// All-to-all with counts per peer: block `p` of `send` (`send_counts[p]`
+    /// elements, blocks in group-rank order) goes to group rank `p`, and
+    /// `recv` gets block `p` (`recv_counts[p]` elements) from rank `p`,
+    /// this rank's own block included. By default one [`Transport::exchange`]
+    /// (an NCCL group of sends and receives); MPI overrides it with
+    /// `MPI_Alltoallv`.
+    fn all_to_all_v(&self, backend: &B, group: &Group, send: &B::Buf, send_counts: &[usize], recv: &mut B::Buf, recv_counts: &[usize]) -> Result<Timed<B::Mark>> {
+        if send_counts.len() != group.size() || recv_counts.len() != group.size() {
+            return Err(CommError::Size(format!("all_to_all_v on `{}` of {} ranks: {} send and {} receive counts", group.name, group.size(), send_counts.len(), recv_counts.len())));
+        }
+        let blocks = |counts: &[usize]| -> Vec<Range<usize>> {
+            let mut at = 0;
+            counts
+                .iter()
+                .map(|&n| {
+                    at += n;
+                    at - n..at
+                })
+                .collect()
+        };
+        let sends: Vec<SendPart<'_, B>> = blocks(send_counts).into_iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(peer, range)| SendPart { peer, buf: send, range }).collect();
+        let recvs: Vec<RecvPart> = blocks(recv_counts).into_iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(peer, range)| RecvPart { peer, range }).collect();
+        self.exchange(backend, group, &sends, Some(recv), &recvs)
+    }
     fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()>;
     fn host_send(&self, group: &Group, dst: usize, data: &[u32]) -> Result<()>;
     fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()>;
+    /// Host all-to-all: `send` holds `size` equal blocks, block `p` for group
+    /// rank `p`; `recv` (as long) gets block `p` from rank `p`. By default
+    /// pairwise blocking messages in an order that cannot deadlock (each
+    /// rank meets its peers in ascending order, the lower rank sending
+    /// first); MPI overrides it with `MPI_Alltoall`.
+    fn host_all_to_all(&self, group: &Group, send: &[u32], recv: &mut [u32]) -> Result<()> {
+        let (n, me) = (group.size(), group.rank());
+        if send.len() != recv.len() || send.len() % n != 0 {
+            return Err(CommError::Size(format!("host_all_to_all on `{}` of {n} ranks: {} sent, {} received", group.name, send.len(), recv.len())));
+        }
+        let per = send.len() / n;
+        recv[me * per..(me + 1) * per].copy_from_slice(&send[me * per..(me + 1) * per]);
+        for peer in (0..n).filter(|&p| p != me) {
+            let (out, into) = (&send[peer * per..(peer + 1) * per], peer * per..(peer + 1) * per);
+            if me < peer {
+                self.host_send(group, peer, out)?;
+                self.host_recv(group, peer, &mut recv[into])?;
+            } else {
+                self.host_recv(group, peer, &mut recv[into])?;
+                self.host_send(group, peer, out)?;
+            }
+        }
+        Ok(())
+    }
     /// The category [`Comm`] records the next operation or host message
     /// under. A transport that records messages (the planner's in-process
     /// transport) keeps it; the others ignore it.
@@ -166,242 +253,4 @@ pub fn ordered_recv_parts(parts: &[RecvPart], len: usize) -> Result<Vec<RecvPart
         end = p.range.end;
     }
     Ok(v)
-}
-
-/// Totals for one category on one rank.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct CommStat {
-    pub calls: u64,
-    pub bytes: u64,
-    pub seconds: f64,
-}
-
-struct Pending<M> {
-    category: Category,
-    bytes: u64,
-    from: M,
-    to: M,
-}
-
-/// The messages of a recorded step (see [`Comm::begin_recording`]): their
-/// categories, bytes and the marks around each, which every replay records again.
-pub struct RecordedMessages<M> {
-    messages: Vec<Pending<M>>,
-}
-
-/// The recorded traffic of one rank since the last [`Comm::take_stats`].
-struct Log<M> {
-    pending: Vec<Pending<M>>,
-    totals: BTreeMap<Category, CommStat>,
-}
-
-/// The one place messages go through.
-pub struct Comm<'a, B: Backend> {
-    backend: &'a B,
-    transport: RefCell<Box<dyn Transport<B> + 'a>>,
-    log: RefCell<Log<B::Mark>>,
-    next_group_id: RefCell<usize>,
-    heartbeat: RefCell<Option<crate::control::Heartbeat>>,
-}
-
-impl<'a, B: Backend> Comm<'a, B> {
-    pub fn new(backend: &'a B, transport: Box<dyn Transport<B> + 'a>) -> Self {
-        Self { backend, transport: RefCell::new(transport), log: RefCell::new(Log { pending: Vec::new(), totals: BTreeMap::new() }), next_group_id: RefCell::new(0), heartbeat: RefCell::new(None) }
-    }
-
-    /// Beats `h` around every message, so the watchdog sees a rank stuck in one.
-    pub fn set_heartbeat(&self, h: crate::control::Heartbeat) {
-        *self.heartbeat.borrow_mut() = Some(h);
-    }
-
-    fn beat(&self) {
-        if let Some(h) = self.heartbeat.borrow().as_ref() {
-            h.beat();
-        }
-    }
-
-    pub fn transport_name(&self) -> &'static str {
-        self.transport.borrow().name()
-    }
-
-    /// Splits `parent` collectively: ranks passing the same `Some(color)`
-    /// form one new group (ordered by their parent rank); `None` opts out.
-    /// Every member of `parent` must call this.
-    pub fn split(&self, parent: &Group, color: Option<u32>, name: &str) -> Result<Option<Group>> {
-        let id = {
-            let mut next = self.next_group_id.borrow_mut();
-            *next += 1;
-            *next
-        };
-        self.transport.borrow_mut().split(self.backend, parent, color, id, name)
-    }
-
-    /// The world as a group (collective over the world).
-    pub fn world_group(&self) -> Result<Group> {
-        self.transport.borrow_mut().world(self.backend)
-    }
-
-    fn timed(&self, category: Category, bytes: usize, op: impl FnOnce(&dyn Transport<B>) -> Result<Timed<B::Mark>>) -> Result<()> {
-        self.beat();
-        let t = {
-            let transport = self.transport.borrow();
-            transport.announce(category);
-            op(&**transport)?
-        };
-        self.beat();
-        self.log.borrow_mut().pending.push(Pending { category, bytes: bytes as u64, from: t.start, to: t.end });
-        Ok(())
-    }
-
-    fn bytes_of(&self, buf: &B::Buf) -> usize {
-        self.backend.size_bytes(buf)
-    }
-
-    /// Bytes of `n` elements of `buf`'s type.
-    fn bytes_of_elems(&self, buf: &B::Buf, n: usize) -> usize {
-        self.bytes_of(buf).checked_div(self.backend.len(buf)).map_or(0, |elem| elem * n)
-    }
-
-    /// Sum-all-reduce in place. Bytes: the buffer's size.
-    pub fn all_reduce(&self, category: Category, group: &Group, buf: &mut B::Buf) -> Result<()> {
-        if group.size() == 1 {
-            return Ok(());
-        }
-        let bytes = self.bytes_of(buf);
-        self.timed(category, bytes, |t| t.all_reduce_sum(self.backend, group, buf))
-    }
-
-    /// All-gather of equal-sized contributions. Bytes: the gathered size.
-    pub fn all_gather(&self, category: Category, group: &Group, send: &B::Buf) -> Result<B::Buf> {
-        let n = self.backend.len(send);
-        if group.size() == 1 {
-            return Ok(self.backend.gather_rows(send, n.max(1), &[crate::backend::RowRun::new(0, usize::from(n > 0))])?);
-        }
-        let mut recv = self.backend.zeros(n * group.size())?;
-        let bytes = self.bytes_of(&recv);
-        self.timed(category, bytes, |t| t.all_gather(self.backend, group, send, &mut recv))?;
-        Ok(recv)
-    }
-
-    /// Broadcast from group rank `root`. Bytes: the buffer's size.
-    pub fn broadcast(&self, category: Category, group: &Group, root: usize, buf: &mut B::Buf) -> Result<()> {
-        if group.size() == 1 {
-            return Ok(());
-        }
-        let bytes = self.bytes_of(buf);
-        self.timed(category, bytes, |t| t.broadcast(self.backend, group, root, buf))
-    }
-
-    /// Sends all of `buf` to group rank `dst`. Bytes: the message.
-    pub fn send(&self, category: Category, group: &Group, dst: usize, buf: &B::Buf) -> Result<()> {
-        let n = self.backend.len(buf);
-        self.exchange(category, group, &[SendPart { peer: dst, buf, range: 0..n }], None, &[])
-    }
-
-    /// Receives exactly `len` model-dtype elements from group rank `src`.
-    pub fn recv(&self, category: Category, group: &Group, src: usize, len: usize) -> Result<B::Buf> {
-        let mut buf = self.backend.zeros(len)?;
-        self.recv_into(category, group, src, &mut buf)?;
-        Ok(buf)
-    }
-
-    /// Receives into `buf`, whose length and dtype must match the message.
-    pub fn recv_into(&self, category: Category, group: &Group, src: usize, buf: &mut B::Buf) -> Result<()> {
-        let n = self.backend.len(buf);
-        self.exchange(category, group, &[], Some(buf), &[RecvPart { peer: src, range: 0..n }])
-    }
-
-    /// Sends and receives issued together (see [`Transport::exchange`]).
-    /// Bytes: everything this rank sends and receives.
-    pub fn exchange(&self, category: Category, group: &Group, sends: &[SendPart<'_, B>], recv: Option<&mut B::Buf>, recvs: &[RecvPart]) -> Result<()> {
-        if sends.is_empty() && recvs.is_empty() {
-            return Ok(());
-        }
-        let sent: usize = sends.iter().map(|p| self.bytes_of_elems(p.buf, p.range.len())).sum();
-        let received: usize = match &recv {
-            Some(buf) => recvs.iter().map(|p| self.bytes_of_elems(buf, p.range.len())).sum(),
-            None if recvs.is_empty() => 0,
-            None => return Err(CommError::Protocol("receive parts without a receive buffer".into())),
-        };
-        self.timed(category, sent + received, |t| t.exchange(self.backend, group, sends, recv, recvs))
-    }
-
-    fn record_host(&self, category: Category, bytes: usize, started: Instant) {
-        self.beat();
-        let mut log = self.log.borrow_mut();
-        let stat = log.totals.entry(category).or_default();
-        stat.calls += 1;
-        stat.bytes += bytes as u64;
-        stat.seconds += started.elapsed().as_secs_f64();
-    }
-
-    /// Broadcasts host token ids from group rank `root`.
-    pub fn broadcast_tokens(&self, category: Category, group: &Group, root: usize, tokens: &mut [u32]) -> Result<()> {
-        if group.size() == 1 {
-            return Ok(());
-        }
-        let t = Instant::now();
-        self.transport.borrow().announce(category);
-        self.transport.borrow().host_broadcast(group, root, tokens)?;
-        self.record_host(category, std::mem::size_of_val(tokens), t);
-        Ok(())
-    }
-
-    pub fn send_tokens(&self, category: Category, group: &Group, dst: usize, tokens: &[u32]) -> Result<()> {
-        let t = Instant::now();
-        self.transport.borrow().announce(category);
-        self.transport.borrow().host_send(group, dst, tokens)?;
-        self.record_host(category, std::mem::size_of_val(tokens), t);
-        Ok(())
-    }
-
-    pub fn recv_tokens(&self, category: Category, group: &Group, src: usize, tokens: &mut [u32]) -> Result<()> {
-        let t = Instant::now();
-        self.transport.borrow().announce(category);
-        self.transport.borrow().host_recv(group, src, tokens)?;
-        self.record_host(category, std::mem::size_of_val(tokens), t);
-        Ok(())
-    }
-
-    /// Starts setting aside the messages of a step being recorded (a CUDA
-    /// graph): they are not sent now, so they are accounted once per replay
-    /// by [`Comm::account_replay`] instead of when issued.
-    pub fn begin_recording(&self) -> usize {
-        self.log.borrow().pending.len()
-    }
-
-    /// The messages issued since `begin_recording` returned `from`.
-    pub fn end_recording(&self, from: usize) -> RecordedMessages<B::Mark> {
-        let mut log = self.log.borrow_mut();
-        let from = from.min(log.pending.len());
-        RecordedMessages { messages: log.pending.split_off(from) }
-    }
-
-    /// Accounts one replay of recorded messages (waits for their marks).
-    pub fn account_replay(&self, rec: &RecordedMessages<B::Mark>) -> Result<()> {
-        self.beat();
-        let mut log = self.log.borrow_mut();
-        for p in &rec.messages {
-            let secs = self.backend.elapsed_s(&p.from, &p.to)?;
-            let stat = log.totals.entry(p.category).or_default();
-            stat.calls += 1;
-            stat.bytes += p.bytes;
-            stat.seconds += secs;
-        }
-        Ok(())
-    }
-
-    /// Resolves pending timings and returns the totals since the last call.
-    pub fn take_stats(&self) -> Result<BTreeMap<Category, CommStat>> {
-        let mut log = self.log.borrow_mut();
-        let pending = std::mem::take(&mut log.pending);
-        for p in pending {
-            let secs = self.backend.elapsed_s(&p.from, &p.to)?;
-            let stat = log.totals.entry(p.category).or_default();
-            stat.calls += 1;
-            stat.bytes += p.bytes;
-            stat.seconds += secs;
-        }
-        Ok(std::mem::take(&mut log.totals))
-    }
 }

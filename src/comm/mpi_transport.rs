@@ -4,6 +4,7 @@ use super::host::HostGroups;
 use super::{ordered_recv_parts, CommError, Group, RecvPart, Result, SendPart, Timed, Transport};
 use crate::backend::cpu::CpuBackend;
 use mpi::collective::SystemOperation;
+use mpi::datatype::{Partition, PartitionMut};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::time::Instant;
@@ -23,7 +24,8 @@ impl MpiTransport {
 fn timed(op: impl FnOnce() -> Result<()>) -> Result<Timed<Instant>> {
     let start = Instant::now();
     op()?;
-    Ok(Timed { start, end: Instant::now() })
+    let end = Instant::now();
+    Ok(Timed { start, end, done: end })
 }
 
 impl Transport<CpuBackend> for MpiTransport {
@@ -55,6 +57,17 @@ impl Transport<CpuBackend> for MpiTransport {
         let comm = self.groups.comm(group)?;
         timed(|| {
             comm.all_gather_into(&send[..], &mut recv[..]);
+            Ok(())
+        })
+    }
+
+    fn reduce_scatter_sum(&self, _b: &CpuBackend, group: &Group, send: &Vec<f32>, recv: &mut Vec<f32>) -> Result<Timed<Instant>> {
+        if send.len() != recv.len() * group.size() {
+            return Err(CommError::Size(format!("reduce_scatter: send {} != {} x {}", send.len(), group.size(), recv.len())));
+        }
+        let comm = self.groups.comm(group)?;
+        timed(|| {
+            comm.reduce_scatter_block_into(&send[..], &mut recv[..], SystemOperation::sum());
             Ok(())
         })
     }
@@ -122,6 +135,35 @@ impl Transport<CpuBackend> for MpiTransport {
         })
     }
 
+    /// `MPI_Alltoallv` over the group's communicator.
+    fn all_to_all_v(&self, _b: &CpuBackend, group: &Group, send: &Vec<f32>, send_counts: &[usize], recv: &mut Vec<f32>, recv_counts: &[usize]) -> Result<Timed<Instant>> {
+        let n = group.size();
+        let (sent, received): (usize, usize) = (send_counts.iter().sum(), recv_counts.iter().sum());
+        if send_counts.len() != n || recv_counts.len() != n || sent > send.len() || received > recv.len() {
+            return Err(CommError::Size(format!("all_to_all_v on `{}` of {n} ranks: counts {send_counts:?} of {} sent, {recv_counts:?} of {} received", group.name, send.len(), recv.len())));
+        }
+        let layout = |counts: &[usize]| -> Result<(Vec<i32>, Vec<i32>)> {
+            let to_i32 = |v: usize| i32::try_from(v).map_err(|_| CommError::Size(format!("all_to_all_v on `{}`: {v} elements exceed MPI's int counts", group.name)));
+            let counts = counts.iter().map(|&c| to_i32(c)).collect::<Result<Vec<_>>>()?;
+            let mut at = 0usize;
+            let displs = counts.iter().map(|&c| {
+                let d = at;
+                at += c as usize;
+                to_i32(d)
+            });
+            Ok((counts.clone(), displs.collect::<Result<Vec<_>>>()?))
+        };
+        let (sc, sd) = layout(send_counts)?;
+        let (rc, rd) = layout(recv_counts)?;
+        let comm = self.groups.comm(group)?;
+        timed(|| {
+            let sendbuf = Partition::new(&send[..sent], &sc[..], &sd[..]);
+            let mut recvbuf = PartitionMut::new(&mut recv[..received], &rc[..], &rd[..]);
+            comm.all_to_all_varcount_into(&sendbuf, &mut recvbuf);
+            Ok(())
+        })
+    }
+
     fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()> {
         self.groups.broadcast_u32(group, root, data)
     }
@@ -132,5 +174,9 @@ impl Transport<CpuBackend> for MpiTransport {
 
     fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()> {
         self.groups.recv_u32(group, src, data)
+    }
+
+    fn host_all_to_all(&self, group: &Group, send: &[u32], recv: &mut [u32]) -> Result<()> {
+        self.groups.all_to_all_u32(group, send, recv)
     }
 }

@@ -5,12 +5,18 @@
 //! broadcasts its 128 bytes over the group's MPI communicator, and every
 //! member calls `ncclCommInitRank` (a collective over the group).
 //! Communicators are keyed by `Group::id`; host messages (token ids) go over
-//! the groups' MPI communicators. Collectives and
-//! point-to-point messages are queued on the backend's stream, so they are
-//! ordered with the kernels around them and timed by the same events; the
-//! element type NCCL moves is the buffer's own dtype (bf16, fp16, or f32 for
-//! log-sum-exp buffers), so the bytes on the wire are the bytes the buffer
-//! holds.
+//! the groups' MPI communicators.
+//!
+//! Every communicator has a stream of its own, so messages run beside the
+//! kernels: before a message its stream waits for the compute stream (the
+//! data it sends and the buffer it fills are ready), the message is timed by
+//! events on its own stream, and the compute stream waits for its completion
+//! only where `Comm` completes it (where the data is used). One stream per
+//! communicator keeps each communicator's messages in the order every member
+//! issues them, and no communicator's messages queue behind another's (FA
+//! Pool's hand-offs and returns use two). The element type NCCL moves is the
+//! buffer's own dtype (bf16, fp16, or f32 for log-sum-exp buffers), so the
+//! bytes on the wire are the bytes the buffer holds.
 //!
 //! NVLink SHARP (multicast) is left to the environment (`NCCL_NVLS_ENABLE`):
 //! this module sets no NCCL option. It must not know about strategies or
@@ -19,12 +25,13 @@
 use super::host::HostGroups;
 use super::{ordered_recv_parts, CommError, Group, RecvPart, Result, SendPart, Timed, Transport};
 use crate::backend::cuda::{CudaBackend, CudaBuf};
-use crate::backend::{Backend, Dtype};
-use cudarc::driver::CudaEvent;
+use crate::backend::Dtype;
+use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One NCCL communicator, aborted when dropped.
 struct NcclComm {
@@ -42,17 +49,19 @@ impl Drop for NcclComm {
     }
 }
 
-/// Moves [`CudaBuf`]s with NCCL on the backend's stream.
+/// Moves [`CudaBuf`]s with NCCL, each communicator on its own stream.
 pub struct NcclTransport {
     groups: HostGroups,
     comms: BTreeMap<usize, NcclComm>,
-    /// The stream to drain before communicators are torn down.
-    stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
+    /// Every communicator's stream, by group id.
+    streams: BTreeMap<usize, Arc<CudaStream>>,
+    /// The compute stream, drained (with the others) before communicators are torn down.
+    compute: Option<Arc<CudaStream>>,
 }
 
 impl Drop for NcclTransport {
     fn drop(&mut self) {
-        if let Some(s) = &self.stream {
+        for s in self.compute.iter().chain(self.streams.values()) {
             let _ = s.synchronize();
         }
         self.comms.clear();
@@ -73,15 +82,15 @@ fn data_type(d: Dtype) -> nccl_sys::ncclDataType_t {
 
 impl NcclTransport {
     pub fn new(world: SimpleCommunicator) -> Self {
-        Self { groups: HostGroups::new(world), comms: BTreeMap::new(), stream: None }
+        Self { groups: HostGroups::new(world), comms: BTreeMap::new(), streams: BTreeMap::new(), compute: None }
     }
 
     fn comm(&self, group: &Group) -> Result<&NcclComm> {
         self.comms.get(&group.id).ok_or_else(|| CommError::Nccl(format!("group `{}` (id {}) has no NCCL communicator: it was not attached", group.name, group.id)))
     }
 
-    fn stream_of(backend: &CudaBackend) -> nccl_sys::cudaStream_t {
-        backend.stream().cu_stream() as nccl_sys::cudaStream_t
+    fn stream(&self, group: &Group) -> Result<&Arc<CudaStream>> {
+        self.streams.get(&group.id).ok_or_else(|| CommError::Nccl(format!("group `{}` (id {}) has no stream: it was not attached", group.name, group.id)))
     }
 
     fn peer(group: &Group, peer: usize) -> Result<i32> {
@@ -117,17 +126,23 @@ impl NcclTransport {
         // SAFETY: `raw` is a valid out-pointer; every member of the group
         // makes this call with the same id, size and its own rank.
         unsafe { nccl::comm_init_rank(&mut raw, group.size() as i32, nccl_sys::ncclUniqueId { internal }, group.rank() as i32) }.map_err(|e| nccl_err("ncclCommInitRank", e))?;
-        self.stream.get_or_insert_with(|| backend.stream().clone());
+        self.compute.get_or_insert_with(|| backend.stream().clone());
+        self.streams.insert(group.id, backend.new_message_stream()?);
         self.comms.insert(group.id, NcclComm { raw, size: group.size() });
         Ok(())
     }
-}
 
-/// Marks around work queued on the backend's stream.
-fn around(backend: &CudaBackend, op: impl FnOnce() -> Result<()>) -> Result<Timed<CudaEvent>> {
-    let start = backend.mark()?;
-    op()?;
-    Ok(Timed { start, end: backend.mark()? })
+    /// Queues `op` on `group`'s stream after the work queued so far on the
+    /// compute stream, timed by marks on that stream; returns the marks and
+    /// the completion point.
+    fn on_stream(&self, backend: &CudaBackend, group: &Group, op: impl FnOnce(nccl_sys::cudaStream_t) -> Result<()>) -> Result<Timed<CudaEvent>> {
+        let stream = self.stream(group)?;
+        backend.fence_to(stream)?;
+        let start = backend.mark_on(stream)?;
+        op(stream.cu_stream() as nccl_sys::cudaStream_t)?;
+        let end = backend.mark_on(stream)?;
+        Ok(Timed { start, end, done: backend.point_on(stream)? })
+    }
 }
 
 impl Transport<CudaBackend> for NcclTransport {
@@ -152,11 +167,10 @@ impl Transport<CudaBackend> for NcclTransport {
     fn all_reduce_sum(&self, backend: &CudaBackend, group: &Group, buf: &mut CudaBuf) -> Result<Timed<CudaEvent>> {
         let c = self.comm(group)?;
         let p = buf.device_ptr();
-        around(backend, || {
+        self.on_stream(backend, group, |stream| {
             // SAFETY: in-place reduction over `len` elements of the buffer's
             // own type, queued on the stream that owns the buffer.
-            unsafe { nccl::all_reduce(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), nccl_sys::ncclRedOp_t::ncclSum, c.raw, Self::stream_of(backend)) }
-                .map_err(|e| nccl_err("ncclAllReduce", e))?;
+            unsafe { nccl::all_reduce(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), nccl_sys::ncclRedOp_t::ncclSum, c.raw, stream) }.map_err(|e| nccl_err("ncclAllReduce", e))?;
             Ok(())
         })
     }
@@ -169,11 +183,24 @@ impl Transport<CudaBackend> for NcclTransport {
         if recv.dtype() != send.dtype() {
             return Err(CommError::Size(format!("all_gather on `{}`: send is {}, recv is {}", group.name, send.dtype(), recv.dtype())));
         }
-        around(backend, || {
+        self.on_stream(backend, group, |stream| {
             // SAFETY: `recv` holds size x len(send) elements of the same type
             // (checked above); both are queued on their owning stream.
-            unsafe { nccl::all_gather(send.device_ptr() as *const _, recv.device_ptr() as *mut _, send.len(), data_type(send.dtype()), c.raw, Self::stream_of(backend)) }
-                .map_err(|e| nccl_err("ncclAllGather", e))?;
+            unsafe { nccl::all_gather(send.device_ptr() as *const _, recv.device_ptr() as *mut _, send.len(), data_type(send.dtype()), c.raw, stream) }.map_err(|e| nccl_err("ncclAllGather", e))?;
+            Ok(())
+        })
+    }
+
+    fn reduce_scatter_sum(&self, backend: &CudaBackend, group: &Group, send: &CudaBuf, recv: &mut CudaBuf) -> Result<Timed<CudaEvent>> {
+        let c = self.comm(group)?;
+        if send.len() != recv.len() * c.size || send.dtype() != recv.dtype() {
+            return Err(CommError::Size(format!("reduce_scatter on `{}`: send {} {} != {} x {} {}", group.name, send.len(), send.dtype(), c.size, recv.len(), recv.dtype())));
+        }
+        self.on_stream(backend, group, |stream| {
+            // SAFETY: `send` holds size x len(recv) elements of `recv`'s type
+            // (checked above); both are queued on their owning stream.
+            unsafe { nccl::reduce_scatter(send.device_ptr() as *const _, recv.device_ptr() as *mut _, recv.len(), data_type(recv.dtype()), nccl_sys::ncclRedOp_t::ncclSum, c.raw, stream) }
+                .map_err(|e| nccl_err("ncclReduceScatter", e))?;
             Ok(())
         })
     }
@@ -182,9 +209,9 @@ impl Transport<CudaBackend> for NcclTransport {
         let c = self.comm(group)?;
         let root = Self::peer(group, root)?;
         let p = buf.device_ptr();
-        around(backend, || {
+        self.on_stream(backend, group, |stream| {
             // SAFETY: in-place broadcast of the buffer's `len` elements.
-            unsafe { nccl::broadcast(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), root, c.raw, Self::stream_of(backend)) }.map_err(|e| nccl_err("ncclBroadcast", e))?;
+            unsafe { nccl::broadcast(p as *const _, p as *mut _, buf.len(), data_type(buf.dtype()), root, c.raw, stream) }.map_err(|e| nccl_err("ncclBroadcast", e))?;
             Ok(())
         })
     }
@@ -208,8 +235,7 @@ impl Transport<CudaBackend> for NcclTransport {
         for p in recvs {
             Self::peer(group, p.peer)?;
         }
-        let stream = Self::stream_of(backend);
-        around(backend, || {
+        self.on_stream(backend, group, |stream| {
             nccl::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
             let mut issued = Ok(());
             for p in sends {
@@ -240,5 +266,9 @@ impl Transport<CudaBackend> for NcclTransport {
 
     fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()> {
         self.groups.recv_u32(group, src, data)
+    }
+
+    fn host_all_to_all(&self, group: &Group, send: &[u32], recv: &mut [u32]) -> Result<()> {
+        self.groups.all_to_all_u32(group, send, recv)
     }
 }

@@ -13,9 +13,9 @@ pub fn kernels(dtype: Dtype, seq: &[usize], iters: usize, out: Option<&Path>) ->
         return Err(Failure::new(Exit::Cuda, format!("bench kernels needs a GPU: {why}")));
     }
     let be = CudaBackend::new(0, dtype).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
-    let rows = crate::gpu_checks::bench_kernels(&be, seq, iters).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
-    let rows: Vec<crate::bench::Row> =
-        rows.into_iter().map(|r| crate::bench::Row { what: r.what, shape: r.shape, median_ms: r.median_ms, figure: r.figure, unit: r.unit.into(), busbw_gbs: f64::NAN }).collect();
+    let fail = |e: crate::backend::BackendError| Failure::new(super::exit_for_backend(&e), e.to_string());
+    let mut rows = crate::bench::kernels::run(&be, seq, iters).map_err(fail)?;
+    rows.extend(crate::bench::copies::run(&be, iters).map_err(fail)?);
     let device = be.device_name().unwrap_or_default();
     println!("{device}, {dtype}");
     crate::bench::print_table(&rows);
@@ -23,6 +23,76 @@ pub fn kernels(dtype: Dtype, seq: &[usize], iters: usize, out: Option<&Path>) ->
         crate::bench::write_h5(p, "kernels", &device, &rows).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", p.display())))?;
     }
     Ok(())
+}
+
+/// `fapool bench sides`: FA Pool's base and pool layer work timed apart on
+/// one device (CUDA, or the CPU backend with `--backend cpu`).
+pub fn sides(backend: BackendKind, dtype: Dtype, preset: &str, args: &crate::bench::sides::SidesArgs, out: Option<&Path>) -> Result<(), Failure> {
+    let m = crate::spec::ModelSpec { preset: preset.to_string(), ..Default::default() }.resolve().map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+    if let Some(&c) = args.chunks.iter().find(|&&c| c == 0) {
+        return Err(Failure::new(Exit::Usage, format!("rule `chunks-positive` broken: --chunks {c}")));
+    }
+    if let Some(&s) = args.seq.iter().find(|&&s| s == 0 || args.chunks.iter().any(|&c| c > s)) {
+        return Err(Failure::new(Exit::Usage, format!("rule `chunks-within-prompt` broken: --seq {s} is shorter than a chunk count of --chunks (or zero)")));
+    }
+    let fail = |e: crate::backend::BackendError| Failure::new(super::exit_for_backend(&e), e.to_string());
+    let print = |device: &str, dtype: Dtype, rows: &[crate::bench::Row]| -> Result<(), Failure> {
+        println!("{device}, {dtype}, {}", m.name);
+        crate::bench::print_table(rows);
+        if let Some(p) = out {
+            crate::bench::write_h5(p, "sides", device, rows).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", p.display())))?;
+        }
+        Ok(())
+    };
+    if backend == BackendKind::Cpu {
+        let be = crate::backend::cpu::CpuBackend::new();
+        return print("cpu", be.dtype(), &crate::bench::sides::run(&be, &m, args).map_err(fail)?);
+    }
+    if let Err(why) = crate::backend::cuda::probe::cuda_backend_libraries_present() {
+        return Err(Failure::new(Exit::Cuda, format!("bench sides needs a GPU (or --backend cpu): {why}")));
+    }
+    let be = CudaBackend::new(0, dtype).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
+    let rows = crate::bench::sides::run(&be, &m, args).map_err(fail)?;
+    print(&be.device_name().unwrap_or_default(), dtype, &rows)
+}
+
+/// `fapool bench moe`: one MoE FFN layer on one device (CUDA, or the CPU
+/// backend with `--backend cpu`), beside PyTorch's times of the same layer
+/// when `reference` (its JSON) is given.
+pub fn moe(backend: BackendKind, dtype: Dtype, preset: &str, tokens: &[usize], iters: usize, reference: Option<&Path>, out: Option<&Path>) -> Result<(), Failure> {
+    let m = crate::spec::ModelSpec { preset: preset.to_string(), ..Default::default() }.resolve().map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+    if m.experts.is_none() {
+        return Err(Failure::new(Exit::Usage, format!("rule `strategy-serves-model` broken: bench moe needs a model with experts; {} has a dense FFN", m.name)));
+    }
+    let reference = match reference {
+        None => Default::default(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Failure::new(Exit::Usage, format!("cannot read {}: {e}", p.display())))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Failure::new(Exit::Usage, format!("{} is not JSON: {e}", p.display())))?;
+            crate::bench::moe::reference_times(&json)
+        }
+    };
+    let args = crate::bench::moe::MoeBenchArgs { tokens: tokens.to_vec(), iters, reference };
+    let fail = |e: crate::backend::BackendError| Failure::new(super::exit_for_backend(&e), e.to_string());
+    let print = |device: &str, dtype: Dtype, rows: &[crate::bench::Row]| -> Result<(), Failure> {
+        println!("{device}, {dtype}, {}", m.name);
+        crate::bench::print_table(rows);
+        if let Some(p) = out {
+            crate::bench::write_h5(p, "moe", device, rows).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", p.display())))?;
+        }
+        Ok(())
+    };
+    if backend == BackendKind::Cpu {
+        let be = crate::backend::cpu::CpuBackend::new();
+        return print("cpu", be.dtype(), &crate::bench::moe::run(&be, &m, &args).map_err(fail)?);
+    }
+    if let Err(why) = crate::backend::cuda::probe::cuda_backend_libraries_present() {
+        return Err(Failure::new(Exit::Cuda, format!("bench moe needs a GPU (or --backend cpu): {why}")));
+    }
+    let be = CudaBackend::new(0, dtype).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
+    be.load_all_kernels().map_err(fail)?;
+    let rows = crate::bench::moe::run(&be, &m, &args).map_err(fail)?;
+    print(&be.device_name().unwrap_or_default(), dtype, &rows)
 }
 
 struct CommBody {
@@ -34,7 +104,10 @@ struct CommBody {
 impl OnBackend for CommBody {
     fn run<B: Backend>(self, cluster: &Cluster, launch: Launch<'_, B>) -> Result<(), Failure> {
         let device = launch.devices.first().map(|d| d.name.clone()).unwrap_or_else(|| "cpu".into());
-        let rows = crate::bench::bench_comm(launch.be, &launch.comm, &launch.world, &self.sizes, 3, self.iters).map_err(|e| Failure::new(Exit::Nccl, format!("rank {}: {e}", cluster.rank)))?;
+        let rows = crate::bench::comm::run(launch.be, &launch.comm, &launch.world, &self.sizes, 3, self.iters).map_err(|e| {
+            let message = format!("rank {}: {e}", cluster.rank);
+            super::end_job_on_failure(cluster, Failure::new(super::exit_for(&e.into()), message))
+        })?;
         if cluster.rank != 0 {
             return Ok(());
         }

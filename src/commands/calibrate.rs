@@ -43,7 +43,7 @@ impl OnBackend for Body {
         // Rank 0 measures the tables alone (the others wait without spinning).
         let mut cal = if root {
             let mut say = |what: &str| eprintln!("calibrate: {what} ({:.1} s)", started.elapsed().as_secs_f64());
-            let mut c = measure_compute(launch.be, dtype, &grid, model.heads, model.head_dim, &mut say).map_err(|e| dev_err(&e))?;
+            let mut c = measure_compute(launch.be, dtype, &grid, model.heads, model.kv_heads, model.head_dim, &mut say).map_err(|e| dev_err(&e))?;
             c.sequence_overhead_s_per_byte = sequence_overhead(launch.be, dtype, &grid, &model).map_err(|e| dev_err(&e))?;
             c
         } else {
@@ -53,7 +53,7 @@ impl OnBackend for Body {
         if self.args.comm {
             // How much ranks computing at once slow each other (shared
             // cores, caches and memory bandwidth on a CPU; power on a GPU node).
-            let probe = || contention_probes(launch.be, &grid, model.heads, model.head_dim).map_err(|e| dev_err(&e));
+            let probe = || contention_probes(launch.be, &grid, model.heads, model.kv_heads, model.head_dim).map_err(|e| dev_err(&e));
             let alone = if root { probe()? } else { Vec::new() };
             wait_quietly(cluster);
             let together = probe()?;

@@ -1,5 +1,6 @@
-//! `fapool check-gpu`: every CUDA kernel against the reference on fresh
-//! random inputs, outputs poisoned first.
+//! `fapool check-gpu`: every CUDA kernel against the reference definitions
+//! on fresh random inputs, outputs poisoned first (the same checks
+//! `tests/kernels.rs` runs on every backend).
 
 use super::Failure;
 use crate::backend::cuda::CudaBackend;
@@ -22,7 +23,7 @@ pub fn check_gpu(dtype: &str, seed: u64) -> Result<(), Failure> {
     for d in dtypes {
         let be = CudaBackend::new(0, d).map_err(|e| Failure::new(Exit::Cuda, e.to_string()))?;
         println!("{} ({d})", be.device_name().unwrap_or_default());
-        pass &= crate::gpu_checks::print_table(&crate::gpu_checks::check_kernels(&be, seed));
+        pass &= crate::checks::print_table(&crate::checks::run_all(&be, seed));
     }
     if pass {
         Ok(())

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod check_gpu;
 pub mod env;
+pub mod export;
 pub mod plan;
 pub mod run;
 pub mod validate;
@@ -16,10 +17,12 @@ pub mod verify;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::probe::{self, LibraryReport};
 use crate::backend::cuda::CudaBackend;
+use crate::backend::traced::{Trace, Traced};
 use crate::backend::{Backend, BackendError, BackendKind, Dtype};
 use crate::cluster::Cluster;
 use crate::comm::mpi_transport::MpiTransport;
 use crate::comm::nccl_transport::NcclTransport;
+use crate::comm::traced::TracedTransport;
 use crate::comm::{Comm, CommError, Group, Transport};
 use crate::exit::Exit;
 use crate::results::DeviceInfo;
@@ -65,19 +68,21 @@ impl From<SpecError> for Failure {
 }
 
 /// The exit code of a strategy's failure: device errors 4, NCCL errors 5,
-/// anything else (a bug) 1.
+/// a checkpoint that breaks a rule 2, anything else (a bug) 1.
 pub fn exit_for(e: &StrategyError) -> Exit {
     match e {
         StrategyError::Backend(b) | StrategyError::Comm(CommError::Backend(b)) => exit_for_backend(b),
         StrategyError::Comm(CommError::Nccl(_)) => Exit::Nccl,
+        StrategyError::Checkpoint(_) => Exit::Usage,
         StrategyError::Comm(_) | StrategyError::Protocol(_) => Exit::Failure,
     }
 }
 
-/// Device errors (CUDA, cuBLAS, NVRTC, an unusable backend) exit 4.
+/// Device errors (CUDA driver, cuBLAS, NVRTC, an unusable backend, a
+/// kernel limit the arguments exceed) exit 4.
 pub fn exit_for_backend(e: &BackendError) -> Exit {
     match e {
-        BackendError::Device(_) | BackendError::Unavailable { .. } => Exit::Cuda,
+        BackendError::Device { .. } | BackendError::Unavailable { .. } | BackendError::Unsupported(_) => Exit::Cuda,
         BackendError::Shape(_) => Exit::Failure,
     }
 }
@@ -137,6 +142,8 @@ pub struct Launch<'a, B: Backend> {
     /// Every rank's device (empty on the CPU backend).
     pub devices: Vec<DeviceInfo>,
     pub versions: StackVersions,
+    /// Turns the backend's operation trace on and off (`run --trace`).
+    pub tracer: &'a dyn Trace,
 }
 
 /// A command body that runs on whichever backend was chosen.
@@ -217,10 +224,10 @@ pub fn with_backend(request: BackendRequest<'_>, cluster: &Cluster, body: impl O
         None => {
             let per_rank = memory_total_bytes() / cluster.max_local_ranks.max(1) as u64;
             let facts = LaunchFacts { world_size: cluster.world_size, max_local_ranks: cluster.max_local_ranks, visible_gpus: None, memory_budget_bytes: budget(job, per_rank), elem_bytes: 4 };
-            let be = CpuBackend::new();
+            let be = Traced::new(CpuBackend::new());
             let slow = SlowMeter::from_env();
-            let (comm, world) = world_of(&be, Box::new(MpiTransport::new(cluster.world())), cluster)?;
-            let launch = Launch { be: &be, comm, world, facts, energy: slow.as_ref().map(|m| m as &dyn EnergyMeter), devices: Vec::new(), versions: StackVersions::default() };
+            let (comm, world) = world_of(&be, Box::new(TracedTransport(MpiTransport::new(cluster.world()))), cluster)?;
+            let launch = Launch { be: &be, comm, world, facts, energy: slow.as_ref().map(|m| m as &dyn EnergyMeter), devices: Vec::new(), versions: StackVersions::default(), tracer: &be };
             body.run(cluster, launch)
         }
         Some(report) => {
@@ -247,8 +254,9 @@ pub fn with_backend(request: BackendRequest<'_>, cluster: &Cluster, body: impl O
             let devices =
                 cluster.all_gather_strings(&mine).into_iter().enumerate().map(|(r, f)| DeviceInfo { world_rank: r as u32, name: f[0].clone(), uuid: f[1].clone(), pci_bus_id: f[2].clone() }).collect();
             let versions = StackVersions { cuda: report.nvrtc_version.clone(), nccl: report.nccl_version.clone(), driver: nvml.as_ref().map(|n| n.0.driver_version().to_string()) };
-            let (comm, world) = world_of(&be, Box::new(NcclTransport::new(cluster.world())), cluster)?;
-            let launch = Launch { be: &be, comm, world, facts, energy: nvml.as_ref().map(|n| n as &dyn EnergyMeter), devices, versions };
+            let be = Traced::new(be);
+            let (comm, world) = world_of(&be, Box::new(TracedTransport(NcclTransport::new(cluster.world()))), cluster)?;
+            let launch = Launch { be: &be, comm, world, facts, energy: nvml.as_ref().map(|n| n as &dyn EnergyMeter), devices, versions, tracer: &be };
             body.run(cluster, launch)
         }
     }

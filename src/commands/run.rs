@@ -11,6 +11,7 @@ use crate::planner::calibration::Calibration;
 use crate::planner::cost::CostModel;
 use crate::planner::predict::{self, run_cluster, Predictions};
 use crate::runner::sweep::{run_sweep, SweepEnd, SweepError, SweepSetup, Target};
+use crate::runner::timeline::TraceSpec;
 use crate::spec::JobSpec;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,8 @@ pub struct RunArgs {
     pub timeout_s: f64,
     /// Predict from this calibration file rather than the roofline.
     pub calibration: Option<PathBuf>,
+    /// `--trace DIR` with the batches it records.
+    pub trace: Option<TraceSpec>,
 }
 
 struct RunBody<'a> {
@@ -31,6 +34,7 @@ struct RunBody<'a> {
     target: Target,
     timeout_s: f64,
     calibration: Option<Calibration>,
+    trace: Option<TraceSpec>,
 }
 
 /// Rank 0's predictions of every (strategy, category) on this run's
@@ -45,7 +49,7 @@ fn predictions<B: Backend>(body: &RunBody<'_>, cfg: &ModelConfig, cluster: &Clus
         let graphs = body.job.run.cuda_graphs && device.is_some();
         let cost = match &body.calibration {
             Some(cal) => CostModel::calibrated(c, cal, graphs),
-            None => CostModel::roofline(c, if device.is_some() { body.job.run.dtype } else { crate::backend::Dtype::Fp32 }, graphs),
+            None => CostModel::roofline(c, if device.is_some() { body.job.dtype() } else { crate::backend::Dtype::Fp32 }, graphs),
         };
         predict::for_job(body.job, cfg, &cost, world).map_err(|e| e.to_string())
     });
@@ -72,9 +76,10 @@ impl OnBackend for RunBody<'_> {
             devices: launch.devices,
             versions: launch.versions,
             predictions: predicted.as_ref(),
+            trace: self.trace,
         };
         let rank = cluster.rank;
-        match run_sweep(launch.be, &launch.comm, &launch.world, cluster, &setup, launch.energy) {
+        match run_sweep(launch.be, &launch.comm, &launch.world, cluster, &setup, launch.energy, Some(launch.tracer)) {
             Ok(SweepEnd::Complete) => Ok(()),
             Ok(SweepEnd::Interrupted) => Err(Failure::silent(Exit::Interrupted)),
             Err(SweepError::Target) => Err(Failure::silent(Exit::Usage)),
@@ -100,10 +105,10 @@ pub fn run(job_path: &Path, args: RunArgs, sets: &[String]) -> Result<(), Failur
         None => None,
         Some(p) => {
             let cpu = kind == BackendKind::Cpu || (kind == BackendKind::Auto && crate::backend::cuda::probe::cuda_libraries_present().is_err());
-            let dtype = if cpu { crate::backend::Dtype::Fp32 } else { job.run.dtype };
+            let dtype = if cpu { crate::backend::Dtype::Fp32 } else { job.dtype() };
             Some(Calibration::load(p, dtype).map_err(|v| Failure::on_root(Exit::Usage, cluster.rank, v.to_string()))?)
         }
     };
-    let request = BackendRequest { kind, dtype: job.run.dtype, job: Some(&job) };
-    with_backend(request, &cluster, RunBody { job: &job, text: &text, target, timeout_s: args.timeout_s, calibration })
+    let request = BackendRequest { kind, dtype: job.dtype(), job: Some(&job) };
+    with_backend(request, &cluster, RunBody { job: &job, text: &text, target, timeout_s: args.timeout_s, trace: args.trace, calibration })
 }

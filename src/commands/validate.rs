@@ -21,7 +21,7 @@ pub struct ValidateArgs {
 /// `fapool validate JOB --ranks N`.
 pub fn validate(job: &Path, args: ValidateArgs, sets: &[String]) -> Result<(), Failure> {
     let (job, _) = load(job, sets)?;
-    let elem = if args.gpus.is_some() { job.run.dtype.size_bytes() } else { 4 };
+    let elem = if args.gpus.is_some() { job.dtype().size_bytes() } else { 4 };
     let facts = LaunchFacts {
         world_size: args.ranks,
         max_local_ranks: args.local_ranks.unwrap_or(args.ranks),
@@ -37,15 +37,19 @@ pub fn validate(job: &Path, args: ValidateArgs, sets: &[String]) -> Result<(), F
 
 fn print_job_summary(job: &JobSpec, m: &ModelConfig, world: usize) {
     println!(
-        "model {}: {} layers, d_model {}, {} x {} heads, ffn {} ({:?}), vocab {}: {:.3} B parameters ({:.3} B in layers)",
+        "model {}: {} layers, d_model {}, {} x {} heads ({} K/V), {} positions, ffn {} ({}){}, vocab {}{}: {:.3} B parameters ({:.3} B in layers)",
         m.name,
         m.layers,
         m.d_model,
         m.heads,
         m.head_dim,
+        m.kv_heads,
+        m.positions.name(),
         m.ffn,
-        m.ffn_kind,
+        m.ffn_kind.name(),
+        m.experts.map_or(String::new(), |e| format!(" in each of {} experts, top {} per token", e.count, e.top_k)),
         m.vocab,
+        if m.tie_embeddings { ", tied embeddings" } else { "" },
         m.params() as f64 / 1e9,
         (m.layers as u64 * m.layer_params()) as f64 / 1e9
     );

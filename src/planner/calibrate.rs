@@ -148,10 +148,11 @@ fn work(dtype: Dtype, op: impl FnOnce(&ShapeBackend) -> Result<()>) -> Result<(f
     Ok(rec.map_or((0.0, 0.0, 0.0), |o| (o.flops, o.bytes_read as f64, o.bytes_written as f64)))
 }
 
-/// Compute tables of `be` (whose values are `dtype`) for attention of `heads × head_dim`.
-pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usize, head_dim: usize, say: &mut dyn FnMut(&str)) -> Result<Calibration> {
+/// Compute tables of `be` (whose values are `dtype`) for attention of
+/// `heads × head_dim` queries over `kv_heads` K/V heads.
+pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usize, kv_heads: usize, head_dim: usize, say: &mut dyn FnMut(&str)) -> Result<Calibration> {
     let e = dtype.size_bytes();
-    let mut c = Calibration { dtype, heads, head_dim, ..Default::default() };
+    let mut c = Calibration { dtype, heads, kv_heads, head_dim, ..Default::default() };
     let fits = |elems: usize| elems * e <= grid.max_buffer;
     for &k in &grid.gemm_k {
         let ws: Vec<Vec<B::Buf>> = grid.gemm_n.iter().map(|&n| copies(be, k * n, e, grid.cold_bytes)).collect::<Result<_>>()?;
@@ -174,36 +175,36 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
         }
         say(&format!("gemm k={k} done"));
     }
-    let width = heads * head_dim;
+    let (width, kv_width) = (heads * head_dim, kv_heads * head_dim);
     for &sq in &grid.prefill_sq {
         for &off in &grid.prefill_offset {
             let skv = off + sq;
             if !fits(skv * width) {
                 continue;
             }
-            let shape = PrefillShape { nseq: 1, sq, skv, kv_seq_stride: skv, heads, head_dim, q_offset: off };
-            let (q, k, v) = (pattern(be, sq * width)?, pattern(be, skv * width)?, pattern(be, skv * width)?);
+            let shape = PrefillShape { nseq: 1, sq, skv, kv_seq_stride: skv, heads, kv_heads, head_dim, q_offset: off };
+            let (q, k, v) = (pattern(be, sq * width)?, pattern(be, skv * kv_width)?, pattern(be, skv * kv_width)?);
             let s = time(be, grid.target_s, || be.attention_prefill(&q, &k, &v, shape).map(|_| ()))?;
-            let (flops, _, _) = work(dtype, |sb| sb.attention_prefill(&sb.zeros(sq * width)?, &sb.zeros(skv * width)?, &sb.zeros(skv * width)?, shape).map(|_| ()))?;
+            let (flops, _, _) = work(dtype, |sb| sb.attention_prefill(&sb.zeros(sq * width)?, &sb.zeros(skv * kv_width)?, &sb.zeros(skv * kv_width)?, shape).map(|_| ()))?;
             c.prefill.push([sq as f64, off as f64, flops, s]);
         }
     }
     say("prefill attention done");
     for &nseq in &grid.decode_nseq {
         for &len in &grid.decode_len {
-            if !fits(nseq * len * width) {
+            if !fits(nseq * len * kv_width) {
                 continue;
             }
-            let shape = DecodeShape { nseq, cap: len, len, heads, head_dim };
+            let shape = DecodeShape { nseq, cap: len, len, heads, kv_heads, head_dim };
             let q = pattern(be, nseq * width)?;
-            let caches: Vec<B::Buf> = (0..2 * grid.cache_copies).map(|_| pattern(be, nseq * len * width)).collect::<Result<_>>()?;
+            let caches: Vec<B::Buf> = (0..2 * grid.cache_copies).map(|_| pattern(be, nseq * len * kv_width)).collect::<Result<_>>()?;
             let n = caches.len();
             let mut i = 0;
             let s = time(be, grid.target_s, || {
                 i = (i + 1) % n;
                 be.attention_decode(&q, &caches[i], &caches[(i + 1) % n], shape).map(|_| ())
             })?;
-            let (_, read, _) = work(dtype, |sb| sb.attention_decode(&sb.zeros(nseq * width)?, &sb.zeros(nseq * len * width)?, &sb.zeros(nseq * len * width)?, shape).map(|_| ()))?;
+            let (_, read, _) = work(dtype, |sb| sb.attention_decode(&sb.zeros(nseq * width)?, &sb.zeros(nseq * len * kv_width)?, &sb.zeros(nseq * len * kv_width)?, shape).map(|_| ()))?;
             c.decode.push([nseq as f64, len as f64, read, s]);
         }
     }
@@ -256,21 +257,21 @@ pub fn measure_compute<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, heads: usi
 /// scales, timed on this rank (`(class, seconds)`). Timed once with the
 /// other ranks asleep and once with every rank running them at the same
 /// time, they give how much ranks that share a node slow each other.
-pub fn contention_probes<B: Backend>(be: &B, grid: &Grid, heads: usize, head_dim: usize) -> Result<Vec<(&'static str, f64)>> {
+pub fn contention_probes<B: Backend>(be: &B, grid: &Grid, heads: usize, kv_heads: usize, head_dim: usize) -> Result<Vec<(&'static str, f64)>> {
     let (kn, mid) = (*grid.gemm_k.last().unwrap_or(&256), grid.gemm_m[grid.gemm_m.len() / 2]);
     let mut out = Vec::new();
     for (m, k, n) in [(grid.gemm_m[1], kn, kn), (mid, kn, kn)] {
         let (x, w) = (pattern(be, m * k)?, pattern(be, k * n)?);
         out.push(("gemm", time(be, grid.target_s, || be.matmul(&x, &w, m, k, n).map(|_| ()))?));
     }
-    let width = heads * head_dim;
+    let (width, kv_width) = (heads * head_dim, kv_heads * head_dim);
     let sq = grid.prefill_sq[grid.prefill_sq.len() / 2];
-    let shape = PrefillShape { nseq: 1, sq, skv: sq, kv_seq_stride: sq, heads, head_dim, q_offset: 0 };
-    let (q, k, v) = (pattern(be, sq * width)?, pattern(be, sq * width)?, pattern(be, sq * width)?);
+    let shape = PrefillShape { nseq: 1, sq, skv: sq, kv_seq_stride: sq, heads, kv_heads, head_dim, q_offset: 0 };
+    let (q, k, v) = (pattern(be, sq * width)?, pattern(be, sq * kv_width)?, pattern(be, sq * kv_width)?);
     out.push(("attention_prefill", time(be, grid.target_s, || be.attention_prefill(&q, &k, &v, shape).map(|_| ()))?));
     let len = grid.decode_len[grid.decode_len.len() / 2];
-    let ds = DecodeShape { nseq: grid.decode_nseq[1], cap: len, len, heads, head_dim };
-    let (qd, kc, vc) = (pattern(be, ds.nseq * width)?, pattern(be, ds.nseq * len * width)?, pattern(be, ds.nseq * len * width)?);
+    let ds = DecodeShape { nseq: grid.decode_nseq[1], cap: len, len, heads, kv_heads, head_dim };
+    let (qd, kc, vc) = (pattern(be, ds.nseq * width)?, pattern(be, ds.nseq * len * kv_width)?, pattern(be, ds.nseq * len * kv_width)?);
     out.push(("attention_decode", time(be, grid.target_s, || be.attention_decode(&qd, &kc, &vc, ds).map(|_| ()))?));
     let bytes = grid.bytes[grid.bytes.len() / 2] / 4;
     let (mut acc, y) = (pattern(be, bytes)?, pattern(be, bytes)?);
@@ -357,8 +358,8 @@ pub fn measure_comm<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, grid:
     let me = world.rank();
     let elem = be.size_bytes(&be.zeros(1)?);
     let per_call = |comm: &Comm<'_, B>, cat: Category| -> crate::comm::Result<(f64, u64)> {
-        let st = comm.take_stats()?;
-        Ok(st.get(&cat).map_or((0.0, 0), |s| (s.seconds / s.calls.max(1) as f64, s.bytes / s.calls.max(1))))
+        let (st, _) = comm.take_stats()?;
+        Ok(st.by_category.get(&cat).map_or((0.0, 0), |s| (s.seconds / s.calls.max(1) as f64, s.bytes / s.calls.max(1))))
     };
     let mut measure = |kind: &str, cat: Category, op: &mut dyn FnMut() -> crate::comm::Result<()>| -> crate::comm::Result<()> {
         op()?;

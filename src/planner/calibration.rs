@@ -4,7 +4,7 @@
 //!
 //! Layout (HDF5, schema [`SCHEMA_VERSION`]): root attributes `format`
 //! (`fapool-calibration`), `schema_version`, `dtype`, `backend`, `device`,
-//! `created_utc`, `heads`, `head_dim`, `ranks` (of the `--comm` run, 0
+//! `created_utc`, `heads`, `kv_heads`, `head_dim`, `ranks` (of the `--comm` run, 0
 //! without), `sequence_overhead_s_per_byte` (what an operation costs in a
 //! sequence of different ones beyond its table time, per byte it moves); 2-D f64 datasets, one row per measured point: `gemm` (m, k, n,
 //! seconds), `attention_prefill` (sq, q_offset, FLOPs, seconds; one
@@ -51,6 +51,8 @@ pub struct Calibration {
     pub device: String,
     pub created_utc: String,
     pub heads: usize,
+    /// K/V heads of the attention shapes (older files: `heads`).
+    pub kv_heads: usize,
     pub head_dim: usize,
     /// Ranks of the `--comm` measurement (0: none).
     pub ranks: usize,
@@ -116,6 +118,7 @@ impl Calibration {
         set_attr_str(&f, "device", &self.device)?;
         set_attr_str(&f, "created_utc", &self.created_utc)?;
         set_attr_u64(&f, "heads", self.heads as u64)?;
+        set_attr_u64(&f, "kv_heads", self.kv_heads as u64)?;
         set_attr_u64(&f, "head_dim", self.head_dim as u64)?;
         set_attr_u64(&f, "ranks", self.ranks as u64)?;
         f.new_attr::<f64>().shape(()).create("sequence_overhead_s_per_byte")?.write_scalar(&self.sequence_overhead_s_per_byte)?;
@@ -161,6 +164,7 @@ impl Calibration {
             device: attr_str(&f, "device").unwrap_or_default(),
             created_utc: attr_str(&f, "created_utc").unwrap_or_default(),
             heads: attr_u64(&f, "heads").unwrap_or(1) as usize,
+            kv_heads: attr_u64(&f, "kv_heads").or_else(|| attr_u64(&f, "heads")).unwrap_or(1) as usize,
             head_dim: attr_u64(&f, "head_dim").unwrap_or(1) as usize,
             ranks: attr_u64(&f, "ranks").unwrap_or(0) as usize,
             sequence_overhead_s_per_byte: f.attr("sequence_overhead_s_per_byte").ok().and_then(|a| a.read_scalar::<f64>().ok()).unwrap_or(0.0),

@@ -170,7 +170,7 @@ pub fn cost_model(job: &JobSpec, cluster: Option<&std::path::Path>, calibration:
         None => cluster::ClusterSpec::default_for(gpus::by_key("h200").expect("in the table"), world),
     };
     let cpu = cluster.gpu.key == "cpu";
-    let dtype = if cpu { Dtype::Fp32 } else { job.run.dtype };
+    let dtype = if cpu { Dtype::Fp32 } else { job.dtype() };
     let graphs = job.run.cuda_graphs && !cpu;
     Ok(match calibration {
         Some(p) => CostModel::calibrated(cluster, &calibration::Calibration::load(p, dtype)?, graphs),

@@ -23,7 +23,9 @@ mod aggregate;
 mod attrs;
 mod cloexec;
 pub mod durable;
+mod layout;
 mod reader;
+mod routing;
 mod rows;
 mod schema;
 mod writer;
@@ -32,18 +34,19 @@ mod writer;
 pub(crate) mod tests;
 
 pub use aggregate::{CommAggregate, RankAggregates};
+pub use layout::{inspect_layout, schema_columns, verify_format, FileLayout, ObjectLayout, RankTimeSplit};
 pub use reader::read_run;
 pub use writer::ResultsFile;
 
 use crate::comm::Category;
-use crate::metrics::{BatchRecord, CategorySummary, RankRecord};
+use crate::metrics::{BatchRecord, CategorySummary, ExpertLoad, LayerRouting, RankRecord};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use schema::{FORMAT_NAME, SCHEMA_VERSION};
+pub use schema::{FORMAT_NAME, OLDEST_READABLE, SCHEMA_VERSION};
 
 /// Errors of the results file.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +61,7 @@ pub enum ResultsError {
     Directory { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a fapool results file (no root attribute `format` = \"{FORMAT_NAME}\")")]
     NotResultsFile { path: PathBuf },
-    #[error("{path} has results schema version {found}; this build reads version {SCHEMA_VERSION}")]
+    #[error("{path} has results schema version {found}; this build reads versions {OLDEST_READABLE} to {SCHEMA_VERSION}")]
     UnsupportedSchema { path: PathBuf, found: u32 },
     #[error("strategy `{0}` was not begun in this results file (call begin_strategy first)")]
     UnknownStrategy(String),
@@ -76,6 +79,8 @@ pub enum ResultsError {
     UnknownStatus(String),
     #[error("{path}: unknown communication category `{name}` in the file")]
     UnknownCommCategory { path: PathBuf, name: String },
+    #[error("{path} was written with results schema version {found}; continuing it needs version {SCHEMA_VERSION} (start a new file)")]
+    OldSchema { path: PathBuf, found: u32 },
     #[error("corrupt results file: {0}")]
     Corrupt(String),
     #[error("HDF5: {0}")]
@@ -263,6 +268,12 @@ pub struct CategoryData {
     pub batches: Vec<BatchRecord>,
     /// Rank records of all batches, in the order they were appended.
     pub ranks: Vec<RankRecord>,
+    /// What every rank counted per layer and expert (mixture-of-experts
+    /// strategies; empty for the others and for files before schema 3).
+    pub experts: Vec<ExpertLoad>,
+    /// The per-layer routing summary written with the category's summary
+    /// (empty without experts or summary).
+    pub routing: Vec<LayerRouting>,
     /// `None` until [`ResultsFile::write_summary`] ran for the category (an
     /// interrupted run may lack it).
     pub summary: Option<StoredSummary>,

@@ -2,10 +2,11 @@
 //! for tests, and for a resumed run that needs its earlier batches.
 
 use super::attrs;
-use super::rows::{BatchRow, CommRow, DeviceRow, RankRow, RoleRowH5, SummaryRow};
+use super::routing::{ExpertRow, RoutingRow};
+use super::rows::{BatchRow, CommRow, DeviceRow, RankRow, RankRowV1, RankRowV2, RoleRowH5, SummaryRow};
 use super::schema::{check_format, PROVENANCE, STRATEGIES};
 use super::{CategoryData, DeviceInfo, Provenance, Result, ResultsError, RoleRow, RunData, RunStatus, Seeds, StrategyData, StrategyInfo};
-use crate::metrics::{BatchRecord, RankRecord};
+use crate::metrics::{BatchRecord, ExpertLoad, RankRecord};
 use hdf5::types::VarLenUnicode;
 use hdf5::{File, Group};
 use std::collections::BTreeMap;
@@ -18,7 +19,7 @@ pub fn read_run(path: impl AsRef<Path>) -> Result<RunData> {
     let path = path.as_ref();
     let file = File::open(path).map_err(|source| ResultsError::Open { path: path.to_path_buf(), source })?;
     super::cloexec::keep_from_children(path);
-    check_format(&file, path)?;
+    let version = check_format(&file, path)?;
     let status = attrs::get_str(&file, "status")?.map(|s| s.parse::<RunStatus>()).transpose()?;
     let mut strategies = Vec::new();
     for g in ordered_groups(&file.group(STRATEGIES)?)? {
@@ -28,7 +29,7 @@ pub fn read_run(path: impl AsRef<Path>) -> Result<RunData> {
             params: attrs::get_str(&g, "params")?.unwrap_or_default(),
             world_ranks_used: attrs::get_array(&g, "world_ranks_used")?,
         };
-        let categories = ordered_groups(&g)?.iter().map(|c| read_category(c, path)).collect::<Result<Vec<_>>>()?;
+        let categories = ordered_groups(&g)?.iter().map(|c| read_category(c, path, version)).collect::<Result<Vec<_>>>()?;
         strategies.push(StrategyData { info, categories });
     }
     Ok(RunData {
@@ -151,15 +152,28 @@ fn corrupt(g: &Group, row: &BatchRow, dataset: &str) -> ResultsError {
     ResultsError::Corrupt(format!("{}: batch {} points past the end of `{dataset}`", g.name(), row.batch_index))
 }
 
-/// The rank rows of a category group.
-pub(crate) fn read_ranks(g: &Group) -> Result<Vec<RankRecord>> {
+/// The rank rows of a category group of a file of schema `version`.
+pub(crate) fn read_ranks(g: &Group, version: u32) -> Result<Vec<RankRecord>> {
     if !g.link_exists("ranks") {
         return Ok(Vec::new());
     }
-    Ok(g.dataset("ranks")?.read_raw::<RankRow>()?.iter().map(RankRow::to_record).collect())
+    let ds = g.dataset("ranks")?;
+    Ok(match version {
+        1 => ds.read_raw::<RankRowV1>()?.iter().map(RankRowV1::to_record).collect(),
+        2 => ds.read_raw::<RankRowV2>()?.iter().map(RankRowV2::to_record).collect(),
+        _ => ds.read_raw::<RankRow>()?.iter().map(RankRow::to_record).collect(),
+    })
 }
 
-fn read_category(g: &Group, path: &Path) -> Result<CategoryData> {
+/// The expert rows of a category group (none before schema 3 or without experts).
+pub(crate) fn read_experts(g: &Group) -> Result<Vec<ExpertLoad>> {
+    if !g.link_exists("experts") {
+        return Ok(Vec::new());
+    }
+    Ok(g.dataset("experts")?.read_raw::<ExpertRow>()?.into_iter().map(ExpertRow::to_load).collect())
+}
+
+fn read_category(g: &Group, path: &Path, version: u32) -> Result<CategoryData> {
     let summary = if g.link_exists("summary") {
         let row = g.dataset("summary")?.read_raw::<SummaryRow>()?.into_iter().next();
         let comm_rows = if g.link_exists("comm") { g.dataset("comm")?.read_raw::<CommRow>()? } else { Vec::new() };
@@ -180,5 +194,6 @@ fn read_category(g: &Group, path: &Path) -> Result<CategoryData> {
             }
         }
     }
-    Ok(CategoryData { name: last_component(&g.name()), batches: read_batches(g)?, ranks: read_ranks(g)?, summary, predictions })
+    let routing = if g.link_exists("routing") { g.dataset("routing")?.read_raw::<RoutingRow>()?.into_iter().map(RoutingRow::to_routing).collect() } else { Vec::new() };
+    Ok(CategoryData { name: last_component(&g.name()), batches: read_batches(g)?, ranks: read_ranks(g, version)?, experts: read_experts(g)?, routing, summary, predictions })
 }

@@ -5,6 +5,11 @@
 //!
 //! Conventions that keep "not measured" from reading as zero: memory not
 //! measured is −1, energy not measured is NaN with `energy_measured` false.
+//! Rows of older schema versions, read and never written, are in `legacy`.
+
+mod legacy;
+
+pub(crate) use legacy::{RankRowV1, RankRowV2};
 
 use super::aggregate::{CommAggregate, RankAggregates};
 use super::attrs::vlen;
@@ -105,8 +110,9 @@ impl BatchRow {
     }
 }
 
-/// One row of `ranks`: what one rank measured in one batch, with the eight
-/// communication categories spread into columns `<category>_s`, `_bytes`,
+/// One row of `ranks`: what one rank measured in one batch — its wall,
+/// compute and waiting time, memory, energy — with the communication
+/// categories spread into columns `<category>_s`, `_bytes`,
 /// `_calls` so pandas sees a flat table.
 #[derive(H5Type, Clone, Debug)]
 #[repr(C)]
@@ -126,9 +132,19 @@ pub(crate) struct RankRow {
     pub energy_prefill_j: f64,
     pub energy_decode_j: f64,
     pub flops: f64,
+    /// Time the compute timeline worked (wall minus waiting for messages).
+    pub compute_s: f64,
+    /// Time the compute timeline waited for messages.
+    pub wait_s: f64,
     pub tp_allreduce_s: f64,
     pub tp_allreduce_bytes: u64,
     pub tp_allreduce_calls: u64,
+    pub tp_allgather_s: f64,
+    pub tp_allgather_bytes: u64,
+    pub tp_allgather_calls: u64,
+    pub tp_reducescatter_s: f64,
+    pub tp_reducescatter_bytes: u64,
+    pub tp_reducescatter_calls: u64,
     pub pp_p2p_s: f64,
     pub pp_p2p_bytes: u64,
     pub pp_p2p_calls: u64,
@@ -147,6 +163,12 @@ pub(crate) struct RankRow {
     pub pool_to_base_s: f64,
     pub pool_to_base_bytes: u64,
     pub pool_to_base_calls: u64,
+    pub expert_dispatch_s: f64,
+    pub expert_dispatch_bytes: u64,
+    pub expert_dispatch_calls: u64,
+    pub expert_combine_s: f64,
+    pub expert_combine_bytes: u64,
+    pub expert_combine_calls: u64,
     pub control_s: f64,
     pub control_bytes: u64,
     pub control_calls: u64,
@@ -158,12 +180,16 @@ impl RankRow {
     fn comm_columns(&mut self, c: Category) -> (&mut f64, &mut u64, &mut u64) {
         match c {
             Category::TpAllreduce => (&mut self.tp_allreduce_s, &mut self.tp_allreduce_bytes, &mut self.tp_allreduce_calls),
+            Category::TpAllgather => (&mut self.tp_allgather_s, &mut self.tp_allgather_bytes, &mut self.tp_allgather_calls),
+            Category::TpReducescatter => (&mut self.tp_reducescatter_s, &mut self.tp_reducescatter_bytes, &mut self.tp_reducescatter_calls),
             Category::PpP2p => (&mut self.pp_p2p_s, &mut self.pp_p2p_bytes, &mut self.pp_p2p_calls),
             Category::PoolScatter => (&mut self.pool_scatter_s, &mut self.pool_scatter_bytes, &mut self.pool_scatter_calls),
             Category::KvReplication => (&mut self.kv_replication_s, &mut self.kv_replication_bytes, &mut self.kv_replication_calls),
             Category::AttentionSync => (&mut self.attention_sync_s, &mut self.attention_sync_bytes, &mut self.attention_sync_calls),
             Category::ResultAggregation => (&mut self.result_aggregation_s, &mut self.result_aggregation_bytes, &mut self.result_aggregation_calls),
             Category::PoolToBase => (&mut self.pool_to_base_s, &mut self.pool_to_base_bytes, &mut self.pool_to_base_calls),
+            Category::ExpertDispatch => (&mut self.expert_dispatch_s, &mut self.expert_dispatch_bytes, &mut self.expert_dispatch_calls),
+            Category::ExpertCombine => (&mut self.expert_combine_s, &mut self.expert_combine_bytes, &mut self.expert_combine_calls),
             Category::Control => (&mut self.control_s, &mut self.control_bytes, &mut self.control_calls),
         }
     }
@@ -183,9 +209,17 @@ impl RankRow {
             energy_prefill_j: r.energy_prefill_j.unwrap_or(f64::NAN),
             energy_decode_j: r.energy_decode_j.unwrap_or(f64::NAN),
             flops: r.flops,
+            compute_s: r.compute_s,
+            wait_s: r.wait_s,
             tp_allreduce_s: 0.0,
             tp_allreduce_bytes: 0,
             tp_allreduce_calls: 0,
+            tp_allgather_s: 0.0,
+            tp_allgather_bytes: 0,
+            tp_allgather_calls: 0,
+            tp_reducescatter_s: 0.0,
+            tp_reducescatter_bytes: 0,
+            tp_reducescatter_calls: 0,
             pp_p2p_s: 0.0,
             pp_p2p_bytes: 0,
             pp_p2p_calls: 0,
@@ -204,6 +238,12 @@ impl RankRow {
             pool_to_base_s: 0.0,
             pool_to_base_bytes: 0,
             pool_to_base_calls: 0,
+            expert_dispatch_s: 0.0,
+            expert_dispatch_bytes: 0,
+            expert_dispatch_calls: 0,
+            expert_combine_s: 0.0,
+            expert_combine_bytes: 0,
+            expert_combine_calls: 0,
             control_s: 0.0,
             control_bytes: 0,
             control_calls: 0,
@@ -243,6 +283,8 @@ impl RankRow {
             energy_prefill_j: measured(self.energy_prefill_j),
             energy_decode_j: measured(self.energy_decode_j),
             flops: self.flops,
+            compute_s: self.compute_s,
+            wait_s: self.wait_s,
         }
     }
 }

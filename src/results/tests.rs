@@ -125,6 +125,8 @@ pub(crate) fn rank(batch_index: u32, world_rank: u32, energy: Option<f64>) -> Ra
         energy_prefill_j: energy,
         energy_decode_j: energy.map(|e| 3.0 * e),
         flops: 3.0e11,
+        compute_s: 0.45,
+        wait_s: 0.05,
     }
 }
 
@@ -380,7 +382,7 @@ const H5PY_CHECK: &str = r#"
 import sys, h5py, numpy as np
 f = h5py.File(sys.argv[1], "r")
 assert f.attrs["format"] == "fapool-results", f.attrs["format"]
-assert int(f.attrs["schema_version"]) == 1
+assert int(f.attrs["schema_version"]) == 3
 assert f.attrs["status"] == "complete"
 p = f["provenance"]
 assert p.attrs["backend"] == "cuda"
@@ -435,6 +437,39 @@ fn h5py_reads_compound_datasets_and_strings() {
     assert!(out.status.success(), "h5py check failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("h5py ok"), "{stdout}");
 }
+#[test]
+fn expert_rows_round_trip_and_the_summary_writes_their_routing() {
+    let path = TempPath::new("experts");
+    let mut f = ResultsFile::create(&path.0, false, &provenance()).unwrap();
+    f.begin_strategy(&strategy("moe", "moe")).unwrap();
+    let load = |world_rank, expert, decode, routed, received| crate::metrics::ExpertLoad { batch_index: 0, world_rank, layer: 1, expert, decode, routed, dropped: 1, received };
+    let loads = vec![load(0, 0, false, 5, 6), load(1, 1, false, 3, 0), load(0, 0, true, 2, 1)];
+    f.append_experts("moe", "short", &loads).unwrap();
+    f.append_batch("moe", "short", &batch(0, 512, 0.001), &ranks(0, None)).unwrap();
+    f.write_summary("moe", "short", &CategorySummary::from_batches(&[batch(0, 512, 0.001)], 1.0)).unwrap();
+    drop(f);
+    let c = read_run(&path.0).unwrap().strategies.remove(0).categories.remove(0);
+    assert_eq!(c.experts, loads);
+    assert_eq!(c.routing, crate::metrics::LayerRouting::of(&loads));
+    assert_eq!((c.routing[0].assignments, c.routing[0].dropped, c.routing[0].expert_max), (8, 2, 6.0));
+}
+
+#[test]
+fn reopening_trims_expert_rows_of_a_batch_never_recorded() {
+    let path = TempPath::new("experts-trim");
+    let mut f = ResultsFile::create(&path.0, false, &provenance()).unwrap();
+    f.begin_strategy(&strategy("moe", "moe")).unwrap();
+    let load = |batch_index| crate::metrics::ExpertLoad { batch_index, routed: 2, received: 2, ..Default::default() };
+    f.append_experts("moe", "short", &[load(0)]).unwrap();
+    f.append_batch("moe", "short", &batch(0, 512, 0.001), &ranks(0, None)).unwrap();
+    // Batch 1's expert rows were written, its batch row never was.
+    f.append_experts("moe", "short", &[load(1), load(1)]).unwrap();
+    drop(f);
+    drop(ResultsFile::open_existing(&path.0).unwrap());
+    let c = read_run(&path.0).unwrap().strategies.remove(0).categories.remove(0);
+    assert_eq!(c.experts, vec![load(0)]);
+}
+
 #[test]
 fn empty_lists_round_trip() {
     let path = TempPath::new("empty");

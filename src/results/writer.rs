@@ -4,10 +4,11 @@
 
 use super::aggregate::RankAggregates;
 use super::attrs::{self, vlen};
+use super::routing::{ExpertRow, RoutingRow};
 use super::rows::{BatchRow, CommRow, DeviceRow, PayloadOffsets, RankRow, RoleRowH5, SummaryRow};
 use super::schema::{FORMAT_NAME, PROVENANCE, SCHEMA_VERSION, STRATEGIES};
 use super::{Provenance, Result, ResultsError, RunStatus, StoredSummary, StrategyInfo};
-use crate::metrics::{BatchRecord, CategorySummary, RankRecord};
+use crate::metrics::{BatchRecord, CategorySummary, ExpertLoad, LayerRouting, RankRecord};
 use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, Extent, File, Group, H5Type};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ const BATCH_CHUNK: usize = 64;
 const RANK_CHUNK: usize = 256;
 const ITL_CHUNK: usize = 4096;
 const TOKEN_ROWS_CHUNK: usize = 64;
+const EXPERT_CHUNK: usize = 1024;
 
 /// An open results file that a run appends to.
 pub struct ResultsFile {
@@ -105,7 +107,10 @@ impl ResultsFile {
         let path = path.as_ref().to_path_buf();
         let file = File::open_rw(&path).map_err(|source| ResultsError::Open { path: path.clone(), source })?;
         super::cloexec::keep_from_children(&path);
-        super::schema::check_format(&file, &path)?;
+        let found = super::schema::check_format(&file, &path)?;
+        if found != SCHEMA_VERSION {
+            return Err(ResultsError::OldSchema { path, found });
+        }
         let results = Self { file, path };
         results.trim_unreferenced_rows()?;
         results.flush()?;
@@ -259,6 +264,22 @@ impl ResultsFile {
         self.flush()
     }
 
+    /// Appends what the ranks counted per layer and expert in one batch (a
+    /// mixture-of-experts strategy), before [`ResultsFile::append_batch`]
+    /// of the same batch: rows of a batch whose row never followed are
+    /// trimmed when the file is reopened. Nothing is written for no rows.
+    pub fn append_experts(&mut self, strategy: &str, category: &str, loads: &[ExpertLoad]) -> Result<()> {
+        if loads.is_empty() {
+            return Ok(());
+        }
+        let g = self.category_group(strategy, category, true)?.expect("created on demand");
+        if !g.link_exists("experts") {
+            extendable::<ExpertRow>(&g, "experts", EXPERT_CHUNK)?;
+        }
+        append_rows(&g.dataset("experts")?, &loads.iter().map(ExpertRow::new).collect::<Vec<_>>())?;
+        Ok(())
+    }
+
     /// Appends the batch's generated tokens as rows of the 2-D `tokens`
     /// dataset (`[sequence, output token]`), created at the first batch with
     /// the category's output length as its fixed width.
@@ -319,12 +340,12 @@ impl ResultsFile {
         let g = self.category_group(strategy, category, true)?.expect("created on demand");
         let (flops, ranks) = if g.link_exists("batches") {
             let flops = g.dataset("batches")?.read_raw::<BatchRow>()?.iter().map(|b| b.flops).sum();
-            (flops, super::reader::read_ranks(&g)?)
+            (flops, super::reader::read_ranks(&g, SCHEMA_VERSION)?)
         } else {
             (0.0, Vec::new())
         };
         let stored = StoredSummary { summary: summary.clone(), aggregates: RankAggregates::from_ranks(&ranks), flops };
-        for name in ["summary", "comm"] {
+        for name in ["summary", "comm", "routing"] {
             if g.link_exists(name) {
                 g.unlink(name)?;
             }
@@ -332,6 +353,10 @@ impl ResultsFile {
         write_list(&g, "summary", &[SummaryRow::new(&stored)])?;
         let comm = stored.aggregates.comm.iter().map(|c| CommRow::new(c, stored.aggregates.active_wall_s)).collect::<Result<Vec<_>>>()?;
         write_list(&g, "comm", &comm)?;
+        let experts = super::reader::read_experts(&g)?;
+        if !experts.is_empty() {
+            write_list(&g, "routing", &LayerRouting::of(&experts).iter().map(RoutingRow::new).collect::<Vec<_>>())?;
+        }
         self.flush()?;
         Ok(stored)
     }
@@ -401,6 +426,12 @@ impl ResultsFile {
                 shrink("itl_s", end(&|b| b.itl_offset + b.itl_count))?;
                 shrink("ranks", end(&|b| b.ranks_offset + b.ranks_count))?;
                 shrink("tokens", end(&|b| b.tokens_offset + if b.output_tokens > 0 { b.num_sequences as u64 } else { 0 }))?;
+                // Expert rows carry their batch: keep them up to the last one of a recorded batch.
+                if g.link_exists("experts") {
+                    let recorded: std::collections::BTreeSet<u32> = kept_rows.iter().map(|b| b.batch_index).collect();
+                    let rows = g.dataset("experts")?.read_raw::<ExpertRow>()?;
+                    shrink("experts", rows.iter().rposition(|r| recorded.contains(&r.batch_index)).map_or(0, |i| i + 1))?;
+                }
             }
         }
         Ok(())

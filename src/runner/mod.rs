@@ -10,9 +10,11 @@
 pub mod progress;
 pub mod records;
 pub mod sweep;
+pub mod timeline;
 
 use crate::backend::Backend;
-use crate::comm::{Category, Comm, CommStat, RecordedMessages};
+use crate::comm::{Category, Comm, CommStat, CommTrace, RecordedMessages};
+use crate::metrics::ExpertLoad;
 use crate::model::ModelConfig;
 use crate::strategy::{BatchSetup, BatchShape, Strategy, StrategyError};
 use std::collections::BTreeMap;
@@ -46,6 +48,12 @@ pub struct BatchRun {
     pub energy_prefill_j: Option<f64>,
     pub energy_decode_j: Option<f64>,
     pub comm: BTreeMap<Category, CommStat>,
+    /// Seconds the compute timeline waited for messages.
+    pub wait_s: f64,
+    /// The batch's messages and waits, when it was traced.
+    pub trace: Option<CommTrace>,
+    /// What the rank counted per layer and expert (strategies with experts).
+    pub experts: Vec<ExpertLoad>,
 }
 
 /// What to run for one batch.
@@ -89,7 +97,9 @@ fn decode_step_device<'r, B: Backend>(
 ) -> Result<Option<&'r B::Buf>, StrategyError> {
     if recorded.is_none() && record && be.capture_begin()? {
         let from = comm.begin_recording();
-        let logits = strategy.decode_device();
+        // Every message of the step is completed inside the recording, so
+        // the message streams rejoin the compute stream before it ends.
+        let logits = strategy.decode_device().and_then(|l| comm.settle().map(|_| l).map_err(StrategyError::from));
         // End the recording whatever happened, so the stream leaves capture mode.
         let graph = be.capture_end();
         let messages = comm.end_recording(from);
@@ -103,6 +113,7 @@ fn decode_step_device<'r, B: Backend>(
         return Ok(r.logits.as_ref());
     }
     *eager = strategy.decode_device()?;
+    comm.settle()?;
     Ok(eager.as_ref())
 }
 
@@ -143,7 +154,8 @@ pub fn run_batch<B: Backend>(be: &B, comm: &Comm<'_, B>, strategy: &mut dyn Stra
         };
         let Some(vars) = strategy.decode_begin(step, &prev)? else { continue };
         be.set_step(&vars)?;
-        let logits = decode_step_device(be, comm, strategy, input.cuda_graphs, &mut recorded, &mut eager)?;
+        let record = input.cuda_graphs && strategy.decode_recordable();
+        let logits = decode_step_device(be, comm, strategy, record, &mut recorded, &mut eager)?;
         let o = strategy.decode_end(logits, input.keep_logits)?;
         if let Some(r) = recorded.as_ref() {
             comm.account_replay(&r.messages)?;
@@ -166,9 +178,22 @@ pub fn run_batch<B: Backend>(be: &B, comm: &Comm<'_, B>, strategy: &mut dyn Stra
     if let Some(l) = leader.as_mut() {
         l.e2e_s = wall_s;
     }
+    let experts = strategy.take_expert_loads();
     strategy.end_batch()?;
-    let comm_stats = comm.take_stats()?;
-    Ok(BatchRun { setup, leader, wall_s, prefill_s, decode_s: wall_s - prefill_s, energy_prefill_j: e0.zip(e1).map(|(a, b)| b - a), energy_decode_j: e1.zip(e2).map(|(a, b)| b - a), comm: comm_stats })
+    let (totals, trace) = comm.take_stats()?;
+    Ok(BatchRun {
+        setup,
+        leader,
+        wall_s,
+        prefill_s,
+        decode_s: wall_s - prefill_s,
+        energy_prefill_j: e0.zip(e1).map(|(a, b)| b - a),
+        energy_decode_j: e1.zip(e2).map(|(a, b)| b - a),
+        comm: totals.by_category,
+        wait_s: totals.wait_s,
+        trace,
+        experts,
+    })
 }
 
 /// Model FLOPs of a whole batch (prefill plus every decode step).

@@ -4,7 +4,7 @@
 use super::{BatchRun, LeaderRun};
 use crate::backend::Backend;
 use crate::comm::{Category, CommStat};
-use crate::metrics::{BatchRecord, RankRecord};
+use crate::metrics::{BatchRecord, ExpertLoad, RankRecord};
 use crate::strategy::BatchShape;
 use crate::workload::Batch;
 use mpi::topology::SimpleCommunicator;
@@ -32,6 +32,44 @@ pub struct GatheredBatch {
     pub batch: BatchRecord,
     pub ranks: Vec<RankRecord>,
     pub logits: Vec<Vec<f32>>,
+    /// Every rank's expert counts (strategies with experts).
+    pub experts: Vec<ExpertLoad>,
+}
+
+/// Numbers of one [`ExpertLoad`] (without its batch) for gathering.
+const EXPERT_FIELDS: usize = 7;
+
+fn encode_expert(l: &ExpertLoad) -> [u64; EXPERT_FIELDS] {
+    [l.world_rank as u64, l.layer as u64, l.expert as u64, l.decode as u64, l.routed, l.dropped, l.received]
+}
+
+fn decode_expert(v: &[u64], batch_index: u32) -> ExpertLoad {
+    ExpertLoad { batch_index, world_rank: v[0] as u32, layer: v[1] as u32, expert: v[2] as u32, decode: v[3] != 0, routed: v[4], dropped: v[5], received: v[6] }
+}
+
+/// Every rank's expert counts on rank 0 (empty elsewhere). Collective.
+fn experts_to_root(world: &SimpleCommunicator, loads: &[ExpertLoad], batch_index: u32) -> Vec<ExpertLoad> {
+    let root = world.process_at_rank(0);
+    let mine: Vec<u64> = loads.iter().flat_map(encode_expert).collect();
+    let count = mine.len() as i32;
+    if world.rank() != 0 {
+        root.gather_into(&count);
+        root.gather_varcount_into(&mine[..]);
+        return Vec::new();
+    }
+    let mut counts = vec![0i32; world.size() as usize];
+    root.gather_into_root(&count, &mut counts[..]);
+    let displs: Vec<i32> = counts
+        .iter()
+        .scan(0, |at, &c| {
+            let d = *at;
+            *at += c;
+            Some(d)
+        })
+        .collect();
+    let mut all = vec![0u64; counts.iter().sum::<i32>() as usize];
+    root.gather_varcount_into_root(&mine[..], &mut mpi::datatype::PartitionMut::new(&mut all[..], &counts[..], &displs[..]));
+    all.chunks(EXPERT_FIELDS).map(|v| decode_expert(v, batch_index)).collect()
 }
 
 /// Numbers of a [`RankRecord`] as one f64 row, for gathering with MPI.
@@ -47,6 +85,8 @@ fn encode_rank(r: &RankRecord) -> Vec<f64> {
         r.energy_prefill_j.unwrap_or(f64::NAN),
         r.energy_decode_j.unwrap_or(f64::NAN),
         r.flops,
+        r.compute_s,
+        r.wait_s,
     ];
     for c in Category::ALL {
         let s = r.comm.get(&c).copied().unwrap_or_default();
@@ -55,13 +95,13 @@ fn encode_rank(r: &RankRecord) -> Vec<f64> {
     v
 }
 
-const RANK_FIELDS: usize = 10 + 3 * Category::ALL.len();
+const RANK_FIELDS: usize = 12 + 3 * Category::ALL.len();
 
 fn decode_rank(v: &[f64], batch_index: u32, role: String) -> RankRecord {
     let opt = |x: f64| (!x.is_nan()).then_some(x);
     let mut comm = BTreeMap::new();
     for (i, c) in Category::ALL.into_iter().enumerate() {
-        let s = CommStat { calls: v[10 + 3 * i] as u64, bytes: v[11 + 3 * i] as u64, seconds: v[12 + 3 * i] };
+        let s = CommStat { calls: v[12 + 3 * i] as u64, bytes: v[13 + 3 * i] as u64, seconds: v[14 + 3 * i] };
         if s.calls > 0 {
             comm.insert(c, s);
         }
@@ -80,6 +120,8 @@ fn decode_rank(v: &[f64], batch_index: u32, role: String) -> RankRecord {
         energy_prefill_j: opt(v[7]),
         energy_decode_j: opt(v[8]),
         flops: v[9],
+        compute_s: v[10],
+        wait_s: v[11],
     }
 }
 
@@ -139,9 +181,12 @@ pub fn gather_batch<B: Backend>(be: &B, world: &SimpleCommunicator, run: &BatchR
         energy_prefill_j: run.energy_prefill_j,
         energy_decode_j: run.energy_decode_j,
         flops: if run.setup.active { facts.flops / active_ranks as f64 } else { 0.0 },
+        compute_s: if run.setup.active { (run.wall_s - run.wait_s).max(0.0) } else { 0.0 },
+        wait_s: run.wait_s,
     };
     let row = encode_rank(&rank);
     let lead = leader_to_root(world, facts.leader, run.leader.as_ref());
+    let experts = experts_to_root(world, &run.experts, b.index as u32);
     if me != 0 {
         root.gather_into(&row[..]);
         return None;
@@ -168,5 +213,5 @@ pub fn gather_batch<B: Backend>(be: &B, world: &SimpleCommunicator, run: &BatchR
         tokens: lead.tokens,
         flops: facts.flops,
     };
-    Some(GatheredBatch { batch, ranks, logits: lead.logits })
+    Some(GatheredBatch { batch, ranks, logits: lead.logits, experts })
 }

@@ -7,8 +7,10 @@
 
 use super::progress::Progress;
 use super::records::{gather_batch, BatchFacts};
+use super::timeline::{gather_and_write, rank_events, TraceSpec};
 use super::{batch_flops, run_batch, BatchInput, EnergyMeter};
-use crate::backend::{Backend, BackendError};
+use crate::backend::traced::Trace;
+use crate::backend::{Backend, BackendError, DeviceLibrary};
 use crate::cluster::Cluster;
 use crate::comm::{Comm, CommError, Group};
 use crate::control::{Fault, FaultEffect, Watchdog};
@@ -63,6 +65,8 @@ pub struct SweepSetup<'a> {
     /// The planner's predictions by (strategy, category): `(name, value)`
     /// pairs stored beside the category's summary (rank 0).
     pub predictions: Option<&'a Predicted>,
+    /// `--trace`: where timelines go and of which batches.
+    pub trace: Option<TraceSpec>,
 }
 
 /// How a sweep ended without an error.
@@ -210,14 +214,15 @@ fn open_target<B: Backend>(be: &B, comm: &Comm<'_, B>, cluster: &Cluster, setup:
 /// The error a rank's injected fault makes its batch fail with.
 fn injected(effect: FaultEffect) -> Option<StrategyError> {
     match effect {
-        FaultEffect::DeviceError => Some(StrategyError::Backend(BackendError::Device("injected device error (FAPOOL_FAULT)".into()))),
+        FaultEffect::DeviceError => Some(StrategyError::Backend(BackendError::Device { library: DeviceLibrary::Driver, message: "injected device error (FAPOOL_FAULT)".into() })),
         FaultEffect::CommError => Some(StrategyError::Comm(CommError::Nccl("injected communication error (FAPOOL_FAULT)".into()))),
         FaultEffect::None | FaultEffect::DeviceUnusable => None,
     }
 }
 
 /// Runs the whole sweep on every rank of `world`.
-pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster: &Cluster, setup: &SweepSetup<'_>, energy: Option<&dyn EnergyMeter>) -> Result<SweepEnd> {
+/// `tracer` turns the backend's operation trace on for the batches `--trace` chooses.
+pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster: &Cluster, setup: &SweepSetup<'_>, energy: Option<&dyn EnergyMeter>, tracer: Option<&dyn Trace>) -> Result<SweepEnd> {
     let (job, cfg, facts) = (setup.job, setup.cfg, setup.facts);
     let root = world.rank() == 0;
     let me = world.rank();
@@ -327,11 +332,24 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                 let memory_estimate = deployment.memory_bytes(cfg, BatchShape { nseq: cap.min(shape.nseq), ..shape }, world.size(), facts.elem_bytes);
                 mpi_world.barrier();
                 let input = BatchInput { shape, prompts: &prompts, micro_batch_cap: cap, pool_usable: all_usable == 1, keep_logits: false, forced: None, cuda_graphs: job.run.cuda_graphs };
-                let run = run_batch(be, comm, strategy.as_mut(), &input, energy).map_err(|e| failed(context, e, Some(at)))?;
+                let in_category = plan.iter().filter(|(s2, c2, _)| *s2 == si && *c2 == c).count();
+                let traced = setup.trace.as_ref().filter(|t| t.wants(&cat.name, b.index, in_category)).zip(tracer);
+                if let Some((_, tr)) = traced {
+                    tr.start_trace().map_err(|e| failed(context.clone(), e.into(), Some(at)))?;
+                    comm.start_trace(be.mark().map_err(|e| failed(context.clone(), e.into(), Some(at)))?);
+                }
+                let run = run_batch(be, comm, strategy.as_mut(), &input, energy).map_err(|e| failed(context.clone(), e, Some(at)))?;
+                if let Some((spec, tr)) = traced {
+                    let ops = tr.finish_trace().map_err(|e| failed(context.clone(), e.into(), Some(at)))?;
+                    let events = rank_events(me, &layout.roles[me], &ops, &run.trace.clone().unwrap_or_default());
+                    let path = spec.dir.join(format!("{name}-{}-b{}.json", cat.name, b.index));
+                    let about = serde_json::json!({"strategy": name, "category": cat.name, "batch": b.index, "seq_len": shape.seq_len, "sequences": shape.nseq, "backend": be.name()});
+                    gather_and_write(&mpi_world, events, &path, about).map_err(|e| results_error(format!("writing {}: {e}", path.display())))?;
+                }
                 let facts_b = BatchFacts { batch: b, shape, requested_batch: job.workload.batch_size, flops: batch_flops(cfg, shape), memory_estimate, leader: layout.leader, roles: &layout.roles };
                 if let Some(g) = gather_batch(be, &mpi_world, &run, &facts_b) {
                     if let Some(d) = &file {
-                        d.update(|f| f.append_batch(&name, &cat.name, &g.batch, &g.ranks)).map_err(results_error)?;
+                        d.update(|f| f.append_experts(&name, &cat.name, &g.experts).and_then(|_| f.append_batch(&name, &cat.name, &g.batch, &g.ranks))).map_err(results_error)?;
                     }
                     if let Some(p) = progress.as_mut() {
                         p.batch_done(&name, &cat.name, i as u64, plan.len() as u64, g.batch.total_tokens());

@@ -25,6 +25,8 @@ pub struct LaunchFacts {
 /// strategy's own rules, the world size, one rank per GPU and the memory fit.
 pub fn validate(job: &JobSpec, facts: &LaunchFacts) -> Result<ModelConfig, SpecError> {
     let m = job.model.resolve()?;
+    // The checkpoint's files, tensors, shapes and dtypes, before any device work.
+    crate::model::checkpoint::check(&m)?;
     let w = &job.workload;
     if job.strategies.is_empty() {
         return Err(rule("at-least-one-strategy", "the job lists no [[strategy]]"));
@@ -57,7 +59,13 @@ pub fn validate(job: &JobSpec, facts: &LaunchFacts) -> Result<ModelConfig, SpecE
         if !names.insert(s.name()) {
             return Err(rule("strategy-names-unique", format!("two strategies are named `{}`", s.name())));
         }
+        let serves = s.deployment().serves_experts();
+        if serves != m.experts.is_some() {
+            let why = if serves { format!("it runs mixture-of-experts models and {} has a dense FFN", m.name) } else { format!("it runs dense models and {} has a mixture of experts", m.name) };
+            return Err(rule("strategy-serves-model", format!("{} ({}): {why}", s.name(), s.kind())));
+        }
         s.deployment().check(&m)?;
+        s.deployment().check_prompts(&w.categories.iter().flat_map(|c| c.resolved_lengths()).collect::<Vec<_>>())?;
     }
     // World size: enough for every strategy's minimum, and no rank that no strategy can use.
     let need_min = job.strategies.iter().map(|s| s.deployment().rank_range().min).max().unwrap_or(1);
@@ -190,6 +198,11 @@ pool_max = 2
     fn a_memory_estimate_that_does_not_fit_is_rejected() {
         let f = LaunchFacts { memory_budget_bytes: 1000, ..facts(4) };
         assert_eq!(broken(&with(&[]), &f), "memory-fits");
+    }
+
+    #[test]
+    fn a_dense_strategy_refuses_a_mixture_of_experts_model() {
+        assert_eq!(broken(&with(&["model.preset=\"tiny-moe\""]), &facts(4)), "strategy-serves-model");
     }
 
     #[test]

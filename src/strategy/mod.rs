@@ -17,11 +17,13 @@
 pub mod baseline;
 pub mod common;
 pub mod fapool;
+pub mod moe;
 pub mod naive;
 pub mod registry;
 
 use crate::backend::{Backend, StepVars};
 use crate::comm::{Comm, CommError, Group};
+use crate::metrics::ExpertLoad;
 use crate::model::ModelConfig;
 use crate::rules::Violation;
 
@@ -32,6 +34,10 @@ pub enum StrategyError {
     Backend(#[from] crate::backend::BackendError),
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// The model's checkpoint broke a rule when it was opened (checked
+    /// before any work, so only a file changed since then gets here).
+    #[error(transparent)]
+    Checkpoint(#[from] Violation),
     /// The dataflow was driven out of order (a bug, not bad input).
     #[error("{0}")]
     Protocol(String),
@@ -111,6 +117,18 @@ pub trait Strategy<B: Backend> {
     /// or a replay of it) and advances host state.
     fn decode_end(&mut self, logits: Option<&B::Buf>, keep_logits: bool) -> Result<Option<StepOut>>;
     fn end_batch(&mut self) -> Result<()>;
+    /// Whether [`Strategy::decode_device`] can be recorded once and
+    /// replayed: it reads nothing back to the host (a mixture-of-experts
+    /// step reads its expert counts, so it runs op by op).
+    fn decode_recordable(&self) -> bool {
+        true
+    }
+    /// What this rank counted per layer and expert over the batch
+    /// (strategies with experts; `batch_index` is left for the runner),
+    /// taken once before [`Strategy::end_batch`].
+    fn take_expert_loads(&mut self) -> Vec<ExpertLoad> {
+        Vec::new()
+    }
 }
 
 /// Ranks that form disjoint groups of one kind (e.g. every stage's TP
@@ -175,6 +193,16 @@ pub trait Deployment {
     fn rank_range(&self) -> RankRange;
     /// The rules its settings must satisfy with this model.
     fn check(&self, model: &ModelConfig) -> std::result::Result<(), Violation>;
+    /// Whether it runs models whose FFN is a mixture of experts (then it
+    /// runs only those); the job rules refuse a model of the other kind.
+    fn serves_experts(&self) -> bool {
+        false
+    }
+    /// The rules its settings must satisfy with the workload's prompt
+    /// lengths (every length of every category).
+    fn check_prompts(&self, _lengths: &[usize]) -> std::result::Result<(), Violation> {
+        Ok(())
+    }
     /// Roles and groups of a launch of `world` ranks (`world` within
     /// [`Deployment::rank_range`]).
     fn layout(&self, world: usize) -> Layout;

@@ -42,6 +42,7 @@ macro_rules! strategies {
 strategies! {
     Baseline => baseline::BaselineSpec,
     Fapool => fapool::FapoolSpec,
+    Moe => moe::MoeSpec,
 }
 
 impl StrategySpec {
@@ -63,6 +64,7 @@ mod tests {
             let text = match *kind {
                 "baseline" => "kind = \"baseline\"\ntp = 1\npp = 1\n".to_string(),
                 "fapool" => "kind = \"fapool\"\nbase = 1\npool_max = 1\n".to_string(),
+                "moe" => "kind = \"moe\"\n".to_string(),
                 other => panic!("add a minimal table for `{other}` to this test"),
             };
             let s: StrategySpec = toml::from_str(&text).unwrap();

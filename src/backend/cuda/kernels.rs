@@ -3,16 +3,19 @@
 //! Every `.cu` file under `kernels/` is embedded in the binary with
 //! `include_str!`, compiled once per process and device architecture (after
 //! `kernels/common.cuh`, which is prepended to each file so NVRTC needs no
-//! include path), and loaded once per backend. Compiled images are cached
+//! include path), and loaded once per backend. A file may have a target of
+//! its own ([`KernelFile::target`]): `flash_sm90.cu` is built for `sm_90a`
+//! and exists on sm_90 devices only. Compiled images are cached
 //! process-wide; loaded modules and looked-up functions per backend, since
 //! modules belong to a CUDA context.
 //!
-//! This module must not launch kernels or know their arguments: that is the
-//! backend's job.
+//! This module must not launch kernels or know their arguments: those are
+//! declared in `contract` and launched by `launch`.
 
+use super::ffi::NvrtcProgram;
 use super::CudaError;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
+use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,12 +35,25 @@ pub enum KernelFile {
     Decode,
     Prefill,
     Flash,
+    FlashSm90,
+    Moe,
 }
 
 impl KernelFile {
     /// Every kernel file, in the order `compile_all` loads them.
-    pub const ALL: [KernelFile; 9] =
-        [KernelFile::Elementwise, KernelFile::Norm, KernelFile::Embed, KernelFile::Copy, KernelFile::Argmax, KernelFile::Merge, KernelFile::Decode, KernelFile::Prefill, KernelFile::Flash];
+    pub const ALL: [KernelFile; 11] = [
+        KernelFile::Elementwise,
+        KernelFile::Norm,
+        KernelFile::Embed,
+        KernelFile::Copy,
+        KernelFile::Argmax,
+        KernelFile::Merge,
+        KernelFile::Decode,
+        KernelFile::Prefill,
+        KernelFile::Flash,
+        KernelFile::FlashSm90,
+        KernelFile::Moe,
+    ];
 
     /// The file's name under `kernels/`.
     pub fn file_name(self) -> &'static str {
@@ -51,6 +67,8 @@ impl KernelFile {
             KernelFile::Decode => "decode.cu",
             KernelFile::Prefill => "prefill.cu",
             KernelFile::Flash => "flash.cu",
+            KernelFile::FlashSm90 => "flash_sm90.cu",
+            KernelFile::Moe => "moe.cu",
         }
     }
 
@@ -65,6 +83,19 @@ impl KernelFile {
             KernelFile::Decode => include_str!("../../../kernels/decode.cu"),
             KernelFile::Prefill => include_str!("../../../kernels/prefill.cu"),
             KernelFile::Flash => include_str!("../../../kernels/flash.cu"),
+            KernelFile::FlashSm90 => include_str!("../../../kernels/flash_sm90.cu"),
+            KernelFile::Moe => include_str!("../../../kernels/moe.cu"),
+        }
+    }
+
+    /// The NVRTC target this file is built for on a device whose own target
+    /// is `device_arch` (`sm_90`, ...), or `None` where it does not apply:
+    /// `flash_sm90.cu` uses Hopper-only instructions (wgmma, setmaxnreg),
+    /// which need the architecture-specific `sm_90a`.
+    pub fn target(self, device_arch: &str) -> Option<String> {
+        match self {
+            KernelFile::FlashSm90 => (device_arch == "sm_90").then(|| "sm_90a".to_string()),
+            _ => Some(device_arch.to_string()),
         }
     }
 
@@ -98,40 +129,14 @@ pub fn compile(file: KernelFile, arch: &str, extra: &[&str]) -> Result<CompiledI
     let name = CString::new(file.file_name()).expect("file names contain no NUL");
     let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".to_string(), "--generate-line-info".to_string()];
     options.extend(extra.iter().map(|s| s.to_string()));
-    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| CudaError::Nvrtc { file: file.file_name(), arch: arch.into(), log: format!("{e:?}") })?;
-    // SAFETY: `prog` was just created and is destroyed exactly once below; the
-    // option strings outlive the call.
-    let compiled = unsafe { nvrtc::compile_program(prog, &options) };
-    // SAFETY: `prog` is a live program; the log exists after any compile attempt.
-    let log = unsafe { nvrtc::get_program_log(prog) }.map(|raw| c_chars_to_string(&raw)).unwrap_or_default();
-    let result = compiled.map_err(|e| CudaError::Nvrtc { file: file.file_name(), arch: arch.into(), log: format!("{e:?}\n{log}") }).and_then(|()| {
-        let is_cubin = arch.starts_with("sm_");
-        // SAFETY: compilation succeeded, so the program holds its output.
-        let image = if is_cubin { unsafe { get_cubin(prog) } } else { unsafe { nvrtc::get_ptx(prog) }.map(|p| p.iter().map(|&c| c as u8).collect()) };
-        image.map(|image| CompiledImage { arch: arch.into(), image, is_cubin, log: log.clone() }).map_err(|e| CudaError::Nvrtc {
-            file: file.file_name(),
-            arch: arch.into(),
-            log: format!("reading output: {e:?}"),
-        })
-    });
-    // SAFETY: destroyed once; nothing refers to it afterwards.
-    let _ = unsafe { nvrtc::destroy_program(prog) };
-    result
-}
-
-/// # Safety
-/// `prog` must be a live program whose compilation for a real architecture succeeded.
-unsafe fn get_cubin(prog: nvrtc_sys::nvrtcProgram) -> Result<Vec<u8>, nvrtc::NvrtcError> {
-    let mut size = 0usize;
-    nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
-    let mut out = vec![0u8; size];
-    nvrtc_sys::nvrtcGetCUBIN(prog, out.as_mut_ptr() as *mut std::ffi::c_char).result()?;
-    Ok(out)
-}
-
-fn c_chars_to_string(raw: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = raw.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+    let failed = |log: String| CudaError::Nvrtc { file: file.file_name(), arch: arch.into(), log };
+    let prog = NvrtcProgram::new(&src, &name).map_err(|e| failed(format!("{e:?}")))?;
+    let compiled = prog.compile(&options);
+    let log = prog.log().unwrap_or_default();
+    compiled.map_err(|e| failed(format!("{e:?}\n{log}")))?;
+    let is_cubin = arch.starts_with("sm_");
+    let image = if is_cubin { prog.cubin() } else { prog.ptx() }.map_err(|e| failed(format!("reading output: {e:?}")))?;
+    Ok(CompiledImage { arch: arch.into(), image, is_cubin, log })
 }
 
 /// Compiled images by file and architecture.
@@ -158,7 +163,7 @@ fn cached_image(file: KernelFile, arch: &str) -> Result<Arc<CompiledImage>, Cuda
 pub struct KernelCache {
     ctx: Arc<CudaContext>,
     arch: String,
-    modules: [OnceLock<Arc<CudaModule>>; 9],
+    modules: [OnceLock<Arc<CudaModule>>; KernelFile::ALL.len()],
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
@@ -178,7 +183,8 @@ impl KernelCache {
         if let Some(m) = slot.get() {
             return Ok(m.clone());
         }
-        let img = cached_image(file, &self.arch)?;
+        let arch = file.target(&self.arch).ok_or_else(|| CudaError::Unsupported(format!("{} needs an sm_90 (Hopper) device; this one is {}", file.file_name(), self.arch)))?;
+        let img = cached_image(file, &arch)?;
         let ptx = if img.is_cubin { Ptx::from_binary(img.image.clone()) } else { Ptx::from_src(String::from_utf8_lossy(&img.image).trim_end_matches('\0').to_string()) };
         let module = self.ctx.load_module(ptx)?;
         Ok(slot.get_or_init(|| module).clone())
@@ -197,7 +203,7 @@ impl KernelCache {
     /// Compiles and loads every kernel file now (so that first calls are not
     /// timed with compilation in them).
     pub fn load_all(&self) -> Result<(), CudaError> {
-        for file in KernelFile::ALL {
+        for file in KernelFile::ALL.into_iter().filter(|f| f.target(&self.arch).is_some()) {
             self.module(file)?;
         }
         Ok(())
@@ -225,6 +231,15 @@ mod tests {
     }
 
     #[test]
+    fn the_hopper_kernel_file_is_built_for_sm_90a_on_sm_90_devices_only() {
+        assert_eq!(KernelFile::FlashSm90.target("sm_90").as_deref(), Some("sm_90a"));
+        assert_eq!(KernelFile::FlashSm90.target("sm_80"), None);
+        assert_eq!(KernelFile::FlashSm90.target("sm_100"), None);
+        assert_eq!(KernelFile::Flash.target("sm_90").as_deref(), Some("sm_90"));
+        assert_eq!(KernelFile::Decode.target("sm_80").as_deref(), Some("sm_80"));
+    }
+
+    #[test]
     fn every_kernel_file_compiles_with_nvrtc() {
         let Some(lib) = crate::backend::cuda::probe::nvrtc_library() else {
             eprintln!("SKIPPED every_kernel_file_compiles_with_nvrtc: no NVRTC library found (set LD_LIBRARY_PATH to a directory holding libnvrtc.so.13 and libnvrtc-builtins)");
@@ -232,16 +247,18 @@ mod tests {
         };
         eprintln!("NVRTC: {lib}");
         for file in KernelFile::ALL {
-            for arch in ["compute_80", "compute_90", "sm_80", "sm_90"] {
+            // The Hopper kernels exist only for sm_90a; every other file builds everywhere.
+            let archs: &[&str] = if file == KernelFile::FlashSm90 { &["sm_90a"] } else { &["compute_80", "compute_90", "sm_80", "sm_90"] };
+            for &arch in archs {
                 let img = compile(file, arch, &["--ptxas-options=-v"]).unwrap_or_else(|e| panic!("{e}"));
                 assert!(!img.image.is_empty(), "{} for {arch}: empty image", file.file_name());
-                if arch == "sm_90" {
+                if arch.starts_with("sm_90") {
                     // For disassembly (`nvdisasm`): FAPOOL_CUBIN_DIR=dir keeps the images.
                     if let Ok(dir) = std::env::var("FAPOOL_CUBIN_DIR") {
-                        std::fs::write(std::path::Path::new(&dir).join(format!("{}.sm_90.cubin", file.file_name())), &img.image).expect("write the cubin");
+                        std::fs::write(std::path::Path::new(&dir).join(format!("{}.{arch}.cubin", file.file_name())), &img.image).expect("write the cubin");
                     }
                     for (func, spill) in spills(&img.log) {
-                        eprintln!("{:<14} {:<32} sm_90 spill stores {spill} B", file.file_name(), func);
+                        eprintln!("{:<14} {:<32} {arch} spill stores {spill} B", file.file_name(), func);
                         if file == KernelFile::Flash {
                             // The two-fragment kernel sits at 255 registers and
                             // spills 12 bytes (loop-invariant values, reloaded
@@ -250,10 +267,21 @@ mod tests {
                             let budget = if func.contains("_w4m2_") { 16 } else { 0 };
                             assert!(spill <= budget, "{func} spills {spill} B of registers on sm_90 (budget {budget} B):\n{}", img.log);
                         }
+                        if file == KernelFile::FlashSm90 {
+                            // Both builds (exp2 with and without ftz).
+                            assert_eq!(spill, 0, "{func} spills {spill} B of registers on {arch}:\n{}", img.log);
+                        }
+                    }
+                    if file == KernelFile::FlashSm90 {
+                        // Either note means ptxas undid the design: MMAs that wait
+                        // for each other, or consumers held to the entry register count.
+                        for note in ["wgmma.mma_async instructions are serialized", "'setmaxnreg' ignored"] {
+                            assert!(!img.log.contains(note), "{}: ptxas reports \"{note}\":\n{}", file.file_name(), img.log);
+                        }
                     }
                 }
             }
-            eprintln!("compiled {} for compute_80, compute_90, sm_80, sm_90", file.file_name());
+            eprintln!("compiled {} for {}", file.file_name(), archs.join(", "));
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::comm::{Category, Comm, Group};
 use crate::model::{ModelConfig, Weights};
 use crate::strategy::common::groups::Groups;
 use crate::strategy::common::kv::KvCache;
-use crate::strategy::common::tp::{EdgeWeights, LayerShard, Span, TpMath};
+use crate::strategy::common::tp::{self, EdgeWeights, LayerShard, Span, TpMath};
 use crate::strategy::common::{micro_batches, split_even, Phase};
 use crate::strategy::{protocol, BatchSetup, BatchShape, BuildContext, Layout, Result, StepOut, Strategy};
 
@@ -53,7 +53,7 @@ impl<'a, 'c, B: Backend> Baseline<'a, 'c, B> {
         let rank = match spec.place(world.rank()) {
             None => None,
             Some(place) => {
-                let w = Weights::new(cfg);
+                let w = Weights::open(cfg)?;
                 let per = spec.layers_per_stage(cfg);
                 let layers = (place.stage * per..(place.stage + 1) * per).map(|l| LayerShard::load(be, &w, l, place.tp_rank, spec.tp)).collect::<Result<Vec<_>>>()?;
                 let edge = EdgeWeights::load(be, &w, place.stage == 0, place.stage + 1 == spec.pp)?;
@@ -81,8 +81,8 @@ impl<'a, 'c, B: Backend> Baseline<'a, 'c, B> {
         let stage = rank.place.stage;
         let mut x = if stage == 0 {
             match span.phase {
-                Phase::Prefill(_) => self.be.embed(&rank.edge.embedding, d, tokens, nseq, s, 0)?,
-                Phase::Decode => self.be.embed_step(&rank.edge.embedding, d, nseq)?,
+                Phase::Prefill(_) => tp::embed(self.be, self.cfg, &rank.edge.embedding, tokens, nseq, s, 0)?,
+                Phase::Decode => tp::embed_step(self.be, self.cfg, &rank.edge.embedding, nseq)?,
             }
         } else {
             self.comm.recv(Category::PpP2p, &rank.pp, stage - 1, nseq * s * d)?
@@ -109,7 +109,7 @@ impl<'a, 'c, B: Backend> Strategy<B> for Baseline<'a, 'c, B> {
         let Some(rank) = &self.rank else {
             return Ok(BatchSetup { micro_batches, active: false, ..Default::default() });
         };
-        let width = self.cfg.attn_width() / self.tp;
+        let width = self.cfg.kv_heads_per_rank(self.tp) * self.cfg.head_dim;
         let cache = KvCache::new(self.be, rank.layers.len(), shape.nseq, shape.context(), width)?;
         self.batch = Some(BatchState { shape, micro_batches, cache });
         Ok(BatchSetup { micro_batches, active: true, ..Default::default() })

@@ -6,9 +6,9 @@
 
 use super::kv::KvCache;
 use super::Phase;
-use crate::backend::{Backend, DecodeShape, PrefillShape, RowRun};
+use crate::backend::{Backend, DecodeShape, PrefillShape, QkvSplit, Rope, RopePositions, RowRun};
 use crate::comm::{Category, Comm, Group};
-use crate::model::{FfnKind, ModelConfig, Tensor, Weights};
+use crate::model::{FfnKind, ModelConfig, PositionKind, Tensor, Weights};
 use crate::strategy::{protocol, Result, StepOut};
 
 /// One rank's shard of a decoder layer (tensor parallel over `heads` and FFN columns).
@@ -20,8 +20,12 @@ pub struct LayerShard<B: Backend> {
     pub up: B::Buf,
     pub gate: Option<B::Buf>,
     pub down: B::Buf,
-    /// Heads on this rank.
+    /// Query heads on this rank.
     pub heads: usize,
+    /// K/V heads on this rank: `kv_heads / tp`, or with more ranks than K/V
+    /// heads the one K/V head its query heads read (replicated on
+    /// `tp / kv_heads` ranks).
+    pub kv_heads: usize,
     /// FFN columns on this rank.
     pub ffn: usize,
 }
@@ -32,6 +36,7 @@ impl<B: Backend> LayerShard<B> {
         let c = w.cfg;
         let (d, hl, fl) = (c.d_model, c.heads / tp, c.ffn / tp);
         let heads = rank * hl..(rank + 1) * hl;
+        let kv_heads = c.kv_heads_of(heads.clone()).len();
         let (dh, cols) = (c.head_dim, rank * fl..(rank + 1) * fl);
         Ok(Self {
             attn_norm: be.upload(&w.full(Tensor::AttnNorm(l)))?,
@@ -39,12 +44,10 @@ impl<B: Backend> LayerShard<B> {
             qkv: be.upload(&w.shard(Tensor::Qkv(l), 0..d, &w.qkv_columns(heads.clone())))?,
             out: be.upload(&w.shard(Tensor::Out(l), heads.start * dh..heads.end * dh, &[0..d]))?,
             up: be.upload(&w.shard(Tensor::Up(l), 0..d, std::slice::from_ref(&cols)))?,
-            gate: match c.ffn_kind {
-                FfnKind::Gelu => None,
-                FfnKind::GatedGelu => Some(be.upload(&w.shard(Tensor::Gate(l), 0..d, std::slice::from_ref(&cols)))?),
-            },
+            gate: if c.ffn_kind.gated() { Some(be.upload(&w.shard(Tensor::Gate(l), 0..d, std::slice::from_ref(&cols)))?) } else { None },
             down: be.upload(&w.shard(Tensor::Down(l), cols, &[0..d]))?,
             heads: hl,
+            kv_heads,
             ffn: fl,
         })
     }
@@ -66,6 +69,31 @@ impl<B: Backend> EdgeWeights<B> {
             head: if head { be.upload(&w.full(Tensor::Head))? } else { none()? },
         })
     }
+}
+
+/// `table[token]` plus the sinusoidal encoding of `pos0..pos0 + n` in each of
+/// `nseq` sequences, or the token rows alone for a model with rotary positions.
+pub fn embed<B: Backend>(be: &B, cfg: &ModelConfig, table: &B::Buf, tokens: &[u32], nseq: usize, n: usize, pos0: usize) -> Result<B::Buf> {
+    Ok(match cfg.positions {
+        PositionKind::Sinusoidal => be.embed(table, cfg.d_model, tokens, nseq, n, pos0)?,
+        PositionKind::Rope => be.embed_tokens(table, cfg.d_model, &tokens[..nseq * n])?,
+    })
+}
+
+/// [`embed`] of the decode step's tokens at the step's position.
+pub fn embed_step<B: Backend>(be: &B, cfg: &ModelConfig, table: &B::Buf, nseq: usize) -> Result<B::Buf> {
+    Ok(match cfg.positions {
+        PositionKind::Sinusoidal => be.embed_step(table, cfg.d_model, nseq)?,
+        PositionKind::Rope => be.embed_step_tokens(table, cfg.d_model, nseq)?,
+    })
+}
+
+/// q, k and v of `rows` fused QKV rows (`q_heads` query and `kv_heads` K/V
+/// heads), q and k rotated by their positions when the model has rotary ones.
+pub fn split_qkv<B: Backend>(be: &B, cfg: &ModelConfig, qkv: &B::Buf, rows: usize, q_heads: usize, kv_heads: usize, positions: RopePositions) -> Result<(B::Buf, B::Buf, B::Buf)> {
+    let dh = cfg.head_dim;
+    let rope = (cfg.positions == PositionKind::Rope).then_some(Rope { head_dim: dh, theta: cfg.rope_theta, positions });
+    Ok(be.split_qkv_rope(qkv, rows, &QkvSplit { q_width: q_heads * dh, kv_width: kv_heads * dh, rope })?)
 }
 
 /// The rows one pass through a layer covers: sequences `seqs` of the batch
@@ -98,14 +126,16 @@ impl<'a, 'c, B: Backend> TpMath<'a, 'c, B> {
     pub fn attention(&self, layer: &LayerShard<B>, l: usize, h: &B::Buf, span: &Span, cache: &mut KvCache<B>) -> Result<B::Buf> {
         let (d, dh) = (self.cfg.d_model, self.cfg.head_dim);
         let (seqs, phase) = (span.seqs.clone(), span.phase);
-        let (nseq, width, s) = (seqs.len(), layer.heads * dh, phase.tokens());
+        let (nseq, width, kv_width, s) = (seqs.len(), layer.heads * dh, layer.kv_heads * dh, phase.tokens());
         let rows = nseq * s;
-        let qkv = self.be.matmul(h, &layer.qkv, rows, d, 3 * width)?;
-        let (q, k, v) = self.be.split_qkv(&qkv, rows, width)?;
+        let qkv = self.be.matmul(h, &layer.qkv, rows, d, width + 2 * kv_width)?;
+        let prompt = [(0, s)];
+        let positions = if phase == Phase::Decode { RopePositions::Step } else { RopePositions::Segments(&prompt) };
+        let (q, k, v) = split_qkv(self.be, self.cfg, &qkv, rows, layer.heads, layer.kv_heads, positions)?;
         let o = match phase {
             Phase::Prefill(s) => {
                 cache.store_prompt(self.be, l, seqs.clone(), s, &k, &v)?;
-                let shape = PrefillShape { nseq, sq: s, skv: s, kv_seq_stride: s, heads: layer.heads, head_dim: dh, q_offset: 0 };
+                let shape = PrefillShape { nseq, sq: s, skv: s, kv_seq_stride: s, heads: layer.heads, kv_heads: layer.kv_heads, head_dim: dh, q_offset: 0 };
                 self.be.attention_prefill(&q, &k, &v, shape)?.0
             }
             Phase::Decode => {
@@ -113,7 +143,7 @@ impl<'a, 'c, B: Backend> TpMath<'a, 'c, B> {
                     return Err(protocol("decode attends one new token of every sequence"));
                 }
                 cache.store_step(self.be, l, &k, &v)?;
-                let shape = DecodeShape { nseq, cap: cache.cap, len: 0, heads: layer.heads, head_dim: dh };
+                let shape = DecodeShape { nseq, cap: cache.cap, len: 0, heads: layer.heads, kv_heads: layer.kv_heads, head_dim: dh };
                 self.be.attention_decode_step(&q, &cache.k[l], &cache.v[l], shape)?.0
             }
         };
@@ -131,7 +161,11 @@ impl<'a, 'c, B: Backend> TpMath<'a, 'c, B> {
             }
             Some(gate) => {
                 let mut g = self.be.matmul(h, gate, rows, d, layer.ffn)?;
-                self.be.gelu_mul(&mut g, &up)?;
+                if self.cfg.ffn_kind == FfnKind::Swiglu {
+                    self.be.silu_mul(&mut g, &up)?;
+                } else {
+                    self.be.gelu_mul(&mut g, &up)?;
+                }
                 g
             }
         };

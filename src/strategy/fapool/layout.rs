@@ -1,11 +1,13 @@
 //! FA Pool's layout: ranks `0..B` are the base group (TP=B over embedding,
-//! FFNs and the LM head), ranks `B..B+launched` the attention pool, and the
-//! bridge group is the base root plus every pool rank (bridge rank `1 + i` is
-//! pool rank `i`). The activation policy chooses each batch's pool size from
-//! its sequence length; the block partition says which positions each active
-//! pool rank owns. Pure arithmetic.
+//! FFNs and the LM head), ranks `B..B+launched` the attention pool. Two
+//! bridge groups hold every base and pool rank (bridge rank `b` is base rank
+//! b, `B + i` is pool rank i): `down` carries hand-offs from the base to the
+//! pool and `up` the results back, each on its own communicator (and, on a
+//! GPU, its own stream), so neither direction queues behind the other. The
+//! activation policy chooses each batch's pool size from its sequence
+//! length; the block partition says which positions each active pool rank
+//! owns. Pure arithmetic.
 
-use crate::backend::RowRun;
 use crate::model::ModelConfig;
 use crate::rules::{ensure, Violation};
 use crate::strategy::baseline::layout::check_tp;
@@ -32,6 +34,65 @@ impl Partition {
     }
 }
 
+/// Which parts of attention run on the pool; the rest runs on the base,
+/// sequence-parallel (each base rank on its own rows, with the full weights).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
+pub enum PoolOps {
+    /// Only attention: the base projects q, k, v and the output.
+    Attention,
+    /// QKV projection and attention: the base projects the output.
+    QkvAttention,
+    /// QKV, attention and the output projection (the paper's placement).
+    #[default]
+    QkvAttentionOut,
+}
+
+impl PoolOps {
+    pub const ALL: [PoolOps; 3] = [PoolOps::Attention, PoolOps::QkvAttention, PoolOps::QkvAttentionOut];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolOps::Attention => "attention",
+            PoolOps::QkvAttention => "qkv+attention",
+            PoolOps::QkvAttentionOut => "qkv+attention+out",
+        }
+    }
+    /// The pool projects q, k, v.
+    pub fn pool_qkv(self) -> bool {
+        self != PoolOps::Attention
+    }
+    /// The pool projects the attention output.
+    pub fn pool_out(self) -> bool {
+        self == PoolOps::QkvAttentionOut
+    }
+}
+
+impl TryFrom<String> for PoolOps {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|o| o.name() == s).ok_or_else(|| format!("rule `pool-ops-known` broken: unknown pool_ops `{s}` (expected attention, qkv+attention or qkv+attention+out)"))
+    }
+}
+
+impl From<PoolOps> for String {
+    fn from(o: PoolOps) -> String {
+        o.name().to_string()
+    }
+}
+
+/// How prefill results get from the pool to the base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    /// Each pool rank sends each base rank its rows.
+    #[default]
+    Direct,
+    /// A binary tree gathers the blocks to the pool root, which sends them
+    /// on (as in the paper).
+    Tree,
+}
+
 /// `kind = "fapool"`: base group + elastic attention pool.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,9 +111,23 @@ pub struct FapoolSpec {
     /// Micro-batches per batch (sequences split M ways).
     #[serde(default = "one")]
     pub micro_batches: usize,
-    /// Overlap base FFN of micro-batch j with pool attention of j+1.
+    /// Causal chunks of each prompt, pipelined between base and pool (chunk
+    /// j attends to the K/V of chunks <= j).
+    #[serde(default = "one")]
+    pub chunks: usize,
+    /// Pipeline units through the layers: the base's FFN of one unit runs
+    /// while the pool attends the next, and a unit's next-layer hand-off
+    /// leaves as soon as its FFN ends (in decode, two groups of sequences
+    /// alternate); `false` runs each unit's hand-off, attention and FFN one
+    /// after another.
     #[serde(default = "yes")]
     pub overlap: bool,
+    /// Which parts of attention the pool runs.
+    #[serde(default)]
+    pub pool_ops: PoolOps,
+    /// How prefill results return to the base.
+    #[serde(default)]
+    pub aggregation: Aggregation,
 }
 
 fn default_threshold() -> usize {
@@ -103,7 +178,16 @@ impl FapoolSpec {
         let name = self.name.clone().unwrap_or_else(|| self.default_name());
         ensure(self.base > 0 && self.pool_max > 0, "parallel-degrees-positive", || format!("{name}: base and pool_max must be >= 1"))?;
         check_tp(m, self.base, &name)?;
-        ensure(self.tokens_per_pool_gpu > 0 && self.micro_batches > 0, "pool-policy-positive", || format!("{name}: tokens_per_pool_gpu and micro_batches must be >= 1"))
+        ensure(self.tokens_per_pool_gpu > 0 && self.micro_batches > 0, "pool-policy-positive", || format!("{name}: tokens_per_pool_gpu and micro_batches must be >= 1"))?;
+        ensure(self.chunks > 0, "chunks-positive", || format!("{name}: chunks must be >= 1"))
+    }
+
+    pub(super) fn check_prompt_rules(&self, shortest_active: Option<usize>) -> Result<(), Violation> {
+        let name = self.name.clone().unwrap_or_else(|| self.default_name());
+        match shortest_active {
+            Some(s) => ensure(self.chunks <= s, "chunks-within-prompt", || format!("{name}: chunks = {} is more than the {s} tokens of the shortest prompt that activates the pool", self.chunks)),
+            None => Ok(()),
+        }
     }
 
     pub(super) fn layout_of(&self, world: usize) -> Layout {
@@ -116,10 +200,12 @@ impl FapoolSpec {
             })
             .collect();
         let pool: Vec<usize> = (self.base..self.base + launched).collect();
+        let bridge: Vec<usize> = (0..self.base + launched).collect();
         let groups = vec![
             GroupFamily { name: "base", groups: vec![(0..self.base).collect()] },
-            GroupFamily { name: "pool", groups: vec![pool.clone()] },
-            GroupFamily { name: "bridge", groups: vec![std::iter::once(0).chain(pool).collect()] },
+            GroupFamily { name: "pool", groups: vec![pool] },
+            GroupFamily { name: "down", groups: vec![bridge.clone()] },
+            GroupFamily { name: "up", groups: vec![bridge] },
         ];
         Layout { roles, groups, leader: 0 }
     }
@@ -127,27 +213,47 @@ impl FapoolSpec {
     /// The busiest rank's bytes: the base's weight shards and activations,
     /// or a pool rank's attention weights, its KV cache slice, the
     /// replicated K/V of one layer and its block's activations.
+    /// The busier side's bytes (in elements of `elem` bytes) for one batch:
+    /// a base rank or a pool rank, whichever needs more. A base rank always
+    /// holds its TP shard of every layer (batches below the threshold run
+    /// on the base alone), the embedding and the head, plus the full
+    /// projections `pool_ops` leaves on the base; with the pool active it
+    /// holds its own rows (sequence-parallel) and the all-gathered rows of
+    /// its FFN. A pool rank holds the projections `pool_ops` gives it, its
+    /// block's K/V of every layer (and of the decode tokens), and the
+    /// replicated K/V of at most two layers.
     pub(super) fn memory_of(&self, m: &ModelConfig, shape: BatchShape, world: usize, elem: usize) -> u64 {
-        let (d, a, f, l, v) = (m.d_model as u64, m.attn_width() as u64, m.ffn as u64, m.layers as u64, m.vocab as u64);
+        let (d, a, kv, f, l, v) = (m.d_model as u64, m.attn_width() as u64, m.kv_width() as u64, m.ffn as u64, m.layers as u64, m.vocab as u64);
         let (n, sl, ctx) = (shape.nseq as u64, shape.seq_len as u64, shape.context() as u64);
-        let ffn_params = m.layer_params() - 4 * d * a - 2 * d;
+        let (qkv_params, out_params) = (d * (a + 2 * kv), a * d);
+        let ffn_params = m.layer_params() - qkv_params - out_params - 2 * d;
         let tokens = n * sl;
         let bsz = self.base as u64;
+        // A base rank's K/V width as a TP rank (its K/V heads, at least one).
+        let kvb = (m.kv_heads_per_rank(self.base) * m.head_dim) as u64;
         let pool = self.policy(world).pool_size(shape.seq_len).1 as u64;
-        let base_weights = l * (4 * d * a + ffn_params) / bsz + 2 * v * d;
-        let base_act = tokens * (4 * d + 2 * f / bsz) + n * v;
+        let (pool_qkv, pool_out) = (self.pool_ops.pool_qkv(), self.pool_ops.pool_out());
+        let base_weights = l * (d * (a / bsz + 2 * kvb) + out_params / bsz + ffn_params / bsz) + 2 * v * d;
         let bytes = if pool == 0 {
-            let kv = n * ctx * 2 * l * a / bsz;
-            base_weights + kv + base_act + tokens * 3 * a / bsz
+            let kv_cache = n * ctx * 2 * l * kvb;
+            let act = tokens * (4 * d + 2 * f / bsz) + n * v;
+            base_weights + kv_cache + act + tokens * (a / bsz + 2 * kvb)
         } else {
+            let on_base = |here: bool, params: u64| if here { 0 } else { l * params };
+            let weights = base_weights + on_base(pool_qkv, qkv_params) + on_base(pool_out, out_params);
+            let (rows, handoff, result) = (tokens.div_ceil(bsz), if pool_qkv { d } else { a + 2 * kv }, if pool_out { d } else { a });
+            // Own rows: residual, hand-off and result; gathered FFN input,
+            // hidden columns and the reduce-scatter's input.
+            let act = rows * (d + handoff + result) + tokens * (2 * d + 2 * f / bsz) + n * v;
+            let base = weights + act;
             let block = sl.div_ceil(pool);
-            let pool_weights = l * 4 * d * a;
-            let kv = n * (block + shape.out_tokens as u64) * 2 * l * a;
-            // The replicated K/V of one layer twice (as gathered, then in
-            // sequence order), and the block's input, fused QKV, q/k/v,
-            // attention output and projected output.
-            let pool_act = n * sl * 4 * a + n * block * (d + 3 * a + 3 * a + a + d);
-            (base_weights + base_act).max(pool_weights + kv + pool_act)
+            let pool_weights = if pool_qkv { l * qkv_params } else { 0 } + if pool_out { l * out_params } else { 0 };
+            let kv_cache = n * (block + shape.out_tokens as u64) * 2 * l * kv;
+            // The replicated K/V prefixes in flight (a layer's, and with
+            // chunks the next layer's while the pipeline spans two), and the
+            // block's input, q/k/v, attention output and result.
+            let pool_act = n * sl * 4 * kv + n * block * (handoff + a + 2 * kv + a + result);
+            base.max(pool_weights + kv_cache + pool_act)
         };
         bytes * elem as u64
     }
@@ -194,68 +300,6 @@ pub fn pool_segments(partition: Partition, s: usize, p: usize, rank: usize) -> V
     segs.into_iter().filter(|&(_, len)| len > 0).collect()
 }
 
-/// The per-batch blocks of an active pool: which positions each pool rank
-/// owns and how its rows travel.
-#[derive(Clone, Debug, Default)]
-pub struct PoolBlocks {
-    /// Active pool size.
-    pub p: usize,
-    /// Segments `(start, len)` of the sequence owned by each pool rank.
-    pub segments: Vec<Vec<(usize, usize)>>,
-    /// Rows per sequence of each pool rank's block.
-    pub block: Vec<usize>,
-    /// Cached tokens per sequence on each pool rank (grows in decode).
-    pub cached: Vec<usize>,
-}
-
-impl PoolBlocks {
-    pub fn new(partition: Partition, s: usize, p: usize) -> Self {
-        let segments: Vec<_> = (0..p).map(|r| pool_segments(partition, s, p, r)).collect();
-        let block: Vec<usize> = segments.iter().map(|v| v.iter().map(|x| x.1).sum()).collect();
-        Self { p, cached: block.clone(), segments, block }
-    }
-
-    pub fn max_block(&self) -> usize {
-        self.block.iter().copied().max().unwrap_or(0)
-    }
-
-    /// Rows of `h` (`nseq × s`) that pool rank `r`'s block holds, sequence-major.
-    pub fn block_runs(&self, r: usize, nseq: usize, s: usize) -> Vec<RowRun> {
-        (0..nseq).flat_map(|n| self.segments[r].iter().map(move |&(st, len)| RowRun::new(n * s + st, len))).collect()
-    }
-
-    /// Where the rows of the gathered bundle (rank-major, then sequence, then
-    /// segment) belong in the `nseq × s` sequence order.
-    pub fn bundle_runs(&self, nseq: usize, s: usize) -> Vec<RowRun> {
-        (0..self.p).flat_map(|r| self.block_runs(r, nseq, s)).collect()
-    }
-
-    /// Rows of the all-gathered, padded K/V (`[p, nseq, max_block]`) in sequence order.
-    pub fn replicated_runs(&self, nseq: usize) -> Vec<RowRun> {
-        let bmax = self.max_block();
-        let mut segs: Vec<(usize, usize, usize, usize)> = Vec::new(); // (start, len, rank, offset in block)
-        for (r, v) in self.segments.iter().enumerate() {
-            let mut off = 0;
-            for &(st, len) in v {
-                segs.push((st, len, r, off));
-                off += len;
-            }
-        }
-        segs.sort();
-        (0..nseq).flat_map(|n| segs.iter().map(move |&(_, len, r, off)| RowRun::new(r * nseq * bmax + n * bmax + off, len)).collect::<Vec<_>>()).collect()
-    }
-
-    /// Pool ranks `ranks` hold this many rows for `nseq` sequences.
-    pub fn rows(&self, ranks: std::ops::Range<usize>, nseq: usize) -> usize {
-        ranks.map(|r| self.block[r] * nseq).sum()
-    }
-
-    /// The pool rank that caches the next decode token: fewest cached, lowest rank.
-    pub fn decode_owner(&self) -> usize {
-        (0..self.p).min_by_key(|&r| (self.cached[r], r)).unwrap_or(0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,12 +339,55 @@ mod tests {
     }
 
     #[test]
-    fn the_bridge_joins_the_base_root_and_every_launched_pool_rank() {
-        let spec = FapoolSpec { name: None, base: 2, pool_max: 4, threshold: 8, tokens_per_pool_gpu: 4, partition: Partition::Zigzag, micro_batches: 1, overlap: true };
+    fn the_bridges_join_every_base_and_every_launched_pool_rank() {
+        let spec = FapoolSpec {
+            name: None,
+            base: 2,
+            pool_max: 4,
+            threshold: 8,
+            tokens_per_pool_gpu: 4,
+            partition: Partition::Zigzag,
+            micro_batches: 1,
+            chunks: 1,
+            overlap: true,
+            pool_ops: PoolOps::default(),
+            aggregation: Aggregation::default(),
+        };
         let l = spec.layout_of(5);
         assert_eq!(l.roles, vec!["base0", "base1", "pool0", "pool1", "pool2"]);
-        assert_eq!(l.family("bridge").unwrap().groups, vec![vec![0, 2, 3, 4]]);
+        assert_eq!(l.family("down").unwrap().groups, vec![vec![0, 1, 2, 3, 4]]);
+        assert_eq!(l.family("up").unwrap().groups, vec![vec![0, 1, 2, 3, 4]]);
         assert_eq!(l.family("pool").unwrap().groups, vec![vec![2, 3, 4]]);
         assert_eq!(spec.policy(5).launched, 3);
+    }
+
+    #[test]
+    fn memory_follows_where_pool_ops_places_the_projections() {
+        let spec = |pool_ops| FapoolSpec {
+            name: None,
+            base: 1,
+            pool_max: 1,
+            threshold: 4096,
+            tokens_per_pool_gpu: 32768,
+            partition: Partition::Zigzag,
+            micro_batches: 1,
+            chunks: 1,
+            overlap: true,
+            pool_ops,
+            aggregation: Aggregation::default(),
+        };
+        let m = ModelConfig::dense_4l();
+        let (d, a, l) = (m.d_model as u64, m.attn_width() as u64, m.layers as u64);
+        let long = BatchShape { nseq: 1, seq_len: 32768, out_tokens: 1 };
+        let short = BatchShape { seq_len: 2048, ..long };
+        // Below the threshold the pool is idle and pool_ops changes nothing.
+        let paper = spec(PoolOps::QkvAttentionOut);
+        assert_eq!(spec(PoolOps::Attention).memory_of(&m, short, 2, 2), paper.memory_of(&m, short, 2, 2));
+        // With the pool active at one base rank and 32K tokens, the base is
+        // the larger side and holds the projections the pool does not run.
+        let attention_only = spec(PoolOps::Attention).memory_of(&m, long, 2, 1);
+        let qkv = spec(PoolOps::QkvAttention).memory_of(&m, long, 2, 1);
+        assert_eq!(qkv - paper.memory_of(&m, long, 2, 1), l * d * a - 32768 * (d - a));
+        assert!(attention_only > qkv + l * 3 * d * a - 32768 * 3 * a, "{attention_only} {qkv}");
     }
 }

@@ -3,8 +3,11 @@
 //! ranks takes over attention, split along the sequence ([`layout`] says who
 //! does what, [`dataflow`] what each rank does per phase).
 
+mod base;
 pub mod dataflow;
 pub mod layout;
+mod pool;
+pub mod units;
 
 pub use layout::{FapoolSpec, Partition};
 
@@ -25,6 +28,9 @@ impl Deployment for FapoolSpec {
     }
     fn check(&self, model: &ModelConfig) -> std::result::Result<(), Violation> {
         self.check_rules(model)
+    }
+    fn check_prompts(&self, lengths: &[usize]) -> std::result::Result<(), Violation> {
+        self.check_prompt_rules(lengths.iter().copied().filter(|&s| s > self.threshold).min())
     }
     fn layout(&self, world: usize) -> Layout {
         self.layout_of(world)

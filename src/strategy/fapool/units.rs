@@ -1,0 +1,307 @@
+//! The pieces FA Pool's pipeline moves, as pure arithmetic.
+//!
+//! A batch with the pool active is cut into **units**: a micro-batch of
+//! sequences × one causal chunk of the prompt (prefill), or a group of
+//! sequences (decode). Within a unit, every active pool rank owns a
+//! **block** — its segments of the chunk in every sequence (contiguous or
+//! zigzag) — and every base rank owns a **part** of each block: block i's
+//! rows split into B contiguous parts. A base rank keeps its rows of a unit
+//! ordered block by block (part (0, b), part (1, b), ...), so the message
+//! from base rank b to pool rank i is one contiguous slice on both sides,
+//! and the way back is the same slice.
+
+use super::layout::{pool_segments, Partition};
+use crate::backend::RowRun;
+use std::ops::Range;
+
+/// Splits `n` items into `m` consecutive parts, some empty when `m > n`.
+pub fn split_parts(n: usize, m: usize) -> Vec<Range<usize>> {
+    let m = m.max(1);
+    (0..m).map(|j| j * n / m..(j + 1) * n / m).collect()
+}
+
+/// One unit of a batch: sequences `seqs` (batch indices) × prompt positions
+/// `positions` (a causal chunk; the single new position in decode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unit {
+    pub seqs: Range<usize>,
+    pub positions: Range<usize>,
+}
+
+impl Unit {
+    /// Rows of the unit's activations, sequence-major.
+    pub fn rows(&self) -> usize {
+        self.seqs.len() * self.positions.len()
+    }
+    /// The unit-local row of `position` in sequence `n` (counted from `seqs.start`).
+    pub fn row(&self, n: usize, position: usize) -> usize {
+        n * self.positions.len() + (position - self.positions.start)
+    }
+}
+
+/// The prefill units of a batch: micro-batch-major, chunks in causal order
+/// (a chunk's queries attend to the K/V of the earlier chunks of its
+/// micro-batch, which the pool already holds).
+pub fn prefill_units(micro_batches: &[Range<usize>], seq_len: usize, chunks: usize) -> Vec<Unit> {
+    let cuts = split_parts(seq_len, chunks.min(seq_len).max(1));
+    micro_batches.iter().flat_map(|m| cuts.iter().map(move |c| Unit { seqs: m.clone(), positions: c.clone() })).collect()
+}
+
+/// Who owns which rows of one unit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnitBlocks {
+    pub unit: Unit,
+    /// Active pool ranks.
+    pub p: usize,
+    /// Base ranks.
+    pub b: usize,
+    /// Segments `(start, len)` (prompt positions) of each pool rank.
+    pub segments: Vec<Vec<(usize, usize)>>,
+    /// Unit-local rows of each pool rank's block, in block order.
+    block_rows: Vec<Vec<RowRun>>,
+    /// `parts[i][b]`: the rows of block i that base rank b owns, as a range
+    /// of block i's row list.
+    parts: Vec<Vec<Range<usize>>>,
+}
+
+impl UnitBlocks {
+    /// The blocks of a prefill unit: each chunk is partitioned among the
+    /// `p` pool ranks.
+    pub fn prefill(unit: Unit, partition: Partition, p: usize, b: usize) -> Self {
+        let c0 = unit.positions.start;
+        let segments: Vec<Vec<(usize, usize)>> = (0..p).map(|i| pool_segments(partition, unit.positions.len(), p, i).into_iter().map(|(st, len)| (c0 + st, len)).collect()).collect();
+        let block_rows: Vec<Vec<RowRun>> =
+            segments.iter().map(|segs| (0..unit.seqs.len()).flat_map(|n| segs.iter().map(move |&(st, len)| (n, st, len))).map(|(n, st, len)| RowRun::new(unit.row(n, st), len)).collect()).collect();
+        Self::with_rows(unit, p, b, segments, block_rows)
+    }
+
+    /// A decode unit (one new row per sequence): every pool rank attends
+    /// every sequence, so there are no blocks; the base parts split the
+    /// sequences.
+    pub fn decode(unit: Unit, p: usize, b: usize) -> Self {
+        let rows = vec![RowRun::new(0, unit.rows())];
+        Self::with_rows(unit, p, b, vec![Vec::new(); p], vec![rows])
+    }
+
+    fn with_rows(unit: Unit, p: usize, b: usize, segments: Vec<Vec<(usize, usize)>>, block_rows: Vec<Vec<RowRun>>) -> Self {
+        let parts = block_rows.iter().map(|runs| split_parts(runs.iter().map(|r| r.len).sum(), b)).collect();
+        Self { unit, p, b, segments, block_rows, parts }
+    }
+
+    /// Rows of pool rank `i`'s block.
+    pub fn block_len(&self, i: usize) -> usize {
+        self.block_rows[i].iter().map(|r| r.len).sum()
+    }
+
+    /// The largest block (all-gathers pad to it).
+    pub fn max_block(&self) -> usize {
+        (0..self.block_rows.len()).map(|i| self.block_len(i)).max().unwrap_or(0)
+    }
+
+    /// Unit-local rows of pool rank `i`'s block, in block order.
+    pub fn block_runs(&self, i: usize) -> &[RowRun] {
+        &self.block_rows[i]
+    }
+
+    /// Rows of block `i` that base rank `b` owns (a range of the block's rows).
+    pub fn part(&self, i: usize, b: usize) -> Range<usize> {
+        self.parts[i][b].clone()
+    }
+
+    /// Blocks of the unit (the pool ranks in prefill; one shared block in decode).
+    pub fn blocks(&self) -> usize {
+        self.block_rows.len()
+    }
+
+    /// Rows base rank `b` owns in the unit.
+    pub fn base_rows(&self, b: usize) -> usize {
+        (0..self.blocks()).map(|i| self.parts[i][b].len()).sum()
+    }
+
+    /// Where part (i, b) sits among base rank b's rows.
+    pub fn base_offset(&self, i: usize, b: usize) -> usize {
+        (0..i).map(|j| self.parts[j][b].len()).sum()
+    }
+
+    /// The most rows any base rank owns (base all-gathers pad to it).
+    pub fn max_base_rows(&self) -> usize {
+        (0..self.b).map(|b| self.base_rows(b)).max().unwrap_or(0)
+    }
+
+    /// Unit-local rows of `range` of block `i`'s rows, as runs.
+    pub fn block_slice_runs(&self, i: usize, range: Range<usize>) -> Vec<RowRun> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for r in &self.block_rows[i] {
+            let (lo, hi) = (range.start.max(at), range.end.min(at + r.len));
+            if lo < hi {
+                out.push(RowRun::new(r.start + lo - at, hi - lo));
+            }
+            at += r.len;
+        }
+        out
+    }
+
+    /// Unit-local rows base rank `b` owns, in its order.
+    pub fn base_runs(&self, b: usize) -> Vec<RowRun> {
+        (0..self.blocks()).flat_map(|i| self.block_slice_runs(i, self.part(i, b))).collect()
+    }
+}
+
+/// One step of the pipeline every rank walks in the same order: the
+/// hand-off of a unit's layer input from the base to the pool, or the
+/// return of its attention result. Each rank does its part of each step in
+/// this order, so every communicator sees the same sequence of messages on
+/// all its members (no deadlock with blocking messages), while on a GPU the
+/// messages run on their own streams and overlap the compute around them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Handoff { layer: usize, unit: usize },
+    Return { layer: usize, unit: usize },
+}
+
+/// The steps of `layers` layers over `units` units. Pipelined: every unit's
+/// first hand-off, then per layer and unit the return and at once the next
+/// layer's hand-off of the same unit, so the pool attends unit j + 1 while
+/// the base runs the FFN of unit j, across layers. Not pipelined: each
+/// unit's hand-off and return one after another.
+pub fn schedule(layers: usize, units: usize, pipelined: bool) -> Vec<Step> {
+    let mut out = Vec::with_capacity(2 * layers * units);
+    if !pipelined {
+        for layer in 0..layers {
+            for unit in 0..units {
+                out.push(Step::Handoff { layer, unit });
+                out.push(Step::Return { layer, unit });
+            }
+        }
+        return out;
+    }
+    out.extend((0..units).map(|unit| Step::Handoff { layer: 0, unit }));
+    for layer in 0..layers {
+        for unit in 0..units {
+            out.push(Step::Return { layer, unit });
+            if layer + 1 < layers {
+                out.push(Step::Handoff { layer: layer + 1, unit });
+            }
+        }
+    }
+    out
+}
+
+impl UnitBlocks {
+    /// The base rank that owns unit-local row `row`, and its index among
+    /// that rank's rows.
+    pub fn owner_of(&self, row: usize) -> Option<(usize, usize)> {
+        (0..self.b).find_map(|b| {
+            let mut at = 0;
+            for r in self.base_runs(b) {
+                if r.range().contains(&row) {
+                    return Some((b, at + row - r.start));
+                }
+                at += r.len;
+            }
+            None
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_may_be_empty_and_cover_every_item_once() {
+        assert_eq!(split_parts(2, 4), vec![0..0, 0..1, 1..1, 1..2]);
+        assert_eq!(split_parts(7, 2), vec![0..3, 3..7]);
+    }
+
+    #[test]
+    fn prefill_units_are_micro_batch_major_with_causal_chunks() {
+        let u = prefill_units(&[0..2, 2..3], 10, 3);
+        assert_eq!(u.len(), 6);
+        assert_eq!((u[0].seqs.clone(), u[0].positions.clone()), (0..2, 0..3));
+        assert_eq!(u[2].positions, 6..10);
+        assert_eq!(u[3].seqs, 2..3);
+        // More chunks than tokens: one chunk per token.
+        assert_eq!(prefill_units(&[0..1], 2, 8).len(), 2);
+    }
+
+    #[test]
+    fn every_unit_row_belongs_to_exactly_one_base_rank_and_one_block() {
+        for part in [Partition::Contiguous, Partition::Zigzag] {
+            for (nseq, chunk, p, b) in [(2, 9, 2, 3), (1, 16, 4, 2), (3, 5, 3, 1), (1, 3, 4, 2)] {
+                let unit = Unit { seqs: 0..nseq, positions: 7..7 + chunk };
+                let ub = UnitBlocks::prefill(unit.clone(), part, p, b);
+                let mut owner = vec![0; unit.rows()];
+                for r in 0..b {
+                    for run in ub.base_runs(r) {
+                        run.range().for_each(|x| owner[x] += 1);
+                    }
+                    assert_eq!(ub.base_runs(r).iter().map(|x| x.len).sum::<usize>(), ub.base_rows(r));
+                }
+                assert!(owner.iter().all(|&c| c == 1), "{part:?} {nseq} {chunk} {p} {b}: {owner:?}");
+                let in_blocks: usize = (0..p).map(|i| ub.block_len(i)).sum();
+                assert_eq!(in_blocks, unit.rows());
+            }
+        }
+    }
+
+    #[test]
+    fn a_base_rank_holds_its_parts_block_by_block() {
+        // 1 sequence of chunk 0..8, 2 pool ranks (contiguous), 2 base ranks:
+        // block 0 = rows 0..4, block 1 = rows 4..8; base 0 owns 0..2 and 4..6.
+        let ub = UnitBlocks::prefill(Unit { seqs: 0..1, positions: 0..8 }, Partition::Contiguous, 2, 2);
+        assert_eq!(ub.base_runs(0), vec![RowRun::new(0, 2), RowRun::new(4, 2)]);
+        assert_eq!((ub.part(1, 0), ub.base_offset(1, 0)), (0..2, 2));
+        assert_eq!(ub.base_runs(1), vec![RowRun::new(2, 2), RowRun::new(6, 2)]);
+    }
+
+    #[test]
+    fn decode_units_split_the_sequences_among_base_ranks() {
+        let ub = UnitBlocks::decode(Unit { seqs: 3..8, positions: 100..101 }, 3, 2);
+        assert_eq!((ub.base_rows(0), ub.base_rows(1)), (2, 3));
+        assert_eq!(ub.base_runs(1), vec![RowRun::new(2, 3)]);
+        assert_eq!(ub.blocks(), 1);
+    }
+
+    #[test]
+    fn the_pipelined_schedule_hands_a_unit_on_as_soon_as_its_result_returns() {
+        use Step::*;
+        assert_eq!(
+            schedule(2, 2, true),
+            vec![
+                Handoff { layer: 0, unit: 0 },
+                Handoff { layer: 0, unit: 1 },
+                Return { layer: 0, unit: 0 },
+                Handoff { layer: 1, unit: 0 },
+                Return { layer: 0, unit: 1 },
+                Handoff { layer: 1, unit: 1 },
+                Return { layer: 1, unit: 0 },
+                Return { layer: 1, unit: 1 }
+            ]
+        );
+        assert_eq!(schedule(1, 2, false), vec![Handoff { layer: 0, unit: 0 }, Return { layer: 0, unit: 0 }, Handoff { layer: 0, unit: 1 }, Return { layer: 0, unit: 1 }]);
+        // Every (layer, unit) is handed off once, and returned once after it.
+        for pipelined in [true, false] {
+            let s = schedule(3, 4, pipelined);
+            for l in 0..3 {
+                for u in 0..4 {
+                    let h = s.iter().position(|x| *x == Handoff { layer: l, unit: u }).unwrap();
+                    let r = s.iter().position(|x| *x == Return { layer: l, unit: u }).unwrap();
+                    assert!(h < r);
+                    if l > 0 {
+                        assert!(s.iter().position(|x| *x == Return { layer: l - 1, unit: u }).unwrap() < h, "a layer's input leaves after the previous layer's result");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_owner_of_a_row_is_the_base_rank_whose_part_holds_it() {
+        let ub = UnitBlocks::prefill(Unit { seqs: 0..1, positions: 0..8 }, Partition::Contiguous, 2, 2);
+        assert_eq!(ub.owner_of(7), Some((1, 3)));
+        assert_eq!(ub.owner_of(4), Some((0, 2)));
+        assert_eq!(ub.owner_of(8), None);
+    }
+}
