@@ -24,5 +24,4 @@ pub mod rules;
 pub mod runner;
 pub mod spec;
 pub mod strategy;
-pub mod trace;
 pub mod workload;

@@ -242,7 +242,7 @@ fn a_plan_compares_the_strategies_and_writes_dags_and_timelines() {
     let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fapool-b2-p2-zigzag-s64.json")).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
     assert!(events.iter().any(|e| e["ph"] == "X" && e["cat"] == "pool_scatter" && e["pid"] == 0), "the base root's scatter is on rank 0's timeline");
-    assert!(events.iter().any(|e| e["name"] == "process_name" && e["args"]["name"] == "rank 2 pool0"));
+    assert!(events.iter().any(|e| e["name"] == "process_name" && e["args"]["name"] == "rank 2 (pool0)"));
 }
 
 #[test]

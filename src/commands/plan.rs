@@ -168,7 +168,8 @@ fn write_outputs(args: &PlanArgs, pt: &Point, job: &JobSpec, world: usize) -> Re
     if let Some(dir) = &args.trace {
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join(format!("{stem}.json"));
-        planner::export::trace(&pt.dag, &pt.timeline, &roles).write(&path).map_err(io)?;
+        let about = serde_json::json!({"predicted": true, "job": job.run.name, "strategy": pt.strategy, "sequences": pt.prediction.shape.nseq, "seq_len": pt.prediction.shape.seq_len, "world": world});
+        planner::export::write_trace(&planner::export::trace(&pt.dag, &pt.timeline, &roles, about), &path).map_err(io)?;
         println!("  wrote {}", path.display());
     }
     Ok(())
@@ -213,6 +214,12 @@ pub fn plan(args: PlanArgs) -> Result<(), Failure> {
         cost.source,
         if args.decode_steps == 0 { "all".to_string() } else { args.decode_steps.to_string() }
     );
+    if let Some(e) = cfg.experts {
+        println!("expert routing ({} experts, top {}): {}", e.count, e.top_k, p.routing().describe());
+    }
+    let messages =
+        if cost.cluster.gpu.key == "cpu" { "messages hold the compute timeline (blocking MPI)" } else { "messages run on their groups' streams, the compute stream waiting where each is completed" };
+    println!("{messages}");
     header();
     let mut planned = Vec::new();
     for s in lengths(&job, &args.seq) {

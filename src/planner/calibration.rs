@@ -302,6 +302,7 @@ pub fn steps(kind: &str, n: usize) -> (f64, f64) {
     match kind {
         "all_reduce" => (2.0 * (nf - 1.0), 2.0 * (nf - 1.0) / nf),
         "all_gather" => (nf - 1.0, (nf - 1.0) / nf),
+        "reduce_scatter" => (nf - 1.0, (nf - 1.0) / nf),
         "broadcast" => (nf - 1.0, 1.0),
         "host" => (nf.log2().ceil().max(1.0), 1.0),
         _ => (1.0, 1.0),

@@ -173,15 +173,26 @@ impl CostModel {
         }
     }
 
+    /// The roofline's seconds of one GEMM `[m,k]·[k,n]` moving `bytes`.
+    fn gemm_roofline(&self, m: usize, k: usize, n: usize, bytes: f64) -> f64 {
+        let g = &self.cluster.gpu;
+        let tiles = (m.div_ceil(128) * n.div_ceil(128)) as f64;
+        let eff = g.gemm_eff * waves(tiles, g.sms) * k as f64 / (k as f64 + 128.0);
+        (2.0 * (m * k * n) as f64 / (self.peak() * eff)).max(self.stream(bytes, g.copy_bw_eff))
+    }
+
     /// The roofline's seconds for `op` (launch included).
     pub fn roofline_seconds(&self, op: &OpRecord, in_graph: bool) -> f64 {
         let g = &self.cluster.gpu;
         let bytes = (op.bytes_read + op.bytes_written) as f64;
         let t = match (op.kind, op.dims) {
-            (OpKind::Matmul, OpDims::Gemm { m, k, n }) => {
-                let tiles = (m.div_ceil(128) * n.div_ceil(128)) as f64;
-                let eff = g.gemm_eff * waves(tiles, g.sms) * k as f64 / (k as f64 + 128.0);
-                (op.flops / (self.peak() * eff)).max(self.stream(bytes, g.copy_bw_eff))
+            // Nothing runs for a buffer its user overwrites.
+            (OpKind::Alloc, _) => return 0.0,
+            (OpKind::Matmul, OpDims::Gemm { m, k, n }) => self.gemm_roofline(m, k, n, bytes),
+            // One GEMM per expert with rows (cuBLAS per expert), each of an equal share of the rows.
+            (OpKind::GroupedMatmul, OpDims::Grouped { groups, m, k, n }) => {
+                let g = groups.max(1);
+                return g as f64 * (self.gemm_roofline(m.div_ceil(g), k, n, bytes / g as f64) + self.launch(in_graph));
             }
             (OpKind::AttentionPrefill, OpDims::Prefill(s)) => {
                 let blocks = (s.nseq * s.heads * s.sq.div_ceil(128)) as f64;
@@ -197,18 +208,26 @@ impl CostModel {
     /// Seconds of a compute node (`in_graph`: inside a replayed decode step).
     pub fn op_seconds(&self, op: &OpRecord, in_graph: bool) -> f64 {
         let Some(t) = &self.tables else { return self.roofline_seconds(op, in_graph) };
+        if op.kind == OpKind::Alloc {
+            return 0.0;
+        }
         let bytes = (op.bytes_read + op.bytes_written) as f64;
         let from = |grid: &LogGrid, x: &[f64], work: f64| grid.eval(x).map(|thr| work / thr);
         let extra = self.sequence_overhead(op);
         let measured = match (op.kind, op.dims) {
             (OpKind::Matmul, OpDims::Gemm { m, k, n }) => from(&t.gemm, &[m as f64, k as f64, n as f64], op.flops),
+            (OpKind::GroupedMatmul, OpDims::Grouped { groups, m, k, n }) => {
+                let (g, rows) = (groups.max(1) as f64, m.div_ceil(groups.max(1)) as f64);
+                from(&t.gemm, &[rows, k as f64, n as f64], 2.0 * rows * (k * n) as f64).map(|s| g * s)
+            }
             (OpKind::AttentionPrefill, OpDims::Prefill(s)) => from(&t.prefill, &[s.sq as f64, s.q_offset as f64], op.flops),
             (OpKind::AttentionDecode, OpDims::Decode(s)) => from(&t.decode, &[s.nseq as f64, s.len as f64], op.bytes_read as f64),
             (OpKind::RmsNorm, _) => t.bandwidth.get("rmsnorm").and_then(|g| from(g, &[bytes], bytes)),
             (OpKind::Zeros, _) => t.bandwidth.get("zeros").and_then(|g| from(g, &[bytes], bytes)),
-            (OpKind::Gelu | OpKind::GeluMul, _) => t.bandwidth.get("gelu").and_then(|g| from(g, &[bytes], bytes)),
+            // SiLU's gated product moves what GELU's does (measured as GELU's table).
+            (OpKind::Gelu | OpKind::GeluMul | OpKind::SiluMul, _) => t.bandwidth.get("gelu").and_then(|g| from(g, &[bytes], bytes)),
             (OpKind::Embed, _) => t.bandwidth.get("embed").and_then(|g| from(g, &[bytes], bytes)),
-            (OpKind::Add | OpKind::MergePartials | OpKind::Argmax, _) => t.bandwidth.get("elementwise").and_then(|g| from(g, &[bytes], bytes)),
+            (OpKind::Add | OpKind::MergePartials | OpKind::Argmax | OpKind::RouterTopK | OpKind::ExpertSlots, _) => t.bandwidth.get("elementwise").and_then(|g| from(g, &[bytes], bytes)),
             _ => t.bandwidth.get("copy").and_then(|g| from(g, &[bytes], bytes)),
         };
         measured.map(|m| m + extra).unwrap_or_else(|| self.roofline_seconds(op, in_graph))
@@ -252,6 +271,7 @@ impl CostModel {
             MessageKind::AllReduce => "all_reduce",
             MessageKind::AllGather => "all_gather",
             MessageKind::Broadcast { .. } => "broadcast",
+            MessageKind::ReduceScatter => "reduce_scatter",
             _ => "host",
         };
         let (alpha, bw) = self.ring(&c.group_ranks, kind);

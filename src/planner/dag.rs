@@ -3,7 +3,9 @@
 //! stream), a communication node per collective (one node, every member's
 //! program holds it) and per point-to-point call (one per rank, joined by
 //! message edges carrying the bytes), data edges from each buffer's last
-//! writer to its readers, and each rank's program order.
+//! writer to its readers, each rank's program order per stream, and waits
+//! of the compute stream for messages on their groups' streams (where
+//! `Comm` completes them).
 //!
 //! Phases come from the runner's markers: operations before its second
 //! synchronisation set the batch up, those before the third are the prefill,
@@ -127,6 +129,9 @@ pub enum EdgeKind {
     Data { rank: usize, buf: u64 },
     /// A point-to-point message: the bytes the receive expects and the send carried.
     Message { message: u64, bytes: u64, sent_bytes: u64 },
+    /// Rank `rank`'s compute stream waits for the message `from` (its
+    /// completion) before running `to`.
+    Wait { rank: usize },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,8 +213,8 @@ fn phases_of(entries: &[Entry], messages: &[MessageRecord]) -> Vec<(usize, Phase
                     }
                 }
             }
-            Entry::Marker(_) => {}
-            Entry::Op(_) | Entry::Message(_) => {
+            Entry::Marker(Marker::SetStep { .. }) => {}
+            Entry::Op(_) | Entry::Message(_) | Entry::Marker(Marker::WaitFor(_)) => {
                 let phase = match syncs {
                     0 | 1 => Phase::Setup,
                     2 => Phase::Prefill,
@@ -248,8 +253,15 @@ impl Dag {
             let mut messages: Vec<Option<MessageRecord>> = p.messages.into_iter().map(Some).collect();
             let mut entries: Vec<Option<Entry>> = p.entries.into_iter().map(Some).collect();
             let mut last_writer: HashMap<u64, NodeId> = HashMap::new();
+            // The rank's message records by index, and the messages its compute stream waits for next.
+            let mut message_node: HashMap<usize, NodeId> = HashMap::new();
+            let mut waits: Vec<NodeId> = Vec::new();
             for (i, phase) in phases {
                 let (id, inputs, outputs) = match entries[i].take() {
+                    Some(Entry::Marker(Marker::WaitFor(m))) => {
+                        waits.extend(message_node.get(&m).copied());
+                        continue;
+                    }
                     Some(Entry::Op(mut op)) => {
                         let (inputs, outputs) = (std::mem::take(&mut op.inputs), std::mem::take(&mut op.outputs));
                         let id = dag.nodes.len();
@@ -257,8 +269,8 @@ impl Dag {
                         dag.nodes.push(Node { kind: NodeKind::Compute(op), phase, ranks: vec![r], stream, inputs: Vec::new(), outputs: Vec::new() });
                         (id, inputs, outputs)
                     }
-                    Some(Entry::Message(m)) => {
-                        let mut m = messages[m].take().expect("each message once");
+                    Some(Entry::Message(index)) => {
+                        let mut m = messages[index].take().expect("each message once");
                         let (inputs, outputs) = (std::mem::take(&mut m.inputs), std::mem::take(&mut m.outputs));
                         let id = match m.collective.and_then(|c| collectives.get(&c).copied()) {
                             Some(id) => {
@@ -275,6 +287,7 @@ impl Dag {
                                 id
                             }
                         };
+                        message_node.insert(index, id);
                         if let NodeKind::Comm(c) = &dag.nodes[id].kind {
                             if c.collective_free() {
                                 for s in &c.sends {
@@ -288,6 +301,11 @@ impl Dag {
                     _ => continue,
                 };
                 dag.programs[r].push(id);
+                if dag.nodes[id].stream == 0 {
+                    for w in waits.drain(..) {
+                        dag.edges.push(Edge { from: w, to: id, kind: EdgeKind::Wait { rank: r } });
+                    }
+                }
                 for b in &inputs {
                     if let Some(&w) = last_writer.get(&b.id) {
                         if w != id {

@@ -9,7 +9,7 @@
 //! included. This module records; it neither builds the DAG nor costs it.
 
 use super::PlanError;
-use crate::backend::shape::{Entry, ShapeBackend};
+use crate::backend::shape::{Entry, Routing, ShapeBackend};
 use crate::backend::{Backend, Dtype};
 use crate::comm::sim_transport::{MessageRecord, SimTransport, SimWorld};
 use crate::comm::{Category, Comm, CommStat};
@@ -32,6 +32,11 @@ pub struct Execution<'a> {
     pub dtype: Dtype,
     /// The job's `run.cuda_graphs` (the shape backend records no graph: steps run op by op).
     pub cuda_graphs: bool,
+    /// Messages hold the compute stream (blocking MPI on a CPU) rather than
+    /// running on their groups' streams (a GPU).
+    pub messages_block_compute: bool,
+    /// How tokens spread over experts (MoE models; see [`Routing`]).
+    pub routing: Routing,
 }
 
 /// One rank's recorded batch.
@@ -84,7 +89,7 @@ pub fn prefer_fresh_pages_for_large_allocations() {
 const STACK_BYTES: usize = 256 << 10;
 
 fn run_rank(x: &Execution<'_>, cfg: &ModelConfig, world: &SimWorld, rank: usize, prompts: &[u32]) -> Result<RankProgram, String> {
-    let be = ShapeBackend::new(x.dtype);
+    let be = ShapeBackend::new(x.dtype).with_blocking_messages(x.messages_block_compute).with_routing(x.routing);
     let (transport, messages) = SimTransport::new(world, rank, be.recorder());
     let comm = Comm::new(&be, Box::new(transport));
     let outcome = (|| -> Result<_, String> {

@@ -1,16 +1,17 @@
 //! What a plan writes besides its tables: the DAG as Graphviz DOT (and SVG
 //! through Graphviz's `dot` where it is installed) and the predicted
-//! timeline as Chrome/Perfetto trace JSON ([`crate::trace`]), the format of
-//! measured timelines.
+//! timeline as Chrome/Perfetto trace JSON in the layout of measured
+//! timelines (`fapool run --trace`), so the two open side by side.
 //!
 //! In the DOT file each rank is a cluster holding its operations in program
 //! order; collectives sit between the clusters they join; solid edges carry
-//! data, bold edges point-to-point messages (labelled with their bytes).
+//! data, bold edges point-to-point messages (labelled with their bytes),
+//! dashed edges the compute stream's waits for messages.
 
 use super::dag::{Dag, EdgeKind, NodeKind, Phase};
 use super::timeline::Timeline;
-use crate::trace::{Event, Trace};
-use serde_json::json;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,9 @@ pub fn dot(dag: &Dag, roles: &[String], phases: &[Phase]) -> String {
             EdgeKind::Data { .. } => {
                 let _ = writeln!(s, "  n{} -> n{};", e.from, e.to);
             }
+            EdgeKind::Wait { .. } => {
+                let _ = writeln!(s, "  n{} -> n{} [style=dashed, color=gray];", e.from, e.to);
+            }
             EdgeKind::Message { bytes, .. } => {
                 let _ = writeln!(s, "  n{} -> n{} [style=bold, color=blue, label=\"{bytes} B\"];", e.from, e.to);
             }
@@ -92,51 +96,53 @@ pub fn write_dot(dag: &Dag, roles: &[String], phases: &[Phase], dir: &Path, stem
     }
 }
 
-/// The predicted timeline as a trace; waiting inside messages and
-/// collectives shows as `wait` events before them.
-pub fn trace(dag: &Dag, tl: &Timeline, roles: &[String]) -> Trace {
-    let mut t = Trace::new();
+/// The predicted timeline as Chrome/Perfetto trace JSON laid out as `run
+/// --trace` lays out a measured one (`runner::timeline`): a process per rank
+/// named with its role, the compute thread (tid 0) with every operation
+/// (shape, FLOPs, bytes) and every wait of the compute stream, a thread per
+/// group's messages (tid 1000 + the group's id, its stream) with category,
+/// bytes and peers, times in microseconds from the batch's start. Waiting
+/// inside a message or collective shows as a `wait` event before it. Ranks
+/// whose messages hold the compute stream (a CPU) keep them on tid 0.
+pub fn trace(dag: &Dag, tl: &Timeline, roles: &[String], about: Value) -> Value {
+    let mut ev: Vec<Value> = Vec::new();
+    let mut named: BTreeSet<(usize, u32)> = BTreeSet::new();
     for (r, role) in roles.iter().enumerate() {
         if !dag.programs.get(r).is_some_and(|p| p.is_empty()) {
-            t.name_process(r, &format!("rank {r} {role}"));
+            ev.push(json!({"name": "process_name", "ph": "M", "pid": r, "args": {"name": format!("rank {r} ({role})")}}));
+            ev.push(json!({"name": "thread_name", "ph": "M", "pid": r, "tid": 0, "args": {"name": "compute"}}));
+            named.insert((r, 0));
         }
     }
-    let us = 1e6;
+    let us = |t: f64| t * 1e6;
     for s in &tl.spans {
         let n = &dag.nodes[s.node];
-        let mut args = std::collections::BTreeMap::new();
-        args.insert("phase".to_string(), json!(n.phase.to_string()));
-        args.insert("node".to_string(), json!(s.node));
-        let (name, cat) = match &n.kind {
+        let (pid, tid) = (s.rank, s.stream);
+        match &n.kind {
             NodeKind::Compute(op) => {
-                args.insert("shape".into(), json!(op.dims.to_string()));
-                args.insert("flops".into(), json!(op.flops));
-                args.insert("bytes".into(), json!(op.bytes_read + op.bytes_written));
-                (op.kind.name().to_string(), "compute".to_string())
+                let args = json!({"shape": op.dims.to_string(), "flops": op.flops, "bytes": op.bytes_read + op.bytes_written, "phase": n.phase.to_string(), "node": s.node});
+                ev.push(json!({"name": op.kind.name(), "cat": "compute", "ph": "X", "pid": pid, "tid": tid, "ts": us(s.start), "dur": us(s.finish - s.start), "args": args}));
             }
             NodeKind::Comm(c) => {
-                args.insert("bytes".into(), json!(c.bytes));
-                args.insert("group".into(), json!(&*c.group));
-                args.insert("category".into(), json!(c.category_name()));
+                if named.insert((pid, tid)) {
+                    ev.push(json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": format!("messages {}", c.group)}}));
+                }
                 let peers: Vec<usize> = c.sends.iter().chain(&c.recvs).map(|p| p.peer).collect();
-                if !peers.is_empty() {
-                    args.insert("peer".into(), json!(peers));
-                }
+                let category = c.category_name();
+                let args = json!({"category": category, "bytes": c.bytes, "peers": peers, "group": &*c.group, "phase": n.phase.to_string(), "node": s.node});
                 if s.start > s.ready {
-                    t.push(Event {
-                        name: format!("wait {}", c.kind.name()),
-                        cat: "wait".into(),
-                        start_us: s.ready * us,
-                        dur_us: (s.start - s.ready) * us,
-                        pid: s.rank,
-                        tid: s.stream,
-                        args: args.clone(),
-                    });
+                    ev.push(
+                        json!({"name": format!("wait {category}"), "cat": "wait", "ph": "X", "pid": pid, "tid": tid, "ts": us(s.ready), "dur": us(s.start - s.ready), "args": {"category": category}}),
+                    );
                 }
-                (c.kind.name().to_string(), c.category_name().to_string())
+                ev.push(json!({"name": format!("{} {category}", c.kind.name()), "cat": category, "ph": "X", "pid": pid, "tid": tid, "ts": us(s.start), "dur": us(s.finish - s.start), "args": args}));
             }
-        };
-        t.push(Event { name, cat, start_us: s.start * us, dur_us: (s.finish - s.start) * us, pid: s.rank, tid: s.stream, args });
+        }
     }
-    t
+    json!({"traceEvents": ev, "displayTimeUnit": "ms", "otherData": about})
+}
+
+/// Writes a trace document to `path`.
+pub fn write_trace(doc: &Value, path: &Path) -> std::io::Result<()> {
+    std::fs::write(path, serde_json::to_vec(doc).map_err(std::io::Error::other)?)
 }

@@ -32,6 +32,7 @@ pub mod search;
 pub mod timeline;
 pub mod validate;
 
+use crate::backend::shape::Routing;
 use crate::backend::Dtype;
 use crate::model::ModelConfig;
 use crate::rules::Violation;
@@ -104,6 +105,12 @@ impl Planner<'_> {
         }
     }
 
+    /// How a shape-only run spreads tokens over experts: balanced (the
+    /// simulated ranks have no logits to route by). Plans of MoE models say so.
+    pub fn routing(&self) -> Routing {
+        Routing::Balanced
+    }
+
     /// Bytes each GPU may use: the job's budget, else the GPU's memory.
     pub fn budget_bytes(&self) -> u64 {
         self.job.run.memory_budget_gib.map(|g| (g * (1u64 << 30) as f64) as u64).unwrap_or(self.cost.cluster.memory_bytes)
@@ -124,7 +131,17 @@ impl Planner<'_> {
         let memory_model_bytes = dep.memory_bytes(self.cfg, BatchShape { nseq: cap.min(shape.nseq), ..shape }, self.world, elem);
         let steps = if self.decode_steps == 0 { shape.out_tokens.saturating_sub(1) } else { self.decode_steps.min(shape.out_tokens.saturating_sub(1)) };
         let simulated = BatchShape { out_tokens: steps + 1, ..shape };
-        let x = execute::Execution { spec, cfg: self.cfg, world: self.world, shape: simulated, micro_batch_cap: cap, dtype: self.dtype(), cuda_graphs: self.job.run.cuda_graphs };
+        let x = execute::Execution {
+            spec,
+            cfg: self.cfg,
+            world: self.world,
+            shape: simulated,
+            micro_batch_cap: cap,
+            dtype: self.dtype(),
+            cuda_graphs: self.job.run.cuda_graphs,
+            messages_block_compute: self.cost.cluster.gpu.key == "cpu",
+            routing: self.routing(),
+        };
         let mut stages = [0.0; 4];
         let mut lap = std::time::Instant::now();
         let mut mark = |i: usize| {

@@ -7,6 +7,7 @@ use super::validate::{validate, MemoryLimit};
 use super::*;
 use crate::backend::shape::{BufRef, OpDims, OpKind, OpRecord};
 use crate::spec::parse_job;
+use std::collections::HashSet;
 
 const JOB: &str = r#"
 [run]
@@ -37,7 +38,7 @@ fn dag(i: usize) -> (Dag, usize) {
     let job = parse_job(JOB, &[]).unwrap();
     let cfg = job.model.resolve().unwrap();
     let shape = BatchShape { nseq: 2, seq_len: 40, out_tokens: 3 };
-    let x = Execution { spec: &job.strategies[i], cfg: &cfg, world: 4, shape, micro_batch_cap: 2, dtype: Dtype::Fp32, cuda_graphs: false };
+    let x = Execution { spec: &job.strategies[i], cfg: &cfg, world: 4, shape, micro_batch_cap: 2, dtype: Dtype::Fp32, cuda_graphs: false, messages_block_compute: true, routing: Default::default() };
     (Dag::build(record(&x).unwrap()), cfg.layers)
 }
 
@@ -124,15 +125,25 @@ fn work_that_reaches_no_output_is_caught() {
 #[test]
 fn a_missing_residual_addition_is_caught() {
     let (mut d, layers) = dag(1);
-    // The base's first residual addition of the prefill (on both base
-    // ranks, which keep the residual stream alike) becomes an element-wise product.
+    // The base's first residual addition of the prefill into each
+    // micro-batch's stream (on both base ranks, which hold a share of every
+    // micro-batch's rows) becomes a plain copy: the sampled rows then went
+    // through one addition fewer.
     for rank in [0, 1] {
-        let id = find(&d, rank, Phase::Prefill, OpKind::Add);
-        if let NodeKind::Compute(op) = &mut d.nodes[id].kind {
-            op.kind = OpKind::GeluMul;
+        let mut targets = HashSet::new();
+        let adds: Vec<usize> = d.programs[rank].iter().copied().filter(|&i| d.nodes[i].phase == Phase::Prefill && d.nodes[i].op().is_some_and(|o| o.kind == OpKind::Add)).collect();
+        for id in adds {
+            let target = d.nodes[id].inputs[0][0].id;
+            if targets.insert(target) {
+                if let NodeKind::Compute(op) = &mut d.nodes[id].kind {
+                    op.kind = OpKind::CopyRows;
+                }
+            }
         }
     }
-    assert_eq!(rule(&d, layers), "residual-per-sub-layer");
+    let v = validate(&d, layers, None).unwrap_err();
+    assert_eq!(v.rule, "residual-per-sub-layer");
+    assert!(v.detail.contains("went through 3 residual additions per element; 2 layers need 4"), "{v}");
 }
 
 #[test]

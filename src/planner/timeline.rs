@@ -136,7 +136,7 @@ impl<'a> Sim<'a> {
         let mut parts = vec![Vec::new(); n];
         for e in &dag.edges {
             match e.kind {
-                EdgeKind::Data { rank, .. } => {
+                EdgeKind::Data { rank, .. } | EdgeKind::Wait { rank } => {
                     if let Some(k) = dag.nodes[e.to].member(rank) {
                         pairs.push((slot[e.to] + k, e.from));
                     }

@@ -196,7 +196,13 @@ fn twin_keys(dag: &Dag, wanted: &HashSet<(Phase, OpKind)>) -> HashMap<NodeId, Tw
 
 fn check_reaches_output(dag: &Dag, preds: &Csr<usize>) -> Result<(), DagViolation> {
     let live = live_nodes(dag, preds);
-    let dead: Vec<NodeId> = (0..dag.nodes.len()).filter(|&i| !live[i] && !matches!(dag.nodes[i].phase, Phase::Setup | Phase::Teardown)).collect();
+    // A node that moves and computes nothing (an empty copy of a rank
+    // without rows, a buffer allocated for a receive) wastes nothing.
+    let idle = |i: NodeId| match &dag.nodes[i].kind {
+        NodeKind::Compute(op) => op.flops == 0.0 && op.bytes_read + op.bytes_written == 0,
+        NodeKind::Comm(c) => c.bytes == 0,
+    };
+    let dead: Vec<NodeId> = (0..dag.nodes.len()).filter(|&i| !live[i] && !idle(i) && !matches!(dag.nodes[i].phase, Phase::Setup | Phase::Teardown)).collect();
     if dead.is_empty() {
         return Ok(());
     }
@@ -231,7 +237,7 @@ impl<'a> Lineage<'a> {
     fn new(dag: &'a Dag, preds: &'a Csr<usize>) -> Self {
         let mut l = Self { dag, preds, sent: HashMap::new(), memo: HashMap::new() };
         for (id, n) in dag.nodes.iter().enumerate() {
-            if let Some(c) = n.comm().filter(|c| c.kind == MessageKind::Exchange) {
+            if let Some(c) = n.comm().filter(|c| matches!(c.kind, MessageKind::Exchange | MessageKind::AllToAll)) {
                 for (j, p) in c.sends.iter().enumerate() {
                     if let Some(v) = n.inputs[0].get(j).and_then(|b| l.version(id, n.ranks[0], b.id)) {
                         l.sent.insert(p.message, v);
@@ -259,10 +265,10 @@ impl<'a> Lineage<'a> {
             NodeKind::Compute(op) => match op.kind {
                 OpKind::Embed => Some(vec![]),
                 OpKind::Add => n.inputs[k].first().and_then(|b| self.version(v.0, v.1, b.id)).map(|t| vec![t]),
-                OpKind::GatherRows | OpKind::ScatterRows => Some(ins(k)),
+                OpKind::GatherRows | OpKind::ScatterRows | OpKind::CopyRows => Some(ins(k)),
                 _ => None,
             },
-            NodeKind::Comm(c) if c.kind == MessageKind::Exchange => Some(c.recvs.iter().filter_map(|p| self.sent.get(&p.message).copied()).collect()),
+            NodeKind::Comm(c) if matches!(c.kind, MessageKind::Exchange | MessageKind::AllToAll) => Some(c.recvs.iter().filter_map(|p| self.sent.get(&p.message).copied()).collect()),
             // A collective's result carries the stream any member brought.
             NodeKind::Comm(_) => Some((0..n.ranks.len()).flat_map(ins).collect()),
         }
@@ -295,26 +301,39 @@ impl<'a> Lineage<'a> {
         self.memo[&v]
     }
 
-    /// Elements the stream's residual additions added, and its embeddings made.
-    fn count(&mut self, top: Version) -> (u64, u64) {
-        let (mut added, mut embedded) = (0u64, 0u64);
-        let mut seen = HashSet::from([top]);
-        let mut stack = vec![top];
-        while let Some(v) = stack.pop() {
-            let n = &self.dag.nodes[v.0];
-            let len = n.member(v.1).and_then(|k| n.outputs[k].iter().find(|b| b.id == v.2)).map_or(0, |b| b.len as u64);
-            match n.op().map(|o| o.kind) {
-                Some(OpKind::Add) => added += len,
-                Some(OpKind::Embed) => embedded += len,
-                _ => {}
+    /// The residual additions every element of stream version `top` went
+    /// through since its embedding. A copy, gather or message takes its
+    /// sources' count, which must agree (rows of different depths mixed in
+    /// one buffer are an error, returned as the two counts); an addition
+    /// into the stream adds one. Counting per element, not per buffer, keeps
+    /// a rank that embeds a micro-batch and keeps part of its rows (a
+    /// sequence-parallel base) right.
+    fn depth(&mut self, top: Version) -> Result<u64, (u64, u64)> {
+        let mut depth: HashMap<Version, u64> = HashMap::new();
+        let mut stack = vec![(top, false)];
+        while let Some((v, expanded)) = stack.pop() {
+            if depth.contains_key(&v) {
+                continue;
             }
-            for s in self.candidates(v).unwrap_or_default() {
-                if self.is_stream(s) && seen.insert(s) {
-                    stack.push(s);
-                }
+            let kind = self.dag.nodes[v.0].op().map(|o| o.kind);
+            if kind == Some(OpKind::Embed) {
+                depth.insert(v, 0);
+                continue;
             }
+            let sources: Vec<Version> = self.candidates(v).unwrap_or_default().into_iter().filter(|&s| self.is_stream(s)).collect();
+            if !expanded {
+                stack.push((v, true));
+                stack.extend(sources.into_iter().filter(|s| !depth.contains_key(s)).map(|s| (s, false)));
+                continue;
+            }
+            let mut seen = sources.iter().filter_map(|s| depth.get(s).copied());
+            let first = seen.next().unwrap_or(0);
+            if let Some(other) = seen.find(|&d| d != first) {
+                return Err((first, other));
+            }
+            depth.insert(v, first + u64::from(kind == Some(OpKind::Add)));
         }
-        (added, embedded)
+        Ok(depth[&top])
     }
 }
 
@@ -344,16 +363,18 @@ fn check_residuals(dag: &Dag, preds: &Csr<usize>, layers: usize) -> Result<(), D
             let Some(top) = found else {
                 return Err(broken(dag, "residual-per-sub-layer", id, "the tokens come from no residual stream (no embedding reaches them)".into()));
             };
-            let (added, embedded) = st.count(top);
             let need = 2 * layers as u64;
-            if embedded == 0 || added != need * embedded {
-                let per = if embedded > 0 { added as f64 / embedded as f64 } else { 0.0 };
-                return Err(broken(
-                    dag,
-                    "residual-per-sub-layer",
-                    id,
-                    format!("the residual stream it samples from went through {per:.2} residual additions per embedded element; {layers} layers need {need} (attention and FFN each)"),
-                ));
+            match st.depth(top) {
+                Ok(d) if d == need => {}
+                Ok(d) => {
+                    return Err(broken(
+                        dag,
+                        "residual-per-sub-layer",
+                        id,
+                        format!("the residual stream it samples from went through {d} residual additions per element; {layers} layers need {need} (attention and FFN each)"),
+                    ))
+                }
+                Err((a, b)) => return Err(broken(dag, "residual-per-sub-layer", id, format!("the residual stream it samples from mixes rows of {a} and {b} residual additions"))),
             }
         }
     }
