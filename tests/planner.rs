@@ -1,5 +1,7 @@
 //! The planner as users meet it: its DAGs hold exactly the messages the
-//! real run records (the no-drift check, 2 and 4 ranks, every strategy),
+//! real run records (the no-drift check, 2 and 4 ranks, every strategy; for
+//! MoE the calls, and the bytes outside the routing-dependent expert
+//! traffic), a MoE plan states its routing assumption,
 //! the MoE plan check reports its GPU arithmetic, and bad cluster and
 //! calibration files are refused naming their rule (exit 2).
 
@@ -141,6 +143,95 @@ fn the_dag_of_two_ranks_holds_exactly_the_messages_the_run_records() {
 #[test]
 fn the_dag_of_four_ranks_holds_exactly_the_messages_the_run_records() {
     planner_dag_has_the_runs_messages(4, FOUR_RANKS, "drift4");
+}
+
+/// A tiny mixture-of-experts CPU job on 4 ranks: EP 4 over TP 2 × DP 2, and EP 2 over PP 2 × DP 2.
+const MOE_JOB: &str = r#"
+[run]
+name = "moe-drift"
+backend = "cpu"
+memory_budget_gib = 1.0
+warmup = false
+
+[model]
+preset = "tiny-moe"
+
+[workload]
+sequences_per_category = 2
+output_tokens = 3
+batch_size = 2
+seed = 3
+
+[[workload.category]]
+name = "c"
+lengths = [24]
+
+[[strategy]]
+kind = "moe"
+ep = 4
+tp = 2
+pp = 1
+dp = 2
+
+[[strategy]]
+kind = "moe"
+ep = 2
+tp = 1
+pp = 2
+dp = 2
+"#;
+
+#[test]
+fn the_moe_dag_has_the_runs_calls_and_its_bytes_outside_expert_traffic() {
+    // Expert traffic follows the routing, which a shape-only run assumes
+    // balanced: its calls match the run's, its bytes are the balanced
+    // share. Every other category matches in calls and bytes.
+    let dir = scratch("moe-drift");
+    let path = job(&dir, "job", MOE_JOB);
+    let out = dir.join("run.h5");
+    let o = mpirun(4, &["run", path.to_str().unwrap(), "--backend", "cpu", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = read_run(&out).unwrap();
+    let job = parse_job(MOE_JOB, &[]).unwrap();
+    let cfg = job.model.resolve().unwrap();
+    let cost = planner::cost_model(&job, None, None, 4).unwrap();
+    let p = Planner { job: &job, cfg: &cfg, cost: &cost, world: 4, decode_steps: 0 };
+    let expert = [Category::ExpertDispatch, Category::ExpertCombine];
+    let mut expert_calls = 0;
+    for spec in &job.strategies {
+        let stored = run.strategy(&spec.name()).expect("the strategy ran");
+        for c in &stored.categories {
+            for b in &c.batches {
+                let shape = BatchShape { nseq: b.num_sequences as usize, seq_len: b.seq_len as usize, out_tokens: b.output_tokens as usize };
+                let planned = p.point(spec, shape).unwrap().dag.comm_by_rank();
+                for r in c.ranks.iter().filter(|r| r.batch_index == b.batch_index) {
+                    let measured: Counts = r.comm.iter().map(|(k, s)| (*k, (s.calls, s.bytes))).collect();
+                    let mine = &planned[r.world_rank as usize];
+                    for (k, &(calls, bytes)) in measured.iter().filter(|(_, v)| v.0 > 0) {
+                        let (pc, pb) = mine.get(k).copied().unwrap_or_default();
+                        assert_eq!(pc, calls, "{} rank {} {}: planned calls vs recorded", spec.name(), r.world_rank, k.name());
+                        if expert.contains(k) {
+                            expert_calls += calls;
+                        } else {
+                            assert_eq!(pb, bytes, "{} rank {} {}: planned bytes vs recorded", spec.name(), r.world_rank, k.name());
+                        }
+                    }
+                    assert!(mine.keys().all(|k| measured.get(k).is_some_and(|v| v.0 > 0)), "{} rank {}: planned categories the run did not use: {mine:?}", spec.name(), r.world_rank);
+                }
+            }
+        }
+    }
+    assert!(expert_calls > 0, "the expert groups exchanged tokens");
+}
+
+#[test]
+fn a_moe_plan_states_its_routing_assumption() {
+    let job = repo_root().join("jobs/moe-quickstart.toml");
+    let o = fapool(&["plan", job.to_str().unwrap(), "--seq", "32"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("expert routing (8 experts, top 2): balanced routing assumed"), "{t}");
+    assert!(t.contains("moe-ep4-tp2-pp1-dp2") && t.contains("expert_dispatch"), "{t}");
 }
 
 #[test]

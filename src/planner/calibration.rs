@@ -111,6 +111,8 @@ impl Calibration {
     /// Writes the file (replacing one at `path`).
     pub fn write(&self, path: &Path) -> hdf5::Result<()> {
         let f = hdf5::File::create(path)?;
+        // A process started while the file is open (a test's launcher) must not inherit its lock.
+        crate::results::cloexec::keep_from_children(path);
         set_attr_str(&f, "format", FORMAT)?;
         set_attr_u64(&f, "schema_version", SCHEMA_VERSION as u64)?;
         set_attr_str(&f, "dtype", self.dtype.name())?;
@@ -146,6 +148,7 @@ impl Calibration {
         let shown = path.display();
         let bad = |why: String| violation("calibration-file-valid", format!("{shown}: {why}"));
         let f = hdf5::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+        crate::results::cloexec::keep_from_children(path);
         if attr_str(&f, "format").as_deref() != Some(FORMAT) {
             return Err(bad(format!("not a calibration file (no root attribute `format` = \"{FORMAT}\")")));
         }

@@ -156,6 +156,10 @@ pub fn run(job: &JobSpec, cfg: &ModelConfig, args: &SearchArgs<'_>) -> Result<()
             println!("\nsearch: {gpus} GPUs ({}), {s} tokens x {nseq} sequences, objective {}", cost.source, objective.name());
             for template in templates(job) {
                 let kind = template.get("kind").and_then(Value::as_str).unwrap_or("?").to_string();
+                // Only the kinds that serve this model's FFN (dense or mixture of experts).
+                if with(&template, &[]).is_ok_and(|spec| spec.deployment().serves_experts() != cfg.experts.is_some()) {
+                    continue;
+                }
                 let mut space = default_space(&kind, cfg, gpus, s);
                 for e in &extra {
                     space.retain(|a| a.field != e.field);

@@ -8,8 +8,10 @@
 //! - `edge-shapes-match`: a buffer read has the length its writer gave it, and
 //!   a GEMM's `k` equals its input's width where the writer knew the width;
 //! - `reaches-output`: every node's result reaches the leader's sampled
-//!   tokens or the state the phase leaves behind (KV caches, buffers created
-//!   earlier), over data and message edges. The same operation at the same
+//!   tokens, the residual stream of any row (every position's hidden state
+//!   is the model's output there) or the state the phase leaves behind (KV
+//!   caches, buffers created earlier), over data and message edges; nodes
+//!   that move and compute nothing are exempt. The same operation at the same
 //!   place of another rank's program whose copy reaches is replicated work
 //!   (the residual stream every TP rank keeps) and counts; token messages (host memory)
 //!   reach the next step's embedding through the step scalars and count too;
@@ -58,16 +60,27 @@ fn broken(dag: &Dag, rule: &'static str, id: NodeId, detail: String) -> DagViola
     DagViolation { rule, at: describe(dag, id), node: Some(id), detail }
 }
 
-/// Every edge the schedule obeys: data, messages, and each rank's program order.
+/// Every edge the schedule obeys: data, waits, each rank's program order
+/// per stream, and messages. A message leaves when its sender reaches its
+/// call, not when the call completes (the call's own receives may still be
+/// due: an exchange or all-to-all sends and receives together), so a
+/// message edge runs from what the sending call waits for to the receiver.
 pub fn all_edges(dag: &Dag) -> Vec<(NodeId, NodeId)> {
-    let mut e: Vec<(NodeId, NodeId)> = dag.edges.iter().map(|e| (e.from, e.to)).collect();
+    let mut e: Vec<(NodeId, NodeId)> = Vec::with_capacity(dag.edges.len() + dag.nodes.len());
     for prog in &dag.programs {
         let mut last: BTreeMap<u32, NodeId> = BTreeMap::new();
         for &id in prog {
             if let Some(prev) = last.insert(dag.nodes[id].stream, id) {
-                e.push((prev, id));
+                if prev != id {
+                    e.push((prev, id));
+                }
             }
         }
+    }
+    e.extend(dag.edges.iter().filter(|x| !matches!(x.kind, EdgeKind::Message { .. })).map(|x| (x.from, x.to)));
+    let reached_after = Csr::new(dag.nodes.len(), &e.iter().map(|&(a, b)| (b, a)).collect::<Vec<_>>());
+    for x in dag.edges.iter().filter(|x| matches!(x.kind, EdgeKind::Message { .. })) {
+        e.extend(reached_after.of(x.from).iter().map(|&p| (p, x.to)));
     }
     e
 }
@@ -148,8 +161,8 @@ fn check_shapes(dag: &Dag) -> Result<(), DagViolation> {
     Ok(())
 }
 
-/// Nodes whose results reach an output, over data and message edges.
-fn live_nodes(dag: &Dag, preds: &Csr<usize>) -> Vec<bool> {
+/// Nodes whose results reach an output (or one of `seeds`), over data and message edges.
+fn live_nodes(dag: &Dag, preds: &Csr<usize>, seeds: &[NodeId]) -> Vec<bool> {
     let n = dag.nodes.len();
     let retained = |id: NodeId| {
         let node = &dag.nodes[id];
@@ -157,9 +170,12 @@ fn live_nodes(dag: &Dag, preds: &Csr<usize>) -> Vec<bool> {
     };
     let mut live = vec![false; n];
     // Token messages reach the next step's embedding through the step
-    // scalars, which are not buffers: they count as reaching.
-    let sampled = |i: NodeId| dag.nodes[i].op().is_some_and(|o| o.kind == OpKind::Argmax) && dag.nodes[i].ranks == [dag.leader];
-    let mut stack: Vec<NodeId> = (0..n).filter(|&i| sampled(i) || dag.nodes[i].is_host_message() || retained(i)).collect();
+    // scalars, which are not buffers: they count as reaching, as does
+    // sampling anywhere.
+    // Any rank's sampling counts: data-parallel replicas sample their own
+    // sequences and pass the tokens on in host memory.
+    let sampled = |i: NodeId| dag.nodes[i].op().is_some_and(|o| o.kind == OpKind::Argmax);
+    let mut stack: Vec<NodeId> = (0..n).filter(|&i| sampled(i) || dag.nodes[i].is_host_message() || retained(i)).chain(seeds.iter().copied()).collect();
     while let Some(v) = stack.pop() {
         if std::mem::replace(&mut live[v], true) {
             continue;
@@ -194,8 +210,30 @@ fn twin_keys(dag: &Dag, wanted: &HashSet<(Phase, OpKind)>) -> HashMap<NodeId, Tw
     keys
 }
 
+/// The residual additions into the stream: every row's hidden state is
+/// the model's output at its position, sampled or not (a prompt's rows
+/// before its last one, computed in a buffer of their own when a prompt is
+/// cut into chunks, are as much the prefill's result as its last row).
+fn stream_additions(dag: &Dag, preds: &Csr<usize>) -> Vec<NodeId> {
+    let mut lineage = Lineage::new(dag, preds);
+    let mut out = Vec::new();
+    for (id, n) in dag.nodes.iter().enumerate() {
+        if n.op().is_some_and(|o| o.kind == OpKind::Add) {
+            if let Some(target) = n.outputs.first().and_then(|o| o.first()) {
+                if lineage.is_stream((id, n.ranks[0], target.id)) {
+                    out.push(id);
+                }
+            }
+        }
+    }
+    out
+}
+
 fn check_reaches_output(dag: &Dag, preds: &Csr<usize>) -> Result<(), DagViolation> {
-    let live = live_nodes(dag, preds);
+    let mut live = live_nodes(dag, preds, &[]);
+    if (0..dag.nodes.len()).any(|i| !live[i]) {
+        live = live_nodes(dag, preds, &stream_additions(dag, preds));
+    }
     // A node that moves and computes nothing (an empty copy of a rank
     // without rows, a buffer allocated for a receive) wastes nothing.
     let idle = |i: NodeId| match &dag.nodes[i].kind {

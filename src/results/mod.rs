@@ -21,7 +21,7 @@
 
 mod aggregate;
 mod attrs;
-mod cloexec;
+pub(crate) mod cloexec;
 pub mod durable;
 mod layout;
 mod reader;

@@ -87,7 +87,13 @@ struct InFlight {
     bytes: u64,
     host: bool,
     cols: Option<usize>,
+    /// Host messages carry their values: a dataflow sizes its messages
+    /// and GEMMs by the token counts an expert group exchanges.
+    values: Vec<u32>,
 }
+
+/// A host message's values: one slice per send.
+type HostValues<'a> = &'a [&'a [u32]];
 
 #[derive(Default)]
 struct State {
@@ -311,19 +317,22 @@ impl<'w> SimTransport<'w> {
         Arrival { call: Call::Message(kind), len, cols, world_rank: self.rank }
     }
 
-    /// Point-to-point: deposits `sends` and takes `recvs` (each `(peer, bytes)`).
-    fn point_to_point(&self, group: &Group, host: bool, sends: &[(usize, u64, Option<usize>)], recvs: &[(usize, u64)]) -> Result<(Vec<Part>, Vec<Part>)> {
+    /// Point-to-point: deposits `sends` and takes `recvs` (each `(peer,
+    /// bytes)`); host messages carry `values` (one slice per send, or none)
+    /// and return what each receive got.
+    fn point_to_point(&self, group: &Group, host: bool, sends: &[(usize, u64, Option<usize>)], values: HostValues<'_>, recvs: &[(usize, u64)]) -> Result<(Vec<Part>, Vec<Part>, Vec<Vec<u32>>)> {
         let key = self.key(group)?;
         let mut st = self.world.lock();
         let mut sent = Vec::new();
-        for &(peer, bytes, cols) in sends {
+        for (i, &(peer, bytes, cols)) in sends.iter().enumerate() {
             let to = *group.world_ranks.get(peer).ok_or_else(|| protocol(format!("send to rank {peer} of `{}` ({} ranks)", group.name, group.size())))?;
             let message = st.fresh_id();
-            st.channels.entry((key, self.rank, to)).or_default().push_back(InFlight { message, bytes, host, cols });
+            let values = values.get(i).map_or_else(Vec::new, |v| v.to_vec());
+            st.channels.entry((key, self.rank, to)).or_default().push_back(InFlight { message, bytes, host, cols, values });
             self.world.unblock(&mut st, to);
             sent.push(Part { peer: to, message, bytes, sent_bytes: bytes, cols });
         }
-        let mut got = Vec::new();
+        let (mut got, mut received) = (Vec::new(), Vec::new());
         for &(peer, bytes) in recvs {
             let from = *group.world_ranks.get(peer).ok_or_else(|| protocol(format!("receive from rank {peer} of `{}` ({} ranks)", group.name, group.size())))?;
             let what = || format!("a message from rank {from} on `{}`", group.name);
@@ -334,8 +343,9 @@ impl<'w> SimTransport<'w> {
                 return Err(protocol(format!("rank {} expects {a} from rank {from} on `{}`, the next message there is {b}", self.rank, group.name)));
             }
             got.push(Part { peer: from, message: m.message, bytes, sent_bytes: m.bytes, cols: m.cols });
+            received.push(m.values);
         }
-        Ok((sent, got))
+        Ok((sent, got, received))
     }
 }
 
@@ -452,7 +462,7 @@ impl Transport<ShapeBackend> for SimTransport<'_> {
         let out: Vec<(usize, u64, Option<usize>)> = sends.iter().map(|p| (p.peer, p.range.len() as u64 * elem(p.buf), p.buf.cols)).collect();
         let recv_elem = recv.as_ref().map_or(0, |b| elem(b));
         let inn: Vec<(usize, u64)> = recvs.iter().map(|p| (p.peer, p.range.len() as u64 * recv_elem)).collect();
-        let (sent, got) = self.point_to_point(group, false, &out, &inn)?;
+        let (sent, got, _) = self.point_to_point(group, false, &out, &[], &inn)?;
         let mut inputs: Vec<BufRef> = sends.iter().map(|p| BufRef::from(p.buf)).collect();
         let mut outputs = Vec::new();
         if let Some(b) = recv {
@@ -481,7 +491,7 @@ impl Transport<ShapeBackend> for SimTransport<'_> {
         let (es, er) = (elem(send).max(elem(recv)), elem(recv).max(elem(send)));
         let out: Vec<(usize, u64, Option<usize>)> = (0..n).filter(|&p| p != me && send_counts[p] > 0).map(|p| (p, send_counts[p] as u64 * es, send.cols)).collect();
         let inn: Vec<(usize, u64)> = (0..n).filter(|&p| p != me && recv_counts[p] > 0).map(|p| (p, recv_counts[p] as u64 * er)).collect();
-        let (sent, got) = self.point_to_point(group, false, &out, &inn)?;
+        let (sent, got, _) = self.point_to_point(group, false, &out, &[], &inn)?;
         recv.cols = send.cols.or(got.first().and_then(|p| p.cols));
         let inputs: Vec<BufRef> = std::iter::repeat_n(BufRef::from(send), sent.len()).chain(std::iter::once(BufRef::from(&*recv))).collect();
         let bytes = sent.iter().chain(&got).map(|p| p.bytes).sum();
@@ -496,13 +506,16 @@ impl Transport<ShapeBackend> for SimTransport<'_> {
     }
 
     fn host_send(&self, group: &Group, dst: usize, data: &[u32]) -> Result<()> {
-        let (sent, _) = self.point_to_point(group, true, &[(dst, std::mem::size_of_val(data) as u64, None)], &[])?;
+        let (sent, _, _) = self.point_to_point(group, true, &[(dst, std::mem::size_of_val(data) as u64, None)], &[data], &[])?;
         self.record(MessageKind::HostSend, group, 0, std::mem::size_of_val(data) as u64, None, sent, vec![], (vec![], vec![]));
         Ok(())
     }
 
     fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()> {
-        let (_, got) = self.point_to_point(group, true, &[], &[(src, std::mem::size_of_val(data) as u64)])?;
+        let (_, got, received) = self.point_to_point(group, true, &[], &[], &[(src, std::mem::size_of_val(data) as u64)])?;
+        if let Some(v) = received.first().filter(|v| v.len() == data.len()) {
+            data.copy_from_slice(v);
+        }
         self.record(MessageKind::HostRecv, group, 0, std::mem::size_of_val(data) as u64, None, vec![], got, (vec![], vec![]));
         Ok(())
     }
@@ -517,7 +530,16 @@ impl Transport<ShapeBackend> for SimTransport<'_> {
         let peers: Vec<usize> = (0..n).filter(|&p| p != me).collect();
         let out: Vec<(usize, u64, Option<usize>)> = peers.iter().map(|&p| (p, per, None)).collect();
         let inn: Vec<(usize, u64)> = peers.iter().map(|&p| (p, per)).collect();
-        let (sent, got) = self.point_to_point(group, true, &out, &inn)?;
+        let per_elems = send.len() / n;
+        let blocks: Vec<&[u32]> = peers.iter().map(|&p| &send[p * per_elems..(p + 1) * per_elems]).collect();
+        let (sent, got, received) = self.point_to_point(group, true, &out, &blocks, &inn)?;
+        recv[me * per_elems..(me + 1) * per_elems].copy_from_slice(&send[me * per_elems..(me + 1) * per_elems]);
+        for (&p, v) in peers.iter().zip(&received) {
+            if v.len() != per_elems {
+                return Err(CommError::Size(format!("host_all_to_all on `{}`: rank {p} sent {} counts, {per_elems} expected", group.name, v.len())));
+            }
+            recv[p * per_elems..(p + 1) * per_elems].copy_from_slice(v);
+        }
         let bytes = 2 * std::mem::size_of_val(send) as u64 * peers.len() as u64 / n as u64;
         self.record(MessageKind::HostAllToAll, group, 0, bytes, None, sent, got, (vec![], vec![]));
         Ok(())
