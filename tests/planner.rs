@@ -129,6 +129,7 @@ fn planner_dag_has_the_runs_messages(np: usize, strategies: &str, tag: &str) {
                 assert!(c.predictions.get(name).is_some_and(|v| v.is_finite() && *v >= 0.0), "{} {}: no `{name}` prediction in {:?}", s.info.name, c.name, c.predictions);
             }
             assert_eq!(c.predictions.get("calibrated"), Some(&0.0));
+            assert_eq!(c.prediction_notes.get("source").map(String::as_str), Some("roofline of cpu"), "what the figures assume (schema 4)");
         }
     }
     let errors = planner::predict::errors(&run);

@@ -29,9 +29,10 @@ pub const NAMES: [&str; 8] = ["ttft_s", "tpot_s", "e2e_s", "paper_tpot_s", "tps"
 /// Decode steps simulated per batch (TPOT beyond them is extrapolated).
 pub const DECODE_STEPS: usize = 4;
 
-/// Predictions by (strategy, category): `(name, value)` pairs, plus
-/// `calibrated` (1 from a calibration file, 0 from the roofline).
-pub type Predictions = BTreeMap<(String, String), Vec<(String, f64)>>;
+/// Predictions by (strategy, category): figures (`calibrated` among them:
+/// 1 from a calibration file, 0 from the roofline) and notes (`source`,
+/// and for MoE models `expert_routing`).
+pub type Predictions = crate::runner::sweep::Predicted;
 
 /// Predicts every (strategy, category) of `job` on `world` ranks under `cost`.
 pub fn for_job(job: &JobSpec, cfg: &ModelConfig, cost: &CostModel, world: usize) -> Result<Predictions, PlanError> {
@@ -87,7 +88,11 @@ pub fn for_job(job: &JobSpec, cfg: &ModelConfig, cost: &CostModel, world: usize)
             if cost.cluster.gpu.key != "cpu" {
                 values.push(("peak_memory_bytes".to_string(), peak as f64));
             }
-            out.insert((spec.name(), cat.name.clone()), values);
+            let mut notes = vec![("source".to_string(), cost.source.clone())];
+            if cfg.experts.is_some() {
+                notes.push(("expert_routing".to_string(), planner.routing().describe().to_string()));
+            }
+            out.insert((spec.name(), cat.name.clone()), crate::runner::sweep::PredictedCategory { figures: values, notes });
         }
     }
     Ok(out)

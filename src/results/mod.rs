@@ -279,6 +279,9 @@ pub struct CategoryData {
     pub summary: Option<StoredSummary>,
     /// Planner predictions by name (see [`ResultsFile::store_prediction`]).
     pub predictions: BTreeMap<String, f64>,
+    /// What the predictions assume, by name (`source`, `expert_routing`;
+    /// schema 4, empty before).
+    pub prediction_notes: BTreeMap<String, String>,
 }
 
 /// One strategy as read back from a file.

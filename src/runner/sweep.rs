@@ -46,8 +46,17 @@ pub struct StackVersions {
     pub driver: Option<String>,
 }
 
-/// Predicted figures by (strategy, category): `(name, value)` pairs.
-pub type Predicted = BTreeMap<(String, String), Vec<(String, f64)>>;
+/// The planner's predictions of one (strategy, category).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PredictedCategory {
+    /// `(name, value)`: each named as the measured figure it predicts.
+    pub figures: Vec<(String, f64)>,
+    /// `(name, text)`: what the figures assume (the cost model's source, the expert routing).
+    pub notes: Vec<(String, String)>,
+}
+
+/// Predictions by (strategy, category).
+pub type Predicted = BTreeMap<(String, String), PredictedCategory>;
 
 /// Everything a sweep needs besides the backend and the communicators.
 pub struct SweepSetup<'a> {
@@ -357,13 +366,16 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                 }
             }
             if let Some(d) = &file {
-                let predicted = setup.predictions.and_then(|p| p.get(&(name.clone(), cat.name.clone()))).map_or(&[][..], Vec::as_slice);
+                let predicted = setup.predictions.and_then(|p| p.get(&(name.clone(), cat.name.clone())));
                 let summary = d.update(|f| {
                     let records = f.batches(&name, &cat.name)?;
                     let wall: f64 = records.iter().map(|r| r.e2e_s).sum();
                     let summary = CategorySummary::from_batches(&records, wall);
                     f.write_summary(&name, &cat.name, &summary)?;
-                    predicted.iter().try_for_each(|(k, v)| f.store_prediction(&name, &cat.name, k, *v))?;
+                    if let Some(p) = predicted {
+                        p.figures.iter().try_for_each(|(k, v)| f.store_prediction(&name, &cat.name, k, *v))?;
+                        p.notes.iter().try_for_each(|(k, v)| f.store_prediction_note(&name, &cat.name, k, v))?;
+                    }
                     Ok(summary)
                 });
                 match summary {
