@@ -95,6 +95,9 @@ struct InFlight {
 /// A host message's values: one slice per send.
 type HostValues<'a> = &'a [&'a [u32]];
 
+/// A point-to-point call's sent parts, received parts and received host values.
+type Matched = (Vec<Part>, Vec<Part>, Vec<Vec<u32>>);
+
 #[derive(Default)]
 struct State {
     aborted: Option<String>,
@@ -320,7 +323,7 @@ impl<'w> SimTransport<'w> {
     /// Point-to-point: deposits `sends` and takes `recvs` (each `(peer,
     /// bytes)`); host messages carry `values` (one slice per send, or none)
     /// and return what each receive got.
-    fn point_to_point(&self, group: &Group, host: bool, sends: &[(usize, u64, Option<usize>)], values: HostValues<'_>, recvs: &[(usize, u64)]) -> Result<(Vec<Part>, Vec<Part>, Vec<Vec<u32>>)> {
+    fn point_to_point(&self, group: &Group, host: bool, sends: &[(usize, u64, Option<usize>)], values: HostValues<'_>, recvs: &[(usize, u64)]) -> Result<Matched> {
         let key = self.key(group)?;
         let mut st = self.world.lock();
         let mut sent = Vec::new();
