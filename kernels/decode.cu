@@ -232,7 +232,11 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
 // soon as they hold its rows in registers. The copy engine keeps up to
 // STAGES x ROWS x 2 rows (192 KiB for 32 x 128 in bf16) in flight per SM
 // whatever the threads are doing; decode_rows holds 8 rows in registers and
-// waits for each batch before it asks for the next.
+// waits for each batch before it asks for the next. A stage's row slot holds
+// only the K/V heads the block reads, and the ring has as many stages as the
+// shared memory sized for hg heads holds: with grouped K/V heads (nkv < hg)
+// that is STAGES * hg / nkv stages, so the bytes in flight stay those of
+// multi-head attention (8 K/V heads of 32: 12 stages, not 3 a quarter full).
 #define DECODE_BULK_ROWS 4
 #define DECODE_BULK_STAGES 3
 
@@ -285,12 +289,13 @@ __device__ __forceinline__ uint4 dq_ld_shared16(unsigned addr) {
 }
 
 // Block: 32 + hg * tpr threads (tpr = d / 8); dynamic shared memory
-// DECODE_BULK_SMEM_BYTES(hg, d, sizeof(T)): the stages of K and V rows, then a
-// full and an empty mbarrier (8 bytes each) per stage, the layout below (the
-// host asks for this much, src/backend/cuda/contract.rs). Same grid and
-// outputs as decode_rows.
+// DECODE_BULK_SMEM_BYTES(hg, d, sizeof(T)): the stages of K and V rows (room
+// for DECODE_BULK_STAGES stages of hg heads), then a full and an empty
+// mbarrier (8 bytes each) for each of up to DECODE_BULK_STAGES * hg stages
+// (one K/V head for the block), the layout below (the host asks for this
+// much, src/backend/cuda/contract.rs). Same grid and outputs as decode_rows.
 #define DECODE_BULK_SMEM_BYTES(hg, d, elem) \
-    (DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * (hg) * (d) * (elem) + 16 * DECODE_BULK_STAGES)
+    (DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * (hg) * (d) * (elem) + 16 * DECODE_BULK_STAGES * (hg))
 template <typename T>
 __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse, int cap,
                                  int len, const int* len_ptr, int heads, int kv_heads, int d, int hg, int chunk,
@@ -304,19 +309,21 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     const int gsize = heads / kv_heads;  // query heads per K/V head
     // The K/V heads of the block's query heads: kv0 .. kv0 + nkv - 1 (nkv <= hg).
     const int kv0 = h0 / gsize, nkv = (h0 + group_heads - 1) / gsize + 1 - kv0;
-    const unsigned row_bytes = (unsigned)(hg * d * sizeof(T));  // one row's slot in a stage
-    const unsigned seg = (unsigned)(nkv * d * sizeof(T));  // bytes copied per row
+    const unsigned seg = (unsigned)(nkv * d * sizeof(T));  // bytes copied per row: one row's slot in a stage
+    const unsigned row_bytes = seg;
     const unsigned stage_bytes = 2 * DECODE_BULK_ROWS * row_bytes;
+    // The stages the room for DECODE_BULK_STAGES stages of hg heads holds.
+    const int stages = (DECODE_BULK_STAGES * hg) / nkv;
     const unsigned ring = dq_smem(dq_ring);
-    const unsigned bars = ring + DECODE_BULK_STAGES * stage_bytes;  // full[s], then empty[s]
+    const unsigned bars = ring + (unsigned)(DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * d * sizeof(T));  // full[s], then empty[s]
     const u64 width = (u64)heads * d;
     const u64 kv_width = (u64)kv_heads * d;
     const int start = split * chunk, end = min(len, start + chunk);
     const int nbatch = end > start ? (end - start + DECODE_BULK_ROWS - 1) / DECODE_BULK_ROWS : 0;
     if (threadIdx.x == 0) {
-        for (int s = 0; s < DECODE_BULK_STAGES; ++s) {
+        for (int s = 0; s < stages; ++s) {
             dq_bar_init(bars + 8 * s, 1);
-            dq_bar_init(bars + 8 * (DECODE_BULK_STAGES + s), (blockDim.x - 32) / 32);
+            dq_bar_init(bars + 8 * (stages + s), (blockDim.x - 32) / 32);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -327,8 +334,8 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
             const T* kb = kc + (u64)n * cap * kv_width + (u64)kv0 * d;
             const T* vb = vc + (u64)n * cap * kv_width + (u64)kv0 * d;
             for (int b = 0; b < nbatch; ++b) {
-                const int s = b % DECODE_BULK_STAGES, round = b / DECODE_BULK_STAGES;
-                dq_bar_wait(bars + 8 * (DECODE_BULK_STAGES + s), (round & 1) ^ 1, ok);
+                const int s = b % stages, round = b / stages;
+                dq_bar_wait(bars + 8 * (stages + s), (round & 1) ^ 1, ok);
                 const int j0 = start + b * DECODE_BULK_ROWS, rows = min(DECODE_BULK_ROWS, end - j0);
                 const unsigned full = bars + 8 * s, dst = ring + s * stage_bytes;
                 dq_bar_expect(full, 2 * rows * seg);
@@ -356,7 +363,7 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
     const unsigned my = (unsigned)(((h / gsize - kv0) * d + c0) * sizeof(T));  // this head's K/V in a row's slot
     for (int b = 0; b < nbatch; ++b) {
-        const int s = b % DECODE_BULK_STAGES, round = b / DECODE_BULK_STAGES;
+        const int s = b % stages, round = b / stages;
         dq_bar_wait(bars + 8 * s, round & 1, ok);
         const int rows = min(DECODE_BULK_ROWS, end - (start + b * DECODE_BULK_ROWS));
         const unsigned src = ring + s * stage_bytes + my;
@@ -367,7 +374,7 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
             rv[u].a = dq_ld_shared16(src + (DECODE_BULK_ROWS + u) * row_bytes);
         }
         __syncwarp();
-        if ((t & 31) == 0) dq_bar_arrive(bars + 8 * (DECODE_BULK_STAGES + s));
+        if ((t & 31) == 0) dq_bar_arrive(bars + 8 * (stages + s));
         float sc[DECODE_BULK_ROWS];
         float mx = m;
 #pragma unroll

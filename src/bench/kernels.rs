@@ -82,6 +82,20 @@ pub fn run(b: &CudaBackend, seq_lens: &[usize], iters: usize) -> Result<Vec<Row>
             rows.push(row("decode attention (split-KV)", format!("B {nseq}, len {s}, {heads}x{hd}"), secs, bytes / secs / 1e12, "TB/s"));
         }
     }
+    // The same with Llama 3's grouped K/V heads (8 for the 32 query heads):
+    // a quarter of the cache, read once for the four query heads of a group.
+    let kv_heads = heads / 4;
+    let kv_width = kv_heads * hd;
+    for nseq in [4usize, 16] {
+        for &s in seq_lens {
+            let qd = b.random_uniform(dt, nseq * width, 4, 1.0)?;
+            let (k, v) = (b.random_uniform(dt, nseq * s * kv_width, 2, 1.0)?, b.random_uniform(dt, nseq * s * kv_width, 3, 1.0)?);
+            let ds = DecodeShape { nseq, cap: s, len: s, heads, kv_heads, head_dim: hd };
+            let secs = time_with_marks(b, WARMUP, iters, || b.attention_decode(&qd, &k, &v, ds).map(|_| ()))?;
+            let bytes = 2.0 * (nseq * s * kv_width * dt.size_bytes()) as f64;
+            rows.push(row("decode attention (grouped K/V)", format!("B {nseq}, len {s}, {heads}x{hd} kv {kv_heads}"), secs, bytes / secs / 1e12, "TB/s"));
+        }
+    }
     // 8192³ and dense-4l's GEMMs at 16K tokens: QKV, output projection, FFN up, FFN down.
     for (m, k, n) in [(8192usize, 8192usize, 8192usize), (16_384, 4096, 12_288), (16_384, 4096, 4096), (16_384, 4096, 16_384), (16_384, 16_384, 4096)] {
         let x = b.random_uniform(dt, m * k, 5, 1.0)?;

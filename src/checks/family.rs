@@ -124,11 +124,12 @@ pub fn attention_prefill_grouped_heads<B: CheckedBackend>(c: &mut Checker<B>) {
 }
 
 /// Split-KV decode with grouped K/V heads: small heads, Llama 3 8B's at 4K,
-/// one K/V head for all, and one sequence of 33,900 rows whose chunks are
-/// long enough for sm_90's bulk copies.
+/// one K/V head for all, and sequences of 33,900 rows whose chunks are
+/// long enough for sm_90's bulk copies (two K/V heads of eight, and one of
+/// 32: the most stages the bulk kernel's ring takes).
 pub fn attention_decode_grouped_heads<B: CheckedBackend>(c: &mut Checker<B>) {
     let shape = |nseq, cap, len, heads, kv_heads, head_dim| DecodeShape { nseq, cap, len, heads, kv_heads, head_dim };
-    for s in [shape(2, 20, 13, 4, 2, 16), shape(3, 4200, 4099, 32, 8, 128), shape(2, 300, 257, 8, 1, 128), shape(1, 34_000, 33_900, 8, 2, 128)] {
+    for s in [shape(2, 20, 13, 4, 2, 16), shape(3, 4200, 4099, 32, 8, 128), shape(2, 300, 257, 8, 1, 128), shape(1, 34_000, 33_900, 8, 2, 128), shape(1, 34_000, 33_900, 32, 1, 128)] {
         let outcome = (|| {
             let (width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
             let (q, qb) = c.input(s.nseq * width, 1.0)?;

@@ -43,11 +43,12 @@ pub const fn flash_shared_bytes(warps: u32, fragments: u32) -> u32 {
 
 /// Dynamic shared memory of `decode_bulk` for a group of `hg` heads of
 /// `head_dim` elements of `elem_bytes` each (the source's
-/// `DECODE_BULK_SMEM_BYTES`): [`DECODE_BULK_STAGES`] stages of
-/// [`DECODE_BULK_ROWS`] K rows and as many V rows of the group, then a full
-/// and an empty mbarrier per stage.
+/// `DECODE_BULK_SMEM_BYTES`): room for [`DECODE_BULK_STAGES`] stages of
+/// [`DECODE_BULK_ROWS`] K rows and as many V rows of the group's heads (a
+/// block reading fewer K/V heads fits more stages in it), then a full and an
+/// empty mbarrier for each of up to `DECODE_BULK_STAGES × hg` stages.
 pub const fn decode_bulk_shared_bytes(hg: u32, head_dim: u32, elem_bytes: u32) -> u32 {
-    DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * head_dim * elem_bytes + 16 * DECODE_BULK_STAGES
+    DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * head_dim * elem_bytes + 16 * DECODE_BULK_STAGES * hg
 }
 
 /// The row runs of a copy passed by value: (src_row, dst_row, len,

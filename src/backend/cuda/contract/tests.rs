@@ -418,8 +418,9 @@ fn bulk_decode_shared_memory_follows_the_source_formula() {
         let inner: HashMap<String, String> = def.params.clone().expect("function-like").into_iter().zip([hg.to_string(), d.to_string(), elem.to_string()]).collect();
         assert_eq!(eval(&src, &substitute(&def.body, &inner)), decode_bulk_shared_bytes(hg, d, elem) as u64, "{hg} heads of {d}");
     }
-    // 32 heads of 128 in bf16, as an H200 runs it: 192 KiB of rows and the barriers.
-    assert_eq!(decode_bulk_shared_bytes(32, 128, 2), 196_656);
+    // 32 heads of 128 in bf16, as an H200 runs it: 192 KiB of rows and the
+    // barriers of up to 96 stages (one K/V head for the block's 32).
+    assert_eq!(decode_bulk_shared_bytes(32, 128, 2), 198_144);
 }
 
 #[test]
