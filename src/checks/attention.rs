@@ -124,16 +124,19 @@ pub fn attention_decode<B: CheckedBackend>(c: &mut Checker<B>) {
 /// own the step's token). Outputs of every step and the final caches are
 /// compared with the reference doing the same. The third case, one sequence
 /// of a 34,000-row cache of two heads, has chunks of 256 rows and more,
-/// which on sm_90 are fed by bulk copies (`decode_bulk`).
+/// which on sm_90 are fed by bulk copies (`decode_bulk`); the fourth is
+/// Llama 3's grouped K/V heads (8 for 32 query heads) at 8K, the K/V rows
+/// embedded from a table of their own width (`decode_group4`).
 pub fn decode_steps<B: CheckedBackend>(c: &mut Checker<B>) {
     let cases = [
         (DecodeShape { nseq: 2, cap: 40, len: 30, heads: 4, kv_heads: 4, head_dim: 16 }, 64),
         (DecodeShape { nseq: 3, cap: 4200, len: 4096, heads: 32, kv_heads: 32, head_dim: 128 }, 100),
         (DecodeShape { nseq: 1, cap: 34_000, len: 33_000, heads: 2, kv_heads: 2, head_dim: 128 }, 100),
+        (DecodeShape { nseq: 2, cap: 8200, len: 8064, heads: 32, kv_heads: 8, head_dim: 128 }, 100),
     ];
     for (s, vocab) in cases {
         for record in [false, true] {
-            let shape = format!("nseq {} cap {} len {}..{} heads {}x{}, 4 steps", s.nseq, s.cap, s.len + 1, s.len + 3, s.heads, s.head_dim);
+            let shape = format!("nseq {} cap {} len {}..{} heads {}x{} kv {}, 4 steps", s.nseq, s.cap, s.len + 1, s.len + 3, s.heads, s.head_dim, s.kv_heads);
             let op = if record { "decode_step[recorded]" } else { "decode_step[eager]" };
             // `None`: the backend cannot record, so there is nothing more to check.
             if let Some(outcome) = steps(c, s, vocab, record).transpose() {
@@ -146,18 +149,21 @@ pub fn decode_steps<B: CheckedBackend>(c: &mut Checker<B>) {
 /// The steps of [`decode_steps`]; `None` when `record` is asked of a
 /// backend that cannot record.
 fn steps<B: CheckedBackend>(c: &mut Checker<B>, s: DecodeShape, vocab: usize, record: bool) -> crate::backend::Result<Option<Pairs>> {
-    let width = s.heads * s.head_dim;
+    let (width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let (table, table_b) = c.input(vocab * width, 1.0)?;
-    let (mut kc, mut kb) = c.input(s.nseq * s.cap * width, 1.0)?;
-    let (mut vc, mut vb) = c.input(s.nseq * s.cap * width, 1.0)?;
-    // The frequency table is made outside the recording (as prefill does).
+    let (kv_table, kv_table_b) = c.input(vocab * kv_width, 1.0)?;
+    let (mut kc, mut kb) = c.input(s.nseq * s.cap * kv_width, 1.0)?;
+    let (mut vc, mut vb) = c.input(s.nseq * s.cap * kv_width, 1.0)?;
+    // The frequency tables are made outside the recording (as prefill does).
     c.be.embed(&table_b, width, &[0], 1, 1, 0)?;
+    c.be.embed(&kv_table_b, kv_width, &[0], 1, 1, 0)?;
     let plan = [(s.len + 1000, true, s.len + 1), (s.len + 1001, true, s.len + 2), (s.len + 1002, false, s.len + 2), (s.len + 1003, true, s.len + 3)];
     let be = c.be;
     let step_on_device = |kb: &mut B::Buf, vb: &mut B::Buf| -> crate::backend::Result<(B::Buf, B::Buf)> {
         let x = be.embed_step(&table_b, width, s.nseq)?;
-        be.store_step(kb, &x, s.nseq, s.cap, width)?;
-        be.store_step(vb, &x, s.nseq, s.cap, width)?;
+        let row = be.embed_step(&kv_table_b, kv_width, s.nseq)?;
+        be.store_step(kb, &row, s.nseq, s.cap, kv_width)?;
+        be.store_step(vb, &row, s.nseq, s.cap, kv_width)?;
         be.attention_decode_step(&x, kb, vb, s)
     };
     let mut pairs = Vec::new();
@@ -183,8 +189,9 @@ fn steps<B: CheckedBackend>(c: &mut Checker<B>, s: DecodeShape, vocab: usize, re
             (be.download(&o)?, be.download(&l)?)
         };
         let x = r::embed(&table, width, &vars.tokens, s.nseq, 1, pos);
-        kc = r::store_rows_at(&kc, &x, s.nseq, s.cap, width, vars.store_at);
-        vc = r::store_rows_at(&vc, &x, s.nseq, s.cap, width, vars.store_at);
+        let row = r::embed(&kv_table, kv_width, &vars.tokens, s.nseq, 1, pos);
+        kc = r::store_rows_at(&kc, &row, s.nseq, s.cap, kv_width, vars.store_at);
+        vc = r::store_rows_at(&vc, &row, s.nseq, s.cap, kv_width, vars.store_at);
         let want = r::attention_decode(&x, &kc, &vc, DecodeShape { len, ..s });
         pairs.push((o, want.out));
         pairs.push((l, want.lse));
