@@ -1,5 +1,5 @@
 //! Checks of the attention operations: causal prefill (every implementation
-//! the backend offers), decode, the merge of partial results, and decode
+//! the backend offers, at heads of 16, 32, 64 and 128), decode, the merge of partial results, and decode
 //! steps driven by the step scalars, op by op and recorded once and replayed.
 //! The expected values come from `reference` only, never from another backend.
 
@@ -94,6 +94,54 @@ pub fn attention_prefill_tile_edges<B: CheckedBackend>(c: &mut Checker<B>) {
         prefill(c, dense(2, 1, 700, 768, 4, 699), variant);
         // A diagonal that cuts the tiles unevenly (offset 43, 257 rows).
         prefill(c, dense(1, 257, 300, 320, 2, 43), variant);
+    }
+}
+
+/// A prefill shape with `heads` heads of `head_dim` and as many K/V heads.
+#[allow(clippy::too_many_arguments)]
+fn heads_of(head_dim: usize, nseq: usize, sq: usize, skv: usize, stride: usize, heads: usize, q_offset: usize) -> PrefillShape {
+    PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads, kv_heads: heads, head_dim, q_offset }
+}
+
+/// Prefill with heads of 32 (moe-16l's 16 heads) and 64, every
+/// implementation the backend offers for them: whole sequences, a pool
+/// rank's block, queries past the end of K/V, no keys.
+pub fn attention_prefill_heads_32_64<B: CheckedBackend>(c: &mut Checker<B>) {
+    for head_dim in [32, 64] {
+        let shape = |nseq, sq, skv, stride, heads, q_offset| heads_of(head_dim, nseq, sq, skv, stride, heads, q_offset);
+        for variant in c.be.prefill_variants(head_dim) {
+            // Two sequences of moe-16l's heads, length not a multiple of any tile.
+            prefill(c, shape(2, 333, 333, 333, 16, 0), variant);
+            // A pool rank's block: queries 280..480 against K/V rows 0..480 of 512.
+            prefill(c, shape(1, 200, 480, 512, 16, 280), variant);
+            // Queries past the end of K/V see all of it.
+            prefill(c, shape(1, 100, 480, 512, 4, 450), variant);
+            // No keys at all.
+            prefill(c, shape(1, 70, 0, 64, 2, 0), variant);
+        }
+    }
+}
+
+/// Prefill with heads of 32 and 64 where the tensor-core kernels' tiles
+/// have their edges (64-key tiles in a double buffer, query blocks of 64
+/// and 128 rows), every implementation the backend offers for them.
+pub fn attention_prefill_tile_edges_32_64<B: CheckedBackend>(c: &mut Checker<B>) {
+    for head_dim in [32, 64] {
+        let shape = |nseq, sq, skv, stride, heads, q_offset| heads_of(head_dim, nseq, sq, skv, stride, heads, q_offset);
+        for variant in c.be.prefill_variants(head_dim) {
+            // Exactly one key tile and one 64-row query block.
+            prefill(c, shape(1, 64, 64, 64, 2, 0), variant);
+            // One row past a 128-row query block and past two key tiles.
+            prefill(c, shape(2, 129, 129, 129, 2, 0), variant);
+            // Sixteen key tiles: the double buffer is refilled many times.
+            prefill(c, shape(1, 1000, 1000, 1000, 2, 0), variant);
+            // Three sequences, queries at an offset inside a tile, a K/V stride longer than skv.
+            prefill(c, shape(3, 130, 1337, 1400, 2, 1207), variant);
+            // One query row per sequence, at the end of its K/V.
+            prefill(c, shape(2, 1, 700, 768, 4, 699), variant);
+            // A diagonal that cuts the tiles unevenly (offset 43, 257 rows).
+            prefill(c, shape(1, 257, 300, 320, 2, 43), variant);
+        }
     }
 }
 

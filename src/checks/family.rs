@@ -5,7 +5,9 @@
 //! the step scalars), and attention with grouped K/V heads (GQA and MQA) in
 //! prefill, every implementation the backend offers, and in split-KV decode,
 //! chunks long enough for sm_90's bulk copies included. Shapes: the tiny
-//! model's heads of 16 and Llama 3 8B's 32 query and 8 K/V heads of 128.
+//! model's heads of 16, Llama 3 8B's 32 query and 8 K/V heads of 128, and
+//! in prefill heads of 32 (moe-16l's 16) and 64 in groups of 2 and 4 and
+//! under one K/V head.
 //! The expected values come from `reference` only.
 
 use super::reference as r;
@@ -120,6 +122,15 @@ pub fn attention_prefill_grouped_heads<B: CheckedBackend>(c: &mut Checker<B>) {
         prefill(c, shape(2, 333, 333, 333, 8, 2, 128, 0), variant);
         // One K/V head for all, across several key tiles.
         prefill(c, shape(1, 300, 1000, 1024, 4, 1, 128, 700), variant);
+    }
+    for head_dim in [32, 64] {
+        for variant in c.be.prefill_variants(head_dim) {
+            // moe-16l's 16 heads in groups of 4, a pool rank's block; groups of 2 over whole sequences.
+            prefill(c, shape(1, 200, 480, 512, 16, 4, head_dim, 280), variant);
+            prefill(c, shape(2, 333, 333, 333, 8, 4, head_dim, 0), variant);
+            // One K/V head for all, across several key tiles.
+            prefill(c, shape(1, 300, 1000, 1024, 4, 1, head_dim, 700), variant);
+        }
     }
 }
 
