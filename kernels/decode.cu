@@ -221,6 +221,114 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
     if (c0 == 0) part_lse[part] = l > 0.0f ? (m + log2f(l)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
 }
 
+#define DECODE_GROUP_THREADS 256
+
+// Grouped K/V heads (G = heads / kv_heads query heads per K/V head: 2, 4 or
+// 8). decode_rows gives every query head its own `tpr` threads, so the G
+// heads of a group each load the same K/V columns (the repeats come from
+// L2) and the block's rows in flight hold 1/G of distinct cache bytes. Here
+// every `tpr` threads own one K/V head's 8-column slice for the whole chunk
+// and all G query heads that read it: each cache row is loaded once per
+// block, and U rows of every K/V head are in flight per thread. Block: kvg *
+// tpr threads (kvg K/V heads, a multiple of 32 threads, at most
+// DECODE_GROUP_THREADS); grid (splits, K/V head groups, sequences). Same
+// outputs as decode_rows (one partial output and log-sum-exp per query head
+// and chunk).
+template <typename T, int G, int U>
+__device__ void decode_group_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,
+                                  int cap, int len, const int* len_ptr, int heads, int kv_heads, int d, int kvg,
+                                  int chunk, float scale_log2) {
+    if (len_ptr) len = min(*len_ptr, cap);
+    const int split = blockIdx.x, n = blockIdx.z, nsplit = gridDim.x;
+    const int tpr = d / 8;
+    const int hk_block = blockIdx.y * kvg + threadIdx.x / tpr;
+    const bool live = hk_block < kv_heads;
+    const int hk = live ? hk_block : kv_heads - 1;  // out-of-range heads shadow the last one; their results are dropped
+    const int c0 = (threadIdx.x % tpr) * 8;
+    const u64 width = (u64)heads * d;
+    const u64 kv_width = (u64)kv_heads * d;
+
+    float qv[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        load8(q + (u64)n * width + (u64)(hk * G + g) * d + c0, qv[g]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) qv[g][i] *= scale_log2;
+    }
+    const int start = split * chunk;
+    const int end = min(len, start + chunk);
+    const T* kp = kc + (u64)n * cap * kv_width + (u64)hk * d + c0;
+    const T* vp = vc + (u64)n * cap * kv_width + (u64)hk * d + c0;
+
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        m[g] = FAPOOL_NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
+    }
+    for (int j = start; j < end; j += U) {
+        Raw8<T> rk[U], rv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (j + u < end) {
+                rk[u] = ld_stream8(kp + (u64)(j + u) * kv_width);
+                rv[u] = ld_stream8(vp + (u64)(j + u) * kv_width);
+            } else {
+                zero8(rk[u]);
+                zero8(rv[u]);
+            }
+        }
+        float sc[U][G];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            float kv[8];
+            unpack8(rk[u], kv);
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) dot += qv[g][i] * kv[i];
+                for (int o = tpr / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o, tpr);
+                sc[u][g] = (j + u < end) ? dot : FAPOOL_NEG_INF;
+            }
+        }
+        float mx[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            mx[g] = m[g];
+#pragma unroll
+            for (int u = 0; u < U; ++u) mx[g] = fmaxf(mx[g], sc[u][g]);
+            const float alpha = fast_exp2(m[g] - mx[g]);
+            l[g] *= alpha;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
+            m[g] = mx[g];
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            float vv[8];
+            unpack8(rv[u], vv);
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float p = fast_exp2(sc[u][g] - m[g]);
+                l[g] += p;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[g][i] += p * vv[i];
+            }
+        }
+    }
+    if (!live) return;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const u64 part = ((u64)n * heads + hk * G + g) * nsplit + split;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) part_o[part * d + c0 + i] = l[g] > 0.0f ? acc[g][i] / l[g] : 0.0f;
+        if (c0 == 0) part_lse[part] = l[g] > 0.0f ? (m[g] + log2f(l[g])) * FAPOOL_LN2 : FAPOOL_NEG_INF;
+    }
+}
+
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // (undefined in a host compiler pass)
 // Hopper: the row-major decode of decode_rows, fed by bulk copies. Warp 0
 // streams the chunk's cache rows (DECODE_BULK_ROWS rows of K and as many of
@@ -232,7 +340,11 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
 // soon as they hold its rows in registers. The copy engine keeps up to
 // STAGES x ROWS x 2 rows (192 KiB for 32 x 128 in bf16) in flight per SM
 // whatever the threads are doing; decode_rows holds 8 rows in registers and
-// waits for each batch before it asks for the next.
+// waits for each batch before it asks for the next. A stage's row slot holds
+// only the K/V heads the block reads, and the ring has as many stages as the
+// shared memory sized for hg heads holds: with grouped K/V heads (nkv < hg)
+// that is STAGES * hg / nkv stages, so the bytes in flight stay those of
+// multi-head attention (8 K/V heads of 32: 12 stages, not 3 a quarter full).
 #define DECODE_BULK_ROWS 4
 #define DECODE_BULK_STAGES 3
 
@@ -285,12 +397,13 @@ __device__ __forceinline__ uint4 dq_ld_shared16(unsigned addr) {
 }
 
 // Block: 32 + hg * tpr threads (tpr = d / 8); dynamic shared memory
-// DECODE_BULK_SMEM_BYTES(hg, d, sizeof(T)): the stages of K and V rows, then a
-// full and an empty mbarrier (8 bytes each) per stage, the layout below (the
-// host asks for this much, src/backend/cuda/contract.rs). Same grid and
-// outputs as decode_rows.
+// DECODE_BULK_SMEM_BYTES(hg, d, sizeof(T)): the stages of K and V rows (room
+// for DECODE_BULK_STAGES stages of hg heads), then a full and an empty
+// mbarrier (8 bytes each) for each of up to DECODE_BULK_STAGES * hg stages
+// (one K/V head for the block), the layout below (the host asks for this
+// much, src/backend/cuda/contract.rs). Same grid and outputs as decode_rows.
 #define DECODE_BULK_SMEM_BYTES(hg, d, elem) \
-    (DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * (hg) * (d) * (elem) + 16 * DECODE_BULK_STAGES)
+    (DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * (hg) * (d) * (elem) + 16 * DECODE_BULK_STAGES * (hg))
 template <typename T>
 __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse, int cap,
                                  int len, const int* len_ptr, int heads, int kv_heads, int d, int hg, int chunk,
@@ -304,19 +417,21 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     const int gsize = heads / kv_heads;  // query heads per K/V head
     // The K/V heads of the block's query heads: kv0 .. kv0 + nkv - 1 (nkv <= hg).
     const int kv0 = h0 / gsize, nkv = (h0 + group_heads - 1) / gsize + 1 - kv0;
-    const unsigned row_bytes = (unsigned)(hg * d * sizeof(T));  // one row's slot in a stage
-    const unsigned seg = (unsigned)(nkv * d * sizeof(T));  // bytes copied per row
+    const unsigned seg = (unsigned)(nkv * d * sizeof(T));  // bytes copied per row: one row's slot in a stage
+    const unsigned row_bytes = seg;
     const unsigned stage_bytes = 2 * DECODE_BULK_ROWS * row_bytes;
+    // The stages the room for DECODE_BULK_STAGES stages of hg heads holds.
+    const int stages = (DECODE_BULK_STAGES * hg) / nkv;
     const unsigned ring = dq_smem(dq_ring);
-    const unsigned bars = ring + DECODE_BULK_STAGES * stage_bytes;  // full[s], then empty[s]
+    const unsigned bars = ring + (unsigned)(DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * d * sizeof(T));  // full[s], then empty[s]
     const u64 width = (u64)heads * d;
     const u64 kv_width = (u64)kv_heads * d;
     const int start = split * chunk, end = min(len, start + chunk);
     const int nbatch = end > start ? (end - start + DECODE_BULK_ROWS - 1) / DECODE_BULK_ROWS : 0;
     if (threadIdx.x == 0) {
-        for (int s = 0; s < DECODE_BULK_STAGES; ++s) {
+        for (int s = 0; s < stages; ++s) {
             dq_bar_init(bars + 8 * s, 1);
-            dq_bar_init(bars + 8 * (DECODE_BULK_STAGES + s), (blockDim.x - 32) / 32);
+            dq_bar_init(bars + 8 * (stages + s), (blockDim.x - 32) / 32);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -327,8 +442,8 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
             const T* kb = kc + (u64)n * cap * kv_width + (u64)kv0 * d;
             const T* vb = vc + (u64)n * cap * kv_width + (u64)kv0 * d;
             for (int b = 0; b < nbatch; ++b) {
-                const int s = b % DECODE_BULK_STAGES, round = b / DECODE_BULK_STAGES;
-                dq_bar_wait(bars + 8 * (DECODE_BULK_STAGES + s), (round & 1) ^ 1, ok);
+                const int s = b % stages, round = b / stages;
+                dq_bar_wait(bars + 8 * (stages + s), (round & 1) ^ 1, ok);
                 const int j0 = start + b * DECODE_BULK_ROWS, rows = min(DECODE_BULK_ROWS, end - j0);
                 const unsigned full = bars + 8 * s, dst = ring + s * stage_bytes;
                 dq_bar_expect(full, 2 * rows * seg);
@@ -356,7 +471,7 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
     const unsigned my = (unsigned)(((h / gsize - kv0) * d + c0) * sizeof(T));  // this head's K/V in a row's slot
     for (int b = 0; b < nbatch; ++b) {
-        const int s = b % DECODE_BULK_STAGES, round = b / DECODE_BULK_STAGES;
+        const int s = b % stages, round = b / stages;
         dq_bar_wait(bars + 8 * s, round & 1, ok);
         const int rows = min(DECODE_BULK_ROWS, end - (start + b * DECODE_BULK_ROWS));
         const unsigned src = ring + s * stage_bytes + my;
@@ -367,7 +482,7 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
             rv[u].a = dq_ld_shared16(src + (DECODE_BULK_ROWS + u) * row_bytes);
         }
         __syncwarp();
-        if ((t & 31) == 0) dq_bar_arrive(bars + 8 * (DECODE_BULK_STAGES + s));
+        if ((t & 31) == 0) dq_bar_arrive(bars + 8 * (stages + s));
         float sc[DECODE_BULK_ROWS];
         float mx = m;
 #pragma unroll
@@ -498,6 +613,16 @@ __device__ void decode_combine_impl(const float* part_o, const float* part_lse, 
     if (threadIdx.x == 0) lse[row] = L > 0.0f ? M + logf(L) : FAPOOL_NEG_INF;
 }
 
+// decode_group<G>_<type>: G query heads per K/V head, U rows per thread in flight.
+#define DECODE_GROUP(T, SUFFIX, G, U)                                                                \
+    extern "C" __global__ void __launch_bounds__(DECODE_GROUP_THREADS)                               \
+        decode_group##G##_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o,              \
+                                   float* part_lse, int cap, int len, const int* len_ptr, int heads, \
+                                   int kv_heads, int d, int kvg, int chunk, float scale_log2) {      \
+        decode_group_impl<T, G, U>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, kv_heads,  \
+                                   d, kvg, chunk, scale_log2);                                       \
+    }
+
 #define DECODE(T, SUFFIX)                                                                          \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                   \
         decode_partial_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o,               \
@@ -513,6 +638,9 @@ __device__ void decode_combine_impl(const float* part_o, const float* part_lse, 
         decode_rows_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, kv_heads, d, hg, \
                             chunk, scale_log2);                                                    \
     }                                                                                              \
+    DECODE_GROUP(T, SUFFIX, 2, 8)                                                                  \
+    DECODE_GROUP(T, SUFFIX, 4, 8)                                                                  \
+    DECODE_GROUP(T, SUFFIX, 8, 4)                                                                  \
     extern "C" __global__ void decode_combine_##SUFFIX(const float* part_o, const float* part_lse, \
                                                        T* out, float* lse, int nsplit, int heads,  \
                                                        int d) {                                    \

@@ -57,7 +57,7 @@ for s in $steps; do
         TAILN=3 step check-gpu timeout 150 "$B" check-gpu --dtype all
         ;;
     kernels)
-        step bench-kernels timeout 120 "$B" bench kernels --dtype bf16 --iters 10 --out "$OUT/bench-kernels.h5"
+        step bench-kernels timeout 180 "$B" bench kernels --dtype bf16 --iters 10 --out "$OUT/bench-kernels.h5"
         step torch-kernels timeout 180 python3 scripts/torch_reference.py kernels --out "$L/torch-kernels.json"
         ;;
     comm)

@@ -63,12 +63,28 @@ fn sigusr1_stops_at_a_safe_point_and_resume_completes_every_batch_once() {
     let dir = scratch("sigusr1");
     let out = dir.join("sweep.h5");
     let set = "workload.sequences_per_category=60";
-    let child = spawn_run(&[&quickstart_job(), "--backend", "cpu", "--out", out.to_str().unwrap(), "--set", set]);
-    std::thread::sleep(Duration::from_millis(2500));
-    // mpirun forwards SIGUSR1 to every rank, as Slurm's --signal does to a step.
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let mut child = spawn_run(&[&quickstart_job(), "--backend", "cpu", "--out", out.to_str().unwrap(), "--set", set]);
+    // The signal goes once the first batch is reported, whatever the machine's
+    // speed: the sweep is then started and far from its end.
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = String::new();
+        let mut signalled = false;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !signalled && line.starts_with("progress:") {
+                // mpirun forwards SIGUSR1 to every rank, as Slurm's --signal does to a step.
+                unsafe { libc::kill(pid, libc::SIGUSR1) };
+                signalled = true;
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen
+    });
     let o = child.wait_with_output().unwrap();
-    let t = text(&o);
+    let t = format!("{}{}", reader.join().unwrap(), String::from_utf8_lossy(&o.stderr));
     assert_eq!(o.status.code(), Some(7), "expected the interrupted exit code:\n{t}");
     let run = read_run(&out).unwrap();
     assert_eq!(run.status, Some(RunStatus::Interrupted));

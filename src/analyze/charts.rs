@@ -252,7 +252,11 @@ impl<'a> Plotter<'_, 'a> {
     }
 
     fn busy_idle(&mut self, splits: &[RunSplits]) -> Result<(), String> {
-        let parts = ["compute", "communication", "waiting", "idle"];
+        // Wall time splits into computing and waiting for messages (the
+        // compute timeline's own record) and idle (outside the batch's work);
+        // messages themselves run beside compute on a GPU's own streams, so
+        // their time is not a slice of the bar but given in the label.
+        let parts = ["compute", "waiting for messages", "idle"];
         let mut rows = Vec::new();
         for (run, run_splits) in self.runs.iter().zip(splits) {
             for (strategy, rows_of) in run_splits {
@@ -266,9 +270,10 @@ impl<'a> Plotter<'_, 'a> {
                 }
                 let name = if self.runs.len() > 1 { format!("{}: {strategy}", run.label) } else { strategy.clone() };
                 for (rank, [compute, comm, wait, wall]) in per_rank {
-                    let wall = wall.max(compute + comm + wait).max(1e-30);
-                    let shares = [compute, comm, wait, wall - compute - comm - wait].map(|v| v / wall * 100.0);
-                    rows.push(BarRow { label: format!("{name} · rank {rank}"), segments: shares.into_iter().enumerate().collect() });
+                    let wall = wall.max(compute + wait).max(1e-30);
+                    let shares = [compute, wait, wall - compute - wait].map(|v| v / wall * 100.0);
+                    let label = format!("{name} · rank {rank} (messages {:.0} %)", comm / wall * 100.0);
+                    rows.push(BarRow { label, segments: shares.into_iter().enumerate().collect() });
                 }
             }
         }
@@ -276,10 +281,10 @@ impl<'a> Plotter<'_, 'a> {
             self.skip("busy_idle_by_rank", "the rank rows record no busy/idle split (columns compute_s, comm_s, wait_s)");
             return Ok(());
         }
-        let legend = parts.iter().enumerate().map(|(i, p)| LegendEntry { label: p.to_string(), color: [color(0), color(3), color(4), color(7)][i], mark: Mark::Block }).collect();
+        let legend = parts.iter().enumerate().map(|(i, p)| LegendEntry { label: p.to_string(), color: [color(0), color(4), color(7)][i], mark: Mark::Block }).collect();
         let chart = HBarChart {
             name: "busy_idle_by_rank".into(),
-            heading: self.heading("Per-rank busy and idle share of wall time", Some("over every batch of the run; idle: wall time not spent computing, communicating or waiting".into())),
+            heading: self.heading("Per-rank busy and idle share of wall time", Some("over every batch of the run; waiting: the compute timeline held for a message; idle: the rank outside the batch's work; (messages N %): time with a message of the rank in flight, which overlaps compute on a GPU".into())),
             x_desc: "% of the rank's wall time".into(),
             legend,
             rows,

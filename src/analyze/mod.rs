@@ -97,11 +97,18 @@ fn splits(run: &RunData) -> Result<charts::RunSplits> {
         return Ok(out);
     }
     for s in &run.strategies {
+        // A rank's share is of the batch's time: a rank outside the batch's
+        // work (an inactive pool rank) returns at once, and is idle for all of it.
         let rows: Vec<RankTimeSplit> = s
             .categories
             .iter()
-            .flat_map(|c| &c.ranks)
-            .map(|r| RankTimeSplit { batch_index: r.batch_index, world_rank: r.world_rank, wall_s: r.wall_s, compute_s: r.compute_s, comm_s: r.comm_seconds(), wait_s: r.wait_s })
+            .flat_map(|c| {
+                let e2e: std::collections::BTreeMap<u32, f64> = c.batches.iter().map(|b| (b.batch_index, b.e2e_s)).collect();
+                c.ranks.iter().map(move |r| {
+                    let wall_s = r.wall_s.max(e2e.get(&r.batch_index).copied().unwrap_or(0.0));
+                    RankTimeSplit { batch_index: r.batch_index, world_rank: r.world_rank, wall_s, compute_s: r.compute_s, comm_s: r.comm_seconds(), wait_s: r.wait_s }
+                })
+            })
             .collect();
         if !rows.is_empty() {
             out.push((s.info.name.clone(), rows));

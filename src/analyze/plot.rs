@@ -234,13 +234,26 @@ impl Chart for LengthChart {
         let x = (x_min / 1.25, x_max * 1.25);
         let (y_min, y_max) = (ys.iter().cloned().fold(f64::INFINITY, f64::min), ys.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
         if !self.from_zero && y_min > 0.0 && y_max / y_min > 30.0 {
-            self.plot(&area, x, (y_min / 1.5, y_max * 1.5), (y_min / 1.5..y_max * 1.5).log_scale(), "log scale")
+            let (lo, hi) = (y_min / 1.5, y_max * 1.5);
+            self.plot(&area, x, (lo, hi), (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)), "log scale")
         } else {
             let top = if y_max > 0.0 { y_max * 1.12 } else { 1.0 };
             let bottom = if self.from_zero || y_min >= 0.0 { 0.0 } else { y_min * 1.12 };
             self.plot(&area, x, (bottom, top), bottom..top, "")
         }
     }
+}
+
+/// Tick values of a logarithmic axis over `[lo, hi]`: 1, 2 and 5 of every
+/// decade it spans, so every decade is labelled, also below 1.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut decade = 10f64.powf(lo.log10().floor());
+    while decade <= hi {
+        out.extend([1.0, 2.0, 5.0].iter().map(|m| m * decade).filter(|v| (lo..=hi).contains(v)));
+        decade *= 10.0;
+    }
+    out
 }
 
 impl LengthChart {
@@ -330,4 +343,15 @@ pub fn tick(v: f64) -> String {
 /// The note of charts with bands and stability markers.
 pub fn band_note(min_batches: usize, cv_limit: f64) -> String {
     format!("line: median over batches; band and bars: p10–p90; hollow marker: unstable (fewer than {min_batches} batches, or coefficient of variation above {:.0} %)", cv_limit * 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_ticks;
+
+    #[test]
+    fn a_log_axis_is_labelled_in_every_decade_it_spans_also_below_one() {
+        assert_eq!(log_ticks(0.15, 8.0), vec![0.2, 0.5, 1.0, 2.0, 5.0]);
+        assert_eq!(log_ticks(3.0, 40.0), vec![5.0, 10.0, 20.0]);
+    }
 }

@@ -1,5 +1,5 @@
 //! Checks of the attention operations: causal prefill (every implementation
-//! the backend offers), decode, the merge of partial results, and decode
+//! the backend offers, at heads of 16, 32, 64 and 128), decode, the merge of partial results, and decode
 //! steps driven by the step scalars, op by op and recorded once and replayed.
 //! The expected values come from `reference` only, never from another backend.
 
@@ -97,6 +97,54 @@ pub fn attention_prefill_tile_edges<B: CheckedBackend>(c: &mut Checker<B>) {
     }
 }
 
+/// A prefill shape with `heads` heads of `head_dim` and as many K/V heads.
+#[allow(clippy::too_many_arguments)]
+fn heads_of(head_dim: usize, nseq: usize, sq: usize, skv: usize, stride: usize, heads: usize, q_offset: usize) -> PrefillShape {
+    PrefillShape { nseq, sq, skv, kv_seq_stride: stride, heads, kv_heads: heads, head_dim, q_offset }
+}
+
+/// Prefill with heads of 32 (moe-16l's 16 heads) and 64, every
+/// implementation the backend offers for them: whole sequences, a pool
+/// rank's block, queries past the end of K/V, no keys.
+pub fn attention_prefill_heads_32_64<B: CheckedBackend>(c: &mut Checker<B>) {
+    for head_dim in [32, 64] {
+        let shape = |nseq, sq, skv, stride, heads, q_offset| heads_of(head_dim, nseq, sq, skv, stride, heads, q_offset);
+        for variant in c.be.prefill_variants(head_dim) {
+            // Two sequences of moe-16l's heads, length not a multiple of any tile.
+            prefill(c, shape(2, 333, 333, 333, 16, 0), variant);
+            // A pool rank's block: queries 280..480 against K/V rows 0..480 of 512.
+            prefill(c, shape(1, 200, 480, 512, 16, 280), variant);
+            // Queries past the end of K/V see all of it.
+            prefill(c, shape(1, 100, 480, 512, 4, 450), variant);
+            // No keys at all.
+            prefill(c, shape(1, 70, 0, 64, 2, 0), variant);
+        }
+    }
+}
+
+/// Prefill with heads of 32 and 64 where the tensor-core kernels' tiles
+/// have their edges (64-key tiles in a double buffer, query blocks of 64
+/// and 128 rows), every implementation the backend offers for them.
+pub fn attention_prefill_tile_edges_32_64<B: CheckedBackend>(c: &mut Checker<B>) {
+    for head_dim in [32, 64] {
+        let shape = |nseq, sq, skv, stride, heads, q_offset| heads_of(head_dim, nseq, sq, skv, stride, heads, q_offset);
+        for variant in c.be.prefill_variants(head_dim) {
+            // Exactly one key tile and one 64-row query block.
+            prefill(c, shape(1, 64, 64, 64, 2, 0), variant);
+            // One row past a 128-row query block and past two key tiles.
+            prefill(c, shape(2, 129, 129, 129, 2, 0), variant);
+            // Sixteen key tiles: the double buffer is refilled many times.
+            prefill(c, shape(1, 1000, 1000, 1000, 2, 0), variant);
+            // Three sequences, queries at an offset inside a tile, a K/V stride longer than skv.
+            prefill(c, shape(3, 130, 1337, 1400, 2, 1207), variant);
+            // One query row per sequence, at the end of its K/V.
+            prefill(c, shape(2, 1, 700, 768, 4, 699), variant);
+            // A diagonal that cuts the tiles unevenly (offset 43, 257 rows).
+            prefill(c, shape(1, 257, 300, 320, 2, 43), variant);
+        }
+    }
+}
+
 /// Decode attention at long, zero and one-row lengths, small and dense
 /// heads, and one sequence of 33,900 rows of two heads: chunks of 256 rows
 /// and more, which on sm_90 are fed by bulk copies (`decode_bulk`).
@@ -124,16 +172,19 @@ pub fn attention_decode<B: CheckedBackend>(c: &mut Checker<B>) {
 /// own the step's token). Outputs of every step and the final caches are
 /// compared with the reference doing the same. The third case, one sequence
 /// of a 34,000-row cache of two heads, has chunks of 256 rows and more,
-/// which on sm_90 are fed by bulk copies (`decode_bulk`).
+/// which on sm_90 are fed by bulk copies (`decode_bulk`); the fourth is
+/// Llama 3's grouped K/V heads (8 for 32 query heads) at 8K, the K/V rows
+/// embedded from a table of their own width (`decode_group4`).
 pub fn decode_steps<B: CheckedBackend>(c: &mut Checker<B>) {
     let cases = [
         (DecodeShape { nseq: 2, cap: 40, len: 30, heads: 4, kv_heads: 4, head_dim: 16 }, 64),
         (DecodeShape { nseq: 3, cap: 4200, len: 4096, heads: 32, kv_heads: 32, head_dim: 128 }, 100),
         (DecodeShape { nseq: 1, cap: 34_000, len: 33_000, heads: 2, kv_heads: 2, head_dim: 128 }, 100),
+        (DecodeShape { nseq: 2, cap: 8200, len: 8064, heads: 32, kv_heads: 8, head_dim: 128 }, 100),
     ];
     for (s, vocab) in cases {
         for record in [false, true] {
-            let shape = format!("nseq {} cap {} len {}..{} heads {}x{}, 4 steps", s.nseq, s.cap, s.len + 1, s.len + 3, s.heads, s.head_dim);
+            let shape = format!("nseq {} cap {} len {}..{} heads {}x{} kv {}, 4 steps", s.nseq, s.cap, s.len + 1, s.len + 3, s.heads, s.head_dim, s.kv_heads);
             let op = if record { "decode_step[recorded]" } else { "decode_step[eager]" };
             // `None`: the backend cannot record, so there is nothing more to check.
             if let Some(outcome) = steps(c, s, vocab, record).transpose() {
@@ -146,18 +197,21 @@ pub fn decode_steps<B: CheckedBackend>(c: &mut Checker<B>) {
 /// The steps of [`decode_steps`]; `None` when `record` is asked of a
 /// backend that cannot record.
 fn steps<B: CheckedBackend>(c: &mut Checker<B>, s: DecodeShape, vocab: usize, record: bool) -> crate::backend::Result<Option<Pairs>> {
-    let width = s.heads * s.head_dim;
+    let (width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let (table, table_b) = c.input(vocab * width, 1.0)?;
-    let (mut kc, mut kb) = c.input(s.nseq * s.cap * width, 1.0)?;
-    let (mut vc, mut vb) = c.input(s.nseq * s.cap * width, 1.0)?;
-    // The frequency table is made outside the recording (as prefill does).
+    let (kv_table, kv_table_b) = c.input(vocab * kv_width, 1.0)?;
+    let (mut kc, mut kb) = c.input(s.nseq * s.cap * kv_width, 1.0)?;
+    let (mut vc, mut vb) = c.input(s.nseq * s.cap * kv_width, 1.0)?;
+    // The frequency tables are made outside the recording (as prefill does).
     c.be.embed(&table_b, width, &[0], 1, 1, 0)?;
+    c.be.embed(&kv_table_b, kv_width, &[0], 1, 1, 0)?;
     let plan = [(s.len + 1000, true, s.len + 1), (s.len + 1001, true, s.len + 2), (s.len + 1002, false, s.len + 2), (s.len + 1003, true, s.len + 3)];
     let be = c.be;
     let step_on_device = |kb: &mut B::Buf, vb: &mut B::Buf| -> crate::backend::Result<(B::Buf, B::Buf)> {
         let x = be.embed_step(&table_b, width, s.nseq)?;
-        be.store_step(kb, &x, s.nseq, s.cap, width)?;
-        be.store_step(vb, &x, s.nseq, s.cap, width)?;
+        let row = be.embed_step(&kv_table_b, kv_width, s.nseq)?;
+        be.store_step(kb, &row, s.nseq, s.cap, kv_width)?;
+        be.store_step(vb, &row, s.nseq, s.cap, kv_width)?;
         be.attention_decode_step(&x, kb, vb, s)
     };
     let mut pairs = Vec::new();
@@ -183,8 +237,9 @@ fn steps<B: CheckedBackend>(c: &mut Checker<B>, s: DecodeShape, vocab: usize, re
             (be.download(&o)?, be.download(&l)?)
         };
         let x = r::embed(&table, width, &vars.tokens, s.nseq, 1, pos);
-        kc = r::store_rows_at(&kc, &x, s.nseq, s.cap, width, vars.store_at);
-        vc = r::store_rows_at(&vc, &x, s.nseq, s.cap, width, vars.store_at);
+        let row = r::embed(&kv_table, kv_width, &vars.tokens, s.nseq, 1, pos);
+        kc = r::store_rows_at(&kc, &row, s.nseq, s.cap, kv_width, vars.store_at);
+        vc = r::store_rows_at(&vc, &row, s.nseq, s.cap, kv_width, vars.store_at);
         let want = r::attention_decode(&x, &kc, &vc, DecodeShape { len, ..s });
         pairs.push((o, want.out));
         pairs.push((l, want.lse));

@@ -5,7 +5,9 @@
 //! the step scalars), and attention with grouped K/V heads (GQA and MQA) in
 //! prefill, every implementation the backend offers, and in split-KV decode,
 //! chunks long enough for sm_90's bulk copies included. Shapes: the tiny
-//! model's heads of 16 and Llama 3 8B's 32 query and 8 K/V heads of 128.
+//! model's heads of 16, Llama 3 8B's 32 query and 8 K/V heads of 128, and
+//! in prefill heads of 32 (moe-16l's 16) and 64 in groups of 2 and 4 and
+//! under one K/V head.
 //! The expected values come from `reference` only.
 
 use super::reference as r;
@@ -121,14 +123,24 @@ pub fn attention_prefill_grouped_heads<B: CheckedBackend>(c: &mut Checker<B>) {
         // One K/V head for all, across several key tiles.
         prefill(c, shape(1, 300, 1000, 1024, 4, 1, 128, 700), variant);
     }
+    for head_dim in [32, 64] {
+        for variant in c.be.prefill_variants(head_dim) {
+            // moe-16l's 16 heads in groups of 4, a pool rank's block; groups of 2 over whole sequences.
+            prefill(c, shape(1, 200, 480, 512, 16, 4, head_dim, 280), variant);
+            prefill(c, shape(2, 333, 333, 333, 8, 4, head_dim, 0), variant);
+            // One K/V head for all, across several key tiles.
+            prefill(c, shape(1, 300, 1000, 1024, 4, 1, head_dim, 700), variant);
+        }
+    }
 }
 
 /// Split-KV decode with grouped K/V heads: small heads, Llama 3 8B's at 4K,
-/// one K/V head for all, and one sequence of 33,900 rows whose chunks are
-/// long enough for sm_90's bulk copies.
+/// one K/V head for all, and sequences of 33,900 rows whose chunks are
+/// long enough for sm_90's bulk copies (two K/V heads of eight, and one of
+/// 32: the most stages the bulk kernel's ring takes).
 pub fn attention_decode_grouped_heads<B: CheckedBackend>(c: &mut Checker<B>) {
     let shape = |nseq, cap, len, heads, kv_heads, head_dim| DecodeShape { nseq, cap, len, heads, kv_heads, head_dim };
-    for s in [shape(2, 20, 13, 4, 2, 16), shape(3, 4200, 4099, 32, 8, 128), shape(2, 300, 257, 8, 1, 128), shape(1, 34_000, 33_900, 8, 2, 128)] {
+    for s in [shape(2, 20, 13, 4, 2, 16), shape(3, 4200, 4099, 32, 8, 128), shape(2, 300, 257, 8, 1, 128), shape(1, 34_000, 33_900, 8, 2, 128), shape(1, 34_000, 33_900, 32, 1, 128)] {
         let outcome = (|| {
             let (width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
             let (q, qb) = c.input(s.nseq * width, 1.0)?;

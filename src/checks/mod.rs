@@ -8,7 +8,8 @@
 //! (`||got - want|| / ||want||`) against 1e-2 for bf16/fp16 and 1e-4 for
 //! f32. An element the backend does not write stays NaN, and NaN never
 //! passes. Shapes cover the tiny test model (head_dim 16) and dense-4l (32
-//! heads of 128), with rows that are not multiples of any tile, prefill
+//! heads of 128) and heads of 32 (moe-16l) and 64 on the tensor-core
+//! prefill kernels, with rows that are not multiples of any tile, prefill
 //! blocks at a query offset against a longer K/V stride, prefill at the
 //! edges of the kernels' tiles and pipelines, decode at long and zero
 //! lengths and in chunks long enough for sm_90's bulk copies, and decode
@@ -33,7 +34,10 @@ pub mod reference;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{attention_decode, attention_prefill_dense_heads, attention_prefill_small_heads, attention_prefill_tile_edges, decode_steps, merge_partials};
+pub use attention::{
+    attention_decode, attention_prefill_dense_heads, attention_prefill_heads_32_64, attention_prefill_small_heads, attention_prefill_tile_edges, attention_prefill_tile_edges_32_64, decode_steps,
+    merge_partials,
+};
 pub use dense::{add_assign, argmax, copy_rows, embed, gather_rows, gelu, gelu_mul, matmul, rmsnorm, scatter_rows, split_qkv};
 pub use experts::{combine_from_experts, expert_slots, grouped_matmul, permute_to_experts, router_top_k};
 pub use family::{attention_decode_grouped_heads, attention_prefill_grouped_heads, embed_tokens, silu_mul, split_qkv_rope};
@@ -56,7 +60,7 @@ macro_rules! for_each_kernel_check {
             scatter_rows, copy_rows, argmax, merge_partials, attention_decode, attention_decode_grouped_heads, decode_steps,
             router_top_k, expert_slots, permute_to_experts, combine_from_experts, grouped_matmul,
             attention_prefill_small_heads, attention_prefill_dense_heads, attention_prefill_tile_edges,
-            attention_prefill_grouped_heads,
+            attention_prefill_grouped_heads, attention_prefill_heads_32_64, attention_prefill_tile_edges_32_64,
         }
     };
 }
@@ -105,19 +109,18 @@ impl CheckedBackend for CpuBackend {
     }
 }
 
-/// Small heads run the backend's own choice; heads of 128 run every
-/// kernel that applies to the dtype and the device, each by name (the
-/// tensor-core ones only in 16-bit types, the Hopper ones only on sm_90).
+/// Heads the tensor-core kernels are built for (32, 64, 128) run every
+/// kernel that applies to the head_dim, the dtype and the device, each by
+/// name (the tensor-core ones only in 16-bit types, the Hopper ones only at
+/// 128 on sm_90); other heads run the backend's own choice.
 impl CheckedBackend for CudaBackend {
     fn prefill_variants(&self, head_dim: usize) -> Vec<&'static str> {
-        if head_dim != 128 {
+        let cc = self.compute_capability();
+        if !PrefillKernel::Flash128W4.applies(head_dim, Dtype::Bf16, cc) {
             return vec![PrefillKernel::Auto.name()];
         }
-        if self.dtype() == Dtype::Fp32 {
-            return vec![PrefillKernel::General.name()];
-        }
-        let cc = self.compute_capability();
-        PrefillKernel::ALL.iter().filter(|&&k| k != PrefillKernel::Auto && k.runs_on(cc)).map(|k| k.name()).collect()
+        let dtype = self.dtype();
+        PrefillKernel::ALL.into_iter().filter(|&k| k != PrefillKernel::Auto && k.applies(head_dim, dtype, cc)).map(|k| k.name()).collect()
     }
     fn select_prefill_variant(&self, name: &str) -> &'static str {
         let before = self.prefill_kernel().name();

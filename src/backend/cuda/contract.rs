@@ -34,20 +34,21 @@ pub const fn prefill_shared_bytes(head_dim: u32) -> u32 {
     (2 * PREFILL_TILE * (head_dim + 1) + PREFILL_WARPS * head_dim) * 4
 }
 
-/// Dynamic shared memory of a tensor-core prefill kernel (the source's
-/// `FLASH_SMEM_BYTES`): its query block plus two K and two V tiles, rows of
-/// [`FA_ROW_BYTES`].
-pub const fn flash_shared_bytes(warps: u32, fragments: u32) -> u32 {
-    (16 * fragments * warps + 4 * FA_BN) * FA_ROW_BYTES
+/// Dynamic shared memory of a tensor-core prefill kernel at `head_dim`
+/// (the source's `FLASH_SMEM_BYTES`): its query block plus two K and two V
+/// tiles of [`FA_BN`] rows, rows of `2 * head_dim` bytes.
+pub const fn flash_shared_bytes(head_dim: u32, warps: u32, fragments: u32) -> u32 {
+    (16 * fragments * warps + 4 * FA_BN) * 2 * head_dim
 }
 
 /// Dynamic shared memory of `decode_bulk` for a group of `hg` heads of
 /// `head_dim` elements of `elem_bytes` each (the source's
-/// `DECODE_BULK_SMEM_BYTES`): [`DECODE_BULK_STAGES`] stages of
-/// [`DECODE_BULK_ROWS`] K rows and as many V rows of the group, then a full
-/// and an empty mbarrier per stage.
+/// `DECODE_BULK_SMEM_BYTES`): room for [`DECODE_BULK_STAGES`] stages of
+/// [`DECODE_BULK_ROWS`] K rows and as many V rows of the group's heads (a
+/// block reading fewer K/V heads fits more stages in it), then a full and an
+/// empty mbarrier for each of up to `DECODE_BULK_STAGES × hg` stages.
 pub const fn decode_bulk_shared_bytes(hg: u32, head_dim: u32, elem_bytes: u32) -> u32 {
-    DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * head_dim * elem_bytes + 16 * DECODE_BULK_STAGES
+    DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * head_dim * elem_bytes + 16 * DECODE_BULK_STAGES * hg
 }
 
 /// The row runs of a copy passed by value: (src_row, dst_row, len,
@@ -253,6 +254,13 @@ kernel_args! {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
         cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
     }
+    /// `decode_group{2,4,8}_*` (decode.cu): grouped K/V heads, the threads of
+    /// one K/V head's columns computing all the query heads that read it;
+    /// `kvg` K/V heads per block.
+    DecodeGroupArgs {
+        q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
+        cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, kvg: i32, chunk: i32, scale_log2: f32,
+    }
     /// `decode_bulk_*` (decode.cu, sm_90 and newer): `decode_rows` fed by
     /// bulk copies into a ring of shared-memory stages, a producer warp more.
     DecodeBulkArgs {
@@ -278,7 +286,7 @@ kernel_args! {
     PermuteRowsArgs { out: *mut u8, x: *const u8, slots: *const f32, n: u64, k: i32, row_bytes: u64, kept: u64 }
     /// `combine_rows_*` (moe.cu): expert rows summed into token rows by weight.
     CombineRowsArgs { out: *mut Storage, y: *const Storage, slots: *const f32, weights: *const f32, rows: u64, k: i32, cols: u64, y_rows: u64 }
-    /// `flash_fwd_d128_*` (flash.cu): head_dim [`FA_D`], bf16/f16.
+    /// `flash_fwd_d{32,64,128}_*` (flash.cu): one of [`FA_HEAD_DIMS`], bf16/f16.
     FlashArgs {
         q: *const Storage, k: *const Storage, v: *const Storage, out: *mut Storage, lse: *mut f32,
         sq: i32, skv: i32, kv_stride: i32, heads: i32, kv_heads: i32, q_offset: i32, scale_log2: f32,
@@ -431,6 +439,10 @@ kernels! {
     MERGE_PARTIALS: MergePartialsArgs = Merge, typed!("merge_partials"), Block::Any;
     DECODE_PARTIAL: DecodePartialArgs = Decode, typed!("decode_partial"), Block::Exactly(DECODE_THREADS);
     DECODE_ROWS: DecodeRowsArgs = Decode, typed!("decode_rows"), Block::AtMost(DECODE_ROWS_THREADS);
+    /// Two, four and eight query heads per K/V head.
+    DECODE_GROUP2: DecodeGroupArgs = Decode, typed!("decode_group2"), Block::AtMost(DECODE_GROUP_THREADS);
+    DECODE_GROUP4: DecodeGroupArgs = Decode, typed!("decode_group4"), Block::AtMost(DECODE_GROUP_THREADS);
+    DECODE_GROUP8: DecodeGroupArgs = Decode, typed!("decode_group8"), Block::AtMost(DECODE_GROUP_THREADS);
     DECODE_BULK: DecodeBulkArgs = Decode, typed_16bit!("decode_bulk"), Block::AtMost(32 + DECODE_ROWS_THREADS),
         shared |a| decode_bulk_shared_bytes(a.hg as u32, a.d as u32, a.q.element_bytes());
     DECODE_COMBINE: DecodeCombineArgs = Decode, typed!("decode_combine"), Block::WholeWarps(DECODE_COMBINE_MAX_WARPS);
@@ -447,13 +459,14 @@ kernels! {
     PERMUTE_ROWS: PermuteRowsArgs = Moe, KernelNames::Untyped("permute_rows"), Block::Exactly(MOE_ROWS_THREADS);
     COMBINE_ROWS: CombineRowsArgs = Moe, typed!("combine_rows"), Block::Exactly(MOE_ROWS_THREADS);
     ;
-    flash: FLASH_W8, FLASH_W4, FLASH_W4M2
+    flash: FLASH_D128_W8, FLASH_D128_W4, FLASH_D128_W4M2, FLASH_D64_W8, FLASH_D64_W4, FLASH_D64_W4M2, FLASH_D32_W8, FLASH_D32_W4, FLASH_D32_W4M2
 }
 
-/// A tensor-core prefill kernel (flash.cu): `warps` warps per block, each
-/// owning `fragments` 16-row query fragments.
+/// A tensor-core prefill kernel (flash.cu): heads of `head_dim`, `warps`
+/// warps per block, each owning `fragments` 16-row query fragments.
 pub struct FlashVariant {
     pub kernel: Kernel<FlashArgs>,
+    pub head_dim: u32,
     pub warps: u32,
     pub fragments: u32,
 }
@@ -465,37 +478,45 @@ impl FlashVariant {
     }
 }
 
-/// A flash variant of `FLASH(T, SUFFIX, WARPS, MF, NAME, MINB)` (flash.cu),
-/// built for bf16 and f16 only.
+/// A flash variant of `FLASH(T, SUFFIX, D, WARPS, MF, NAME, MINB)`
+/// (flash.cu), built for bf16 and f16 only.
 macro_rules! flash_variant {
-    ($base:literal, $warps:literal, $fragments:literal) => {
+    ($base:literal, $d:literal, $warps:literal, $fragments:literal) => {
         FlashVariant {
             kernel: Kernel {
                 file: KernelFile::Flash,
                 names: KernelNames::Typed { base: $base, names: [Some(concat!($base, "_bf16")), Some(concat!($base, "_f16")), None] },
                 block: Block::Exactly(32 * $warps),
-                shared_bytes: |_| flash_shared_bytes($warps, $fragments),
+                shared_bytes: |_| flash_shared_bytes($d, $warps, $fragments),
                 // All of L1 as shared memory: the tiles bypass L1
                 // (cp.async.cg), and two blocks of the 4-warp kernels fit
-                // only with the largest carveout.
+                // only with the largest carveout at head_dim 128.
                 carveout: Some(100),
             },
+            head_dim: $d,
             warps: $warps,
             fragments: $fragments,
         }
     };
 }
 
-/// 8 warps of 16 query rows (`Flash128`).
-pub const FLASH_W8: FlashVariant = flash_variant!("flash_fwd_d128_w8", 8, 1);
-/// 4 warps of 16 query rows (`Flash64`).
-pub const FLASH_W4: FlashVariant = flash_variant!("flash_fwd_d128_w4", 4, 1);
-/// 4 warps of 32 query rows (`Flash128W4`).
-pub const FLASH_W4M2: FlashVariant = flash_variant!("flash_fwd_d128_w4m2", 4, 2);
+/// Heads of 128: 8 warps of 16 query rows (`Flash128`).
+pub const FLASH_D128_W8: FlashVariant = flash_variant!("flash_fwd_d128_w8", 128, 8, 1);
+/// Heads of 128: 4 warps of 16 query rows (`Flash64`).
+pub const FLASH_D128_W4: FlashVariant = flash_variant!("flash_fwd_d128_w4", 128, 4, 1);
+/// Heads of 128: 4 warps of 32 query rows (`Flash128W4`).
+pub const FLASH_D128_W4M2: FlashVariant = flash_variant!("flash_fwd_d128_w4m2", 128, 4, 2);
+/// Heads of 64, the same three block shapes.
+pub const FLASH_D64_W8: FlashVariant = flash_variant!("flash_fwd_d64_w8", 64, 8, 1);
+pub const FLASH_D64_W4: FlashVariant = flash_variant!("flash_fwd_d64_w4", 64, 4, 1);
+pub const FLASH_D64_W4M2: FlashVariant = flash_variant!("flash_fwd_d64_w4m2", 64, 4, 2);
+/// Heads of 32, the same three block shapes.
+pub const FLASH_D32_W8: FlashVariant = flash_variant!("flash_fwd_d32_w8", 32, 8, 1);
+pub const FLASH_D32_W4: FlashVariant = flash_variant!("flash_fwd_d32_w4", 32, 4, 1);
+pub const FLASH_D32_W4M2: FlashVariant = flash_variant!("flash_fwd_d32_w4m2", 32, 4, 2);
 
-/// Every tensor-core variant.
-#[cfg(test)]
-pub const FLASH_VARIANTS: [&FlashVariant; 3] = [&FLASH_W8, &FLASH_W4, &FLASH_W4M2];
+/// Every tensor-core variant: each block shape at each of [`FA_HEAD_DIMS`].
+pub const FLASH_VARIANTS: [&FlashVariant; 9] = [&FLASH_D128_W8, &FLASH_D128_W4, &FLASH_D128_W4M2, &FLASH_D64_W8, &FLASH_D64_W4, &FLASH_D64_W4M2, &FLASH_D32_W8, &FLASH_D32_W4, &FLASH_D32_W4M2];
 
 #[cfg(test)]
 mod tests;

@@ -24,8 +24,9 @@
 //!   operation (dense, rows, step, prefill and decode attention).
 //!
 //! Attention prefill has several implementations: a general one for any
-//! head_dim up to 256 and any dtype, tensor-core ones for head_dim 128 in
-//! bf16/fp16, and on sm_90 a warp-specialised wgmma/TMA one
+//! head_dim up to 256 and any dtype, tensor-core ones for head_dim 32, 64
+//! and 128 in bf16/fp16, and on sm_90 a warp-specialised wgmma/TMA one for
+//! head_dim 128
 //! ([`PrefillKernel`] picks; `Auto` uses the fastest where it applies). A new variant is a kernel file, its declaration in `contract`
 //! and one arm in `ops::prefill`.
 //!

@@ -22,17 +22,19 @@ pub const RMSNORM_THREADS: u32 = 256;
 pub const ARGMAX_THREADS: u32 = 256;
 pub const DECODE_THREADS: u32 = 128;
 pub const DECODE_ROWS_THREADS: u32 = 512;
+/// The most threads of a grouped-head decode block (`decode_group*`).
+pub const DECODE_GROUP_THREADS: u32 = 256;
 /// Warps (query rows) per block of the general prefill kernel, and the
 /// key/value rows it stages per tile.
 pub const PREFILL_WARPS: u32 = 8;
 pub const PREFILL_TILE: u32 = 32;
 /// The largest head_dim the general prefill kernel handles.
 pub const PREFILL_MAX_D: u32 = 256;
-/// The head_dim of the tensor-core prefill kernels, their key/value tile
-/// rows, and the bytes of one staged row.
-pub const FA_D: u32 = 128;
+/// The head_dims the tensor-core prefill kernels are built for (one
+/// instantiation of flash.cu's template per head_dim and block shape), and
+/// the key/value rows of their tiles.
+pub const FA_HEAD_DIMS: [u32; 3] = [32, 64, 128];
 pub const FA_BN: u32 = 64;
-pub const FA_ROW_BYTES: u32 = 256;
 /// The Hopper prefill kernel (flash_sm90.cu): threads per block (a
 /// producer and two consumer warpgroups), query rows per block, keys per
 /// K/V tile, head_dim, and the bytes of one 64-column half of a 128-row
@@ -82,12 +84,11 @@ pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
     ("ARGMAX_THREADS", ARGMAX_THREADS as u64),
     ("DECODE_THREADS", DECODE_THREADS as u64),
     ("DECODE_ROWS_THREADS", DECODE_ROWS_THREADS as u64),
+    ("DECODE_GROUP_THREADS", DECODE_GROUP_THREADS as u64),
     ("PREFILL_WARPS", PREFILL_WARPS as u64),
     ("PREFILL_TILE", PREFILL_TILE as u64),
     ("PREFILL_MAX_D", PREFILL_MAX_D as u64),
-    ("FA_D", FA_D as u64),
     ("FA_BN", FA_BN as u64),
-    ("FA_ROW_BYTES", FA_ROW_BYTES as u64),
     ("F3_THREADS", F3_THREADS as u64),
     ("F3_BM", F3_BM as u64),
     ("F3_BN", F3_BN as u64),

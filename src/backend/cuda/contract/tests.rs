@@ -390,14 +390,29 @@ fn flash_variants_match_their_instantiations_and_shared_memory() {
         for (_, name) in v.kernel.names.all() {
             let k = found.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("{name} not in flash.cu"));
             let arg = |p: &str| eval(&src, k.bindings.get(p).unwrap_or_else(|| panic!("{name}: no {p}")));
-            let (warps, mf) = (arg("WARPS"), arg("MF"));
-            assert_eq!((warps, mf), (v.warps as u64, v.fragments as u64), "{name}");
+            let (d, warps, mf) = (arg("D"), arg("WARPS"), arg("MF"));
+            assert_eq!((d, warps, mf), (v.head_dim as u64, v.warps as u64, v.fragments as u64), "{name}");
             // The kernel asserts its layout against FLASH_SMEM_BYTES; the launch asks for this much.
             let def = &src.defines["FLASH_SMEM_BYTES"];
-            let inner: HashMap<String, String> = def.params.clone().expect("function-like").into_iter().zip([warps.to_string(), mf.to_string()]).collect();
+            let inner: HashMap<String, String> = def.params.clone().expect("function-like").into_iter().zip([d.to_string(), warps.to_string(), mf.to_string()]).collect();
             assert_eq!(eval(&src, &substitute(&def.body, &inner)), (v.kernel.shared_bytes)(&flash_args()) as u64, "{name}");
         }
     }
+}
+
+#[test]
+fn every_tensor_core_block_shape_is_declared_once_at_every_head_dim() {
+    for d in FA_HEAD_DIMS {
+        for (warps, fragments) in [(8, 1), (4, 1), (4, 2)] {
+            let n = FLASH_VARIANTS.iter().filter(|v| (v.head_dim, v.warps, v.fragments) == (d, warps, fragments)).count();
+            assert_eq!(n, 1, "head_dim {d}, {warps} warps of {fragments} fragments");
+        }
+    }
+    assert_eq!(FLASH_VARIANTS.len(), 3 * FA_HEAD_DIMS.len());
+    // Heads of 128 keep their sizes: 96 KiB for 128 query rows, 80 KiB for 64;
+    // narrower heads need proportionally less.
+    assert_eq!((flash_shared_bytes(128, 4, 2), flash_shared_bytes(128, 4, 1)), (98_304, 81_920));
+    assert_eq!((flash_shared_bytes(64, 8, 1), flash_shared_bytes(32, 8, 1)), (49_152, 24_576));
 }
 
 #[test]
@@ -418,8 +433,9 @@ fn bulk_decode_shared_memory_follows_the_source_formula() {
         let inner: HashMap<String, String> = def.params.clone().expect("function-like").into_iter().zip([hg.to_string(), d.to_string(), elem.to_string()]).collect();
         assert_eq!(eval(&src, &substitute(&def.body, &inner)), decode_bulk_shared_bytes(hg, d, elem) as u64, "{hg} heads of {d}");
     }
-    // 32 heads of 128 in bf16, as an H200 runs it: 192 KiB of rows and the barriers.
-    assert_eq!(decode_bulk_shared_bytes(32, 128, 2), 196_656);
+    // 32 heads of 128 in bf16, as an H200 runs it: 192 KiB of rows and the
+    // barriers of up to 96 stages (one K/V head for the block's 32).
+    assert_eq!(decode_bulk_shared_bytes(32, 128, 2), 198_144);
 }
 
 #[test]
