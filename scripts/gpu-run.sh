@@ -23,7 +23,12 @@
 # analysed; then one MoE layer in PyTorch and in fapool at the same shapes,
 # `bench moe` giving the ratio), llama (Llama 3 8B's shapes with 4 of its
 # layers on one GPU, prefill and decode, and the PyTorch reference at the
-# same shapes: jobs/gpu-1-llama.toml, torch_reference.py llama).
+# same shapes: jobs/gpu-1-llama.toml, torch_reference.py llama), planner
+# (the planner's calibration measured on the GPU with Llama 3 8B's shapes,
+# the plan of jobs/gpu-1-llama.toml from it, the real run of the same job
+# with the predictions stored beside the measurements, and analyze printing
+# predicted against measured), planner-model (the same for dense-4l over
+# jobs/gpu-1-model.toml's 4K and 16K categories).
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 B=${B:-target/release/fapool}
@@ -115,6 +120,21 @@ for s in $steps; do
             reference=(--reference "$OUT/torch-moe.json")
         fi
         step bench-moe timeout 60 "$B" bench moe --dtype fp16 --iters 20 "${reference[@]}" --out "$OUT/bench-moe.h5"
+        ;;
+    planner | planner-model)
+        # About 130 s of GPU time per step: the calibration grid is sized to
+        # take about a minute on an H200 (plus the NVRTC compile), the plan
+        # runs on the host in seconds, the run about 45 s, analyze a second.
+        if [ "$s" = planner ]; then
+            tag=llama job=jobs/gpu-1-llama.toml only=()
+        else
+            tag=model job=jobs/gpu-1-model.toml only=(--set 'workload.category=[{name="S4096",lengths=[4096]},{name="S16384",lengths=[16384]}]')
+        fi
+        cal="$OUT/cal-$tag.h5"
+        TAILN=20 step "calibrate-$tag" timeout 150 mpirun -np 1 "$B" calibrate --backend cuda --dtype bf16 --job "$job" --out "$cal"
+        TAILN=30 step "plan-$tag" timeout 60 "$B" plan "$job" "${only[@]}" --calibration "$cal" --per-gpu
+        step "planned-run-$tag" timeout 150 mpirun -np 1 "$B" run "$job" "${only[@]}" --calibration "$cal" --out "$OUT/planned-$tag.h5"
+        TAILN=80 step "planned-analyze-$tag" "$B" analyze "$OUT/planned-$tag.h5"
         ;;
     *) echo "unknown step $s" >&2 ;;
     esac

@@ -2,8 +2,8 @@
 # Installs what fapool needs to build and run on Debian/Ubuntu: an MPI,
 # libhdf5, libclang (for the MPI bindings), pkg-config, a C toolchain, Python
 # with h5py and pandas (tests read results files with them) and NumPy (the
-# cross-checks' NumPy model), and Rust if it is missing. Plots need no system
-# font: the binary embeds its own.
+# cross-checks' NumPy model), Graphviz (the planner's SVG DAGs), and Rust if
+# it is missing. Plots need no system font: the binary embeds its own.
 set -euo pipefail
 
 need=()
@@ -21,6 +21,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
 # Open MPI's launcher looks for an ssh agent even for ranks on one node.
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v pkill >/dev/null 2>&1 || need+=(procps)
+# `fapool plan --dot` renders DAGs to SVG with Graphviz's `dot`.
+command -v dot >/dev/null 2>&1 || need+=(graphviz)
 
 if ((${#need[@]})); then
   SUDO=""

@@ -32,8 +32,8 @@ def _decode(df):
 def load(path):
     frames = {"summary": [], "batches": [], "ranks": []}
     with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != "fapool-results" or f.attrs.get("schema_version") not in (1, 2, 3):
-            raise SystemExit(f"{path}: not a fapool results file of schema version 1, 2 or 3")
+        if f.attrs.get("format") != "fapool-results" or f.attrs.get("schema_version") not in (1, 2, 3, 4):
+            raise SystemExit(f"{path}: not a fapool results file of schema version 1 to 4")
         world = int(f["provenance"].attrs["world_size"])
         for s_name, s in _ordered(f["strategies"]):
             gpus = len(s.attrs.get("world_ranks_used", [])) or world

@@ -18,6 +18,7 @@ pub mod energy;
 pub mod exit;
 pub mod metrics;
 pub mod model;
+pub mod planner;
 pub mod results;
 pub mod rules;
 pub mod runner;

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use fapool::backend::BackendKind;
-use fapool::commands::{self, run::RunArgs, validate::ValidateArgs, verify::VerifyArgs};
+use fapool::commands::{self, calibrate::CalibrateArgs, plan::PlanArgs, run::RunArgs, validate::ValidateArgs, verify::VerifyArgs};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -42,6 +42,69 @@ enum Cmd {
         /// Override any job field, e.g. `--set workload.sequences_per_category=20` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Store the planner's predictions from this calibration file (default: the roofline of the run's GPU).
+        #[arg(long, value_name = "FILE")]
+        calibration: Option<PathBuf>,
+    },
+    /// Plan a job's strategies on a cluster from their own code: DAGs, predicted TTFT/TPOT/TPS, memory, critical paths (no MPI, no GPU).
+    Plan {
+        /// The job spec (not needed with --check).
+        job: Option<PathBuf>,
+        /// Cluster file (jobs/clusters/*.toml); default: the CPU model for CPU jobs, else H200s, 8 per node.
+        #[arg(long)]
+        cluster: Option<PathBuf>,
+        /// Compute times from this calibration file (`fapool calibrate`) instead of the roofline.
+        #[arg(long, value_name = "FILE")]
+        calibration: Option<PathBuf>,
+        /// Sequence lengths (default: every length of the workload).
+        #[arg(long, value_delimiter = ',')]
+        seq: Vec<usize>,
+        /// World size (default: what the job needs); with --search, the GPU budgets.
+        #[arg(long, value_delimiter = ',')]
+        gpus: Vec<usize>,
+        /// Sequences per batch (default: the workload's batch at each length).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Decode steps to simulate; TPOT beyond them is extrapolated (0: every step).
+        #[arg(long, default_value_t = 2)]
+        decode_steps: usize,
+        /// Write each DAG as DOT (and SVG where Graphviz is installed) to DIR.
+        #[arg(long, value_name = "DIR")]
+        dot: Option<PathBuf>,
+        /// Write each predicted timeline as Chrome/Perfetto trace JSON to DIR.
+        #[arg(long, value_name = "DIR")]
+        trace: Option<PathBuf>,
+        /// Print every GPU's memory and busy, communicating, waiting and idle time, and the critical paths.
+        #[arg(long)]
+        per_gpu: bool,
+        /// Check a deployment plan written by people (e.g. jobs/moe-plan.toml) instead.
+        #[arg(long, value_name = "PLAN")]
+        check: Option<PathBuf>,
+        /// Search configurations for each GPU budget of --gpus at each length of --seq.
+        #[arg(long)]
+        search: bool,
+        #[arg(long, value_enum)]
+        objective: Option<fapool::planner::compare::Objective>,
+        /// Search FIELD over TOML values, e.g. `--vary chunks=1,2,4` (repeatable).
+        #[arg(long, value_name = "FIELD=V1,V2")]
+        vary: Vec<String>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Measure a calibration file for the planner on this backend: GEMMs, attention, bandwidth (and with --comm, under mpirun, messages).
+    Calibrate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: fapool::backend::Dtype,
+        /// Also measure collectives and point-to-point messages over every rank of the launch.
+        #[arg(long)]
+        comm: bool,
+        /// Take attention's heads and head_dim and the weights' cache footprint from this job's model (default: dense-4l on a GPU, tiny on the CPU).
+        #[arg(long)]
+        job: Option<PathBuf>,
     },
     /// Check a job spec against every rule without MPI or GPUs.
     Validate {
@@ -137,6 +200,16 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Time the planner on FA Pool deployments of several sizes (dense-4l, one long sequence).
+    Plan {
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+        gpus: Vec<usize>,
+        #[arg(long, default_value_t = 1 << 20)]
+        seq: usize,
+        /// Cluster file (default: H200s, 8 per node).
+        #[arg(long)]
+        cluster: Option<PathBuf>,
+    },
     /// GEMMs on dense-4l's shapes, causal prefill attention, decode attention and RMSNorm on this rank's GPU.
     Kernels {
         #[arg(long, value_enum, default_value = "bf16")]
@@ -215,10 +288,14 @@ enum BenchCmd {
 fn main() {
     let cli = Cli::parse();
     let outcome = match cli.cmd {
-        Cmd::Run { job, out, force, resume, timeout, trace, trace_batches, backend, set } => {
+        Cmd::Run { job, out, force, resume, timeout, trace, trace_batches, backend, set, calibration } => {
             let trace = trace.map(|dir| fapool::runner::timeline::TraceSpec { dir, batches: trace_batches });
-            commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout, trace }, &set)
+            commands::run::run(&job, RunArgs { out, resume, force, backend, timeout_s: timeout, trace, calibration }, &set)
         }
+        Cmd::Plan { job, cluster, calibration, seq, gpus, batch, decode_steps, dot, trace, per_gpu, check, search, objective, vary, set } => {
+            commands::plan::plan(PlanArgs { job, cluster, calibration, seq, gpus, batch, decode_steps, dot, trace, check, search, objective, vary, sets: set, per_gpu })
+        }
+        Cmd::Calibrate { out, backend, dtype, comm, job } => commands::calibrate::calibrate(CalibrateArgs { out, backend, dtype, comm, job }),
         Cmd::Validate { job, ranks, local_ranks, gpus, memory_gib, set } => commands::validate::validate(&job, ValidateArgs { ranks, local_ranks, gpus, memory_gib }, &set),
         Cmd::Verify { job, backend, set, tolerance, teacher_forcing, max_batches, reference } => {
             commands::verify::verify(&job, VerifyArgs { backend, tolerance, teacher_forcing, max_batches, reference }, &set)
@@ -235,6 +312,7 @@ fn main() {
             commands::bench::moe(backend, dtype, &model, &tokens, iters, reference.as_deref(), out.as_deref())
         }
         Cmd::Bench { what: BenchCmd::Comm { backend, dtype, sizes_mib, iters, out } } => commands::bench::comm(backend, dtype, &sizes_mib, iters, out.as_deref()),
+        Cmd::Bench { what: BenchCmd::Plan { gpus, seq, cluster } } => commands::bench::plan_scale(&gpus, seq, cluster.as_deref()),
         Cmd::CheckGpu { dtype, seed } => commands::check_gpu::check_gpu(&dtype, seed),
     };
     std::process::exit(commands::finish(outcome));

@@ -16,11 +16,16 @@
 //! holding integral values, exact below 2^24, so they travel wherever
 //! buffers do (downloads, messages, traces) without an integer buffer type.
 //!
+//! The shape-only backend ([`shape`]) carries no data: it records every
+//! operation for the planner.
+//!
 //! This module must not communicate (see `comm`) or time anything beyond the
 //! marks it hands out (see `metrics`).
 
 pub mod cpu;
 pub mod cuda;
+pub mod record;
+pub mod shape;
 pub mod traced;
 
 use std::ops::Range;

@@ -98,10 +98,18 @@ impl<'a, B: Backend> Comm<'a, B> {
     /// Runs a collective and completes it at once.
     fn collective(&self, category: Category, op: &'static str, group: &Group, bytes: usize, run: impl FnOnce(&dyn Transport<B>) -> Result<Timed<B::Mark>>) -> Result<()> {
         self.beat();
-        let t = run(&**self.transport.borrow())?;
+        let t = self.transported(category, run)?;
         self.beat();
         let peers = (0..group.size()).filter(|&r| r != group.rank()).collect();
         self.finish(Self::record(category, op, group, peers, bytes, t))
+    }
+
+    /// Runs one transport call, first announcing its category (a transport
+    /// that records messages, the planner's, keeps it).
+    fn transported<T>(&self, category: Category, run: impl FnOnce(&dyn Transport<B>) -> Result<T>) -> Result<T> {
+        let transport = self.transport.borrow();
+        transport.announce(category);
+        run(&**transport)
     }
 
     /// Makes the compute timeline wait for a message (its `done` point) and records it.
@@ -180,7 +188,7 @@ impl<'a, B: Backend> Comm<'a, B> {
         // Element bytes from a buffer that has elements (a rank may send nothing).
         let bytes = if self.backend.len(send) > 0 { self.bytes_of_elems(send, moved) } else { self.bytes_of_elems(&recv, moved) };
         self.beat();
-        let t = self.transport.borrow().all_to_all_v(self.backend, group, send, &send_counts, &mut recv, &recv_counts)?;
+        let t = self.transported(category, |t| t.all_to_all_v(self.backend, group, send, &send_counts, &mut recv, &recv_counts))?;
         self.beat();
         self.finish(Self::record(category, "all_to_all", group, peers, bytes, t))?;
         Ok(recv)
@@ -217,7 +225,7 @@ impl<'a, B: Backend> Comm<'a, B> {
         peers.sort_unstable();
         peers.dedup();
         self.beat();
-        let t = self.transport.borrow().exchange(self.backend, group, &sends, recv_buf.as_mut(), &recv_from)?;
+        let t = self.transported(category, |t| t.exchange(self.backend, group, &sends, recv_buf.as_mut(), &recv_from))?;
         self.beat();
         drop(sends);
         let (record, done) = Self::record(category, "exchange", group, peers, sent + received, t);
@@ -253,7 +261,7 @@ impl<'a, B: Backend> Comm<'a, B> {
     pub fn send(&self, category: Category, group: &Group, dst: usize, buf: &B::Buf) -> Result<()> {
         let n = self.backend.len(buf);
         self.beat();
-        let t = self.transport.borrow().exchange(self.backend, group, &[SendPart { peer: dst, buf, range: 0..n }], None, &[])?;
+        let t = self.transported(category, |t| t.exchange(self.backend, group, &[SendPart { peer: dst, buf, range: 0..n }], None, &[]))?;
         self.beat();
         let bytes = self.bytes_of(buf);
         self.finish(Self::record(category, "send", group, vec![dst], bytes, t))
@@ -270,7 +278,7 @@ impl<'a, B: Backend> Comm<'a, B> {
     pub fn recv_into(&self, category: Category, group: &Group, src: usize, buf: &mut B::Buf) -> Result<()> {
         let n = self.backend.len(buf);
         self.beat();
-        let t = self.transport.borrow().exchange(self.backend, group, &[], Some(buf), &[RecvPart { peer: src, range: 0..n }])?;
+        let t = self.transported(category, |t| t.exchange(self.backend, group, &[], Some(buf), &[RecvPart { peer: src, range: 0..n }]))?;
         self.beat();
         let bytes = self.bytes_of(buf);
         self.finish(Self::record(category, "recv", group, vec![src], bytes, t))
@@ -282,7 +290,7 @@ impl<'a, B: Backend> Comm<'a, B> {
     fn host(&self, category: Category, op: &'static str, group: &Group, peers: Vec<usize>, bytes: usize, run: impl FnOnce(&dyn Transport<B>) -> Result<()>) -> Result<()> {
         self.beat();
         let from = self.backend.mark()?;
-        run(&**self.transport.borrow())?;
+        self.transported(category, run)?;
         let to = self.backend.mark()?;
         self.beat();
         let record = MessageRecord { category, op, group: group.name.clone(), group_id: group.id, peers, bytes: bytes as u64, blocks_compute: true, from, to };

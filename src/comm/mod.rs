@@ -4,13 +4,17 @@
 //!
 //! A [`Transport`] moves device buffers (MPI for the CPU backend, NCCL for
 //! CUDA); small host-side control messages (generated token ids) always go
-//! over MPI. This module must not know about strategies or results files.
+//! over MPI. The in-process transport ([`sim_transport`]) runs simulated
+//! ranks as threads of one process for the planner and records every
+//! message. This module must not know about strategies or results files.
 
 pub mod host;
 mod layer;
 mod log;
+pub mod messages;
 pub mod mpi_transport;
 pub mod nccl_transport;
+pub mod sim_transport;
 pub mod traced;
 
 pub use layer::{Comm, SendTo, Ticket};
@@ -230,6 +234,10 @@ pub trait Transport<B: Backend> {
         }
         Ok(())
     }
+    /// The category [`Comm`] records the next operation or host message
+    /// under. A transport that records messages (the planner's in-process
+    /// transport) keeps it; the others ignore it.
+    fn announce(&self, _category: Category) {}
 }
 
 /// Checks that receive parts are disjoint, within `len` elements, and

@@ -5,9 +5,11 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod calibrate;
 pub mod check_gpu;
 pub mod env;
 pub mod export;
+pub mod plan;
 pub mod run;
 pub mod validate;
 pub mod verify;

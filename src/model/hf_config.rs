@@ -90,6 +90,7 @@ fn from_json(o: &Map<String, Value>) -> Result<ModelConfig, Refusal> {
         max_seq_len: uint("max_position_embeddings").unwrap_or(4096),
         weights_seed: 1,
         weights: None,
+        weight_values: super::WeightValues::Real,
     })
 }
 

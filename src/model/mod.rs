@@ -80,6 +80,18 @@ pub struct Experts {
     pub top_k: usize,
 }
 
+/// What weight shards hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightValues {
+    /// The model's own values: seeded, or its checkpoint's.
+    #[default]
+    Real,
+    /// Zeros of the right length, never touched: the planner runs strategies
+    /// on the shape-only backend, which reads only lengths, so generating
+    /// values (seconds per rank at full size) would be wasted.
+    ShapesOnly,
+}
+
 /// Dimensions of a decoder-only model, dense or with a mixture-of-experts
 /// FFN (the presets are described in `docs/design.md`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,6 +123,9 @@ pub struct ModelConfig {
     /// A safetensors checkpoint (a file, or a folder with `model.safetensors`
     /// or a sharded index) the weights are read from; `None`: seeded weights.
     pub weights: Option<PathBuf>,
+    /// Not part of a job spec: set by the planner on its own copy.
+    #[serde(skip)]
+    pub weight_values: WeightValues,
 }
 
 impl ModelConfig {
@@ -134,6 +149,7 @@ impl ModelConfig {
             max_seq_len: 65536 + 1024,
             weights_seed: 1,
             weights: None,
+            weight_values: WeightValues::Real,
         }
     }
 
@@ -188,6 +204,7 @@ impl ModelConfig {
             max_seq_len: 8192,
             weights_seed: 1,
             weights: None,
+            weight_values: WeightValues::Real,
         }
     }
 

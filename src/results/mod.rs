@@ -21,7 +21,7 @@
 
 mod aggregate;
 mod attrs;
-mod cloexec;
+pub(crate) mod cloexec;
 pub mod durable;
 mod layout;
 mod reader;
@@ -233,6 +233,23 @@ pub struct StoredSummary {
 }
 
 impl StoredSummary {
+    /// The measured figure a planner prediction named `name` predicts
+    /// (`ttft_s`, `tpot_s`, `e2e_s`, `paper_tpot_s`, `tps`,
+    /// `peak_memory_bytes`, `comm_share`), where the file holds it.
+    pub fn measured(&self, name: &str) -> Option<f64> {
+        let m = &self.summary;
+        match name {
+            "ttft_s" => Some(m.ttft.mean),
+            "tpot_s" => Some(m.tpot.mean),
+            "e2e_s" => Some(m.e2e.mean),
+            "paper_tpot_s" => Some(m.paper_tpot_mean),
+            "tps" => Some(m.tps),
+            "peak_memory_bytes" => self.aggregates.peak_memory_max_bytes.map(|b| b as f64),
+            "comm_share" => (self.aggregates.active_wall_s > 0.0).then(|| self.aggregates.comm_s / self.aggregates.active_wall_s),
+            _ => None,
+        }
+    }
+
     /// Achieved TFLOP/s over the category's wall time.
     pub fn achieved_tflops(&self) -> f64 {
         if self.summary.wall_s > 0.0 {
@@ -262,6 +279,9 @@ pub struct CategoryData {
     pub summary: Option<StoredSummary>,
     /// Planner predictions by name (see [`ResultsFile::store_prediction`]).
     pub predictions: BTreeMap<String, f64>,
+    /// What the predictions assume, by name (`source`, `expert_routing`;
+    /// schema 4, empty before).
+    pub prediction_notes: BTreeMap<String, String>,
 }
 
 /// One strategy as read back from a file.

@@ -185,15 +185,21 @@ fn read_category(g: &Group, path: &Path, version: u32) -> Result<CategoryData> {
     } else {
         None
     };
-    let mut predictions = BTreeMap::new();
+    let (mut predictions, mut prediction_notes) = (BTreeMap::new(), BTreeMap::new());
     if g.link_exists("prediction") {
         let p = g.group("prediction")?;
         for name in p.attr_names()? {
-            if let Some(v) = attrs::get_scalar::<f64>(&p, &name)? {
+            // Schema 4 adds text notes beside the float figures.
+            let text = version >= 4 && matches!(p.attr(&name)?.dtype()?.to_descriptor()?, hdf5::types::TypeDescriptor::VarLenUnicode);
+            if text {
+                if let Some(v) = attrs::get_str(&p, &name)? {
+                    prediction_notes.insert(name, v);
+                }
+            } else if let Some(v) = attrs::get_scalar::<f64>(&p, &name)? {
                 predictions.insert(name, v);
             }
         }
     }
     let routing = if g.link_exists("routing") { g.dataset("routing")?.read_raw::<RoutingRow>()?.into_iter().map(RoutingRow::to_routing).collect() } else { Vec::new() };
-    Ok(CategoryData { name: last_component(&g.name()), batches: read_batches(g)?, ranks: read_ranks(g, version)?, experts: read_experts(g)?, routing, summary, predictions })
+    Ok(CategoryData { name: last_component(&g.name()), batches: read_batches(g)?, ranks: read_ranks(g, version)?, experts: read_experts(g)?, routing, summary, predictions, prediction_notes })
 }

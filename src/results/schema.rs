@@ -11,12 +11,14 @@ use std::path::Path;
 /// times of every rank row and the `tp_allgather` and `tp_reducescatter`
 /// categories; version 3 the `expert_dispatch` and `expert_combine`
 /// categories and the `experts` and `routing` datasets of mixture-of-experts
-/// strategies.
-pub const SCHEMA_VERSION: u32 = 3;
+/// strategies; version 4 the `prediction` group's text attributes
+/// (`source`: what the planner costed with, `expert_routing`: the routing
+/// a mixture-of-experts prediction assumes) beside its float figures.
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The oldest schema this code still reads (a version-1 rank row reads with
 /// its wall time as compute time and no waiting; versions 1 and 2 have no
-/// expert traffic).
+/// expert traffic; versions 1 to 3 hold only float predictions).
 pub const OLDEST_READABLE: u32 = 1;
 
 /// The value of the root attribute `format`, which marks a fapool results file.

@@ -163,6 +163,7 @@ fn every_field_round_trips() {
         let mut f = ResultsFile::open_existing(&path.0).unwrap();
         f.store_prediction("fapool", "medium", "tpot_s", 0.0021).unwrap();
         f.store_prediction("fapool", "medium", "ttft_s", 0.5).unwrap();
+        f.store_prediction_note("fapool", "medium", "source", "roofline of h200").unwrap();
         f.set_status(RunStatus::Complete, Some("2025-03-01T13:00:01Z")).unwrap();
     }
 
@@ -182,6 +183,7 @@ fn every_field_round_trips() {
     }
     let medium = run.strategy("fapool").unwrap().category("medium").unwrap();
     assert_eq!(medium.predictions, [("tpot_s".to_string(), 0.0021), ("ttft_s".to_string(), 0.5)].into());
+    assert_eq!(medium.prediction_notes, [("source".to_string(), "roofline of h200".to_string())].into(), "text notes beside the figures (schema 4)");
     assert_eq!(run.category_order(), ["short", "medium"]);
 }
 
@@ -382,7 +384,7 @@ const H5PY_CHECK: &str = r#"
 import sys, h5py, numpy as np
 f = h5py.File(sys.argv[1], "r")
 assert f.attrs["format"] == "fapool-results", f.attrs["format"]
-assert int(f.attrs["schema_version"]) == 3
+assert int(f.attrs["schema_version"]) == 4
 assert f.attrs["status"] == "complete"
 p = f["provenance"]
 assert p.attrs["backend"] == "cuda"

@@ -373,6 +373,18 @@ impl ResultsFile {
         self.flush()
     }
 
+    /// Stores what a (strategy, category)'s predictions assume, as text
+    /// (`source`, `expert_routing`; schema 4).
+    pub fn store_prediction_note(&mut self, strategy: &str, category: &str, name: &str, text: &str) -> Result<()> {
+        if name.is_empty() {
+            return Err(ResultsError::InvalidName { what: "prediction note", name: name.to_string() });
+        }
+        let g = self.category_group(strategy, category, true)?.expect("created on demand");
+        let p = if g.link_exists("prediction") { g.group("prediction")? } else { g.create_group("prediction")? };
+        attrs::set_str(&p, name, text)?;
+        self.flush()
+    }
+
     /// Records where the run stands; `ended_utc` is set when it stopped.
     /// Going back to running (a resume) removes the earlier end time.
     pub fn set_status(&mut self, status: RunStatus, ended_utc: Option<&str>) -> Result<()> {

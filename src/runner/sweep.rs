@@ -23,6 +23,7 @@ use crate::strategy::{BatchShape, BuildContext, StrategyError};
 use crate::workload::{Batch, Workload};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,6 +46,18 @@ pub struct StackVersions {
     pub driver: Option<String>,
 }
 
+/// The planner's predictions of one (strategy, category).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PredictedCategory {
+    /// `(name, value)`: each named as the measured figure it predicts.
+    pub figures: Vec<(String, f64)>,
+    /// `(name, text)`: what the figures assume (the cost model's source, the expert routing).
+    pub notes: Vec<(String, String)>,
+}
+
+/// Predictions by (strategy, category).
+pub type Predicted = BTreeMap<(String, String), PredictedCategory>;
+
 /// Everything a sweep needs besides the backend and the communicators.
 pub struct SweepSetup<'a> {
     pub job: &'a JobSpec,
@@ -58,6 +71,9 @@ pub struct SweepSetup<'a> {
     /// Every rank's device.
     pub devices: Vec<DeviceInfo>,
     pub versions: StackVersions,
+    /// The planner's predictions by (strategy, category): `(name, value)`
+    /// pairs stored beside the category's summary (rank 0).
+    pub predictions: Option<&'a Predicted>,
     /// `--trace`: where timelines go and of which batches.
     pub trace: Option<TraceSpec>,
 }
@@ -350,11 +366,16 @@ pub fn run_sweep<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, cluster:
                 }
             }
             if let Some(d) = &file {
+                let predicted = setup.predictions.and_then(|p| p.get(&(name.clone(), cat.name.clone())));
                 let summary = d.update(|f| {
                     let records = f.batches(&name, &cat.name)?;
                     let wall: f64 = records.iter().map(|r| r.e2e_s).sum();
                     let summary = CategorySummary::from_batches(&records, wall);
                     f.write_summary(&name, &cat.name, &summary)?;
+                    if let Some(p) = predicted {
+                        p.figures.iter().try_for_each(|(k, v)| f.store_prediction(&name, &cat.name, k, *v))?;
+                        p.notes.iter().try_for_each(|(k, v)| f.store_prediction_note(&name, &cat.name, k, v))?;
+                    }
                     Ok(summary)
                 });
                 match summary {

@@ -1,0 +1,557 @@
+//! The in-process transport: simulated ranks as threads of one process,
+//! moving shape-only buffers ([`ShapeBackend`]) through shared state. Groups
+//! are created by the same collective split protocol as on real ranks; every
+//! collective is matched by group and order, every point-to-point message by
+//! group, peer and order (MPI's non-overtaking rule, so device and host
+//! messages share one channel per pair, as they do on the MPI transport).
+//! Each transport call is recorded ([`MessageRecord`]: its category as
+//! [`super::Comm`] announces it, kind, bytes as `Comm` counts them, peers,
+//! group, and the ids that join sends to receives and collective members)
+//! in the rank's program log, so the planner can join them into cross-rank
+//! edges.
+//!
+//! No values move, so only what a rank needs to go on is waited for: a
+//! receive waits for its message and a split for its new group. Sends do not
+//! wait for their receivers, nor members of a collective for each other
+//! (the DAG joins them by the collective's id; collectives issued in crossed
+//! orders show as a cycle there). This is more permissive than real ranks,
+//! so a job that runs on them never deadlocks here. A wait that no rank can
+//! end — every live rank waiting — aborts every rank with a list of what
+//! each waited for, as does a rank that fails or a mismatched collective.
+//! It must not know about strategies.
+
+pub use super::messages::{group_stream, MessageKind, MessageLog, MessageRecord, Part};
+use super::{ordered_recv_parts, Category, CommError, Group, RecvPart, Result, SendPart, Timed, Transport};
+use crate::backend::shape::{BufRef, Recorder, ShapeBackend, ShapeBuf};
+use crate::backend::Backend;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// A collective call: a split of the group (with this member's color) or a message.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Call {
+    Split(Option<u32>),
+    Message(MessageKind),
+}
+
+/// What one member brought to a collective.
+#[derive(Clone, Debug, PartialEq)]
+struct Arrival {
+    call: Call,
+    len: usize,
+    cols: Option<usize>,
+    world_rank: usize,
+}
+
+impl Arrival {
+    fn describe(&self) -> String {
+        match self.call {
+            Call::Split(_) => "a split".into(),
+            Call::Message(k) => format!("{} of {} elements", k.name(), self.len),
+        }
+    }
+}
+
+/// A collective (or split) waiting for its members.
+struct Pending {
+    arrived: Vec<Option<Arrival>>,
+    count: usize,
+    departed: usize,
+    /// Joins the members' records.
+    instance: u64,
+    /// Set when the last member arrived.
+    outcome: Option<std::result::Result<Completed, String>>,
+}
+
+/// A new group: its key in the shared state and its world ranks.
+type NewGroup = (usize, Arc<[usize]>);
+
+/// A group's name and members as its records share them.
+type GroupNames = (Arc<str>, Arc<[usize]>);
+
+#[derive(Clone)]
+struct Completed {
+    instance: u64,
+    /// Broadcasts: the root's row width.
+    cols: Option<usize>,
+    /// Splits: each member's new group (key, world ranks), by group rank
+    /// (shared: every member takes a copy of the outcome).
+    groups: Arc<Vec<Option<NewGroup>>>,
+}
+
+/// A message in flight on a channel.
+struct InFlight {
+    message: u64,
+    bytes: u64,
+    host: bool,
+    cols: Option<usize>,
+    /// Host messages carry their values: a dataflow sizes its messages
+    /// and GEMMs by the token counts an expert group exchanges.
+    values: Vec<u32>,
+}
+
+/// A host message's values: one slice per send.
+type HostValues<'a> = &'a [&'a [u32]];
+
+/// A point-to-point call's sent parts, received parts and received host values.
+type Matched = (Vec<Part>, Vec<Part>, Vec<Vec<u32>>);
+
+#[derive(Default)]
+struct State {
+    aborted: Option<String>,
+    blocked: Vec<bool>,
+    /// How many of `blocked` are set.
+    blocked_count: usize,
+    waiting_on: Vec<String>,
+    finished: usize,
+    next_key: usize,
+    next_id: u64,
+    pending: BTreeMap<(usize, u64), Pending>,
+    channels: BTreeMap<(usize, usize, usize), VecDeque<InFlight>>,
+}
+
+impl State {
+    fn block(&mut self, rank: usize, on: String) {
+        if !std::mem::replace(&mut self.blocked[rank], true) {
+            self.blocked_count += 1;
+        }
+        self.waiting_on[rank] = on;
+    }
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+/// The shared state of one simulated world.
+pub struct SimWorld {
+    size: usize,
+    state: Mutex<State>,
+    wake: Vec<Condvar>,
+}
+
+impl SimWorld {
+    pub fn new(size: usize) -> Self {
+        let state = State { blocked: vec![false; size], waiting_on: vec![String::new(); size], next_key: 1, ..Default::default() };
+        Self { size, state: Mutex::new(state), wake: (0..size).map(|_| Condvar::new()).collect() }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unblock(&self, st: &mut State, rank: usize) {
+        if std::mem::replace(&mut st.blocked[rank], false) {
+            st.blocked_count -= 1;
+            self.wake[rank].notify_one();
+        }
+    }
+
+    /// Ends the simulation on every rank (a rank failed).
+    pub fn abort(&self, why: &str) {
+        let mut st = self.lock();
+        if st.aborted.is_none() {
+            st.aborted = Some(why.to_string());
+        }
+        for r in 0..self.size {
+            self.unblock(&mut st, r);
+        }
+    }
+
+    /// A rank's program ended; if every other live rank waits, none can go on.
+    fn finish(&self) {
+        let mut st = self.lock();
+        st.finished += 1;
+        self.check_deadlock(&mut st);
+    }
+
+    fn check_deadlock(&self, st: &mut State) {
+        let blocked = st.blocked_count;
+        if blocked > 0 && blocked + st.finished == self.size && st.aborted.is_none() {
+            let list: Vec<String> = (0..self.size).filter(|&r| st.blocked[r]).map(|r| format!("rank {r} waits for {}", st.waiting_on[r])).collect();
+            st.aborted = Some(format!("no rank can make progress: {}", list.join("; ")));
+            for r in 0..self.size {
+                self.unblock(st, r);
+            }
+        }
+    }
+}
+
+/// One simulated rank's transport.
+pub struct SimTransport<'w> {
+    world: &'w SimWorld,
+    rank: usize,
+    log: Rc<Recorder>,
+    messages: MessageLog,
+    /// Group id on this rank → the group's key in the shared state.
+    keys: RefCell<BTreeMap<usize, usize>>,
+    /// Collectives issued per group key (their order matches them).
+    seq: RefCell<BTreeMap<usize, u64>>,
+    /// Each group's name and members, shared by its records.
+    shared: RefCell<BTreeMap<usize, GroupNames>>,
+    category: Cell<Option<Category>>,
+}
+
+impl Drop for SimTransport<'_> {
+    fn drop(&mut self) {
+        self.world.finish();
+    }
+}
+
+fn protocol(what: String) -> CommError {
+    CommError::Protocol(what)
+}
+
+impl<'w> SimTransport<'w> {
+    /// World rank `rank`'s transport, recording into `log` (the rank's
+    /// backend recorder); returns it and its message records.
+    pub fn new(world: &'w SimWorld, rank: usize, log: Rc<Recorder>) -> (Self, MessageLog) {
+        let messages: MessageLog = Rc::default();
+        let keys = RefCell::new([(0usize, 0usize)].into_iter().collect());
+        (Self { world, rank, log, messages: messages.clone(), keys, seq: RefCell::default(), shared: RefCell::default(), category: Cell::new(None) }, messages)
+    }
+
+    fn key(&self, group: &Group) -> Result<usize> {
+        self.keys.borrow().get(&group.id).copied().ok_or_else(|| protocol(format!("group `{}` (id {}) was not created on rank {}", group.name, group.id, self.rank)))
+    }
+
+    /// Waits (holding no lock while asleep) until `ready` holds.
+    fn wait<'g>(&self, mut st: MutexGuard<'g, State>, ready: impl Fn(&State) -> bool, what: &dyn Fn() -> String) -> Result<MutexGuard<'g, State>> {
+        loop {
+            if let Some(why) = &st.aborted {
+                return Err(protocol(format!("simulated rank {}: {why}", self.rank)));
+            }
+            if ready(&st) {
+                return Ok(st);
+            }
+            if !st.blocked[self.rank] {
+                st.block(self.rank, what());
+                self.world.check_deadlock(&mut st);
+                continue;
+            }
+            st = self.world.wake[self.rank].wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Joins collective number `seq` of group `key` with `arrival`; returns
+    /// what the completed collective decided.
+    fn collective(&self, group: &Group, arrival: Arrival) -> Result<Completed> {
+        let key = self.key(group)?;
+        let seq = {
+            let mut s = self.seq.borrow_mut();
+            let n = s.entry(key).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let (me, size) = (group.rank(), group.size());
+        let split = matches!(arrival.call, Call::Split(_));
+        let mut st = self.world.lock();
+        if !st.pending.contains_key(&(key, seq)) {
+            let instance = st.fresh_id();
+            st.pending.insert((key, seq), Pending { arrived: vec![None; size], count: 0, departed: 0, instance, outcome: None });
+        }
+        let p = st.pending.get_mut(&(key, seq)).expect("pending");
+        p.arrived[me] = Some(arrival);
+        p.count += 1;
+        let instance = p.instance;
+        if p.count == size {
+            let arrived: Vec<Arrival> = p.arrived.iter().map(|a| a.clone().expect("every member arrived")).collect();
+            let outcome = complete(&mut st, &group.name, instance, &arrived);
+            if !split {
+                // Nothing of a message collective is waited for: its members went on.
+                st.pending.remove(&(key, seq));
+                drop(st);
+                if let Err(e) = &outcome {
+                    self.world.abort(e);
+                }
+                return outcome.map_err(protocol);
+            }
+            st.pending.get_mut(&(key, seq)).expect("pending").outcome = Some(outcome);
+            for &r in &group.world_ranks {
+                self.world.unblock(&mut st, r);
+            }
+        }
+        if !split {
+            // The DAG joins the members by `instance`; no values move, so no
+            // member needs to wait for the others (a cross-order of
+            // collectives shows as a cycle in the DAG).
+            return Ok(Completed { instance, cols: root_cols(&st, key, seq).flatten(), groups: Arc::default() });
+        }
+        let what = || format!("split {seq} of group `{}`", group.name);
+        let mut st = self.wait(st, |s| s.pending.get(&(key, seq)).is_some_and(|p| p.outcome.is_some()), &what)?;
+        let p = st.pending.get_mut(&(key, seq)).expect("pending");
+        let outcome = p.outcome.clone().expect("complete");
+        p.departed += 1;
+        if p.departed == size {
+            st.pending.remove(&(key, seq));
+        }
+        outcome.map_err(protocol)
+    }
+
+    /// Records a call; returns the marks `Comm` gets back, `done` naming the record.
+    #[allow(clippy::too_many_arguments)]
+    fn record(&self, kind: MessageKind, group: &Group, stream: u32, bytes: u64, collective: Option<u64>, sends: Vec<Part>, recvs: Vec<Part>, io: (Vec<BufRef>, Vec<BufRef>)) -> Timed<Option<usize>> {
+        let (name, ranks) = self.shared.borrow_mut().entry(group.id).or_insert_with(|| (Arc::from(group.name.as_str()), Arc::from(group.world_ranks.as_slice()))).clone();
+        // `Comm` announces the category of the calls it makes; a transport's
+        // default methods built on others (none here) would share it.
+        let rec = MessageRecord { category: self.category.get(), kind, group: name, group_ranks: ranks, bytes, collective, sends, recvs, inputs: io.0, outputs: io.1, stream };
+        self.messages.borrow_mut().push(rec);
+        let n = self.log.push_message();
+        Timed { start: None, end: None, done: Some(n) }
+    }
+
+    /// Where a device message of `group` runs: the compute stream where
+    /// messages hold it, else the group's own stream.
+    fn stream_of(be: &ShapeBackend, group: &Group) -> u32 {
+        if be.blocking_messages() {
+            0
+        } else {
+            group_stream(group.id)
+        }
+    }
+
+    fn me(&self, kind: MessageKind, len: usize, cols: Option<usize>) -> Arrival {
+        Arrival { call: Call::Message(kind), len, cols, world_rank: self.rank }
+    }
+
+    /// Point-to-point: deposits `sends` and takes `recvs` (each `(peer,
+    /// bytes)`); host messages carry `values` (one slice per send, or none)
+    /// and return what each receive got.
+    fn point_to_point(&self, group: &Group, host: bool, sends: &[(usize, u64, Option<usize>)], values: HostValues<'_>, recvs: &[(usize, u64)]) -> Result<Matched> {
+        let key = self.key(group)?;
+        let mut st = self.world.lock();
+        let mut sent = Vec::new();
+        for (i, &(peer, bytes, cols)) in sends.iter().enumerate() {
+            let to = *group.world_ranks.get(peer).ok_or_else(|| protocol(format!("send to rank {peer} of `{}` ({} ranks)", group.name, group.size())))?;
+            let message = st.fresh_id();
+            let values = values.get(i).map_or_else(Vec::new, |v| v.to_vec());
+            st.channels.entry((key, self.rank, to)).or_default().push_back(InFlight { message, bytes, host, cols, values });
+            self.world.unblock(&mut st, to);
+            sent.push(Part { peer: to, message, bytes, sent_bytes: bytes, cols });
+        }
+        let (mut got, mut received) = (Vec::new(), Vec::new());
+        for &(peer, bytes) in recvs {
+            let from = *group.world_ranks.get(peer).ok_or_else(|| protocol(format!("receive from rank {peer} of `{}` ({} ranks)", group.name, group.size())))?;
+            let what = || format!("a message from rank {from} on `{}`", group.name);
+            st = self.wait(st, |s| s.channels.get(&(key, from, self.rank)).is_some_and(|q| !q.is_empty()), &what)?;
+            let m = st.channels.get_mut(&(key, from, self.rank)).and_then(VecDeque::pop_front).expect("a message is there");
+            if m.host != host {
+                let (a, b) = if host { ("token ids", "a device buffer") } else { ("a device buffer", "token ids") };
+                return Err(protocol(format!("rank {} expects {a} from rank {from} on `{}`, the next message there is {b}", self.rank, group.name)));
+            }
+            got.push(Part { peer: from, message: m.message, bytes, sent_bytes: m.bytes, cols: m.cols });
+            received.push(m.values);
+        }
+        Ok((sent, got, received))
+    }
+}
+
+/// A broadcast's root's row width, where the root has arrived.
+fn root_cols(st: &State, key: usize, seq: u64) -> Option<Option<usize>> {
+    let p = st.pending.get(&(key, seq))?;
+    let first = p.arrived.iter().flatten().next()?;
+    match first.call {
+        Call::Message(MessageKind::Broadcast { root } | MessageKind::HostBroadcast { root }) => p.arrived.get(root).and_then(|a| a.as_ref()).map(|a| a.cols),
+        _ => Some(first.cols),
+    }
+}
+
+/// Checks that every member of a collective did the same thing and decides
+/// its outcome (a split's new groups).
+fn complete(st: &mut State, group: &str, instance: u64, arrived: &[Arrival]) -> std::result::Result<Completed, String> {
+    let first = &arrived[0];
+    for (r, a) in arrived.iter().enumerate() {
+        let same = match (first.call, a.call) {
+            (Call::Split(_), Call::Split(_)) => true,
+            (Call::Message(x), Call::Message(y)) => x == y && a.len == first.len,
+            _ => false,
+        };
+        if !same {
+            return Err(format!("collective mismatch on `{group}`: group rank 0 calls {}, group rank {r} calls {}", first.describe(), a.describe()));
+        }
+    }
+    let cols = match first.call {
+        Call::Message(MessageKind::Broadcast { root } | MessageKind::HostBroadcast { root }) => arrived.get(root).and_then(|a| a.cols),
+        _ => first.cols,
+    };
+    let mut groups = vec![None; arrived.len()];
+    if matches!(first.call, Call::Split(_)) {
+        let mut by_color: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (r, a) in arrived.iter().enumerate() {
+            if let Call::Split(Some(c)) = a.call {
+                by_color.entry(c).or_default().push(r);
+            }
+        }
+        for members in by_color.values() {
+            let key = st.next_key;
+            st.next_key += 1;
+            let ranks: Arc<[usize]> = members.iter().map(|&r| arrived[r].world_rank).collect();
+            for &r in members {
+                groups[r] = Some((key, ranks.clone()));
+            }
+        }
+    }
+    Ok(Completed { instance, cols, groups: Arc::new(groups) })
+}
+
+impl Transport<ShapeBackend> for SimTransport<'_> {
+    fn name(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn world(&mut self, _backend: &ShapeBackend) -> Result<Group> {
+        Ok(Group::new(0, "world", (0..self.world.size).collect(), self.rank))
+    }
+
+    fn split(&mut self, _backend: &ShapeBackend, parent: &Group, color: Option<u32>, id: usize, name: &str) -> Result<Option<Group>> {
+        let arrival = Arrival { call: Call::Split(color), len: 0, cols: None, world_rank: self.rank };
+        let done = self.collective(parent, arrival)?;
+        let Some((key, ranks)) = done.groups[parent.rank()].clone() else { return Ok(None) };
+        let me = ranks.iter().position(|&r| r == self.rank).expect("a member of its own group");
+        self.keys.borrow_mut().insert(id, key);
+        Ok(Some(Group::new(id, name, ranks.to_vec(), me)))
+    }
+
+    fn all_reduce_sum(&self, be: &ShapeBackend, group: &Group, buf: &mut ShapeBuf) -> Result<Timed<Option<usize>>> {
+        let done = self.collective(group, self.me(MessageKind::AllReduce, buf.len, buf.cols))?;
+        let io = (vec![BufRef::from(&*buf)], vec![BufRef::from(&*buf)]);
+        Ok(self.record(MessageKind::AllReduce, group, Self::stream_of(be, group), be.size_bytes(buf) as u64, Some(done.instance), vec![], vec![], io))
+    }
+
+    fn reduce_scatter_sum(&self, be: &ShapeBackend, group: &Group, send: &ShapeBuf, recv: &mut ShapeBuf) -> Result<Timed<Option<usize>>> {
+        if send.len != recv.len * group.size() {
+            return Err(CommError::Size(format!("reduce_scatter: send {} != {} x recv {}", send.len, group.size(), recv.len)));
+        }
+        let done = self.collective(group, self.me(MessageKind::ReduceScatter, send.len, send.cols))?;
+        recv.cols = send.cols;
+        let io = (vec![BufRef::from(send), BufRef::from(&*recv)], vec![BufRef::from(&*recv)]);
+        Ok(self.record(MessageKind::ReduceScatter, group, Self::stream_of(be, group), be.size_bytes(send) as u64, Some(done.instance), vec![], vec![], io))
+    }
+
+    fn all_gather(&self, be: &ShapeBackend, group: &Group, send: &ShapeBuf, recv: &mut ShapeBuf) -> Result<Timed<Option<usize>>> {
+        if recv.len != send.len * group.size() {
+            return Err(CommError::Size(format!("all_gather: recv {} != {} x {}", recv.len, group.size(), send.len)));
+        }
+        let done = self.collective(group, self.me(MessageKind::AllGather, send.len, send.cols))?;
+        recv.cols = send.cols;
+        // The receive buffer (allocated by `Comm`) is the collective's to fill: it counts as read.
+        let io = (vec![BufRef::from(send), BufRef::from(&*recv)], vec![BufRef::from(&*recv)]);
+        Ok(self.record(MessageKind::AllGather, group, Self::stream_of(be, group), be.size_bytes(recv) as u64, Some(done.instance), vec![], vec![], io))
+    }
+
+    fn broadcast(&self, be: &ShapeBackend, group: &Group, root: usize, buf: &mut ShapeBuf) -> Result<Timed<Option<usize>>> {
+        let kind = MessageKind::Broadcast { root };
+        let done = self.collective(group, self.me(kind, buf.len, buf.cols))?;
+        buf.cols = done.cols.or(buf.cols);
+        let io = (vec![BufRef::from(&*buf)], vec![BufRef::from(&*buf)]);
+        Ok(self.record(kind, group, Self::stream_of(be, group), be.size_bytes(buf) as u64, Some(done.instance), vec![], vec![], io))
+    }
+
+    fn exchange(&self, be: &ShapeBackend, group: &Group, sends: &[SendPart<'_, ShapeBackend>], recv: Option<&mut ShapeBuf>, recvs: &[RecvPart]) -> Result<Timed<Option<usize>>> {
+        for p in sends {
+            if p.range.end > p.buf.len || p.peer >= group.size() {
+                return Err(CommError::Size(format!("send of elements {:?} of {} to rank {} of `{}`", p.range, p.buf.len, p.peer, group.name)));
+            }
+        }
+        let recv_len = recv.as_ref().map_or(0, |b| b.len);
+        ordered_recv_parts(recvs, recv_len)?;
+        let elem = |b: &ShapeBuf| be.size_bytes(b).checked_div(b.len).unwrap_or(0) as u64;
+        let out: Vec<(usize, u64, Option<usize>)> = sends.iter().map(|p| (p.peer, p.range.len() as u64 * elem(p.buf), p.buf.cols)).collect();
+        let recv_elem = recv.as_ref().map_or(0, |b| elem(b));
+        let inn: Vec<(usize, u64)> = recvs.iter().map(|p| (p.peer, p.range.len() as u64 * recv_elem)).collect();
+        let (sent, got, _) = self.point_to_point(group, false, &out, &[], &inn)?;
+        let mut inputs: Vec<BufRef> = sends.iter().map(|p| BufRef::from(p.buf)).collect();
+        let mut outputs = Vec::new();
+        if let Some(b) = recv {
+            if got.len() == 1 && recvs[0].range.len() == b.len {
+                b.cols = got[0].cols;
+            }
+            // Parts may leave rows of the buffer as they were: it is read too.
+            inputs.push(BufRef::from(&*b));
+            outputs.push(BufRef::from(&*b));
+        }
+        let bytes = sent.iter().chain(&got).map(|p| p.bytes).sum();
+        Ok(self.record(MessageKind::Exchange, group, Self::stream_of(be, group), bytes, None, sent, got, (inputs, outputs)))
+    }
+
+    /// Blocks to and from every other rank as point-to-point parts (the
+    /// rank's own block is its own: no message); empty blocks send nothing,
+    /// on both sides alike, since both know the counts.
+    fn all_to_all_v(&self, be: &ShapeBackend, group: &Group, send: &ShapeBuf, send_counts: &[usize], recv: &mut ShapeBuf, recv_counts: &[usize]) -> Result<Timed<Option<usize>>> {
+        let (n, me) = (group.size(), group.rank());
+        let (sent_total, recv_total) = (send_counts.iter().sum::<usize>(), recv_counts.iter().sum::<usize>());
+        if send_counts.len() != n || recv_counts.len() != n || sent_total > send.len || recv_total > recv.len {
+            return Err(CommError::Size(format!("all_to_all_v on `{}` of {n} ranks: counts {send_counts:?} of {} sent, {recv_counts:?} into {}", group.name, send.len, recv.len)));
+        }
+        let elem = |b: &ShapeBuf| be.size_bytes(b).checked_div(b.len).unwrap_or(0) as u64;
+        // A rank sending nothing has an empty buffer: take the element size from the other.
+        let (es, er) = (elem(send).max(elem(recv)), elem(recv).max(elem(send)));
+        let out: Vec<(usize, u64, Option<usize>)> = (0..n).filter(|&p| p != me && send_counts[p] > 0).map(|p| (p, send_counts[p] as u64 * es, send.cols)).collect();
+        let inn: Vec<(usize, u64)> = (0..n).filter(|&p| p != me && recv_counts[p] > 0).map(|p| (p, recv_counts[p] as u64 * er)).collect();
+        let (sent, got, _) = self.point_to_point(group, false, &out, &[], &inn)?;
+        recv.cols = send.cols.or(got.first().and_then(|p| p.cols));
+        let inputs: Vec<BufRef> = std::iter::repeat_n(BufRef::from(send), sent.len()).chain(std::iter::once(BufRef::from(&*recv))).collect();
+        let bytes = sent.iter().chain(&got).map(|p| p.bytes).sum();
+        Ok(self.record(MessageKind::AllToAll, group, Self::stream_of(be, group), bytes, None, sent, got, (inputs, vec![BufRef::from(&*recv)])))
+    }
+
+    fn host_broadcast(&self, group: &Group, root: usize, data: &mut [u32]) -> Result<()> {
+        let kind = MessageKind::HostBroadcast { root };
+        let done = self.collective(group, self.me(kind, data.len(), None))?;
+        self.record(kind, group, 0, std::mem::size_of_val(data) as u64, Some(done.instance), vec![], vec![], (vec![], vec![]));
+        Ok(())
+    }
+
+    fn host_send(&self, group: &Group, dst: usize, data: &[u32]) -> Result<()> {
+        let (sent, _, _) = self.point_to_point(group, true, &[(dst, std::mem::size_of_val(data) as u64, None)], &[data], &[])?;
+        self.record(MessageKind::HostSend, group, 0, std::mem::size_of_val(data) as u64, None, sent, vec![], (vec![], vec![]));
+        Ok(())
+    }
+
+    fn host_recv(&self, group: &Group, src: usize, data: &mut [u32]) -> Result<()> {
+        let (_, got, received) = self.point_to_point(group, true, &[], &[], &[(src, std::mem::size_of_val(data) as u64)])?;
+        if let Some(v) = received.first().filter(|v| v.len() == data.len()) {
+            data.copy_from_slice(v);
+        }
+        self.record(MessageKind::HostRecv, group, 0, std::mem::size_of_val(data) as u64, None, vec![], got, (vec![], vec![]));
+        Ok(())
+    }
+
+    /// One record for the whole host all-to-all, bytes as `Comm` counts them.
+    fn host_all_to_all(&self, group: &Group, send: &[u32], recv: &mut [u32]) -> Result<()> {
+        let (n, me) = (group.size(), group.rank());
+        if send.len() != recv.len() || send.len() % n != 0 {
+            return Err(CommError::Size(format!("host_all_to_all on `{}` of {n} ranks: {} sent, {} received", group.name, send.len(), recv.len())));
+        }
+        let per = (send.len() / n * 4) as u64;
+        let peers: Vec<usize> = (0..n).filter(|&p| p != me).collect();
+        let out: Vec<(usize, u64, Option<usize>)> = peers.iter().map(|&p| (p, per, None)).collect();
+        let inn: Vec<(usize, u64)> = peers.iter().map(|&p| (p, per)).collect();
+        let per_elems = send.len() / n;
+        let blocks: Vec<&[u32]> = peers.iter().map(|&p| &send[p * per_elems..(p + 1) * per_elems]).collect();
+        let (sent, got, received) = self.point_to_point(group, true, &out, &blocks, &inn)?;
+        recv[me * per_elems..(me + 1) * per_elems].copy_from_slice(&send[me * per_elems..(me + 1) * per_elems]);
+        for (&p, v) in peers.iter().zip(&received) {
+            if v.len() != per_elems {
+                return Err(CommError::Size(format!("host_all_to_all on `{}`: rank {p} sent {} counts, {per_elems} expected", group.name, v.len())));
+            }
+            recv[p * per_elems..(p + 1) * per_elems].copy_from_slice(v);
+        }
+        let bytes = 2 * std::mem::size_of_val(send) as u64 * peers.len() as u64 / n as u64;
+        self.record(MessageKind::HostAllToAll, group, 0, bytes, None, sent, got, (vec![], vec![]));
+        Ok(())
+    }
+
+    fn announce(&self, category: Category) {
+        self.category.set(Some(category));
+    }
+}
+
+#[cfg(test)]
+mod tests;

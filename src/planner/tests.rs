@@ -1,0 +1,172 @@
+//! DAG validation on the tiny model: the strategies' own DAGs pass every
+//! rule, and each rule catches a DAG broken on purpose.
+
+use super::dag::{Dag, EdgeKind, Node, NodeKind, Phase};
+use super::execute::{record, Execution};
+use super::validate::{validate, MemoryLimit};
+use super::*;
+use crate::backend::shape::{BufRef, OpDims, OpKind, OpRecord};
+use crate::spec::parse_job;
+use std::collections::HashSet;
+
+const JOB: &str = r#"
+[run]
+backend = "cpu"
+[model]
+preset = "tiny"
+[workload]
+output_tokens = 3
+[[workload.category]]
+name = "c"
+lengths = [40]
+[[strategy]]
+kind = "baseline"
+tp = 2
+pp = 2
+[[strategy]]
+kind = "fapool"
+base = 2
+pool_max = 2
+threshold = 16
+tokens_per_pool_gpu = 16
+partition = "zigzag"
+micro_batches = 2
+"#;
+
+/// The DAG of strategy `i` of the job for 2 sequences of 40 tokens.
+fn dag(i: usize) -> (Dag, usize) {
+    let job = parse_job(JOB, &[]).unwrap();
+    let cfg = job.model.resolve().unwrap();
+    let shape = BatchShape { nseq: 2, seq_len: 40, out_tokens: 3 };
+    let x = Execution { spec: &job.strategies[i], cfg: &cfg, world: 4, shape, micro_batch_cap: 2, dtype: Dtype::Fp32, cuda_graphs: false, messages_block_compute: true, routing: Default::default() };
+    (Dag::build(record(&x).unwrap()), cfg.layers)
+}
+
+fn rule(dag: &Dag, layers: usize) -> &'static str {
+    validate(dag, layers, None).expect_err("a broken DAG").rule
+}
+
+/// The first node of `kind` on `rank` in `phase`.
+fn find(dag: &Dag, rank: usize, phase: Phase, kind: OpKind) -> usize {
+    dag.programs[rank].iter().copied().find(|&i| dag.nodes[i].phase == phase && dag.nodes[i].op().is_some_and(|o| o.kind == kind)).expect("such a node")
+}
+
+#[test]
+fn the_strategies_own_dags_pass_every_rule() {
+    for i in 0..2 {
+        let (d, layers) = dag(i);
+        assert!(validate(&d, layers, None).is_ok(), "strategy {i}: {:?}", validate(&d, layers, None));
+        assert!(d.decode_steps() == 2 && !d.sampled(Phase::Prefill).is_empty());
+    }
+}
+
+#[test]
+fn a_cycle_is_caught() {
+    let (mut d, layers) = dag(0);
+    let (a, b) = (d.programs[0][3], d.programs[0][9]);
+    d.edges.push(super::dag::Edge { from: b, to: a, kind: EdgeKind::Data { rank: 0, buf: 0 } });
+    assert_eq!(rule(&d, layers), "dag-acyclic");
+}
+
+#[test]
+fn a_receive_expecting_other_bytes_than_its_send_is_caught() {
+    let (mut d, layers) = dag(0);
+    let e = d.edges.iter_mut().find(|e| matches!(e.kind, EdgeKind::Message { .. })).expect("a message");
+    if let EdgeKind::Message { bytes, .. } = &mut e.kind {
+        *bytes += 4;
+    }
+    assert_eq!(rule(&d, layers), "message-bytes-match");
+}
+
+#[test]
+fn a_receive_without_its_send_is_caught() {
+    let (mut d, layers) = dag(1);
+    let at = d.edges.iter().position(|e| matches!(e.kind, EdgeKind::Message { .. })).expect("a message");
+    d.edges.remove(at);
+    assert_eq!(rule(&d, layers), "message-bytes-match");
+}
+
+#[test]
+fn a_gemm_whose_k_is_not_its_inputs_width_is_caught() {
+    let (mut d, layers) = dag(0);
+    let id = find(&d, 0, Phase::Prefill, OpKind::Matmul);
+    if let NodeKind::Compute(op) = &mut d.nodes[id].kind {
+        if let OpDims::Gemm { k, .. } = &mut op.dims {
+            *k += 1;
+        }
+    }
+    let v = validate(&d, layers, None).unwrap_err();
+    assert_eq!((v.rule, v.node), ("edge-shapes-match", Some(id)));
+}
+
+#[test]
+fn a_buffer_read_at_another_length_than_written_is_caught() {
+    let (mut d, layers) = dag(0);
+    let e = *d.edges.iter().find(|e| matches!(e.kind, EdgeKind::Data { .. })).unwrap();
+    let EdgeKind::Data { buf, .. } = e.kind else { unreachable!() };
+    let input = d.nodes[e.to].inputs[0].iter_mut().find(|b| b.id == buf).unwrap();
+    input.len += 1;
+    assert_eq!(rule(&d, layers), "edge-shapes-match");
+}
+
+#[test]
+fn work_that_reaches_no_output_is_caught() {
+    let (mut d, layers) = dag(0);
+    let out = BufRef { id: 1 << 40, len: 8, cols: Some(8) };
+    let op = OpRecord { kind: OpKind::MergePartials, dims: OpDims::Rows { rows: 1, cols: 8 }, flops: 1.0, bytes_read: 0, bytes_written: 32, inputs: vec![], outputs: vec![out], stream: 0 };
+    let id = d.nodes.len();
+    d.nodes.push(Node { kind: NodeKind::Compute(op), phase: Phase::Prefill, ranks: vec![1], stream: 0, inputs: vec![vec![]], outputs: vec![vec![out]] });
+    d.programs[1].insert(2, id);
+    d.creators[1].insert(out.id, id);
+    let v = validate(&d, layers, None).unwrap_err();
+    assert_eq!((v.rule, v.node), ("reaches-output", Some(id)));
+}
+
+#[test]
+fn a_missing_residual_addition_is_caught() {
+    let (mut d, layers) = dag(1);
+    // The base's first residual addition of the prefill into each
+    // micro-batch's stream (on both base ranks, which hold a share of every
+    // micro-batch's rows) becomes a plain copy: the sampled rows then went
+    // through one addition fewer.
+    for rank in [0, 1] {
+        let mut targets = HashSet::new();
+        let adds: Vec<usize> = d.programs[rank].iter().copied().filter(|&i| d.nodes[i].phase == Phase::Prefill && d.nodes[i].op().is_some_and(|o| o.kind == OpKind::Add)).collect();
+        for id in adds {
+            let target = d.nodes[id].inputs[0][0].id;
+            if targets.insert(target) {
+                if let NodeKind::Compute(op) = &mut d.nodes[id].kind {
+                    op.kind = OpKind::CopyRows;
+                }
+            }
+        }
+    }
+    let v = validate(&d, layers, None).unwrap_err();
+    assert_eq!(v.rule, "residual-per-sub-layer");
+    assert!(v.detail.contains("went through 3 residual additions per element; 2 layers need 4"), "{v}");
+}
+
+#[test]
+fn a_gpu_over_its_memory_is_caught() {
+    let (d, layers) = dag(0);
+    let peak = d.peak_bytes.iter().copied().max().unwrap();
+    let v = validate(&d, layers, Some(&MemoryLimit { capacity: peak - 1, model_estimate: 0 })).unwrap_err();
+    assert_eq!(v.rule, "memory-within-capacity");
+    let v = validate(&d, layers, Some(&MemoryLimit { capacity: peak, model_estimate: peak + 1 })).unwrap_err();
+    assert!(v.rule == "memory-within-capacity" && v.at.contains("memory model"), "{v}");
+}
+
+#[test]
+fn a_pipeline_of_two_stages_overlaps_its_micro_batches() {
+    // Baseline TP=2 x PP=2 with two micro-batches: stage 1 works on the first
+    // while stage 0 works on the second, so the prefill takes less than the
+    // sum of both stages' busy time.
+    let (d, _) = dag(0);
+    let cost = CostModel::roofline(cluster::ClusterSpec::default_for(gpus::by_key("h200").unwrap(), 4), Dtype::Fp32, false);
+    let tl = timeline::simulate(&d, &cost).unwrap();
+    let p = report::predict(&d, &tl, d.shape);
+    let busy: f64 = [0, 2].iter().map(|&r| p.prefill_use[r].compute_s + p.prefill_use[r].comm_s).sum();
+    assert!(p.ttft_s < busy, "TTFT {} vs busy {busy}", p.ttft_s);
+    // The bubble: stage 1 waits in its receive for stage 0's first micro-batch.
+    assert!(p.prefill_use[2].wait_s > 0.0, "{:?}", p.prefill_use[2]);
+}
