@@ -28,7 +28,7 @@
 # the plan of jobs/gpu-1-llama.toml from it, the real run of the same job
 # with the predictions stored beside the measurements, and analyze printing
 # predicted against measured), planner-model (the same for dense-4l over
-# jobs/gpu-1-model.toml's 4K and 16K categories).
+# jobs/gpu-1-model.toml's 4K, 16K and 64K categories).
 set -uo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 B=${B:-target/release/fapool}
@@ -128,7 +128,7 @@ for s in $steps; do
         if [ "$s" = planner ]; then
             tag=llama job=jobs/gpu-1-llama.toml only=()
         else
-            tag=model job=jobs/gpu-1-model.toml only=(--set 'workload.category=[{name="S4096",lengths=[4096]},{name="S16384",lengths=[16384]}]')
+            tag=model job=jobs/gpu-1-model.toml only=(--set 'workload.category=[{name="S4096",lengths=[4096]},{name="S16384",lengths=[16384]},{name="S65536",lengths=[65536]}]')
         fi
         cal="$OUT/cal-$tag.h5"
         TAILN=20 step "calibrate-$tag" timeout 150 mpirun -np 1 "$B" calibrate --backend cuda --dtype bf16 --job "$job" --out "$cal"
