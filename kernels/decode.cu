@@ -221,114 +221,6 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
     if (c0 == 0) part_lse[part] = l > 0.0f ? (m + log2f(l)) * FAPOOL_LN2 : FAPOOL_NEG_INF;
 }
 
-#define DECODE_GROUP_THREADS 256
-
-// Grouped K/V heads (G = heads / kv_heads query heads per K/V head: 2, 4 or
-// 8). decode_rows gives every query head its own `tpr` threads, so the G
-// heads of a group each load the same K/V columns (the repeats come from
-// L2) and the block's rows in flight hold 1/G of distinct cache bytes. Here
-// every `tpr` threads own one K/V head's 8-column slice for the whole chunk
-// and all G query heads that read it: each cache row is loaded once per
-// block, and U rows of every K/V head are in flight per thread. Block: kvg *
-// tpr threads (kvg K/V heads, a multiple of 32 threads, at most
-// DECODE_GROUP_THREADS); grid (splits, K/V head groups, sequences). Same
-// outputs as decode_rows (one partial output and log-sum-exp per query head
-// and chunk).
-template <typename T, int G, int U>
-__device__ void decode_group_impl(const T* q, const T* kc, const T* vc, float* part_o, float* part_lse,
-                                  int cap, int len, const int* len_ptr, int heads, int kv_heads, int d, int kvg,
-                                  int chunk, float scale_log2) {
-    if (len_ptr) len = min(*len_ptr, cap);
-    const int split = blockIdx.x, n = blockIdx.z, nsplit = gridDim.x;
-    const int tpr = d / 8;
-    const int hk_block = blockIdx.y * kvg + threadIdx.x / tpr;
-    const bool live = hk_block < kv_heads;
-    const int hk = live ? hk_block : kv_heads - 1;  // out-of-range heads shadow the last one; their results are dropped
-    const int c0 = (threadIdx.x % tpr) * 8;
-    const u64 width = (u64)heads * d;
-    const u64 kv_width = (u64)kv_heads * d;
-
-    float qv[G][8];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        load8(q + (u64)n * width + (u64)(hk * G + g) * d + c0, qv[g]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) qv[g][i] *= scale_log2;
-    }
-    const int start = split * chunk;
-    const int end = min(len, start + chunk);
-    const T* kp = kc + (u64)n * cap * kv_width + (u64)hk * d + c0;
-    const T* vp = vc + (u64)n * cap * kv_width + (u64)hk * d + c0;
-
-    float m[G], l[G], acc[G][8];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        m[g] = FAPOOL_NEG_INF;
-        l[g] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
-    }
-    for (int j = start; j < end; j += U) {
-        Raw8<T> rk[U], rv[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (j + u < end) {
-                rk[u] = ld_stream8(kp + (u64)(j + u) * kv_width);
-                rv[u] = ld_stream8(vp + (u64)(j + u) * kv_width);
-            } else {
-                zero8(rk[u]);
-                zero8(rv[u]);
-            }
-        }
-        float sc[U][G];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            float kv[8];
-            unpack8(rk[u], kv);
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) dot += qv[g][i] * kv[i];
-                for (int o = tpr / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o, tpr);
-                sc[u][g] = (j + u < end) ? dot : FAPOOL_NEG_INF;
-            }
-        }
-        float mx[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-            mx[g] = m[g];
-#pragma unroll
-            for (int u = 0; u < U; ++u) mx[g] = fmaxf(mx[g], sc[u][g]);
-            const float alpha = fast_exp2(m[g] - mx[g]);
-            l[g] *= alpha;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
-            m[g] = mx[g];
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            float vv[8];
-            unpack8(rv[u], vv);
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-                const float p = fast_exp2(sc[u][g] - m[g]);
-                l[g] += p;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc[g][i] += p * vv[i];
-            }
-        }
-    }
-    if (!live) return;
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        const u64 part = ((u64)n * heads + hk * G + g) * nsplit + split;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) part_o[part * d + c0 + i] = l[g] > 0.0f ? acc[g][i] / l[g] : 0.0f;
-        if (c0 == 0) part_lse[part] = l[g] > 0.0f ? (m[g] + log2f(l[g])) * FAPOOL_LN2 : FAPOOL_NEG_INF;
-    }
-}
-
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // (undefined in a host compiler pass)
 // Hopper: the row-major decode of decode_rows, fed by bulk copies. Warp 0
 // streams the chunk's cache rows (DECODE_BULK_ROWS rows of K and as many of
@@ -613,16 +505,6 @@ __device__ void decode_combine_impl(const float* part_o, const float* part_lse, 
     if (threadIdx.x == 0) lse[row] = L > 0.0f ? M + logf(L) : FAPOOL_NEG_INF;
 }
 
-// decode_group<G>_<type>: G query heads per K/V head, U rows per thread in flight.
-#define DECODE_GROUP(T, SUFFIX, G, U)                                                                \
-    extern "C" __global__ void __launch_bounds__(DECODE_GROUP_THREADS)                               \
-        decode_group##G##_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o,              \
-                                   float* part_lse, int cap, int len, const int* len_ptr, int heads, \
-                                   int kv_heads, int d, int kvg, int chunk, float scale_log2) {      \
-        decode_group_impl<T, G, U>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, kv_heads,  \
-                                   d, kvg, chunk, scale_log2);                                       \
-    }
-
 #define DECODE(T, SUFFIX)                                                                          \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                   \
         decode_partial_##SUFFIX(const T* q, const T* kc, const T* vc, float* part_o,               \
@@ -638,9 +520,6 @@ __device__ void decode_combine_impl(const float* part_o, const float* part_lse, 
         decode_rows_impl<T>(q, kc, vc, part_o, part_lse, cap, len, len_ptr, heads, kv_heads, d, hg, \
                             chunk, scale_log2);                                                    \
     }                                                                                              \
-    DECODE_GROUP(T, SUFFIX, 2, 8)                                                                  \
-    DECODE_GROUP(T, SUFFIX, 4, 8)                                                                  \
-    DECODE_GROUP(T, SUFFIX, 8, 4)                                                                  \
     extern "C" __global__ void decode_combine_##SUFFIX(const float* part_o, const float* part_lse, \
                                                        T* out, float* lse, int nsplit, int heads,  \
                                                        int d) {                                    \

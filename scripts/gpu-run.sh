@@ -122,16 +122,18 @@ for s in $steps; do
         step bench-moe timeout 60 "$B" bench moe --dtype fp16 --iters 20 "${reference[@]}" --out "$OUT/bench-moe.h5"
         ;;
     planner | planner-model)
-        # About 130 s of GPU time per step: the calibration grid is sized to
-        # take about a minute on an H200 (plus the NVRTC compile), the plan
-        # runs on the host in seconds, the run about 45 s, analyze a second.
+        # About 4-5 minutes of GPU time per step: on an H200 the calibration's
+        # GEMM grid took 78 s and prefill attention 29 s more, and the decode,
+        # bandwidth and sequence-overhead tables follow (about 3-4 minutes in
+        # all, plus the NVRTC compile); the plan runs on the host in seconds,
+        # the run under a minute, analyze a second.
         if [ "$s" = planner ]; then
             tag=llama job=jobs/gpu-1-llama.toml only=()
         else
             tag=model job=jobs/gpu-1-model.toml only=(--set 'workload.category=[{name="S4096",lengths=[4096]},{name="S16384",lengths=[16384]},{name="S65536",lengths=[65536]}]')
         fi
         cal="$OUT/cal-$tag.h5"
-        TAILN=20 step "calibrate-$tag" timeout 150 mpirun -np 1 "$B" calibrate --backend cuda --dtype bf16 --job "$job" --out "$cal"
+        TAILN=20 step "calibrate-$tag" timeout 300 mpirun -np 1 "$B" calibrate --backend cuda --dtype bf16 --job "$job" --out "$cal"
         TAILN=30 step "plan-$tag" timeout 60 "$B" plan "$job" "${only[@]}" --calibration "$cal" --per-gpu
         step "planned-run-$tag" timeout 150 mpirun -np 1 "$B" run "$job" "${only[@]}" --calibration "$cal" --out "$OUT/planned-$tag.h5"
         TAILN=80 step "planned-analyze-$tag" "$B" analyze "$OUT/planned-$tag.h5"

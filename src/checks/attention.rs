@@ -174,7 +174,7 @@ pub fn attention_decode<B: CheckedBackend>(c: &mut Checker<B>) {
 /// of a 34,000-row cache of two heads, has chunks of 256 rows and more,
 /// which on sm_90 are fed by bulk copies (`decode_bulk`); the fourth is
 /// Llama 3's grouped K/V heads (8 for 32 query heads) at 8K, the K/V rows
-/// embedded from a table of their own width (`decode_group4`).
+/// embedded from a table of their own width.
 pub fn decode_steps<B: CheckedBackend>(c: &mut Checker<B>) {
     let cases = [
         (DecodeShape { nseq: 2, cap: 40, len: 30, heads: 4, kv_heads: 4, head_dim: 16 }, 64),

@@ -254,13 +254,6 @@ kernel_args! {
         q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
         cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, hg: i32, chunk: i32, scale_log2: f32,
     }
-    /// `decode_group{2,4,8}_*` (decode.cu): grouped K/V heads, the threads of
-    /// one K/V head's columns computing all the query heads that read it;
-    /// `kvg` K/V heads per block.
-    DecodeGroupArgs {
-        q: *const Storage, kc: *const Storage, vc: *const Storage, part_o: *mut f32, part_lse: *mut f32,
-        cap: i32, len: i32, len_ptr: *const i32, heads: i32, kv_heads: i32, d: i32, kvg: i32, chunk: i32, scale_log2: f32,
-    }
     /// `decode_bulk_*` (decode.cu, sm_90 and newer): `decode_rows` fed by
     /// bulk copies into a ring of shared-memory stages, a producer warp more.
     DecodeBulkArgs {
@@ -439,10 +432,6 @@ kernels! {
     MERGE_PARTIALS: MergePartialsArgs = Merge, typed!("merge_partials"), Block::Any;
     DECODE_PARTIAL: DecodePartialArgs = Decode, typed!("decode_partial"), Block::Exactly(DECODE_THREADS);
     DECODE_ROWS: DecodeRowsArgs = Decode, typed!("decode_rows"), Block::AtMost(DECODE_ROWS_THREADS);
-    /// Two, four and eight query heads per K/V head.
-    DECODE_GROUP2: DecodeGroupArgs = Decode, typed!("decode_group2"), Block::AtMost(DECODE_GROUP_THREADS);
-    DECODE_GROUP4: DecodeGroupArgs = Decode, typed!("decode_group4"), Block::AtMost(DECODE_GROUP_THREADS);
-    DECODE_GROUP8: DecodeGroupArgs = Decode, typed!("decode_group8"), Block::AtMost(DECODE_GROUP_THREADS);
     DECODE_BULK: DecodeBulkArgs = Decode, typed_16bit!("decode_bulk"), Block::AtMost(32 + DECODE_ROWS_THREADS),
         shared |a| decode_bulk_shared_bytes(a.hg as u32, a.d as u32, a.q.element_bytes());
     DECODE_COMBINE: DecodeCombineArgs = Decode, typed!("decode_combine"), Block::WholeWarps(DECODE_COMBINE_MAX_WARPS);

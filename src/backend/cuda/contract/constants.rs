@@ -22,8 +22,6 @@ pub const RMSNORM_THREADS: u32 = 256;
 pub const ARGMAX_THREADS: u32 = 256;
 pub const DECODE_THREADS: u32 = 128;
 pub const DECODE_ROWS_THREADS: u32 = 512;
-/// The most threads of a grouped-head decode block (`decode_group*`).
-pub const DECODE_GROUP_THREADS: u32 = 256;
 /// Warps (query rows) per block of the general prefill kernel, and the
 /// key/value rows it stages per tile.
 pub const PREFILL_WARPS: u32 = 8;
@@ -84,7 +82,6 @@ pub const SOURCE_CONSTANTS: &[(&str, u64)] = &[
     ("ARGMAX_THREADS", ARGMAX_THREADS as u64),
     ("DECODE_THREADS", DECODE_THREADS as u64),
     ("DECODE_ROWS_THREADS", DECODE_ROWS_THREADS as u64),
-    ("DECODE_GROUP_THREADS", DECODE_GROUP_THREADS as u64),
     ("PREFILL_WARPS", PREFILL_WARPS as u64),
     ("PREFILL_TILE", PREFILL_TILE as u64),
     ("PREFILL_MAX_D", PREFILL_MAX_D as u64),

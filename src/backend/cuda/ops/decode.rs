@@ -6,19 +6,14 @@
 //! a multiple of 8, 16-bit types: a block streams whole cache rows of
 //! several heads), on sm_90 `decode_bulk` for chunks of [`BULK_MIN_CHUNK`]
 //! rows or more (the same computation fed by bulk copies into a ring of
-//! shared-memory stages), with grouped K/V heads (2, 4 or 8 query heads
-//! each) in shorter chunks `decode_group*` (the threads of a K/V head's
-//! columns compute every query head of its group, so each row is loaded once
-//! per block), or `decode_partial` (any head_dim) computes each
+//! shared-memory stages), or `decode_partial` (any head_dim) computes each
 //! chunk's normalised output and log-sum-exp, and `decode_combine` merges
 //! them. With the step scalars the chunks are laid out for the cache's
 //! capacity and the length is read on the device, so a recorded step
 //! replays at any length: this module must not bake a step's length into
 //! such a launch.
 
-use super::super::contract::{
-    self, DecodeBulkArgs, DecodeCombineArgs, DecodeGroupArgs, DecodePartialArgs, DecodeRowsArgs, MergePartialsArgs, DECODE_COMBINE_MAX_WARPS, DECODE_GROUP_THREADS, DECODE_ROWS_THREADS, DECODE_THREADS,
-};
+use super::super::contract::{self, DecodeBulkArgs, DecodeCombineArgs, DecodePartialArgs, DecodeRowsArgs, MergePartialsArgs, DECODE_COMBINE_MAX_WARPS, DECODE_ROWS_THREADS, DECODE_THREADS};
 use super::super::launch::{DevPtr, Holds};
 use super::super::memory::CudaBuf;
 use super::super::CudaBackend;
@@ -81,17 +76,6 @@ pub(super) fn attention(be: &CudaBackend, q: &CudaBuf, k_cache: &CudaBuf, v_cach
     let chunk = if nsplit == 0 { 0 } else { span.div_ceil(nsplit) };
     let nsplit = if chunk == 0 { 0 } else { span.div_ceil(chunk) };
     let bulk = rows_kernel && takes_bulk_copies(be.bulk_decode, be.compute_capability, chunk);
-    // Grouped K/V heads whose chunks the bulk kernel does not take: the
-    // grouped kernel, laid out for its own blocks.
-    let grouped = if rows_kernel && !bulk { grouped_kernel(s.heads, s.kv_heads, tpr_rows) } else { None };
-    let (nsplit, chunk) = match grouped {
-        Some((_, kvg)) => {
-            let n = decode_splits(span, s.nseq * s.kv_heads.div_ceil(kvg), GROUP_BLOCKS_PER_SM * be.sm_count as usize);
-            let chunk = if n == 0 { 0 } else { span.div_ceil(n) };
-            (if chunk == 0 { 0 } else { span.div_ceil(chunk) }, chunk)
-        }
-        None => (nsplit, chunk),
-    };
     // One workspace: the partial outputs, then their log-sum-exps.
     let work = be.alloc(Dtype::Fp32, (pairs * nsplit * (s.head_dim + 1)).max(1))?;
     let (po, pl) = (DevPtr::of(&work), DevPtr::of_at(&work, 4 * pairs * nsplit * s.head_dim));
@@ -110,10 +94,6 @@ pub(super) fn attention(be: &CudaBackend, q: &CudaBuf, k_cache: &CudaBuf, v_cach
         // A producer warp more than decode_rows; the stages' shared memory comes from the contract.
         let args = DecodeBulkArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, kv_heads, d, hg: hg as i32, chunk, scale_log2 };
         unsafe { be.launch(&contract::DECODE_BULK, dtype, (nsplit as u32, head_groups as u32, s.nseq as u32), (32 + hg * tpr_rows) as u32, &args) }?;
-    } else if let (true, Some((kernel, kvg))) = (nsplit > 0, grouped) {
-        let args = DecodeGroupArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, kv_heads, d, kvg: kvg as i32, chunk, scale_log2 };
-        let grid = (nsplit as u32, s.kv_heads.div_ceil(kvg) as u32, s.nseq as u32);
-        unsafe { be.launch(kernel, dtype, grid, (kvg * tpr_rows) as u32, &args) }?;
     } else if nsplit > 0 && rows_kernel {
         let args = DecodeRowsArgs { q: q_p, kc: k_p, vc: v_p, part_o: po, part_lse: pl, cap, len, len_ptr, heads, kv_heads, d, hg: hg as i32, chunk, scale_log2 };
         unsafe { be.launch(&contract::DECODE_ROWS, dtype, (nsplit as u32, head_groups as u32, s.nseq as u32), (hg * tpr_rows) as u32, &args) }?;
@@ -130,34 +110,6 @@ pub(super) fn attention(be: &CudaBackend, q: &CudaBuf, k_cache: &CudaBuf, v_cach
     let args = DecodeCombineArgs { part_o: po, part_lse: pl, out: DevPtr::of(&out), lse: DevPtr::of(&lse), nsplit: nsplit_i, heads, d };
     unsafe { be.launch(&contract::DECODE_COMBINE, dtype, (s.heads as u32, s.nseq as u32, 1), combine_threads, &args) }?;
     Ok((out, lse))
-}
-
-/// Blocks of the grouped-head kernel per SM at a time, for the chunk
-/// layout: its threads hold G queries and accumulators (about 200
-/// registers at G = 4), so two blocks of 128 threads fit an SM.
-const GROUP_BLOCKS_PER_SM: usize = 2;
-
-/// The grouped-head decode kernel for `heads` query heads over `kv_heads`
-/// K/V heads with `tpr` threads per head row, and its K/V heads per block:
-/// two, four or eight query heads per K/V head, in a block of whole warps
-/// (at most [`DECODE_GROUP_THREADS`] threads; K/V heads past the last are
-/// idle threads). Otherwise none: the row-major kernel takes the shape.
-fn grouped_kernel(heads: usize, kv_heads: usize, tpr: usize) -> Option<(&'static contract::Kernel<DecodeGroupArgs>, usize)> {
-    if kv_heads == 0 || heads % kv_heads != 0 || tpr == 0 {
-        return None;
-    }
-    let kernel = match heads / kv_heads {
-        2 => &contract::DECODE_GROUP2,
-        4 => &contract::DECODE_GROUP4,
-        8 => &contract::DECODE_GROUP8,
-        _ => return None,
-    };
-    if tpr > 32 || !tpr.is_power_of_two() {
-        return None;
-    }
-    // Whole warps: K/V heads past the last are dead threads of the block.
-    let kvg = (DECODE_GROUP_THREADS as usize / tpr).min(kv_heads).next_multiple_of(32 / tpr);
-    Some((kernel, kvg))
 }
 
 /// Whether chunks of `chunk` rows that the row-major kernel can take are fed
@@ -203,8 +155,7 @@ pub(super) fn merge_partials(be: &CudaBackend, o: &mut CudaBuf, lse: &mut CudaBu
 
 #[cfg(test)]
 mod tests {
-    use super::{decode_splits, grouped_kernel, takes_bulk_copies};
-    use crate::backend::cuda::contract;
+    use super::{decode_splits, takes_bulk_copies};
 
     #[test]
     fn bulk_copies_feed_chunks_of_256_rows_or_more_on_sm_90_unless_switched_off() {
@@ -241,27 +192,5 @@ mod tests {
         assert_eq!(decode_splits(100, 1, 132), 4);
         assert_eq!(decode_splits(0, 4, 132), 0);
         assert_eq!(decode_splits(5000, 0, 132), 0);
-    }
-
-    #[test]
-    fn grouped_k_v_heads_of_two_four_and_eight_query_heads_take_the_grouped_kernel() {
-        let pick = |heads, kv_heads, tpr| grouped_kernel(heads, kv_heads, tpr).map(|(k, kvg)| (k.names.all()[0].1, kvg));
-        // Llama 3 8B: 32 query heads on 8 K/V heads of 128 (16 threads a row): one block of 128 threads.
-        assert_eq!(pick(32, 8, 16), Some((contract::DECODE_GROUP4.names.all()[0].1, 8)));
-        assert_eq!(pick(16, 8, 16).map(|p| p.0), Some(contract::DECODE_GROUP2.names.all()[0].1));
-        // Llama 3 70B on one rank: 64 on 8; at most 256 threads (16 K/V heads of 128).
-        assert_eq!(pick(64, 8, 16).map(|p| p.0), Some(contract::DECODE_GROUP8.names.all()[0].1));
-        assert_eq!(pick(128, 32, 16).map(|p| p.1), Some(16));
-        // One K/V head: the block is padded to a whole warp (a second, idle head).
-        assert_eq!(pick(8, 1, 16).map(|p| p.1), Some(2));
-        assert_eq!(pick(4, 2, 2).map(|p| p.1), Some(16));
-    }
-
-    #[test]
-    fn multi_head_and_other_group_sizes_stay_on_the_row_major_kernel() {
-        assert!(grouped_kernel(32, 32, 16).is_none());
-        assert!(grouped_kernel(48, 3, 16).is_none());
-        assert!(grouped_kernel(24, 8, 16).is_none());
-        assert!(grouped_kernel(32, 0, 16).is_none());
     }
 }
