@@ -312,12 +312,17 @@ fn a_calibration_file_of_another_dtype_is_refused() {
 #[test]
 fn a_calibration_file_of_another_schema_version_is_refused() {
     let dir = scratch("cal-version");
-    let p = dir.join("cal.h5");
-    let f = hdf5::File::create(&p).unwrap();
+    let staged = dir.join("staged.h5");
+    let f = hdf5::File::create(&staged).unwrap();
     let format: hdf5::types::VarLenUnicode = planner::calibration::FORMAT.parse().unwrap();
     f.new_attr::<hdf5::types::VarLenUnicode>().shape(()).create("format").unwrap().write_scalar(&format).unwrap();
     f.new_attr::<u64>().shape(()).create("schema_version").unwrap().write_scalar(&(planner::calibration::SCHEMA_VERSION as u64 + 1)).unwrap();
     drop(f);
+    // The library opens the file without close-on-exec, so a process another
+    // test spawns meanwhile inherits it with HDF5's lock: fapool reads a copy
+    // this process never opened.
+    let p = dir.join("cal.h5");
+    std::fs::copy(&staged, &p).unwrap();
     plan_fails_with("calibration-schema-version", &[&quickstart(), "--calibration", p.to_str().unwrap()]);
 }
 

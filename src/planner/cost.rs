@@ -146,6 +146,12 @@ impl CostModel {
     /// What `op` costs beyond its table time in a run's sequence of
     /// different operations (calibrated, per byte it moves).
     fn sequence_overhead(&self, op: &OpRecord) -> f64 {
+        // Measured on a chain of norms, GEMMs and element-wise ops; attention
+        // is not in it, and its tables already stream cold K/V caches (one
+        // copy per layer), so its cache bytes carry no such overhead.
+        if matches!(op.kind, OpKind::AttentionDecode | OpKind::AttentionPrefill) {
+            return 0.0;
+        }
         self.tables.as_ref().map_or(0.0, |t| t.sequence_overhead_s_per_byte * (op.bytes_read + op.bytes_written) as f64)
     }
 
@@ -355,5 +361,28 @@ mod tests {
         let (t, steps) = m.collective_seconds(&c);
         assert_eq!(steps, 14.0);
         assert!((t - (14.0 * 4e-6 + 1.75 * (1u64 << 30) as f64 / 240e9)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_sequence_overhead_is_charged_to_the_chains_ops_and_not_to_attention() {
+        let shape = crate::backend::DecodeShape { nseq: 4, cap: 1024, len: 1024, heads: 4, kv_heads: 4, head_dim: 64 };
+        let cache = (2 * 4 * 1024 * 256 * 4) as u64;
+        let decode = OpRecord { kind: OpKind::AttentionDecode, dims: OpDims::Decode(shape), flops: 0.0, bytes_read: cache, bytes_written: 0, inputs: vec![], outputs: vec![], stream: 0 };
+        let cal = |overhead| Calibration {
+            dtype: Dtype::Fp32,
+            ranks: 1,
+            gemm: vec![[64.0, 64.0, 64.0, 1e-3]],
+            decode: vec![[4.0, 1024.0, cache as f64, 1e-3]],
+            sequence_overhead_s_per_byte: overhead,
+            ..Default::default()
+        };
+        let plain = CostModel::calibrated(ClusterSpec::default_for(gpus::cpu(), 1), &cal(0.0), false);
+        let chained = CostModel::calibrated(ClusterSpec::default_for(gpus::cpu(), 1), &cal(1e-9), false);
+        // The decode table streams cold caches already: the same time with or without the overhead.
+        assert_eq!(chained.op_seconds(&decode, true), plain.op_seconds(&decode, true));
+        // A GEMM pays 1 ns per byte it moves beyond its table time.
+        let op = gemm(64, 64, 64);
+        let extra = chained.op_seconds(&op, false) - plain.op_seconds(&op, false);
+        assert!((extra - 1e-9 * (op.bytes_read + op.bytes_written) as f64).abs() < 1e-12, "{extra}");
     }
 }
