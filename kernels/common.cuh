@@ -154,6 +154,56 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// The 32-bit shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ unsigned cta_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // (undefined in a host compiler pass)
+// mbarriers with transaction counts (sm_90), shared by the Hopper prefill
+// kernel and the bulk-copy decode kernel.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ bool mbar_test(unsigned bar, unsigned parity) {
+    unsigned done;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+__device__ __forceinline__ u64 global_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// Waits for the phase of parity `parity` to complete. A wait that lasts
+// 100 ms (legitimate ones take microseconds) is a bug in the pipeline: it
+// clears `ok`, every later wait of the thread returns at once, and the
+// consumers write NaN, so a check fails instead of the GPU hanging. (A trap
+// here would keep ptxas from giving the Hopper prefill kernel's consumers
+// their 240 registers: the kernel spills and wgmma is serialised.)
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity, bool& ok) {
+    if (!ok || mbar_test(bar, parity)) return;
+    const u64 t0 = global_ns();
+    while (!mbar_test(bar, parity))
+        if (global_ns() - t0 > 100000000ull) {
+            ok = false;
+            return;
+        }
+}
+#endif
+
 // Instantiates `NAME_bf16`, `NAME_f16` and `NAME_f32` from a macro that
 // expands to an `extern "C"` kernel for one type.
 #define FAPOOL_FOR_EACH_TYPE(M) M(bf16, bf16) M(f16, f16) M(float, f32)

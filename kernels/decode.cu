@@ -240,43 +240,6 @@ __device__ void decode_rows_impl(const T* q, const T* kc, const T* vc, float* pa
 #define DECODE_BULK_ROWS 4
 #define DECODE_BULK_STAGES 3
 
-__device__ __forceinline__ unsigned dq_smem(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ void dq_bar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void dq_bar_expect(unsigned bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void dq_bar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ bool dq_bar_test(unsigned bar, unsigned parity) {
-    unsigned done;
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    return done != 0;
-}
-// As flash_sm90.cu's mbar_wait: a wait past 100 ms clears `ok` (the rows
-// then come out NaN) instead of hanging the GPU.
-__device__ __forceinline__ void dq_bar_wait(unsigned bar, unsigned parity, bool& ok) {
-    if (!ok || dq_bar_test(bar, parity)) return;
-    u64 t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    while (!dq_bar_test(bar, parity)) {
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        if (t - t0 > 100000000ull) {
-            ok = false;
-            return;
-        }
-    }
-}
 __device__ __forceinline__ void dq_bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
                  "l"(src), "r"(bytes), "r"(bar)
@@ -314,7 +277,7 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     const unsigned stage_bytes = 2 * DECODE_BULK_ROWS * row_bytes;
     // The stages the room for DECODE_BULK_STAGES stages of hg heads holds.
     const int stages = (DECODE_BULK_STAGES * hg) / nkv;
-    const unsigned ring = dq_smem(dq_ring);
+    const unsigned ring = cta_addr(dq_ring);
     const unsigned bars = ring + (unsigned)(DECODE_BULK_STAGES * 2 * DECODE_BULK_ROWS * hg * d * sizeof(T));  // full[s], then empty[s]
     const u64 width = (u64)heads * d;
     const u64 kv_width = (u64)kv_heads * d;
@@ -322,8 +285,8 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     const int nbatch = end > start ? (end - start + DECODE_BULK_ROWS - 1) / DECODE_BULK_ROWS : 0;
     if (threadIdx.x == 0) {
         for (int s = 0; s < stages; ++s) {
-            dq_bar_init(bars + 8 * s, 1);
-            dq_bar_init(bars + 8 * (stages + s), (blockDim.x - 32) / 32);
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (stages + s), (blockDim.x - 32) / 32);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -335,10 +298,10 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
             const T* vb = vc + (u64)n * cap * kv_width + (u64)kv0 * d;
             for (int b = 0; b < nbatch; ++b) {
                 const int s = b % stages, round = b / stages;
-                dq_bar_wait(bars + 8 * (stages + s), (round & 1) ^ 1, ok);
+                mbar_wait(bars + 8 * (stages + s), (round & 1) ^ 1, ok);
                 const int j0 = start + b * DECODE_BULK_ROWS, rows = min(DECODE_BULK_ROWS, end - j0);
                 const unsigned full = bars + 8 * s, dst = ring + s * stage_bytes;
-                dq_bar_expect(full, 2 * rows * seg);
+                mbar_arrive_expect_tx(full, 2 * rows * seg);
                 for (int r = 0; r < rows; ++r) {
                     dq_bulk_copy(dst + r * row_bytes, kb + (u64)(j0 + r) * kv_width, seg, full);
                     dq_bulk_copy(dst + (DECODE_BULK_ROWS + r) * row_bytes, vb + (u64)(j0 + r) * kv_width, seg, full);
@@ -364,7 +327,7 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
     const unsigned my = (unsigned)(((h / gsize - kv0) * d + c0) * sizeof(T));  // this head's K/V in a row's slot
     for (int b = 0; b < nbatch; ++b) {
         const int s = b % stages, round = b / stages;
-        dq_bar_wait(bars + 8 * s, round & 1, ok);
+        mbar_wait(bars + 8 * s, round & 1, ok);
         const int rows = min(DECODE_BULK_ROWS, end - (start + b * DECODE_BULK_ROWS));
         const unsigned src = ring + s * stage_bytes + my;
         Raw8<T> rk[DECODE_BULK_ROWS], rv[DECODE_BULK_ROWS];
@@ -374,7 +337,7 @@ __device__ void decode_bulk_impl(const T* q, const T* kc, const T* vc, float* pa
             rv[u].a = dq_ld_shared16(src + (DECODE_BULK_ROWS + u) * row_bytes);
         }
         __syncwarp();
-        if ((t & 31) == 0) dq_bar_arrive(bars + 8 * (stages + s));
+        if ((t & 31) == 0) mbar_arrive(bars + 8 * (stages + s));
         float sc[DECODE_BULK_ROWS];
         float mx = m;
 #pragma unroll

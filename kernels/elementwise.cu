@@ -11,6 +11,29 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
+struct GeluTanh {
+    __device__ float operator()(float x) const { return gelu_tanh(x); }
+};
+struct Silu {
+    __device__ float operator()(float x) const { return silu(x); }
+};
+
+// gate = act(gate) * up over n elements (the gated FFNs' product).
+template <typename T, typename Act> __device__ void gated_product(T* gate, const T* up, u64 n, Act act) {
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    u64 chunks = n / 8;
+    for (u64 c = tid; c < chunks; c += stride) {
+        float g[8], u[8];
+        load8(gate + c * 8, g);
+        load8(up + c * 8, u);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) g[i] = act(g[i]) * u[i];
+        store8<T>(gate + c * 8, g);
+    }
+    for (u64 i = chunks * 8 + tid; i < n; i += stride) gate[i] = from_f32<T>(act(to_f32(gate[i])) * to_f32(up[i]));
+}
+
 // A stateless hash of (seed, index): uniform bits without per-thread state.
 __device__ __forceinline__ u64 splitmix64(u64 x) {
     x += 0x9e3779b97f4a7c15ull;
@@ -33,32 +56,10 @@ __device__ __forceinline__ u64 splitmix64(u64 x) {
         for (u64 i = chunks * 8 + tid; i < n; i += stride) x[i] = from_f32<T>(gelu_tanh(to_f32(x[i]))); \
     }                                                                                              \
     extern "C" __global__ void gelu_mul_##SUFFIX(T* gate, const T* up, u64 n) {                   \
-        u64 stride = (u64)gridDim.x * blockDim.x;                                                  \
-        u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;                                      \
-        u64 chunks = n / 8;                                                                        \
-        for (u64 c = tid; c < chunks; c += stride) {                                               \
-            float g[8], u[8];                                                                      \
-            load8(gate + c * 8, g);                                                                \
-            load8(up + c * 8, u);                                                                  \
-            _Pragma("unroll") for (int i = 0; i < 8; ++i) g[i] = gelu_tanh(g[i]) * u[i];           \
-            store8<T>(gate + c * 8, g);                                                            \
-        }                                                                                          \
-        for (u64 i = chunks * 8 + tid; i < n; i += stride)                                         \
-            gate[i] = from_f32<T>(gelu_tanh(to_f32(gate[i])) * to_f32(up[i]));                     \
+        gated_product<T>(gate, up, n, GeluTanh{});                                                 \
     }                                                                                              \
     extern "C" __global__ void silu_mul_##SUFFIX(T* gate, const T* up, u64 n) {                   \
-        u64 stride = (u64)gridDim.x * blockDim.x;                                                  \
-        u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;                                      \
-        u64 chunks = n / 8;                                                                        \
-        for (u64 c = tid; c < chunks; c += stride) {                                               \
-            float g[8], u[8];                                                                      \
-            load8(gate + c * 8, g);                                                                \
-            load8(up + c * 8, u);                                                                  \
-            _Pragma("unroll") for (int i = 0; i < 8; ++i) g[i] = silu(g[i]) * u[i];                \
-            store8<T>(gate + c * 8, g);                                                            \
-        }                                                                                          \
-        for (u64 i = chunks * 8 + tid; i < n; i += stride)                                         \
-            gate[i] = from_f32<T>(silu(to_f32(gate[i])) * to_f32(up[i]));                          \
+        gated_product<T>(gate, up, n, Silu{});                                                     \
     }                                                                                              \
     extern "C" __global__ void add_##SUFFIX(T* x, const T* y, u64 n) {                            \
         u64 stride = (u64)gridDim.x * blockDim.x;                                                  \

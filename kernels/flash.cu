@@ -36,11 +36,6 @@
 // asserts its layout fits.
 #define FLASH_SMEM_BYTES(D, WARPS, MF) ((16 * (MF) * (WARPS) + 4 * FA_BN) * 2 * (D))
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 
 // Byte offset of 16-byte chunk `c` of row `r` in a swizzled tile of rows of
 // D elements (the swizzles above).
@@ -133,7 +128,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
     constexpr bool Q_IN_REGS = MF * D <= 128;
     static_assert(Q_BYTES + 4 * KV_BYTES == FLASH_SMEM_BYTES(D, WARPS, MF), "the launch's shared memory is the layout's");
     extern __shared__ __align__(128) unsigned char fa_smem[];
-    const unsigned s_q = smem_addr(fa_smem);
+    const unsigned s_q = cta_addr(fa_smem);
     const unsigned s_k = s_q + Q_BYTES;           // two K buffers
     const unsigned s_v = s_k + 2 * KV_BYTES;      // two V buffers
 
