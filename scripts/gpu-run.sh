@@ -137,6 +137,17 @@ for s in $steps; do
         TAILN=30 step "plan-$tag" timeout 60 "$B" plan "$job" "${only[@]}" --calibration "$cal" --per-gpu
         step "planned-run-$tag" timeout 150 mpirun -np 1 "$B" run "$job" "${only[@]}" --calibration "$cal" --out "$OUT/planned-$tag.h5"
         TAILN=80 step "planned-analyze-$tag" "$B" analyze "$OUT/planned-$tag.h5"
+        if [ "$s" = planner-model ]; then
+            # One sequence per batch, then the decode job's three shapes.
+            step planned-run-model-b1 timeout 150 mpirun -np 1 "$B" run "$job" "${only[@]}" --set workload.batch_size=1 --calibration "$cal" --out "$OUT/planned-model-b1.h5"
+            TAILN=80 step planned-analyze-model-b1 "$B" analyze "$OUT/planned-model-b1.h5"
+            for shape in 64:4096 16:16384 4:65536; do
+                n=${shape%%:*} len=${shape##*:}
+                step "planned-decode-B$n-S$len" timeout 120 mpirun -np 1 "$B" run jobs/gpu-1-decode.toml --set workload.sequences_per_category=$n \
+                    --set "workload.category.0.lengths=[$len]" --set workload.category.0.name=B$n-S$len --calibration "$cal" --out "$OUT/planned-decode-B$n-S$len.h5"
+                TAILN=40 step "planned-decode-analyze-B$n-S$len" "$B" analyze "$OUT/planned-decode-B$n-S$len.h5"
+            done
+        fi
         ;;
     *) echo "unknown step $s" >&2 ;;
     esac

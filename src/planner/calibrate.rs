@@ -20,7 +20,7 @@
 
 use super::calibration::Calibration;
 use crate::backend::shape::{Entry, ShapeBackend};
-use crate::backend::{Backend, DecodeShape, Dtype, PrefillShape, Result, RowRun};
+use crate::backend::{Backend, DecodeShape, Dtype, PrefillShape, Result, RowCopy, RowRun};
 use crate::comm::{Category, Comm, Group};
 use std::collections::BTreeMap;
 
@@ -124,13 +124,36 @@ fn time<B: Backend>(be: &B, target_s: f64, mut op: impl FnMut() -> Result<()>) -
 /// A buffer of `len` random values of unit variance (uniform on ±√3), as
 /// the model's normalized activations and projections are: some kernels'
 /// speed depends on their inputs (exponentials that underflow, tanh's
-/// ranges on a CPU). Each buffer gets its own values.
+/// ranges on a CPU). Each buffer gets its own values. A buffer over
+/// [`TILE`] values repeats a random tile of its own, copied on the device:
+/// drawing and uploading gigabytes of decode caches from the host would
+/// take minutes, and no kernel's speed depends on values that far apart.
 fn pattern<B: Backend>(be: &B, len: usize) -> Result<B::Buf> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let mut rng = crate::workload::Rng::new(NEXT.fetch_add(1, Ordering::Relaxed));
-    let host: Vec<f32> = (0..len).map(|_| ((rng.next_f64() * 2.0 - 1.0) * 3f64.sqrt()) as f32).collect();
-    be.upload(&host)
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * 3f64.sqrt()) as f32).collect() };
+    let Some(cols) = tile_cols(len) else { return be.upload(&draw(len)) };
+    let rows = len / cols;
+    let tile_rows = TILE / cols;
+    let tile = be.upload(&draw(tile_rows * cols))?;
+    let mut out = be.empty(len)?;
+    let copies: Vec<RowCopy> = (0..rows).step_by(tile_rows).map(|dst| RowCopy { src: 0, dst, len: tile_rows.min(rows - dst) }).collect();
+    be.copy_rows(&mut out, cols, &tile, &copies)?;
+    Ok(out)
+}
+
+/// Values of the random tile a large [`pattern`] repeats.
+const TILE: usize = 1 << 24;
+
+/// The row width a buffer of `len` values is tiled in: a divisor of `len`
+/// of 4096 to 65536 values, so that whole rows tile it, or `None` (drawn on
+/// the host) when `len` is at most [`TILE`] or has no such divisor.
+fn tile_cols(len: usize) -> Option<usize> {
+    if len <= TILE {
+        return None;
+    }
+    (12..=16).rev().map(|b| 1usize << b).find(|c| len % c == 0).or_else(|| (4096..=65536).rev().find(|c| len % c == 0))
 }
 
 /// Copies of a `len`-element buffer enough to exceed `cold` bytes (at most 64).
@@ -400,4 +423,32 @@ pub fn measure_comm<B: Backend>(be: &B, comm: &Comm<'_, B>, world: &Group, grid:
         c.comm.clear();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    #[test]
+    fn large_patterns_repeat_a_random_tile_to_their_last_row() {
+        assert_eq!(tile_cols(TILE), None);
+        assert_eq!(tile_cols(16_777_259), None, "a prime length has no row width");
+        assert_eq!(tile_cols(TILE + 1), Some(65281), "257 × 65281");
+        assert_eq!(tile_cols(1 << 30), Some(65536));
+        assert_eq!(tile_cols(TILE + 3 * 4096), Some(4096));
+        let be = CpuBackend::new();
+        be.set_poison_outputs(true);
+        let len = TILE + 3 * 4096;
+        let host = be.download(&pattern(&be, len).unwrap()).unwrap();
+        assert_eq!(host.len(), len);
+        let bound = 3f32.sqrt();
+        assert!(host.iter().all(|v| v.abs() <= bound), "every value written (outputs poisoned with NaN) and uniform on ±√3");
+        let (mean, var) = (host.iter().map(|&v| v as f64).sum::<f64>() / len as f64, host.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / len as f64);
+        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "unit variance: mean {mean}, variance {var}");
+        assert!((TILE..len).all(|i| host[i] == host[i - TILE]), "the rows past the tile repeat it");
+        let small = be.download(&pattern(&be, 1000).unwrap()).unwrap();
+        let other = be.download(&pattern(&be, 1000).unwrap()).unwrap();
+        assert_ne!(small, other, "each buffer draws its own values");
+    }
 }
