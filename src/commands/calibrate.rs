@@ -9,7 +9,7 @@ use crate::backend::{Backend, BackendKind, Dtype};
 use crate::cluster::Cluster;
 use crate::exit::Exit;
 use crate::model::ModelConfig;
-use crate::planner::calibrate::{contention, contention_probes, measure_comm, measure_compute, sequence_overhead, Grid};
+use crate::planner::calibrate::{contention, contention_probes, loop_overhead, measure_comm, measure_compute, sequence_overhead, Grid};
 use mpi::traits::*;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +28,8 @@ pub struct CalibrateArgs {
 struct Body {
     args: CalibrateArgs,
     model: Option<ModelConfig>,
+    /// The job's prompt lengths (none without `--job`).
+    lengths: Vec<usize>,
 }
 
 impl OnBackend for Body {
@@ -35,7 +37,7 @@ impl OnBackend for Body {
         let cpu = launch.be.name() == "cpu";
         let dtype = if cpu { Dtype::Fp32 } else { self.args.dtype };
         let model = self.model.unwrap_or_else(|| if cpu { ModelConfig::tiny() } else { ModelConfig::dense_4l() });
-        let grid = if cpu { Grid::cpu() } else { Grid::gpu() }.for_model(&model, dtype.size_bytes());
+        let grid = if cpu { Grid::cpu() } else { Grid::gpu() }.for_model(&model, dtype.size_bytes()).with_lengths(&self.lengths);
         let root = cluster.rank == 0;
         let started = Instant::now();
         let device = launch.devices.first().map(|d| d.name.clone()).unwrap_or_else(|| "cpu".into());
@@ -45,6 +47,9 @@ impl OnBackend for Body {
             let mut say = |what: &str| eprintln!("calibrate: {what} ({:.1} s)", started.elapsed().as_secs_f64());
             let mut c = measure_compute(launch.be, dtype, &grid, model.heads, model.kv_heads, model.head_dim, &mut say).map_err(|e| dev_err(&e))?;
             c.sequence_overhead_s_per_byte = sequence_overhead(launch.be, dtype, &grid, &model).map_err(|e| dev_err(&e))?;
+            let lo = loop_overhead(launch.be, dtype, &c, model.vocab).map_err(|e| dev_err(&e))?;
+            (c.step_overhead_s, c.record_s, c.record_per_op_s) = (lo.step_s, lo.record_s, lo.record_per_op_s);
+            say("decode loop done");
             c
         } else {
             Default::default()
@@ -72,7 +77,7 @@ impl OnBackend for Body {
         cal.write(&self.args.out).map_err(|e| Failure::new(Exit::Failure, format!("writing {}: {e}", self.args.out.display())))?;
         let best = |rows: &[[f64; 4]], work: &dyn Fn(&[f64; 4]) -> f64| rows.iter().map(|r| work(r) / r[3]).fold(0.0, f64::max);
         println!(
-            "calibration of {} ({}, {dtype}) in {:.1} s: {} GEMMs (best {:.1} TFLOP/s), {} prefill attention points (best {:.1} TFLOP/s), {} decode points (best {:.2} TB/s), {} bandwidth points, {} message points over {} ranks, sequence overhead {:.3} ns per byte, contention {:?} -> {}",
+            "calibration of {} ({}, {dtype}) in {:.1} s: {} GEMMs (best {:.1} TFLOP/s), {} prefill attention points (best {:.1} TFLOP/s), {} decode points (best {:.2} TB/s), {} bandwidth points, {} message points over {} ranks, sequence overhead {:.3} ns per byte, decode step overhead {:.1} us, recording {:.1} us + {:.2} us per op, contention {:?} -> {}",
             cal.device,
             cal.backend,
             started.elapsed().as_secs_f64(),
@@ -86,6 +91,9 @@ impl OnBackend for Body {
             cal.comm.values().map(Vec::len).sum::<usize>(),
             cal.ranks,
             cal.sequence_overhead_s_per_byte * 1e9,
+            cal.step_overhead_s * 1e6,
+            cal.record_s * 1e6,
+            cal.record_per_op_s * 1e6,
             cal.contention,
             self.args.out.display()
         );
@@ -110,14 +118,19 @@ fn wait_quietly(cluster: &Cluster) {
 
 /// `fapool calibrate` (under mpirun with `--comm`).
 pub fn calibrate(args: CalibrateArgs) -> Result<(), Failure> {
-    let model = match &args.job {
-        Some(p) => Some(load(p, &[])?.0.model.resolve()?),
-        None => None,
+    let (model, lengths) = match &args.job {
+        Some(p) => {
+            let job = load(p, &[])?.0;
+            // Each category's shortest and longest prompt (a category may draw from many lengths).
+            let lengths = job.workload.categories.iter().map(|c| c.resolved_lengths()).flat_map(|l| [l.iter().min().copied(), l.iter().max().copied()]).flatten().collect();
+            (Some(job.model.resolve()?), lengths)
+        }
+        None => (None, Vec::new()),
     };
     let cluster = start_mpi()?;
     if args.comm && cluster.world_size < 2 {
         return Err(Failure::new(Exit::Usage, "calibrate --comm measures messages between ranks: launch it with mpirun -np 2 or more"));
     }
     let request = BackendRequest { kind: args.backend.unwrap_or(BackendKind::Auto), dtype: args.dtype, job: None };
-    with_backend(request, &cluster, Body { args, model })
+    with_backend(request, &cluster, Body { args, model, lengths })
 }

@@ -89,11 +89,30 @@ impl Grid {
         }
     }
 
-    /// The grid with the cache footprint of `model`'s weights and layers
-    /// (in `elem`-byte values).
-    pub fn for_model(self, model: &crate::model::ModelConfig, elem: usize) -> Self {
+    /// The grid with `model`'s own GEMM widths (its QKV, output, FFN and
+    /// vocabulary projections, so the cost model reads them off measured
+    /// points rather than between neighbours) and the cache footprint of
+    /// its weights and layers (in `elem`-byte values).
+    pub fn for_model(mut self, model: &crate::model::ModelConfig, elem: usize) -> Self {
+        let qkv = (model.heads + 2 * model.kv_heads) * model.head_dim;
+        merge(&mut self.gemm_n, &[qkv, model.d_model, model.ffn, model.vocab]);
+        merge(&mut self.gemm_k, &[model.d_model, model.attn_width(), model.ffn]);
         Self { cold_bytes: (model.params() as usize * elem).min(1 << 30), cache_copies: model.layers.clamp(1, 16), ..self }
     }
+
+    /// The grid with prefill at the job's own prompt lengths (a whole
+    /// prompt is one query block of its length at offset 0).
+    pub fn with_lengths(mut self, lengths: &[usize]) -> Self {
+        merge(&mut self.prefill_sq, lengths);
+        self
+    }
+}
+
+/// Adds `more` to a sorted axis, keeping it sorted and free of repeats.
+fn merge(axis: &mut Vec<usize>, more: &[usize]) {
+    axis.extend(more.iter().copied().filter(|&v| v > 0));
+    axis.sort_unstable();
+    axis.dedup();
 }
 
 /// Seconds per call of `op`: warm-up, then the fastest of five timed
@@ -361,6 +380,94 @@ pub fn sequence_overhead<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, model: &
     Ok(((together - alone) / bytes.max(1) as f64).max(0.0))
 }
 
+/// What the decode loop costs beyond its operations, measured the way the
+/// runner steps (`runner::run_batch`): the step scalars set, the step
+/// replayed (or run, where the backend cannot record), the leader's tokens
+/// sampled from `[1, vocab]` logits and downloaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoopOverhead {
+    /// Seconds per step beyond the device time the cost model charges its
+    /// operations (from `c`'s tables): the host's turn between steps.
+    pub step_s: f64,
+    /// Recording a step: `record_s + record_per_op_s · operations` beyond
+    /// replaying it (0 where the backend does not record).
+    pub record_s: f64,
+    pub record_per_op_s: f64,
+}
+
+/// Steps of each timed loop of [`loop_overhead`], and its repeats (the fastest counts).
+const LOOP_STEPS: usize = 50;
+const LOOP_REPEATS: usize = 5;
+
+/// Measures [`LoopOverhead`] on `be` against the tables of `c` (the
+/// element-wise table prices the step's operations as the planner will).
+pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, vocab: usize) -> Result<LoopOverhead> {
+    const WIDTH: usize = 4096;
+    let (mut x, y, logits) = (pattern(be, WIDTH)?, pattern(be, WIDTH)?, pattern(be, vocab)?);
+    let vars = crate::backend::StepVars { pos: 0, store_at: None, len: 1, tokens: vec![0] };
+    // A step of `ops` small additions: recorded where the backend records.
+    let record = |ops: usize, x: &mut B::Buf| -> Result<Option<B::Graph>> {
+        if !be.capture_begin()? {
+            return Ok(None);
+        }
+        let issued = (0..ops).try_for_each(|_| be.add_assign(x, &y));
+        let graph = be.capture_end();
+        issued?;
+        graph.map(Some)
+    };
+    let step = |graph: &Option<B::Graph>, ops: usize, x: &mut B::Buf| -> Result<()> {
+        be.set_step(&vars)?;
+        match graph {
+            Some(g) => be.replay(g)?,
+            None => (0..ops).try_for_each(|_| be.add_assign(x, &y))?,
+        }
+        be.argmax(&logits, 1, vocab).map(|_| ())
+    };
+    // Host seconds per step of a loop of steps of `ops` additions.
+    let steady = |ops: usize, x: &mut B::Buf| -> Result<f64> {
+        let graph = record(ops, x)?;
+        step(&graph, ops, x)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..LOOP_REPEATS {
+            let t = std::time::Instant::now();
+            for _ in 0..LOOP_STEPS {
+                step(&graph, ops, x)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64() / LOOP_STEPS as f64);
+        }
+        Ok(best)
+    };
+    let table = c.bandwidth.get("elementwise").map(|rows| super::calibration::LogGrid::new(&rows.iter().map(|r| (vec![r[0]], r[0] / r[1])).collect::<Vec<_>>()));
+    let charged = |op: &dyn Fn(&ShapeBackend) -> Result<()>| -> Result<f64> {
+        let (_, r, w) = work(dtype, op)?;
+        Ok(table.as_ref().and_then(|t| t.eval(&[r + w])).map_or(0.0, |thr| (r + w) / thr))
+    };
+    let add = charged(&|sb| sb.add_assign(&mut sb.zeros(WIDTH)?, &sb.zeros(WIDTH)?))?;
+    let argmax = charged(&|sb| sb.argmax(&sb.zeros(vocab)?, 1, vocab).map(|_| ()))?;
+    let one = steady(1, &mut x)?;
+    let mut out = LoopOverhead { step_s: (one - add - argmax).max(0.0), ..Default::default() };
+    // Recording: a first step (record, replay, sample) against a steady one, at two sizes.
+    let first = |ops: usize, x: &mut B::Buf| -> Result<Option<f64>> {
+        let mut best = f64::INFINITY;
+        for _ in 0..LOOP_REPEATS {
+            let t = std::time::Instant::now();
+            be.set_step(&vars)?;
+            let Some(graph) = record(ops, x)? else { return Ok(None) };
+            be.replay(&graph)?;
+            be.argmax(&logits, 1, vocab)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(Some(best))
+    };
+    let (few, many) = (8usize, 128usize);
+    if let (Some(f8), Some(f128)) = (first(few, &mut x)?, first(many, &mut x)?) {
+        let (r8, r128) = ((f8 - steady(few, &mut x)?).max(0.0), (f128 - steady(many, &mut x)?).max(0.0));
+        out.record_per_op_s = ((r128 - r8) / (many - few) as f64).max(0.0);
+        out.record_s = (r8 - few as f64 * out.record_per_op_s).max(0.0);
+    }
+    Ok(out)
+}
+
 /// Slowdown per class: the median of `together / alone` over its probes.
 pub fn contention(alone: &[(&'static str, f64)], together: &[(&'static str, f64)]) -> BTreeMap<String, f64> {
     let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -450,5 +557,26 @@ mod tests {
         let small = be.download(&pattern(&be, 1000).unwrap()).unwrap();
         let other = be.download(&pattern(&be, 1000).unwrap()).unwrap();
         assert_ne!(small, other, "each buffer draws its own values");
+    }
+
+    #[test]
+    fn the_grid_takes_the_models_projection_widths_and_the_jobs_prompt_lengths() {
+        let cfg = crate::model::ModelConfig::dense_4l();
+        let g = Grid::gpu().for_model(&cfg, 2).with_lengths(&[4096, 65536, 65536]);
+        for n in [12288, 4096, 16384, 32000] {
+            assert!(g.gemm_n.contains(&n), "n = {n} in {:?}", g.gemm_n);
+        }
+        assert!(g.gemm_k.contains(&16384) && g.gemm_k.windows(2).all(|w| w[0] < w[1]), "{:?}", g.gemm_k);
+        assert_eq!(g.prefill_sq.iter().filter(|&&s| s == 65536).count(), 1, "{:?}", g.prefill_sq);
+        assert!(g.prefill_sq.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn the_decode_loop_overhead_on_a_backend_that_cannot_record_has_no_recording_cost() {
+        let be = CpuBackend::new();
+        let c = Calibration { bandwidth: [("elementwise".to_string(), vec![[1e4, 1e-6], [1e8, 1e-2]])].into(), ..Default::default() };
+        let lo = loop_overhead(&be, Dtype::Fp32, &c, 512).unwrap();
+        assert_eq!((lo.record_s, lo.record_per_op_s), (0.0, 0.0));
+        assert!(lo.step_s.is_finite() && lo.step_s >= 0.0 && lo.step_s < 0.1, "{lo:?}");
     }
 }

@@ -6,7 +6,12 @@
 //! (`fapool-calibration`), `schema_version`, `dtype`, `backend`, `device`,
 //! `created_utc`, `heads`, `kv_heads`, `head_dim`, `ranks` (of the `--comm` run, 0
 //! without), `sequence_overhead_s_per_byte` (what an operation costs in a
-//! sequence of different ones beyond its table time, per byte it moves); 2-D f64 datasets, one row per measured point: `gemm` (m, k, n,
+//! sequence of different ones beyond its table time, per byte it moves),
+//! `step_overhead_s` (what a decode step costs beyond its operations: the
+//! host's turn between one step's sampled tokens and the next step's first
+//! kernel), `record_s` and `record_per_op_s` (recording a decode step as a
+//! CUDA graph, once per batch: a fixed part and one per operation; 0 where
+//! the backend does not record); 2-D f64 datasets, one row per measured point: `gemm` (m, k, n,
 //! seconds), `attention_prefill` (sq, q_offset, FLOPs, seconds; one
 //! sequence of `heads × head_dim`), `attention_decode` (nseq, len, bytes
 //! read, seconds), and under
@@ -36,7 +41,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const FORMAT: &str = "fapool-calibration";
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Bandwidth-bound kernel kinds measured.
 pub const BANDWIDTH_KINDS: [&str; 6] = ["rmsnorm", "elementwise", "gelu", "embed", "copy", "zeros"];
@@ -64,6 +69,14 @@ pub struct Calibration {
     /// What an operation of a run costs beyond its table time per byte it
     /// moves, from a decode layer timed as a chain and op by op (s/byte).
     pub sequence_overhead_s_per_byte: f64,
+    /// Seconds a decode step costs beyond its operations' table times: from
+    /// the leader's sampled tokens on the host to the next step's first
+    /// kernel (step scalars, launch, download, wake-up).
+    pub step_overhead_s: f64,
+    /// Recording the first decode step of a batch (where the backend
+    /// records): `record_s + record_per_op_s · operations` beyond running it.
+    pub record_s: f64,
+    pub record_per_op_s: f64,
     /// How much `ranks` ranks computing at once on a node slow each other,
     /// per class (`gemm`, `attention_prefill`, `attention_decode`,
     /// `bandwidth`): time together / time alone (`--comm` only).
@@ -107,6 +120,10 @@ fn attr_u64(loc: &hdf5::Location, name: &str) -> Option<u64> {
     loc.attr(name).ok()?.read_scalar::<u64>().ok()
 }
 
+fn attr_f64(loc: &hdf5::Location, name: &str) -> f64 {
+    loc.attr(name).ok().and_then(|a| a.read_scalar::<f64>().ok()).unwrap_or(0.0)
+}
+
 impl Calibration {
     /// Writes the file (replacing one at `path`).
     pub fn write(&self, path: &Path) -> hdf5::Result<()> {
@@ -123,7 +140,9 @@ impl Calibration {
         set_attr_u64(&f, "kv_heads", self.kv_heads as u64)?;
         set_attr_u64(&f, "head_dim", self.head_dim as u64)?;
         set_attr_u64(&f, "ranks", self.ranks as u64)?;
-        f.new_attr::<f64>().shape(()).create("sequence_overhead_s_per_byte")?.write_scalar(&self.sequence_overhead_s_per_byte)?;
+        for (name, v) in [("sequence_overhead_s_per_byte", self.sequence_overhead_s_per_byte), ("step_overhead_s", self.step_overhead_s), ("record_s", self.record_s), ("record_per_op_s", self.record_per_op_s)] {
+            f.new_attr::<f64>().shape(()).create(name)?.write_scalar(&v)?;
+        }
         write_rows(&f, "gemm", &self.gemm)?;
         write_rows(&f, "attention_prefill", &self.prefill)?;
         write_rows(&f, "attention_decode", &self.decode)?;
@@ -170,7 +189,10 @@ impl Calibration {
             kv_heads: attr_u64(&f, "kv_heads").or_else(|| attr_u64(&f, "heads")).unwrap_or(1) as usize,
             head_dim: attr_u64(&f, "head_dim").unwrap_or(1) as usize,
             ranks: attr_u64(&f, "ranks").unwrap_or(0) as usize,
-            sequence_overhead_s_per_byte: f.attr("sequence_overhead_s_per_byte").ok().and_then(|a| a.read_scalar::<f64>().ok()).unwrap_or(0.0),
+            sequence_overhead_s_per_byte: attr_f64(&f, "sequence_overhead_s_per_byte"),
+            step_overhead_s: attr_f64(&f, "step_overhead_s"),
+            record_s: attr_f64(&f, "record_s"),
+            record_per_op_s: attr_f64(&f, "record_per_op_s"),
             gemm: read_rows(&f, "gemm").map_err(rows)?,
             prefill: read_rows(&f, "attention_prefill").map_err(rows)?,
             decode: read_rows(&f, "attention_decode").map_err(rows)?,

@@ -36,6 +36,9 @@ struct Tables {
     bandwidth: BTreeMap<String, LogGrid>,
     comm: BTreeMap<String, CommFit>,
     sequence_overhead_s_per_byte: f64,
+    step_overhead_s: f64,
+    record_s: f64,
+    record_per_op_s: f64,
 }
 
 impl Tables {
@@ -45,7 +48,17 @@ impl Tables {
         let decode: Vec<(Vec<f64>, f64)> = c.decode.iter().map(|r| (vec![r[0], r[1]], r[2] / r[3])).collect();
         let bandwidth = c.bandwidth.iter().map(|(k, rows)| (k.clone(), LogGrid::new(&rows.iter().map(|r| (vec![r[0]], r[0] / r[1])).collect::<Vec<_>>()))).collect();
         let comm = c.comm.iter().filter_map(|(k, rows)| calibration::fit(k, rows).map(|f| (k.clone(), f))).collect();
-        Self { gemm: LogGrid::new(&gemm), prefill: LogGrid::new(&prefill), decode: LogGrid::new(&decode), bandwidth, comm, sequence_overhead_s_per_byte: c.sequence_overhead_s_per_byte }
+        Self {
+            gemm: LogGrid::new(&gemm),
+            prefill: LogGrid::new(&prefill),
+            decode: LogGrid::new(&decode),
+            bandwidth,
+            comm,
+            sequence_overhead_s_per_byte: c.sequence_overhead_s_per_byte,
+            step_overhead_s: c.step_overhead_s,
+            record_s: c.record_s,
+            record_per_op_s: c.record_per_op_s,
+        }
     }
 }
 
@@ -141,6 +154,16 @@ impl CostModel {
     /// Seconds of a compute node on `rank`, contention included.
     pub fn op_seconds_on(&self, op: &OpRecord, in_graph: bool, rank: usize) -> f64 {
         self.op_seconds(op, in_graph) * self.contention_of(op, rank)
+    }
+
+    /// The host's turn before decode step `k` on a rank whose first step
+    /// issues `ops` device operations (calibrated; the roofline charges
+    /// none): the step overhead, and at the first step, where steps replay
+    /// as CUDA graphs, recording it (`record_s + record_per_op_s · ops`).
+    pub fn step_gap(&self, k: usize, ops: usize) -> f64 {
+        let Some(t) = &self.tables else { return 0.0 };
+        let record = if k == 1 && self.graphs { t.record_s + t.record_per_op_s * ops as f64 } else { 0.0 };
+        t.step_overhead_s + record
     }
 
     /// What `op` costs beyond its table time in a run's sequence of

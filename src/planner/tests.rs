@@ -170,3 +170,33 @@ fn a_pipeline_of_two_stages_overlaps_its_micro_batches() {
     // The bubble: stage 1 waits in its receive for stage 0's first micro-batch.
     assert!(p.prefill_use[2].wait_s > 0.0, "{:?}", p.prefill_use[2]);
 }
+
+/// The single-rank prediction of the tiny model for 2 sequences of 40
+/// tokens and 5 output tokens under `cal` (steps replayed as graphs or not).
+fn one_rank_prediction(cal: &calibration::Calibration, graphs: bool) -> (report::Prediction, Dag) {
+    let job = parse_job(&JOB.replace("tp = 2\npp = 2", "tp = 1\npp = 1"), &[]).unwrap();
+    let cfg = job.model.resolve().unwrap();
+    let cost = CostModel::calibrated(cluster::ClusterSpec::default_for(gpus::cpu(), 1), cal, graphs);
+    let planner = Planner { job: &job, cfg: &cfg, cost: &cost, world: 1, decode_steps: 0 };
+    let p = planner.point(&job.strategies[0], BatchShape { nseq: 2, seq_len: 40, out_tokens: 5 }).unwrap();
+    (p.prediction, p.dag)
+}
+
+#[test]
+fn every_decode_step_pays_the_host_turn_and_the_first_also_its_recording() {
+    let plain = calibration::Calibration { dtype: Dtype::Fp32, gemm: vec![[16.0, 64.0, 64.0, 1e-5]], ..Default::default() };
+    let looped = calibration::Calibration { step_overhead_s: 1e-3, record_s: 5e-3, record_per_op_s: 1e-4, ..plain.clone() };
+    let (base, dag) = one_rank_prediction(&plain, true);
+    let ops = dag.programs[0].iter().filter(|&&i| dag.nodes[i].phase == Phase::Decode(1) && dag.nodes[i].op().is_some_and(|o| o.kind != OpKind::Alloc)).count();
+    assert!(ops > 10, "a decode step of the tiny model issues {ops} operations");
+    for (graphs, first) in [(true, 1e-3 + 5e-3 + 1e-4 * ops as f64), (false, 1e-3)] {
+        let (with, _) = one_rank_prediction(&looped, graphs);
+        assert_eq!(with.itl_s.len(), 4);
+        let extra: Vec<f64> = with.itl_s.iter().zip(&base.itl_s).map(|(a, b)| a - b).collect();
+        assert!((extra[0] - first).abs() < 1e-9, "graphs {graphs}: the first step pays {first} s more, got {}", extra[0]);
+        assert!(extra[1..].iter().all(|e| (e - 1e-3).abs() < 1e-9), "graphs {graphs}: later steps pay the host turn only: {extra:?}");
+        assert!((with.ttft_s - base.ttft_s).abs() < 1e-12, "the prefill pays none");
+    }
+    let roofline = CostModel::roofline(cluster::ClusterSpec::default_for(gpus::by_key("h200").unwrap(), 1), Dtype::Bf16, true);
+    assert_eq!(roofline.step_gap(1, 100), 0.0, "the roofline charges no host turn");
+}

@@ -105,6 +105,8 @@ struct Sim<'a> {
     /// When each rank's outgoing and incoming port is free.
     out_port: Vec<f64>,
     in_port: Vec<f64>,
+    /// Per rank: device operations of its first decode step (what recording it covers).
+    first_step_ops: Vec<usize>,
     heap: BinaryHeap<Due>,
     tl: Timeline,
 }
@@ -151,6 +153,18 @@ impl<'a> Sim<'a> {
         let data_preds = Csr::new(at, &pairs);
         let ready = vec![None; at];
         let ranks = dag.programs.len();
+        let first_step_ops = dag
+            .programs
+            .iter()
+            .map(|prog| {
+                prog.iter()
+                    .filter(|&&id| {
+                        let n = &dag.nodes[id];
+                        n.phase == Phase::Decode(1) && !n.is_host_message() && !matches!(&n.kind, NodeKind::Compute(op) if op.kind == crate::backend::shape::OpKind::Alloc)
+                    })
+                    .count()
+            })
+            .collect();
         let tl = Timeline { finish: vec![0.0; n], binding: vec![None; n], duration: vec![0.0; n], ..Default::default() };
         Self {
             dag,
@@ -169,6 +183,7 @@ impl<'a> Sim<'a> {
             parts,
             out_port: vec![0.0; ranks],
             in_port: vec![0.0; ranks],
+            first_step_ops,
             heap: BinaryHeap::new(),
             tl,
         }
@@ -266,6 +281,14 @@ impl<'a> Sim<'a> {
                     }
                     if self.tl.finish[p] > ready {
                         (ready, bound) = (self.tl.finish[p], Some(p));
+                    }
+                }
+                // The host's turn between decode steps, where each rank's
+                // compute stream enters a step (see `CostModel::step_gap`).
+                if let Phase::Decode(step) = self.dag.nodes[id].phase {
+                    let cursor = self.lanes[lane].cursor;
+                    if stream == 0 && (cursor == 0 || self.dag.nodes[self.lanes[lane].nodes[cursor - 1]].phase != Phase::Decode(step)) {
+                        ready += self.cost.step_gap(step, self.first_step_ops[rank]);
                     }
                 }
                 self.ready[self.slot[id] + k] = Some((ready, bound));
