@@ -47,7 +47,7 @@ impl OnBackend for Body {
             let mut say = |what: &str| eprintln!("calibrate: {what} ({:.1} s)", started.elapsed().as_secs_f64());
             let mut c = measure_compute(launch.be, dtype, &grid, model.heads, model.kv_heads, model.head_dim, &mut say).map_err(|e| dev_err(&e))?;
             c.sequence_overhead_s_per_byte = sequence_overhead(launch.be, dtype, &grid, &model).map_err(|e| dev_err(&e))?;
-            let lo = loop_overhead(launch.be, dtype, &c, model.vocab).map_err(|e| dev_err(&e))?;
+            let lo = loop_overhead(launch.be, dtype, &c, &model).map_err(|e| dev_err(&e))?;
             (c.step_overhead_s, c.record_s, c.record_per_op_s) = (lo.step_s, lo.record_s, lo.record_per_op_s);
             say("decode loop done");
             c

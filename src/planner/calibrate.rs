@@ -322,61 +322,78 @@ pub fn contention_probes<B: Backend>(be: &B, grid: &Grid, heads: usize, kv_heads
     Ok(out)
 }
 
+/// One decode layer of a model without its attention, for `m` rows: norm,
+/// QKV projection and split, output projection, residual, norm, FFN,
+/// residual. Both overhead measurements issue it, on the backend measured
+/// and on the shape-only backend (for the bytes and operations it counts).
+struct LayerChain<Bk: Backend> {
+    dims: (usize, usize, usize, usize),
+    x: Bk::Buf,
+    g: Bk::Buf,
+    wq: Bk::Buf,
+    wo: Bk::Buf,
+    wu: Bk::Buf,
+    wd: Bk::Buf,
+    o: Bk::Buf,
+}
+
+impl<Bk: Backend> LayerChain<Bk> {
+    fn new(model: &crate::model::ModelConfig, m: usize, fill: impl Fn(usize) -> Result<Bk::Buf>) -> Result<Self> {
+        let (d, a, f) = (model.d_model, model.attn_width(), model.ffn);
+        Ok(Self { dims: (m, d, a, f), x: fill(m * d)?, g: fill(d)?, wq: fill(d * 3 * a)?, wo: fill(a * d)?, wu: fill(d * f)?, wd: fill(f * d)?, o: fill(m * a)? })
+    }
+
+    fn issue(&self, be: &Bk) -> Result<()> {
+        let (m, d, a, f) = self.dims;
+        let h = be.rmsnorm(&self.x, &self.g, m, d, 1e-6)?;
+        let qkv = be.matmul(&h, &self.wq, m, d, 3 * a)?;
+        be.split_qkv(&qkv, m, a)?;
+        let p = be.matmul(&self.o, &self.wo, m, a, d)?;
+        let mut r = be.gather_rows(&self.x, d, &[RowRun::new(0, m)])?;
+        be.add_assign(&mut r, &p)?;
+        let h2 = be.rmsnorm(&r, &self.g, m, d, 1e-6)?;
+        let mut up = be.matmul(&h2, &self.wu, m, d, f)?;
+        be.gelu(&mut up)?;
+        let dn = be.matmul(&up, &self.wd, m, f, d)?;
+        be.add_assign(&mut r, &dn)
+    }
+}
+
+/// The operations and bytes (read + written) the shape-only backend records for one chain.
+fn chain_work(dtype: Dtype, model: &crate::model::ModelConfig, m: usize) -> Result<(usize, u64)> {
+    let sb = ShapeBackend::new(dtype);
+    let chain = LayerChain::new(model, m, |n| sb.zeros(n))?;
+    sb.recorder().take();
+    chain.issue(&sb)?;
+    let ops: Vec<u64> = sb.recorder().take().iter().filter_map(|e| if let Entry::Op(o) = e { Some(o.bytes_read + o.bytes_written) } else { None }).collect();
+    Ok((ops.len(), ops.iter().sum()))
+}
+
 /// What a sequence of different operations costs beyond its operations
 /// each timed on their own, per byte they move (s/byte): one decode layer of
-/// `model` for four sequences (norm, QKV, output projection, residual, norm,
-/// FFN, residual), run as a chain and op by op. A run issues operations in
-/// such sequences, each finding its inputs less warm than a loop of its own
-/// leaves them; the cost grows with the data each moves.
+/// `model` for four sequences ([`LayerChain`]), run as a chain and op by op.
+/// A run issues operations in such sequences, each finding its inputs less
+/// warm than a loop of its own leaves them; the cost grows with the data
+/// each moves.
 pub fn sequence_overhead<B: Backend>(be: &B, dtype: Dtype, grid: &Grid, model: &crate::model::ModelConfig) -> Result<f64> {
-    let (m, d, a, f) = (4, model.d_model, model.attn_width(), model.ffn);
-    let (x, g) = (pattern(be, m * d)?, pattern(be, d)?);
-    let (wq, wo, wu, wd) = (pattern(be, d * 3 * a)?, pattern(be, a * d)?, pattern(be, d * f)?, pattern(be, f * d)?);
-    let (o, up0) = (pattern(be, m * a)?, pattern(be, m * f)?);
+    let m = 4;
+    let c = LayerChain::new(model, m, |n| pattern(be, n))?;
+    let (d, a, f) = (model.d_model, model.attn_width(), model.ffn);
+    let together = time(be, grid.target_s, || c.issue(be))?;
     let mut acc = pattern(be, m * d)?;
-    let chain = || -> Result<()> {
-        let h = be.rmsnorm(&x, &g, m, d, 1e-6)?;
-        let qkv = be.matmul(&h, &wq, m, d, 3 * a)?;
-        be.split_qkv(&qkv, m, a)?;
-        let p = be.matmul(&o, &wo, m, a, d)?;
-        let mut r = be.gather_rows(&x, d, &[RowRun::new(0, m)])?;
-        be.add_assign(&mut r, &p)?;
-        let h2 = be.rmsnorm(&r, &g, m, d, 1e-6)?;
-        let mut up = be.matmul(&h2, &wu, m, d, f)?;
-        be.gelu(&mut up)?;
-        let dn = be.matmul(&up, &wd, m, f, d)?;
-        be.add_assign(&mut r, &dn)
-    };
-    let together = time(be, grid.target_s, chain)?;
     let mut alone = 0.0;
-    alone += time(be, grid.target_s, || be.rmsnorm(&x, &g, m, d, 1e-6).map(|_| ()))? * 2.0;
-    alone += time(be, grid.target_s, || be.matmul(&x, &wq, m, d, 3 * a).map(|_| ()))?;
+    alone += time(be, grid.target_s, || be.rmsnorm(&c.x, &c.g, m, d, 1e-6).map(|_| ()))? * 2.0;
+    alone += time(be, grid.target_s, || be.matmul(&c.x, &c.wq, m, d, 3 * a).map(|_| ()))?;
     let qkv0 = pattern(be, m * 3 * a)?;
     alone += time(be, grid.target_s, || be.split_qkv(&qkv0, m, a).map(|_| ()))?;
-    alone += time(be, grid.target_s, || be.matmul(&o, &wo, m, a, d).map(|_| ()))?;
-    alone += time(be, grid.target_s, || be.gather_rows(&x, d, &[RowRun::new(0, m)]).map(|_| ()))?;
-    alone += time(be, grid.target_s, || be.add_assign(&mut acc, &x))? * 2.0;
-    alone += time(be, grid.target_s, || be.matmul(&x, &wu, m, d, f).map(|_| ()))?;
-    let mut up = up0;
+    alone += time(be, grid.target_s, || be.matmul(&c.o, &c.wo, m, a, d).map(|_| ()))?;
+    alone += time(be, grid.target_s, || be.gather_rows(&c.x, d, &[RowRun::new(0, m)]).map(|_| ()))?;
+    alone += time(be, grid.target_s, || be.add_assign(&mut acc, &c.x))? * 2.0;
+    alone += time(be, grid.target_s, || be.matmul(&c.x, &c.wu, m, d, f).map(|_| ()))?;
+    let mut up = pattern(be, m * f)?;
     alone += time(be, grid.target_s, || be.gelu(&mut up))?;
-    alone += time(be, grid.target_s, || be.matmul(&up, &wd, m, f, d).map(|_| ()))?;
-    // The chain's bytes, as the shape-only backend counts them.
-    let sb = ShapeBackend::new(dtype);
-    let z = |n: usize| sb.zeros(n);
-    let (sx, sg, swq, swo, swu, swd, so) = (z(m * d)?, z(d)?, z(d * 3 * a)?, z(a * d)?, z(d * f)?, z(f * d)?, z(m * a)?);
-    sb.recorder().take();
-    let h = sb.rmsnorm(&sx, &sg, m, d, 1e-6)?;
-    let qkv = sb.matmul(&h, &swq, m, d, 3 * a)?;
-    sb.split_qkv(&qkv, m, a)?;
-    let p = sb.matmul(&so, &swo, m, a, d)?;
-    let mut r = sb.gather_rows(&sx, d, &[RowRun::new(0, m)])?;
-    sb.add_assign(&mut r, &p)?;
-    let h2 = sb.rmsnorm(&r, &sg, m, d, 1e-6)?;
-    let mut up = sb.matmul(&h2, &swu, m, d, f)?;
-    sb.gelu(&mut up)?;
-    let dn = sb.matmul(&up, &swd, m, f, d)?;
-    sb.add_assign(&mut r, &dn)?;
-    let bytes: u64 = sb.recorder().take().iter().filter_map(|e| if let Entry::Op(o) = e { Some(o.bytes_read + o.bytes_written) } else { None }).sum();
+    alone += time(be, grid.target_s, || be.matmul(&up, &c.wd, m, f, d).map(|_| ()))?;
+    let (_, bytes) = chain_work(dtype, model, m)?;
     Ok(((together - alone) / bytes.max(1) as f64).max(0.0))
 }
 
@@ -401,7 +418,8 @@ const LOOP_REPEATS: usize = 5;
 
 /// Measures [`LoopOverhead`] on `be` against the tables of `c` (the
 /// element-wise table prices the step's operations as the planner will).
-pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, vocab: usize) -> Result<LoopOverhead> {
+pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, model: &crate::model::ModelConfig) -> Result<LoopOverhead> {
+    let vocab = model.vocab;
     const WIDTH: usize = 4096;
     let (mut x, y, logits) = (pattern(be, WIDTH)?, pattern(be, WIDTH)?, pattern(be, vocab)?);
     let vars = crate::backend::StepVars { pos: 0, store_at: None, len: 1, tokens: vec![0] };
@@ -446,24 +464,47 @@ pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, vocab: u
     let argmax = charged(&|sb| sb.argmax(&sb.zeros(vocab)?, 1, vocab).map(|_| ()))?;
     let one = steady(1, &mut x)?;
     let mut out = LoopOverhead { step_s: (one - add - argmax).max(0.0), ..Default::default() };
-    // Recording: a first step (record, replay, sample) against a steady one, at two sizes.
-    let first = |ops: usize, x: &mut B::Buf| -> Result<Option<f64>> {
-        let mut best = f64::INFINITY;
+    // Recording: a first step (record, replay, sample) against a steady
+    // one, of one and of four decode layers of the model (without
+    // attention): recording issues each operation as a run does (the
+    // strategy's host work, the library calls, the arena), with the device
+    // idle meanwhile, then instantiates the graph.
+    let chain = LayerChain::new(model, 1, |n| pattern(be, n))?;
+    let (chain_ops, _) = chain_work(dtype, model, 1)?;
+    let record_layers = |layers: usize| -> Result<Option<B::Graph>> {
+        if !be.capture_begin()? {
+            return Ok(None);
+        }
+        let issued = (0..layers).try_for_each(|_| chain.issue(be));
+        let graph = be.capture_end();
+        issued?;
+        graph.map(Some)
+    };
+    let replayed = |layers: usize| -> Result<Option<(f64, f64)>> {
+        let Some(graph) = record_layers(layers)? else { return Ok(None) };
+        let (mut first, mut steady) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..LOOP_REPEATS {
             let t = std::time::Instant::now();
             be.set_step(&vars)?;
-            let Some(graph) = record(ops, x)? else { return Ok(None) };
-            be.replay(&graph)?;
+            let Some(g) = record_layers(layers)? else { return Ok(None) };
+            be.replay(&g)?;
             be.argmax(&logits, 1, vocab)?;
-            best = best.min(t.elapsed().as_secs_f64());
+            first = first.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for _ in 0..LOOP_STEPS {
+                be.set_step(&vars)?;
+                be.replay(&graph)?;
+                be.argmax(&logits, 1, vocab)?;
+            }
+            steady = steady.min(t.elapsed().as_secs_f64() / LOOP_STEPS as f64);
         }
-        Ok(Some(best))
+        Ok(Some((first, steady)))
     };
-    let (few, many) = (8usize, 128usize);
-    if let (Some(f8), Some(f128)) = (first(few, &mut x)?, first(many, &mut x)?) {
-        let (r8, r128) = ((f8 - steady(few, &mut x)?).max(0.0), (f128 - steady(many, &mut x)?).max(0.0));
-        out.record_per_op_s = ((r128 - r8) / (many - few) as f64).max(0.0);
-        out.record_s = (r8 - few as f64 * out.record_per_op_s).max(0.0);
+    let (few, many) = (1usize, 4usize);
+    if let (Some((f1, s1)), Some((f4, s4))) = (replayed(few)?, replayed(many)?) {
+        let (r1, r4) = ((f1 - s1).max(0.0), (f4 - s4).max(0.0));
+        out.record_per_op_s = ((r4 - r1) / ((many - few) * chain_ops) as f64).max(0.0);
+        out.record_s = (r1 - (few * chain_ops) as f64 * out.record_per_op_s).max(0.0);
     }
     Ok(out)
 }
@@ -575,7 +616,7 @@ mod tests {
     fn the_decode_loop_overhead_on_a_backend_that_cannot_record_has_no_recording_cost() {
         let be = CpuBackend::new();
         let c = Calibration { bandwidth: [("elementwise".to_string(), vec![[1e4, 1e-6], [1e8, 1e-2]])].into(), ..Default::default() };
-        let lo = loop_overhead(&be, Dtype::Fp32, &c, 512).unwrap();
+        let lo = loop_overhead(&be, Dtype::Fp32, &c, &crate::model::ModelConfig::tiny()).unwrap();
         assert_eq!((lo.record_s, lo.record_per_op_s), (0.0, 0.0));
         assert!(lo.step_s.is_finite() && lo.step_s >= 0.0 && lo.step_s < 0.1, "{lo:?}");
     }

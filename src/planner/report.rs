@@ -173,7 +173,14 @@ pub fn predict(dag: &Dag, tl: &Timeline, shape: BatchShape) -> Prediction {
     let itl: Vec<f64> = ends.windows(2).map(|w| w[1] - w[0]).collect();
     let ttft = prefill_end - t0;
     let out = shape.out_tokens;
-    let tpot = if out > 1 { mean_step_latency(&itl, out - 1) } else { 0.0 };
+    // Recording the first step happens once a batch: it stays out of the
+    // line through the steps and is spread over the batch's steps.
+    let recording = tl.recording.iter().copied().fold(0.0, f64::max);
+    let mut steady = itl.clone();
+    if let Some(first) = steady.first_mut() {
+        *first -= recording;
+    }
+    let tpot = if out > 1 { mean_step_latency(&steady, out - 1) + if itl.is_empty() { 0.0 } else { recording / (out - 1) as f64 } } else { 0.0 };
     let e2e = ttft + tpot * out.saturating_sub(1) as f64;
     let tokens = (shape.nseq * (shape.seq_len + out)) as f64;
     let prefill_use = uses(dag, tl, |p| p == Phase::Prefill, ttft);

@@ -174,11 +174,16 @@ fn a_pipeline_of_two_stages_overlaps_its_micro_batches() {
 /// The single-rank prediction of the tiny model for 2 sequences of 40
 /// tokens and 5 output tokens under `cal` (steps replayed as graphs or not).
 fn one_rank_prediction(cal: &calibration::Calibration, graphs: bool) -> (report::Prediction, Dag) {
+    one_rank_plan(cal, graphs, 5, 0)
+}
+
+/// The same with `out` output tokens, `steps` decode steps simulated (0: all).
+fn one_rank_plan(cal: &calibration::Calibration, graphs: bool, out: usize, steps: usize) -> (report::Prediction, Dag) {
     let job = parse_job(&JOB.replace("tp = 2\npp = 2", "tp = 1\npp = 1"), &[]).unwrap();
     let cfg = job.model.resolve().unwrap();
     let cost = CostModel::calibrated(cluster::ClusterSpec::default_for(gpus::cpu(), 1), cal, graphs);
-    let planner = Planner { job: &job, cfg: &cfg, cost: &cost, world: 1, decode_steps: 0 };
-    let p = planner.point(&job.strategies[0], BatchShape { nseq: 2, seq_len: 40, out_tokens: 5 }).unwrap();
+    let planner = Planner { job: &job, cfg: &cfg, cost: &cost, world: 1, decode_steps: steps };
+    let p = planner.point(&job.strategies[0], BatchShape { nseq: 2, seq_len: 40, out_tokens: out }).unwrap();
     (p.prediction, p.dag)
 }
 
@@ -197,6 +202,12 @@ fn every_decode_step_pays_the_host_turn_and_the_first_also_its_recording() {
         assert!(extra[1..].iter().all(|e| (e - 1e-3).abs() < 1e-9), "graphs {graphs}: later steps pay the host turn only: {extra:?}");
         assert!((with.ttft_s - base.ttft_s).abs() < 1e-12, "the prefill pays none");
     }
+    // With 2 of 32 steps simulated, TPOT is the line through the steady
+    // steps plus the recording spread over all 32.
+    let (short, _) = one_rank_plan(&plain, true, 33, 2);
+    let (long, _) = one_rank_plan(&looped, true, 33, 2);
+    let want = 1e-3 + (5e-3 + 1e-4 * ops as f64) / 32.0;
+    assert!((long.tpot_s - short.tpot_s - want).abs() < 1e-9, "TPOT {} s more, want {want}", long.tpot_s - short.tpot_s);
     let roofline = CostModel::roofline(cluster::ClusterSpec::default_for(gpus::by_key("h200").unwrap(), 1), Dtype::Bf16, true);
     assert_eq!(roofline.step_gap(1, 100), 0.0, "the roofline charges no host turn");
 }

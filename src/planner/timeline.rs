@@ -53,6 +53,9 @@ pub struct Timeline {
     pub binding: Vec<Option<NodeId>>,
     /// Per node: seconds of work (collectives: the algorithm's time).
     pub duration: Vec<f64>,
+    /// Per rank: seconds its host spent recording the first decode step
+    /// (part of the host turn before it; see `CostModel::step_gap`).
+    pub recording: Vec<f64>,
 }
 
 /// A lane's next event: (time, lane).
@@ -165,7 +168,7 @@ impl<'a> Sim<'a> {
                     .count()
             })
             .collect();
-        let tl = Timeline { finish: vec![0.0; n], binding: vec![None; n], duration: vec![0.0; n], ..Default::default() };
+        let tl = Timeline { finish: vec![0.0; n], binding: vec![None; n], duration: vec![0.0; n], recording: vec![0.0; ranks], ..Default::default() };
         Self {
             dag,
             cost,
@@ -288,7 +291,11 @@ impl<'a> Sim<'a> {
                 if let Phase::Decode(step) = self.dag.nodes[id].phase {
                     let cursor = self.lanes[lane].cursor;
                     if stream == 0 && (cursor == 0 || self.dag.nodes[self.lanes[lane].nodes[cursor - 1]].phase != Phase::Decode(step)) {
-                        ready += self.cost.step_gap(step, self.first_step_ops[rank]);
+                        let gap = self.cost.step_gap(step, self.first_step_ops[rank]);
+                        if step == 1 {
+                            self.tl.recording[rank] = gap - self.cost.step_gap(2, 0);
+                        }
+                        ready += gap;
                     }
                 }
                 self.ready[self.slot[id] + k] = Some((ready, bound));
