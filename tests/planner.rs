@@ -134,6 +134,11 @@ fn planner_dag_has_the_runs_messages(np: usize, strategies: &str, tag: &str) {
     }
     let errors = planner::predict::errors(&run);
     assert!(errors.iter().any(|e| e.quantity == "tpot_s" && e.measured.is_some() && e.error.is_some()), "{errors:?}");
+    // `analyze` prints them beside the measurements, with what they rest on.
+    let a = fapool(&["analyze", out.to_str().unwrap()]);
+    let shown = text(&a);
+    assert!(a.status.success() && shown.contains("planner prediction vs measurement"), "{shown}");
+    assert!(shown.contains(&format!("  {}: source: roofline of cpu", job.strategies[0].name())), "{shown}");
 }
 
 #[test]

@@ -326,6 +326,13 @@ fn write_predictions(entries: &[(&str, &str, &CategoryFigures)], category: &str,
         writeln!(out)?;
         writeln!(out, "planner prediction vs measurement ({category})")?;
         t.write(out)?;
+        // What the figures rest on (the cost model's source, assumed routing).
+        for (name, _, c) in entries {
+            let notes: Vec<String> = c.data.prediction_notes.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            if !notes.is_empty() {
+                writeln!(out, "  {name}: {}", notes.join("; "))?;
+            }
+        }
     }
     Ok(())
 }
