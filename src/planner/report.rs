@@ -130,6 +130,14 @@ pub fn busy_shares(dag: &Dag, tl: &Timeline) -> Vec<f64> {
     busy.iter().map(|b| if end > 0.0 { b / end } else { 0.0 }).collect()
 }
 
+/// Adds `seconds` of `what` to a path, joining the part before it when it is the same.
+fn push_part(parts: &mut Vec<PathPart>, what: String, seconds: f64) {
+    match parts.last_mut() {
+        Some(p) if p.what == what => p.seconds += seconds,
+        _ => parts.push(PathPart { what, seconds }),
+    }
+}
+
 /// The critical path ending at `end`, by what ran (in path order).
 fn path_parts(dag: &Dag, tl: &Timeline, end: NodeId, from: f64) -> (Vec<PathPart>, usize) {
     let path = tl.critical_path(end);
@@ -143,14 +151,16 @@ fn path_parts(dag: &Dag, tl: &Timeline, end: NodeId, from: f64) -> (Vec<PathPart
             continue;
         }
         ranks.extend(n.ranks.iter().copied());
+        // The host's turn before a decode step is the host's, not the step's first operation's.
+        let turn = tl.host_turn.get(id).copied().unwrap_or(0.0).min(f - at);
+        if turn > 0.0 {
+            push_part(&mut parts, format!("host turn (rank {})", n.ranks[0]), turn);
+        }
         let what = match &n.kind {
             NodeKind::Compute(op) => format!("{} (rank {})", op.kind.name(), n.ranks[0]),
             NodeKind::Comm(c) => c.category_name().to_string(),
         };
-        match parts.last_mut() {
-            Some(p) if p.what == what => p.seconds += f - at,
-            _ => parts.push(PathPart { what, seconds: f - at }),
-        }
+        push_part(&mut parts, what, f - at - turn);
         at = f;
     }
     (parts, ranks.len())

@@ -201,6 +201,8 @@ fn every_decode_step_pays_the_host_turn_and_the_first_also_its_recording() {
         assert!((extra[0] - first).abs() < 1e-9, "graphs {graphs}: the first step pays {first} s more, got {}", extra[0]);
         assert!(extra[1..].iter().all(|e| (e - 1e-3).abs() < 1e-9), "graphs {graphs}: later steps pay the host turn only: {extra:?}");
         assert!((with.ttft_s - base.ttft_s).abs() < 1e-12, "the prefill pays none");
+        let turn: f64 = with.decode_path.iter().filter(|p| p.what == "host turn (rank 0)").map(|p| p.seconds).sum();
+        assert!((turn - 1e-3).abs() < 1e-9, "the critical path names the host's turn, not the step's first operation: {:?}", with.decode_path);
     }
     // With 2 of 32 steps simulated, TPOT is the line through the steady
     // steps plus the recording spread over all 32.

@@ -56,6 +56,9 @@ pub struct Timeline {
     /// Per rank: seconds its host spent recording the first decode step
     /// (part of the host turn before it; see `CostModel::step_gap`).
     pub recording: Vec<f64>,
+    /// Per node: the host's turn its rank took before it (the first node of
+    /// a decode step on a compute stream; else 0).
+    pub host_turn: Vec<f64>,
 }
 
 /// A lane's next event: (time, lane).
@@ -168,7 +171,7 @@ impl<'a> Sim<'a> {
                     .count()
             })
             .collect();
-        let tl = Timeline { finish: vec![0.0; n], binding: vec![None; n], duration: vec![0.0; n], recording: vec![0.0; ranks], ..Default::default() };
+        let tl = Timeline { finish: vec![0.0; n], binding: vec![None; n], duration: vec![0.0; n], recording: vec![0.0; ranks], host_turn: vec![0.0; n], ..Default::default() };
         Self {
             dag,
             cost,
@@ -295,6 +298,7 @@ impl<'a> Sim<'a> {
                         if step == 1 {
                             self.tl.recording[rank] = gap - self.cost.step_gap(2, 0);
                         }
+                        self.tl.host_turn[id] = gap;
                         ready += gap;
                     }
                 }
