@@ -170,7 +170,7 @@ impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
         let w = Weights::open(cfg)?;
         let policy = spec.policy(world.size());
         let ops = spec.pool_ops;
-        let full = |t: Tensor| be.upload(&w.full(t));
+        let full = |t: Tensor| w.upload_full(be, t);
         let rank = match spec.place(world.rank(), world.size()) {
             Place::Base(r) => {
                 let layers = (0..cfg.layers).map(|l| LayerShard::load(be, &w, l, r, spec.base)).collect::<Result<Vec<_>>>()?;
