@@ -78,3 +78,24 @@ fn mismatched_collectives_are_refused() {
     // The last member to arrive finds the mismatch and ends the simulation.
     assert!(out.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("collective mismatch"))), "{out:?}");
 }
+
+#[test]
+fn a_receive_from_several_peers_takes_their_messages_in_the_order_it_lists_them() {
+    let out = on_ranks(3, |be, comm, world| {
+        let me = world.rank();
+        if me < 2 {
+            let parts = vec![crate::comm::SendTo { peer: 2, range: 0..4 }];
+            let t = comm.issue(Category::PoolScatter, world, Some((be.zeros(4)?, parts)), None)?;
+            comm.complete(t)?;
+        } else {
+            let parts = vec![RecvPart { peer: 1, range: 0..4 }, RecvPart { peer: 0, range: 4..8 }];
+            let t = comm.issue(Category::PoolScatter, world, None, Some((be.zeros(8)?, parts)))?;
+            comm.complete(t)?;
+        }
+        Ok(())
+    });
+    let logs: Vec<Vec<MessageRecord>> = out.into_iter().map(|r| r.unwrap()).collect();
+    let got = &logs[2][0].recvs;
+    assert_eq!(got.iter().map(|p| p.peer).collect::<Vec<_>>(), vec![1, 0]);
+    assert_eq!((got[0].message, got[1].message), (logs[1][0].sends[0].message, logs[0][0].sends[0].message));
+}
