@@ -12,7 +12,8 @@
 //!
 //! No values move, so only what a rank needs to go on is waited for: a
 //! receive waits for its messages (a call's all at once, woken only by a
-//! message on the channel it waits on) and a split for its new group. Sends do not
+//! message on the channel it waits on) and a split for its new group (a rank
+//! that joins none does not wait). Sends do not
 //! wait for their receivers, nor members of a collective for each other
 //! (the DAG joins them by the collective's id; collectives issued in crossed
 //! orders show as a cycle there). This is more permissive than real ranks,
@@ -25,8 +26,8 @@ pub use super::messages::{group_stream, MessageKind, MessageLog, MessageRecord, 
 use super::{ordered_recv_parts, Category, CommError, Group, RecvPart, Result, SendPart, Timed, Transport};
 use crate::backend::shape::{BufRef, Recorder, ShapeBackend, ShapeBuf};
 use crate::backend::Backend;
-use std::cell::{Cell, RefCell};
 use rustc_hash::FxHashMap;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::{Arc, MutexGuard};
@@ -112,6 +113,7 @@ impl<'w> SimTransport<'w> {
         };
         let (me, size) = (group.rank(), group.size());
         let split = matches!(arrival.call, Call::Split(_));
+        let joins_nothing = matches!(arrival.call, Call::Split(None));
         let mut st = self.world.lock();
         if !st.pending.contains_key(&(key, seq)) {
             let instance = st.fresh_id();
@@ -144,6 +146,20 @@ impl<'w> SimTransport<'w> {
             // member needs to wait for the others (a cross-order of
             // collectives shows as a cycle in the DAG).
             return Ok(Completed { instance, cols: root_cols(&st, key, seq).flatten(), groups: Arc::default() });
+        }
+        if joins_nothing {
+            // A member that joins no new group needs nothing the split
+            // decides: it goes on (unless it found the split broken).
+            let p = st.pending.get_mut(&(key, seq)).expect("pending");
+            let outcome = p.outcome.clone();
+            p.departed += 1;
+            if p.departed == size {
+                st.pending.remove(&(key, seq));
+            }
+            return match outcome {
+                Some(Err(e)) => Err(protocol(e)),
+                _ => Ok(Completed { instance, cols: None, groups: Arc::default() }),
+            };
         }
         let what = |_| format!("split {seq} of group `{}`", group.name);
         let mut st = self.wait(st, |s| s.pending.get(&(key, seq)).is_none_or(|p| p.outcome.is_none()).then_some(None), &what)?;
@@ -252,7 +268,7 @@ impl Transport<ShapeBackend> for SimTransport<'_> {
     fn split(&mut self, _backend: &ShapeBackend, parent: &Group, color: Option<u32>, id: usize, name: &str) -> Result<Option<Group>> {
         let arrival = Arrival { call: Call::Split(color), len: 0, cols: None, world_rank: self.rank };
         let done = self.collective(parent, arrival)?;
-        let Some((key, ranks)) = done.groups[parent.rank()].clone() else { return Ok(None) };
+        let Some((key, ranks)) = done.groups.get(parent.rank()).cloned().flatten() else { return Ok(None) };
         let me = ranks.iter().position(|&r| r == self.rank).expect("a member of its own group");
         self.keys.borrow_mut().insert(id, key);
         Ok(Some(Group::new(id, name, ranks.to_vec(), me)))

@@ -99,3 +99,20 @@ fn a_receive_from_several_peers_takes_their_messages_in_the_order_it_lists_them(
     assert_eq!(got.iter().map(|p| p.peer).collect::<Vec<_>>(), vec![1, 0]);
     assert_eq!((got[0].message, got[1].message), (logs[1][0].sends[0].message, logs[0][0].sends[0].message));
 }
+
+#[test]
+fn a_rank_that_joins_no_group_of_a_split_does_not_wait_for_it() {
+    // Rank 1 splits only after rank 0's message, which rank 0 sends after
+    // its own part of the split: waiting there would never end.
+    let out = on_ranks(2, |be, comm, world| {
+        if world.rank() == 0 {
+            assert!(comm.split(world, None, "one")?.is_none());
+            comm.send(Category::PpP2p, world, 1, &be.zeros(4)?)?;
+        } else {
+            comm.recv(Category::PpP2p, world, 0, 4)?;
+            assert_eq!(comm.split(world, Some(0), "one")?.expect("a member").world_ranks, vec![1]);
+        }
+        Ok(())
+    });
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+}

@@ -141,7 +141,9 @@ impl SimWorld {
     /// Wakes ranks released under the lock, once it is dropped (a woken
     /// rank's first act is to take it).
     pub(super) fn wake_released(&self, ranks: &[usize]) {
-        for &r in ranks {
+        // Last first: trees reduce towards the lowest rank, so a released
+        // rank more often waits next for a higher one than for a lower one.
+        for &r in ranks.iter().rev() {
             self.wake[r].notify_one();
         }
     }
