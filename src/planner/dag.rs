@@ -286,7 +286,7 @@ impl Dag {
                         let (inputs, outputs) = (std::mem::take(&mut op.inputs), std::mem::take(&mut op.outputs));
                         let id = dag.nodes.len();
                         let stream = op.stream;
-                        dag.nodes.push(Node { kind: NodeKind::Compute(op), phase, ranks: vec![r], stream, inputs: Vec::new(), outputs: Vec::new() });
+                        dag.nodes.push(Node { kind: NodeKind::Compute(op), phase, ranks: vec![r], stream, inputs: Vec::with_capacity(1), outputs: Vec::with_capacity(1) });
                         (id, inputs, outputs)
                     }
                     Some(Entry::Message(index)) => {
@@ -303,7 +303,8 @@ impl Dag {
                                     collectives.insert(c, id);
                                 }
                                 let c = CommNode { kind: m.kind, category: m.category, group: m.group, group_ranks: m.group_ranks, bytes: m.bytes, sends: m.sends, recvs: m.recvs };
-                                dag.nodes.push(Node { kind: NodeKind::Comm(c), phase, ranks: vec![r], stream: m.stream, inputs: Vec::new(), outputs: Vec::new() });
+                                // One member's reads and writes (a collective's grow as members join).
+                                dag.nodes.push(Node { kind: NodeKind::Comm(c), phase, ranks: vec![r], stream: m.stream, inputs: Vec::with_capacity(1), outputs: Vec::with_capacity(1) });
                                 id
                             }
                         };
