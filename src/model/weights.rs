@@ -7,6 +7,7 @@
 
 use super::checkpoint::{Checkpoint, CheckpointError};
 use super::{dims, ModelConfig, Tensor};
+use crate::backend::{Backend, Result as BackendResult};
 use std::ops::Range;
 
 /// SplitMix64: a fast, well-mixed 64-bit hash/generator.
@@ -76,7 +77,7 @@ impl<'a> Weights<'a> {
 
     /// Rows `rows` and the column runs `cols` of tensor `t`, row-major.
     pub fn shard(&self, t: Tensor, rows: Range<usize>, cols: &[Range<usize>]) -> Vec<f32> {
-        if self.cfg.weight_values == super::WeightValues::ShapesOnly {
+        if self.shapes_only() {
             // A zeroed allocation: its pages are never written or read.
             return vec![0.0; rows.len() * cols.iter().map(|c| c.len()).sum::<usize>()];
         }
@@ -99,6 +100,28 @@ impl<'a> Weights<'a> {
     pub fn full(&self, t: Tensor) -> Vec<f32> {
         let (rows, cols) = self.dims(t);
         self.shard(t, 0..rows, &[0..cols])
+    }
+
+    /// Whether the values are zeros that are never read ([`super::WeightValues::ShapesOnly`]).
+    pub fn shapes_only(&self) -> bool {
+        self.cfg.weight_values == super::WeightValues::ShapesOnly
+    }
+
+    /// [`Self::shard`] on `be`. Shape-only weights are zeros the backend
+    /// makes itself: the same buffer, without a host vector the size of the
+    /// shard (the planner's thousand simulated ranks would map and unmap
+    /// their weights' size each, terabytes at paper scale).
+    pub fn upload_shard<B: Backend>(&self, be: &B, t: Tensor, rows: Range<usize>, cols: &[Range<usize>]) -> BackendResult<B::Buf> {
+        if self.shapes_only() {
+            return be.zeros(rows.len() * cols.iter().map(|c| c.len()).sum::<usize>());
+        }
+        be.upload(&self.shard(t, rows, cols))
+    }
+
+    /// [`Self::full`] on `be` (see [`Self::upload_shard`]).
+    pub fn upload_full<B: Backend>(&self, be: &B, t: Tensor) -> BackendResult<B::Buf> {
+        let (rows, cols) = self.dims(t);
+        self.upload_shard(be, t, 0..rows, &[0..cols])
     }
 
     /// Columns of the fused QKV weight for query heads `heads`: their q

@@ -140,7 +140,9 @@ impl Calibration {
         set_attr_u64(&f, "kv_heads", self.kv_heads as u64)?;
         set_attr_u64(&f, "head_dim", self.head_dim as u64)?;
         set_attr_u64(&f, "ranks", self.ranks as u64)?;
-        for (name, v) in [("sequence_overhead_s_per_byte", self.sequence_overhead_s_per_byte), ("step_overhead_s", self.step_overhead_s), ("record_s", self.record_s), ("record_per_op_s", self.record_per_op_s)] {
+        for (name, v) in
+            [("sequence_overhead_s_per_byte", self.sequence_overhead_s_per_byte), ("step_overhead_s", self.step_overhead_s), ("record_s", self.record_s), ("record_per_op_s", self.record_per_op_s)]
+        {
             f.new_attr::<f64>().shape(()).create(name)?.write_scalar(&v)?;
         }
         write_rows(&f, "gemm", &self.gemm)?;

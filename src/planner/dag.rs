@@ -3,9 +3,9 @@
 //! stream), a communication node per collective (one node, every member's
 //! program holds it) and per point-to-point call (one per rank, joined by
 //! message edges carrying the bytes), data edges from each buffer's last
-//! writer to its readers, each rank's program order per stream, and waits
-//! of the compute stream for messages on their groups' streams (where
-//! `Comm` completes them).
+//! writer to its readers (one per buffer a reader reads, however often),
+//! each rank's program order per stream, and waits of the compute stream
+//! for messages on their groups' streams (where `Comm` completes them).
 //!
 //! Phases come from the runner's markers: operations before its second
 //! synchronisation set the batch up, those before the third are the prefill,
@@ -18,7 +18,8 @@ use crate::backend::shape::{BufRef, Entry, Marker, OpKind, OpRecord};
 use crate::comm::sim_transport::{MessageKind, MessageRecord, Part};
 use crate::comm::Category;
 use crate::strategy::{BatchSetup, BatchShape};
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::BTreeMap;
 
 pub type NodeId = usize;
 
@@ -181,7 +182,7 @@ pub struct Dag {
     /// Each world rank's nodes in issue order.
     pub programs: Vec<Vec<NodeId>>,
     /// Per rank, the node that first wrote each buffer (absent: held before the batch).
-    pub creators: Vec<HashMap<u64, NodeId>>,
+    pub creators: Vec<FxHashMap<u64, NodeId>>,
     pub leader: usize,
     pub shape: BatchShape,
     /// The leader's batch setup.
@@ -228,45 +229,64 @@ fn phases_of(entries: &[Entry], messages: &[MessageRecord]) -> Vec<(usize, Phase
     out
 }
 
+/// Whether `inputs[k]`'s buffer is among `inputs[..k]`: a call may read
+/// one buffer several times (an exchange sends its parts of one buffer to
+/// every peer), which is one data edge, not one per read. `seen` holds the
+/// ids of a call with many reads (cleared at its first).
+fn read_before(inputs: &[BufRef], k: usize, seen: &mut FxHashSet<u64>) -> bool {
+    const SCAN: usize = 8;
+    if inputs.len() <= SCAN {
+        return inputs[..k].iter().any(|b| b.id == inputs[k].id);
+    }
+    if k == 0 {
+        seen.clear();
+    }
+    !seen.insert(inputs[k].id)
+}
+
 impl Dag {
     /// Builds the DAG of a recorded batch (taking its records apart).
     pub fn build(rec: Recording) -> Dag {
         let n = rec.programs.len();
         let setup = rec.setup().clone();
+        // Room for every entry at once: a plan of 1024 ranks holds 180 k nodes.
+        let entries: usize = rec.programs.iter().map(|p| p.entries.len()).sum();
         let mut dag = Dag {
-            nodes: Vec::new(),
-            edges: Vec::new(),
-            programs: vec![Vec::new(); n],
-            creators: vec![HashMap::new(); n],
+            nodes: Vec::with_capacity(entries),
+            edges: Vec::with_capacity(2 * entries),
+            programs: rec.programs.iter().map(|p| Vec::with_capacity(p.entries.len())).collect(),
+            creators: vec![FxHashMap::default(); n],
             leader: rec.leader,
             shape: rec.shape,
             setup,
             active: rec.programs.iter().map(|p| p.setup.active).collect(),
             peak_bytes: rec.programs.iter().map(|p| p.peak_bytes).collect(),
         };
-        let mut collectives: HashMap<u64, NodeId> = HashMap::new();
-        let mut senders: HashMap<u64, NodeId> = HashMap::new();
+        let mut collectives: FxHashMap<u64, NodeId> = FxHashMap::default();
+        let mut senders: FxHashMap<u64, NodeId> = FxHashMap::default();
         let mut pending_recvs: Vec<(NodeId, u64, u64, u64)> = Vec::new();
+        let mut distinct: FxHashSet<u64> = FxHashSet::default();
         for p in rec.programs {
             let r = p.rank;
             let phases = phases_of(&p.entries, &p.messages);
             let mut messages: Vec<Option<MessageRecord>> = p.messages.into_iter().map(Some).collect();
             let mut entries: Vec<Option<Entry>> = p.entries.into_iter().map(Some).collect();
-            let mut last_writer: HashMap<u64, NodeId> = HashMap::new();
+            let mut last_writer: FxHashMap<u64, NodeId> = FxHashMap::with_capacity_and_hasher(entries.len(), Default::default());
+            dag.creators[r].reserve(entries.len());
             // The rank's message records by index, and the messages its compute stream waits for next.
-            let mut message_node: HashMap<usize, NodeId> = HashMap::new();
+            let mut message_node: Vec<Option<NodeId>> = vec![None; messages.len()];
             let mut waits: Vec<NodeId> = Vec::new();
             for (i, phase) in phases {
                 let (id, inputs, outputs) = match entries[i].take() {
                     Some(Entry::Marker(Marker::WaitFor(m))) => {
-                        waits.extend(message_node.get(&m).copied());
+                        waits.extend(message_node.get(m).copied().flatten());
                         continue;
                     }
                     Some(Entry::Op(mut op)) => {
                         let (inputs, outputs) = (std::mem::take(&mut op.inputs), std::mem::take(&mut op.outputs));
                         let id = dag.nodes.len();
                         let stream = op.stream;
-                        dag.nodes.push(Node { kind: NodeKind::Compute(op), phase, ranks: vec![r], stream, inputs: Vec::new(), outputs: Vec::new() });
+                        dag.nodes.push(Node { kind: NodeKind::Compute(op), phase, ranks: vec![r], stream, inputs: Vec::with_capacity(1), outputs: Vec::with_capacity(1) });
                         (id, inputs, outputs)
                     }
                     Some(Entry::Message(index)) => {
@@ -283,11 +303,12 @@ impl Dag {
                                     collectives.insert(c, id);
                                 }
                                 let c = CommNode { kind: m.kind, category: m.category, group: m.group, group_ranks: m.group_ranks, bytes: m.bytes, sends: m.sends, recvs: m.recvs };
-                                dag.nodes.push(Node { kind: NodeKind::Comm(c), phase, ranks: vec![r], stream: m.stream, inputs: Vec::new(), outputs: Vec::new() });
+                                // One member's reads and writes (a collective's grow as members join).
+                                dag.nodes.push(Node { kind: NodeKind::Comm(c), phase, ranks: vec![r], stream: m.stream, inputs: Vec::with_capacity(1), outputs: Vec::with_capacity(1) });
                                 id
                             }
                         };
-                        message_node.insert(index, id);
+                        message_node[index] = Some(id);
                         if let NodeKind::Comm(c) = &dag.nodes[id].kind {
                             if c.collective_free() {
                                 for s in &c.sends {
@@ -306,11 +327,12 @@ impl Dag {
                         dag.edges.push(Edge { from: w, to: id, kind: EdgeKind::Wait { rank: r } });
                     }
                 }
-                for b in &inputs {
-                    if let Some(&w) = last_writer.get(&b.id) {
-                        if w != id {
-                            dag.edges.push(Edge { from: w, to: id, kind: EdgeKind::Data { rank: r, buf: b.id } });
-                        }
+                for (k, b) in inputs.iter().enumerate() {
+                    if read_before(&inputs, k, &mut distinct) {
+                        continue;
+                    }
+                    if let Some(&w) = last_writer.get(&b.id).filter(|&&w| w != id) {
+                        dag.edges.push(Edge { from: w, to: id, kind: EdgeKind::Data { rank: r, buf: b.id } });
                     }
                 }
                 for b in &outputs {

@@ -213,3 +213,60 @@ fn every_decode_step_pays_the_host_turn_and_the_first_also_its_recording() {
     let roofline = CostModel::roofline(cluster::ClusterSpec::default_for(gpus::by_key("h200").unwrap(), 1), Dtype::Bf16, true);
     assert_eq!(roofline.step_gap(1, 100), 0.0, "the roofline charges no host turn");
 }
+
+/// Two ranks whose exchanges send to each other and receive from each
+/// other (an all-to-all's pattern), each after a compute node on its rank;
+/// with `feedback`, rank 1's compute node reads what rank 0's exchange
+/// received, so rank 1 sends only after rank 0 has received from it.
+fn crossed_exchanges(feedback: bool) -> Dag {
+    use super::dag::{CommNode, Edge};
+    use crate::comm::sim_transport::{MessageKind, Part};
+    let part = |peer, message| Part { peer, message, bytes: 8, sent_bytes: 8, cols: None };
+    let compute = |rank| {
+        let op = OpRecord { kind: OpKind::CopyRows, dims: OpDims::Rows { rows: 1, cols: 2 }, flops: 0.0, bytes_read: 8, bytes_written: 8, inputs: vec![], outputs: vec![], stream: 0 };
+        Node { kind: NodeKind::Compute(op), phase: Phase::Prefill, ranks: vec![rank], stream: 0, inputs: vec![vec![]], outputs: vec![vec![]] }
+    };
+    let exchange = |rank: usize, sent, received| {
+        let c = CommNode {
+            kind: MessageKind::Exchange,
+            category: None,
+            group: "pair".into(),
+            group_ranks: vec![0, 1].into(),
+            bytes: 16,
+            sends: vec![part(1 - rank, sent)],
+            recvs: vec![part(1 - rank, received)],
+        };
+        Node { kind: NodeKind::Comm(c), phase: Phase::Prefill, ranks: vec![rank], stream: 0, inputs: vec![vec![]], outputs: vec![vec![]] }
+    };
+    let message = |from, to, message| Edge { from, to, kind: EdgeKind::Message { message, bytes: 8, sent_bytes: 8 } };
+    // Nodes: 0 compute and 1 exchange on rank 0, 2 compute and 3 exchange on rank 1.
+    let mut edges = vec![message(1, 3, 1), message(3, 1, 2)];
+    if feedback {
+        edges.push(Edge { from: 1, to: 2, kind: EdgeKind::Data { rank: 1, buf: 7 } });
+    }
+    let (d, _) = dag(0);
+    Dag { nodes: vec![compute(0), exchange(0, 1, 2), compute(1), exchange(1, 2, 1)], edges, programs: vec![vec![0, 1], vec![2, 3]], creators: vec![Default::default(); 2], ..d }
+}
+
+#[test]
+fn exchanges_that_send_to_each_other_are_no_cycle() {
+    assert!(super::validate::topological_order(&crossed_exchanges(false)).is_ok());
+}
+
+#[test]
+fn a_send_that_waits_for_its_own_receive_is_a_cycle() {
+    assert!(super::validate::topological_order(&crossed_exchanges(true)).is_err());
+}
+
+#[test]
+fn a_buffer_one_call_reads_several_times_is_one_data_edge() {
+    let (d, _) = dag(1);
+    // FA Pool's hand-off sends its parts of one buffer to every pool rank.
+    assert!(d.nodes.iter().any(|n| n.inputs.iter().any(|ins| ins.iter().map(|b| b.id).collect::<HashSet<_>>().len() < ins.len())), "a call reads one buffer twice");
+    let mut seen = HashSet::new();
+    for e in &d.edges {
+        if let EdgeKind::Data { rank, buf } = e.kind {
+            assert!(seen.insert((e.from, e.to, rank, buf)), "{e:?} twice");
+        }
+    }
+}

@@ -14,8 +14,9 @@
 
 use super::cost::CostModel;
 use super::dag::{Csr, Dag, EdgeKind, NodeId, NodeKind, Phase};
+use rustc_hash::FxHashMap;
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 /// One node on one rank's stream.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -84,7 +85,9 @@ type Ready = (f64, Option<NodeId>);
 struct Lane {
     rank: usize,
     stream: u32,
-    nodes: Vec<NodeId>,
+    /// Each node and the rank's slot there (its member index found once,
+    /// not at every visit).
+    nodes: Vec<(NodeId, usize)>,
     cursor: usize,
     free_at: Ready,
 }
@@ -93,7 +96,7 @@ struct Sim<'a> {
     dag: &'a Dag,
     cost: &'a CostModel,
     lanes: Vec<Lane>,
-    lane_of: HashMap<(usize, u32), usize>,
+    lane_of: FxHashMap<(usize, u32), usize>,
     /// Per slot (node and member): ready time and what it waited for.
     ready: Vec<Option<Ready>>,
     /// Per node: members whose stream has reached it.
@@ -103,10 +106,13 @@ struct Sim<'a> {
     /// Per node and member (slot `slot[node] + member`): the producers of its data.
     slot: Vec<usize>,
     data_preds: Csr<NodeId>,
-    waiters: HashMap<NodeId, Vec<usize>>,
+    waiters: FxHashMap<NodeId, Vec<usize>>,
     /// By message id: (sender node, receiver node, bytes), and when it moved.
     messages: Vec<Option<(NodeId, NodeId, u64)>>,
     parts: Vec<Vec<u64>>,
+    /// Per node: its messages not moved yet (a call to P peers finishes
+    /// when the count reaches 0, not by looking at all P each time one moves).
+    unmoved: Vec<u32>,
     moved: Vec<Option<(f64, f64)>>,
     /// When each rank's outgoing and incoming port is free.
     out_port: Vec<f64>,
@@ -121,7 +127,13 @@ impl<'a> Sim<'a> {
     fn new(dag: &'a Dag, cost: &'a CostModel) -> Self {
         let n = dag.nodes.len();
         let mut lanes: Vec<Lane> = Vec::new();
-        let mut lane_of: HashMap<(usize, u32), usize> = HashMap::new();
+        let mut lane_of: FxHashMap<(usize, u32), usize> = FxHashMap::default();
+        let mut slot = Vec::with_capacity(n + 1);
+        let mut at = 0;
+        for node in &dag.nodes {
+            slot.push(at);
+            at += node.ranks.len();
+        }
         for (r, prog) in dag.programs.iter().enumerate() {
             for &id in prog {
                 let stream = dag.nodes[id].stream;
@@ -129,16 +141,11 @@ impl<'a> Sim<'a> {
                     lanes.push(Lane { rank: r, stream, nodes: Vec::new(), cursor: 0, free_at: (0.0, None) });
                     lanes.len() - 1
                 });
-                lanes[l].nodes.push(id);
+                let k = dag.nodes[id].member(r).expect("a program's node has its rank");
+                lanes[l].nodes.push((id, slot[id] + k));
             }
         }
-        let mut slot = Vec::with_capacity(n + 1);
-        let mut at = 0;
-        for node in &dag.nodes {
-            slot.push(at);
-            at += node.ranks.len();
-        }
-        let mut pairs: Vec<(usize, NodeId)> = Vec::new();
+        let mut pairs: Vec<(usize, NodeId)> = Vec::with_capacity(dag.edges.len());
         let ids = dag.edges.iter().filter_map(|e| if let EdgeKind::Message { message, .. } = e.kind { Some(message as usize + 1) } else { None }).max().unwrap_or(0);
         let mut messages = vec![None; ids];
         let mut parts = vec![Vec::new(); n];
@@ -171,7 +178,15 @@ impl<'a> Sim<'a> {
                     .count()
             })
             .collect();
-        let tl = Timeline { finish: vec![0.0; n], binding: vec![None; n], duration: vec![0.0; n], recording: vec![0.0; ranks], host_turn: vec![0.0; n], ..Default::default() };
+        let tl = Timeline {
+            spans: Vec::with_capacity(at),
+            finish: vec![0.0; n],
+            binding: vec![None; n],
+            duration: vec![0.0; n],
+            recording: vec![0.0; ranks],
+            host_turn: vec![0.0; n],
+            ..Default::default()
+        };
         Self {
             dag,
             cost,
@@ -183,9 +198,10 @@ impl<'a> Sim<'a> {
             done: vec![false; n],
             slot,
             data_preds,
-            waiters: HashMap::new(),
+            waiters: FxHashMap::default(),
             moved: vec![None; messages.len()],
             messages,
+            unmoved: parts.iter().map(|p| p.len() as u32).collect(),
             parts,
             out_port: vec![0.0; ranks],
             in_port: vec![0.0; ranks],
@@ -193,10 +209,6 @@ impl<'a> Sim<'a> {
             heap: BinaryHeap::new(),
             tl,
         }
-    }
-
-    fn member(&self, id: NodeId, rank: usize) -> usize {
-        self.dag.nodes[id].member(rank).expect("a member")
     }
 
     /// Ends `id` on `lane` at `finish` and moves the lane on.
@@ -241,11 +253,13 @@ impl<'a> Sim<'a> {
             self.out_port[src] = end;
             self.in_port[dst] = end;
             self.moved[m] = Some((start, end));
+            self.unmoved[from] -= 1;
+            self.unmoved[to] -= 1;
             self.tl.transfers.push(Transfer { from, to, src, dst, bytes, start, end });
             touched.push(if id == from { to } else { from });
         }
         for n in touched {
-            if self.done[n] || !self.armed[n] || !self.parts[n].iter().all(|&m| self.moved[m as usize].is_some()) {
+            if self.done[n] || !self.armed[n] || self.unmoved[n] > 0 {
                 continue;
             }
             let (ready, bound) = self.ready[self.slot[n]].expect("armed");
@@ -275,12 +289,11 @@ impl<'a> Sim<'a> {
     fn run_lane(&mut self, lane: usize) {
         loop {
             let (rank, stream) = (self.lanes[lane].rank, self.lanes[lane].stream);
-            let Some(&id) = self.lanes[lane].nodes.get(self.lanes[lane].cursor) else { return };
-            let k = self.member(id, rank);
-            if self.ready[self.slot[id] + k].is_none() {
+            let Some(&(id, at)) = self.lanes[lane].nodes.get(self.lanes[lane].cursor) else { return };
+            if self.ready[at].is_none() {
                 let (mut ready, mut bound) = self.lanes[lane].free_at;
-                for i in 0..self.data_preds.of(self.slot[id] + k).len() {
-                    let p = self.data_preds.of(self.slot[id] + k)[i];
+                for i in 0..self.data_preds.of(at).len() {
+                    let p = self.data_preds.of(at)[i];
                     if !self.done[p] {
                         self.waiters.entry(p).or_default().push(lane);
                         return;
@@ -293,7 +306,7 @@ impl<'a> Sim<'a> {
                 // compute stream enters a step (see `CostModel::step_gap`).
                 if let Phase::Decode(step) = self.dag.nodes[id].phase {
                     let cursor = self.lanes[lane].cursor;
-                    if stream == 0 && (cursor == 0 || self.dag.nodes[self.lanes[lane].nodes[cursor - 1]].phase != Phase::Decode(step)) {
+                    if stream == 0 && (cursor == 0 || self.dag.nodes[self.lanes[lane].nodes[cursor - 1].0].phase != Phase::Decode(step)) {
                         let gap = self.cost.step_gap(step, self.first_step_ops[rank]);
                         if step == 1 {
                             self.tl.recording[rank] = gap - self.cost.step_gap(2, 0);
@@ -302,7 +315,7 @@ impl<'a> Sim<'a> {
                         ready += gap;
                     }
                 }
-                self.ready[self.slot[id] + k] = Some((ready, bound));
+                self.ready[at] = Some((ready, bound));
                 self.arrived[id] += 1;
                 if self.dag.nodes[id].comm().is_some() {
                     // Messages are matched in time order: come back at `ready`.
@@ -310,7 +323,7 @@ impl<'a> Sim<'a> {
                     return;
                 }
             }
-            let (ready, bound) = self.ready[self.slot[id] + k].expect("set");
+            let (ready, bound) = self.ready[at].expect("set");
             match &self.dag.nodes[id].kind {
                 NodeKind::Compute(op) => {
                     let d = self.cost.op_seconds_on(op, self.in_graph(id), rank);

@@ -23,7 +23,8 @@
 use super::dag::{Csr, Dag, EdgeKind, NodeId, NodeKind, Phase};
 use crate::backend::shape::{OpDims, OpKind};
 use crate::comm::sim_transport::MessageKind;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeMap, VecDeque};
 
 /// A broken DAG rule.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -60,13 +61,24 @@ fn broken(dag: &Dag, rule: &'static str, id: NodeId, detail: String) -> DagViola
     DagViolation { rule, at: describe(dag, id), node: Some(id), detail }
 }
 
-/// Every edge the schedule obeys: data, waits, each rank's program order
-/// per stream, and messages. A message leaves when its sender reaches its
-/// call, not when the call completes (the call's own receives may still be
-/// due: an exchange or all-to-all sends and receives together), so a
-/// message edge runs from what the sending call waits for to the receiver.
-pub fn all_edges(dag: &Dag) -> Vec<(NodeId, NodeId)> {
-    let mut e: Vec<(NodeId, NodeId)> = Vec::with_capacity(dag.edges.len() + dag.nodes.len());
+/// Every edge the schedule obeys, over the DAG's nodes and one departure
+/// per sending call (ids from `dag.nodes.len()` on): data, waits, each
+/// rank's program order per stream, and messages. A message leaves when its
+/// sender reaches its call, not when the call completes (the call's own
+/// receives may still be due: an exchange or all-to-all sends and receives
+/// together), so a message runs from the call's departure, which follows
+/// what the call waits for, to the receiver. One departure per call keeps
+/// the edges linear in the DAG: a call sending to P peers waits for its
+/// predecessors once, not once per message.
+pub struct ScheduleEdges {
+    /// DAG nodes and departures.
+    pub nodes: usize,
+    pub edges: Vec<(NodeId, NodeId)>,
+}
+
+pub fn all_edges(dag: &Dag) -> ScheduleEdges {
+    let n = dag.nodes.len();
+    let mut e: Vec<(NodeId, NodeId)> = Vec::with_capacity(dag.edges.len() + n);
     for prog in &dag.programs {
         let mut last: BTreeMap<u32, NodeId> = BTreeMap::new();
         for &id in prog {
@@ -78,26 +90,41 @@ pub fn all_edges(dag: &Dag) -> Vec<(NodeId, NodeId)> {
         }
     }
     e.extend(dag.edges.iter().filter(|x| !matches!(x.kind, EdgeKind::Message { .. })).map(|x| (x.from, x.to)));
-    let reached_after = Csr::new(dag.nodes.len(), &e.iter().map(|&(a, b)| (b, a)).collect::<Vec<_>>());
-    for x in dag.edges.iter().filter(|x| matches!(x.kind, EdgeKind::Message { .. })) {
-        e.extend(reached_after.of(x.from).iter().map(|&p| (p, x.to)));
+    let messages = || dag.edges.iter().filter(|x| matches!(x.kind, EdgeKind::Message { .. }));
+    let mut departure: Vec<Option<NodeId>> = vec![None; n];
+    let mut nodes = n;
+    for x in messages() {
+        departure[x.from].get_or_insert_with(|| {
+            nodes += 1;
+            nodes - 1
+        });
     }
-    e
+    // What a sending call waits for, its departure waits for too.
+    for i in 0..e.len() {
+        let (a, b) = e[i];
+        if let Some(d) = departure[b] {
+            e.push((a, d));
+        }
+    }
+    e.extend(messages().map(|x| (departure[x.from].expect("a departure per sender"), x.to)));
+    ScheduleEdges { nodes, edges: e }
 }
 
-/// A topological order of every node, or a node on a cycle.
+/// A topological order of every node, or a node on a cycle (or after one).
 pub fn topological_order(dag: &Dag) -> Result<Vec<NodeId>, NodeId> {
-    let n = dag.nodes.len();
-    let edges = all_edges(dag);
+    let real = dag.nodes.len();
+    let ScheduleEdges { nodes: n, edges } = all_edges(dag);
     let mut indeg = vec![0usize; n];
     for &(_, b) in &edges {
         indeg[b] += 1;
     }
     let succ = Csr::new(n, &edges);
     let mut queue: VecDeque<NodeId> = (0..n).filter(|&i| indeg[i] == 0).collect();
-    let mut order = Vec::with_capacity(n);
+    let mut order = Vec::with_capacity(real);
     while let Some(v) = queue.pop_front() {
-        order.push(v);
+        if v < real {
+            order.push(v);
+        }
         for &w in succ.of(v) {
             indeg[w] -= 1;
             if indeg[w] == 0 {
@@ -105,14 +132,15 @@ pub fn topological_order(dag: &Dag) -> Result<Vec<NodeId>, NodeId> {
             }
         }
     }
-    if order.len() < n {
-        return Err((0..n).find(|&i| indeg[i] > 0).expect("a node left"));
+    if order.len() < real {
+        // A departure left over leaves its receivers over too: a DAG node names the cycle.
+        return Err((0..real).find(|&i| indeg[i] > 0).expect("a node left"));
     }
     Ok(order)
 }
 
 fn check_messages(dag: &Dag) -> Result<(), DagViolation> {
-    let mut matched: HashSet<u64> = HashSet::new();
+    let mut matched: FxHashSet<u64> = FxHashSet::default();
     for e in &dag.edges {
         if let EdgeKind::Message { message, bytes, sent_bytes } = e.kind {
             matched.insert(message);
@@ -161,28 +189,32 @@ fn check_shapes(dag: &Dag) -> Result<(), DagViolation> {
     Ok(())
 }
 
-/// Nodes whose results reach an output (or one of `seeds`), over data and message edges.
-fn live_nodes(dag: &Dag, preds: &Csr<usize>, seeds: &[NodeId]) -> Vec<bool> {
+/// The nodes whose results are outputs: sampled tokens, token messages
+/// and state the phase leaves behind.
+fn outputs(dag: &Dag) -> Vec<NodeId> {
     let n = dag.nodes.len();
     let retained = |id: NodeId| {
         let node = &dag.nodes[id];
         node.ranks.iter().zip(&node.outputs).any(|(&r, outs)| outs.iter().any(|b| dag.creators[r].get(&b.id).is_none_or(|&c| dag.nodes[c].phase < node.phase)))
     };
-    let mut live = vec![false; n];
     // Token messages reach the next step's embedding through the step
     // scalars, which are not buffers: they count as reaching, as does
     // sampling anywhere.
     // Any rank's sampling counts: data-parallel replicas sample their own
     // sequences and pass the tokens on in host memory.
     let sampled = |i: NodeId| dag.nodes[i].op().is_some_and(|o| o.kind == OpKind::Argmax);
-    let mut stack: Vec<NodeId> = (0..n).filter(|&i| sampled(i) || dag.nodes[i].is_host_message() || retained(i)).chain(seeds.iter().copied()).collect();
+    (0..n).filter(|&i| sampled(i) || dag.nodes[i].is_host_message() || retained(i)).collect()
+}
+
+/// Marks live the nodes whose results reach one of `roots` (and the roots),
+/// over data and message edges.
+fn spread_live(dag: &Dag, preds: &Csr<usize>, live: &mut [bool], mut stack: Vec<NodeId>) {
     while let Some(v) = stack.pop() {
         if std::mem::replace(&mut live[v], true) {
             continue;
         }
         stack.extend(preds.of(v).iter().map(|&e| dag.edges[e].from).filter(|&p| !live[p]));
     }
-    live
 }
 
 /// A key that is the same for the same operation at the same place of two
@@ -190,10 +222,10 @@ fn live_nodes(dag: &Dag, preds: &Csr<usize>, seeds: &[NodeId]) -> Vec<bool> {
 type TwinKey = (Phase, OpKind, u64, u64, u64, usize);
 
 /// Twin keys of the compute nodes whose (phase, kind) is in `wanted`.
-fn twin_keys(dag: &Dag, wanted: &HashSet<(Phase, OpKind)>) -> HashMap<NodeId, TwinKey> {
-    let mut keys = HashMap::new();
+fn twin_keys(dag: &Dag, wanted: &FxHashSet<(Phase, OpKind)>) -> FxHashMap<NodeId, TwinKey> {
+    let mut keys = FxHashMap::default();
     for prog in &dag.programs {
-        let mut seen: HashMap<(Phase, OpKind, u64, u64, u64), usize> = HashMap::new();
+        let mut seen: FxHashMap<(Phase, OpKind, u64, u64, u64), usize> = FxHashMap::default();
         for &id in prog {
             let n = &dag.nodes[id];
             if let NodeKind::Compute(op) = &n.kind {
@@ -214,8 +246,7 @@ fn twin_keys(dag: &Dag, wanted: &HashSet<(Phase, OpKind)>) -> HashMap<NodeId, Tw
 /// the model's output at its position, sampled or not (a prompt's rows
 /// before its last one, computed in a buffer of their own when a prompt is
 /// cut into chunks, are as much the prefill's result as its last row).
-fn stream_additions(dag: &Dag, preds: &Csr<usize>) -> Vec<NodeId> {
-    let mut lineage = Lineage::new(dag, preds);
+fn stream_additions(dag: &Dag, lineage: &mut Lineage<'_>) -> Vec<NodeId> {
     let mut out = Vec::new();
     for (id, n) in dag.nodes.iter().enumerate() {
         if n.op().is_some_and(|o| o.kind == OpKind::Add) {
@@ -229,10 +260,13 @@ fn stream_additions(dag: &Dag, preds: &Csr<usize>) -> Vec<NodeId> {
     out
 }
 
-fn check_reaches_output(dag: &Dag, preds: &Csr<usize>) -> Result<(), DagViolation> {
-    let mut live = live_nodes(dag, preds, &[]);
-    if (0..dag.nodes.len()).any(|i| !live[i]) {
-        live = live_nodes(dag, preds, &stream_additions(dag, preds));
+fn check_reaches_output(dag: &Dag, preds: &Csr<usize>, lineage: &mut Lineage<'_>) -> Result<(), DagViolation> {
+    let mut live = vec![false; dag.nodes.len()];
+    spread_live(dag, preds, &mut live, outputs(dag));
+    if live.iter().any(|l| !l) {
+        // What reaches the residual stream is live too (what reaches the
+        // outputs already is).
+        spread_live(dag, preds, &mut live, stream_additions(dag, lineage));
     }
     // A node that moves and computes nothing (an empty copy of a rank
     // without rows, a buffer allocated for a receive) wastes nothing.
@@ -246,9 +280,9 @@ fn check_reaches_output(dag: &Dag, preds: &Csr<usize>) -> Result<(), DagViolatio
     }
     // Replicated work: the same operation at the same place of another
     // rank's program is live there (TP ranks keep the residual stream).
-    let wanted: HashSet<(Phase, OpKind)> = dead.iter().filter_map(|&i| dag.nodes[i].op().map(|o| (dag.nodes[i].phase, o.kind))).collect();
+    let wanted: FxHashSet<(Phase, OpKind)> = dead.iter().filter_map(|&i| dag.nodes[i].op().map(|o| (dag.nodes[i].phase, o.kind))).collect();
     let keys = twin_keys(dag, &wanted);
-    let live_keys: HashSet<TwinKey> = keys.iter().filter(|(id, _)| live[**id]).map(|(_, k)| *k).collect();
+    let live_keys: FxHashSet<TwinKey> = keys.iter().filter(|(id, _)| live[**id]).map(|(_, k)| *k).collect();
     for id in dead {
         if !keys.get(&id).is_some_and(|k| live_keys.contains(k)) {
             return Err(broken(dag, "reaches-output", id, "its result reaches neither the leader's sampled tokens nor state the phase leaves behind, and no other rank's copy of it does".into()));
@@ -267,13 +301,13 @@ struct Lineage<'a> {
     dag: &'a Dag,
     preds: &'a Csr<usize>,
     /// Message id -> the version its send read.
-    sent: HashMap<u64, Version>,
-    memo: HashMap<Version, bool>,
+    sent: FxHashMap<u64, Version>,
+    memo: FxHashMap<Version, bool>,
 }
 
 impl<'a> Lineage<'a> {
     fn new(dag: &'a Dag, preds: &'a Csr<usize>) -> Self {
-        let mut l = Self { dag, preds, sent: HashMap::new(), memo: HashMap::new() };
+        let mut l = Self { dag, preds, sent: FxHashMap::default(), memo: FxHashMap::default() };
         for (id, n) in dag.nodes.iter().enumerate() {
             if let Some(c) = n.comm().filter(|c| matches!(c.kind, MessageKind::Exchange | MessageKind::AllToAll)) {
                 for (j, p) in c.sends.iter().enumerate() {
@@ -347,7 +381,7 @@ impl<'a> Lineage<'a> {
     /// a rank that embeds a micro-batch and keeps part of its rows (a
     /// sequence-parallel base) right.
     fn depth(&mut self, top: Version) -> Result<u64, (u64, u64)> {
-        let mut depth: HashMap<Version, u64> = HashMap::new();
+        let mut depth: FxHashMap<Version, u64> = FxHashMap::default();
         let mut stack = vec![(top, false)];
         while let Some((v, expanded)) = stack.pop() {
             if depth.contains_key(&v) {
@@ -375,14 +409,13 @@ impl<'a> Lineage<'a> {
     }
 }
 
-fn check_residuals(dag: &Dag, preds: &Csr<usize>, layers: usize) -> Result<(), DagViolation> {
-    let mut st = Lineage::new(dag, preds);
+fn check_residuals(dag: &Dag, preds: &Csr<usize>, st: &mut Lineage<'_>, layers: usize) -> Result<(), DagViolation> {
     let phases: Vec<Phase> = std::iter::once(Phase::Prefill).chain((1..=dag.decode_steps()).map(Phase::Decode)).collect();
     for phase in phases {
         for id in dag.sampled(phase) {
             // The nearest residual-stream version the sampled logits come from.
             let mut queue: VecDeque<NodeId> = VecDeque::from([id]);
-            let mut seen = HashSet::from([id]);
+            let mut seen = FxHashSet::from_iter([id]);
             let mut found = None;
             'search: while let Some(v) = queue.pop_front() {
                 for &e in preds.of(v) {
@@ -437,8 +470,10 @@ pub fn validate(dag: &Dag, layers: usize, memory: Option<&MemoryLimit>) -> Resul
     check_messages(dag)?;
     check_shapes(dag)?;
     let preds = dag.preds();
-    check_reaches_output(dag, &preds)?;
-    check_residuals(dag, &preds, layers)?;
+    // One lineage of the residual stream for both rules (it remembers what it found).
+    let mut lineage = Lineage::new(dag, &preds);
+    check_reaches_output(dag, &preds, &mut lineage)?;
+    check_residuals(dag, &preds, &mut lineage, layers)?;
     if let Some(m) = memory {
         check_memory(dag, m)?;
     }

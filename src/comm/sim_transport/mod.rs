@@ -11,7 +11,9 @@
 //! edges.
 //!
 //! No values move, so only what a rank needs to go on is waited for: a
-//! receive waits for its message and a split for its new group. Sends do not
+//! receive waits for its messages (a call's all at once, woken only by a
+//! message on the channel it waits on) and a split for its new group (a rank
+//! that joins none does not wait). Sends do not
 //! wait for their receivers, nor members of a collective for each other
 //! (the DAG joins them by the collective's id; collectives issued in crossed
 //! orders show as a cycle there). This is more permissive than real ranks,
@@ -24,164 +26,24 @@ pub use super::messages::{group_stream, MessageKind, MessageLog, MessageRecord, 
 use super::{ordered_recv_parts, Category, CommError, Group, RecvPart, Result, SendPart, Timed, Transport};
 use crate::backend::shape::{BufRef, Recorder, ShapeBackend, ShapeBuf};
 use crate::backend::Backend;
+use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
+pub use world::SimWorld;
+use world::{complete, root_cols, Arrival, Call, Channel, Completed, InFlight, Pending, State};
 
-/// A collective call: a split of the group (with this member's color) or a message.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Call {
-    Split(Option<u32>),
-    Message(MessageKind),
-}
-
-/// What one member brought to a collective.
-#[derive(Clone, Debug, PartialEq)]
-struct Arrival {
-    call: Call,
-    len: usize,
-    cols: Option<usize>,
-    world_rank: usize,
-}
-
-impl Arrival {
-    fn describe(&self) -> String {
-        match self.call {
-            Call::Split(_) => "a split".into(),
-            Call::Message(k) => format!("{} of {} elements", k.name(), self.len),
-        }
-    }
-}
-
-/// A collective (or split) waiting for its members.
-struct Pending {
-    arrived: Vec<Option<Arrival>>,
-    count: usize,
-    departed: usize,
-    /// Joins the members' records.
-    instance: u64,
-    /// Set when the last member arrived.
-    outcome: Option<std::result::Result<Completed, String>>,
-}
-
-/// A new group: its key in the shared state and its world ranks.
-type NewGroup = (usize, Arc<[usize]>);
+mod world;
 
 /// A group's name and members as its records share them.
 type GroupNames = (Arc<str>, Arc<[usize]>);
 
-#[derive(Clone)]
-struct Completed {
-    instance: u64,
-    /// Broadcasts: the root's row width.
-    cols: Option<usize>,
-    /// Splits: each member's new group (key, world ranks), by group rank
-    /// (shared: every member takes a copy of the outcome).
-    groups: Arc<Vec<Option<NewGroup>>>,
-}
-
-/// A message in flight on a channel.
-struct InFlight {
-    message: u64,
-    bytes: u64,
-    host: bool,
-    cols: Option<usize>,
-    /// Host messages carry their values: a dataflow sizes its messages
-    /// and GEMMs by the token counts an expert group exchanges.
-    values: Vec<u32>,
-}
-
-/// A host message's values: one slice per send.
-type HostValues<'a> = &'a [&'a [u32]];
-
 /// A point-to-point call's sent parts, received parts and received host values.
 type Matched = (Vec<Part>, Vec<Part>, Vec<Vec<u32>>);
 
-#[derive(Default)]
-struct State {
-    aborted: Option<String>,
-    blocked: Vec<bool>,
-    /// How many of `blocked` are set.
-    blocked_count: usize,
-    waiting_on: Vec<String>,
-    finished: usize,
-    next_key: usize,
-    next_id: u64,
-    pending: BTreeMap<(usize, u64), Pending>,
-    channels: BTreeMap<(usize, usize, usize), VecDeque<InFlight>>,
-}
-
-impl State {
-    fn block(&mut self, rank: usize, on: String) {
-        if !std::mem::replace(&mut self.blocked[rank], true) {
-            self.blocked_count += 1;
-        }
-        self.waiting_on[rank] = on;
-    }
-    fn fresh_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
-    }
-}
-
-/// The shared state of one simulated world.
-pub struct SimWorld {
-    size: usize,
-    state: Mutex<State>,
-    wake: Vec<Condvar>,
-}
-
-impl SimWorld {
-    pub fn new(size: usize) -> Self {
-        let state = State { blocked: vec![false; size], waiting_on: vec![String::new(); size], next_key: 1, ..Default::default() };
-        Self { size, state: Mutex::new(state), wake: (0..size).map(|_| Condvar::new()).collect() }
-    }
-
-    pub fn size(&self) -> usize {
-        self.size
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn unblock(&self, st: &mut State, rank: usize) {
-        if std::mem::replace(&mut st.blocked[rank], false) {
-            st.blocked_count -= 1;
-            self.wake[rank].notify_one();
-        }
-    }
-
-    /// Ends the simulation on every rank (a rank failed).
-    pub fn abort(&self, why: &str) {
-        let mut st = self.lock();
-        if st.aborted.is_none() {
-            st.aborted = Some(why.to_string());
-        }
-        for r in 0..self.size {
-            self.unblock(&mut st, r);
-        }
-    }
-
-    /// A rank's program ended; if every other live rank waits, none can go on.
-    fn finish(&self) {
-        let mut st = self.lock();
-        st.finished += 1;
-        self.check_deadlock(&mut st);
-    }
-
-    fn check_deadlock(&self, st: &mut State) {
-        let blocked = st.blocked_count;
-        if blocked > 0 && blocked + st.finished == self.size && st.aborted.is_none() {
-            let list: Vec<String> = (0..self.size).filter(|&r| st.blocked[r]).map(|r| format!("rank {r} waits for {}", st.waiting_on[r])).collect();
-            st.aborted = Some(format!("no rank can make progress: {}", list.join("; ")));
-            for r in 0..self.size {
-                self.unblock(st, r);
-            }
-        }
-    }
-}
+/// A host message's values: one slice per send.
+type HostValues<'a> = &'a [&'a [u32]];
 
 /// One simulated rank's transport.
 pub struct SimTransport<'w> {
@@ -221,17 +83,17 @@ impl<'w> SimTransport<'w> {
         self.keys.borrow().get(&group.id).copied().ok_or_else(|| protocol(format!("group `{}` (id {}) was not created on rank {}", group.name, group.id, self.rank)))
     }
 
-    /// Waits (holding no lock while asleep) until `ready` holds.
-    fn wait<'g>(&self, mut st: MutexGuard<'g, State>, ready: impl Fn(&State) -> bool, what: &dyn Fn() -> String) -> Result<MutexGuard<'g, State>> {
+    /// Waits (holding no lock while asleep) until `missing` finds nothing
+    /// missing; meanwhile the rank waits on what it names (a channel, or
+    /// `None`: a split), described by `what`.
+    fn wait<'g>(&self, mut st: MutexGuard<'g, State>, missing: impl Fn(&State) -> Option<Option<Channel>>, what: &dyn Fn(Option<Channel>) -> String) -> Result<MutexGuard<'g, State>> {
         loop {
             if let Some(why) = &st.aborted {
                 return Err(protocol(format!("simulated rank {}: {why}", self.rank)));
             }
-            if ready(&st) {
-                return Ok(st);
-            }
+            let Some(on) = missing(&st) else { return Ok(st) };
             if !st.blocked[self.rank] {
-                st.block(self.rank, what());
+                st.block(self.rank, what(on), on);
                 self.world.check_deadlock(&mut st);
                 continue;
             }
@@ -251,6 +113,7 @@ impl<'w> SimTransport<'w> {
         };
         let (me, size) = (group.rank(), group.size());
         let split = matches!(arrival.call, Call::Split(_));
+        let joins_nothing = matches!(arrival.call, Call::Split(None));
         let mut st = self.world.lock();
         if !st.pending.contains_key(&(key, seq)) {
             let instance = st.fresh_id();
@@ -273,9 +136,10 @@ impl<'w> SimTransport<'w> {
                 return outcome.map_err(protocol);
             }
             st.pending.get_mut(&(key, seq)).expect("pending").outcome = Some(outcome);
-            for &r in &group.world_ranks {
-                self.world.unblock(&mut st, r);
-            }
+            let released: Vec<usize> = group.world_ranks.iter().copied().filter(|&r| st.release(r)).collect();
+            drop(st);
+            self.world.wake_released(&released);
+            st = self.world.lock();
         }
         if !split {
             // The DAG joins the members by `instance`; no values move, so no
@@ -283,8 +147,22 @@ impl<'w> SimTransport<'w> {
             // collectives shows as a cycle in the DAG).
             return Ok(Completed { instance, cols: root_cols(&st, key, seq).flatten(), groups: Arc::default() });
         }
-        let what = || format!("split {seq} of group `{}`", group.name);
-        let mut st = self.wait(st, |s| s.pending.get(&(key, seq)).is_some_and(|p| p.outcome.is_some()), &what)?;
+        if joins_nothing {
+            // A member that joins no new group needs nothing the split
+            // decides: it goes on (unless it found the split broken).
+            let p = st.pending.get_mut(&(key, seq)).expect("pending");
+            let outcome = p.outcome.clone();
+            p.departed += 1;
+            if p.departed == size {
+                st.pending.remove(&(key, seq));
+            }
+            return match outcome {
+                Some(Err(e)) => Err(protocol(e)),
+                _ => Ok(Completed { instance, cols: None, groups: Arc::default() }),
+            };
+        }
+        let what = |_| format!("split {seq} of group `{}`", group.name);
+        let mut st = self.wait(st, |s| s.pending.get(&(key, seq)).is_none_or(|p| p.outcome.is_none()).then_some(None), &what)?;
         let p = st.pending.get_mut(&(key, seq)).expect("pending");
         let outcome = p.outcome.clone().expect("complete");
         p.departed += 1;
@@ -326,21 +204,47 @@ impl<'w> SimTransport<'w> {
     fn point_to_point(&self, group: &Group, host: bool, sends: &[(usize, u64, Option<usize>)], values: HostValues<'_>, recvs: &[(usize, u64)]) -> Result<Matched> {
         let key = self.key(group)?;
         let mut st = self.world.lock();
-        let mut sent = Vec::new();
+        let (mut sent, mut released) = (Vec::new(), Vec::new());
         for (i, &(peer, bytes, cols)) in sends.iter().enumerate() {
-            let to = *group.world_ranks.get(peer).ok_or_else(|| protocol(format!("send to rank {peer} of `{}` ({} ranks)", group.name, group.size())))?;
+            let Some(&to) = group.world_ranks.get(peer) else {
+                drop(st);
+                self.world.wake_released(&released);
+                return Err(protocol(format!("send to rank {peer} of `{}` ({} ranks)", group.name, group.size())));
+            };
             let message = st.fresh_id();
             let values = values.get(i).map_or_else(Vec::new, |v| v.to_vec());
-            st.channels.entry((key, self.rank, to)).or_default().push_back(InFlight { message, bytes, host, cols, values });
-            self.world.unblock(&mut st, to);
+            let channel = (key, self.rank, to);
+            st.channels.entry(channel).or_default().push_back(InFlight { message, bytes, host, cols, values });
+            if st.awaits[to] == Some(channel) && st.release(to) {
+                released.push(to);
+            }
             sent.push(Part { peer: to, message, bytes, sent_bytes: bytes, cols });
         }
-        let (mut got, mut received) = (Vec::new(), Vec::new());
-        for &(peer, bytes) in recvs {
+        drop(st);
+        self.world.wake_released(&released);
+        if recvs.is_empty() {
+            return Ok((sent, Vec::new(), Vec::new()));
+        }
+        // The receives wait for all their messages at once (no values move:
+        // taking them together is taking them in turn), each part needing
+        // as many messages on its channel as parts up to it come from there.
+        // The rank waits on the last channel short of its messages: peers
+        // tend to send in rank order, so one wake-up usually finds them all.
+        let mut from_count: FxHashMap<usize, usize> = FxHashMap::default();
+        let mut needs = Vec::with_capacity(recvs.len());
+        for &(peer, _) in recvs {
             let from = *group.world_ranks.get(peer).ok_or_else(|| protocol(format!("receive from rank {peer} of `{}` ({} ranks)", group.name, group.size())))?;
-            let what = || format!("a message from rank {from} on `{}`", group.name);
-            st = self.wait(st, |s| s.channels.get(&(key, from, self.rank)).is_some_and(|q| !q.is_empty()), &what)?;
-            let m = st.channels.get_mut(&(key, from, self.rank)).and_then(VecDeque::pop_front).expect("a message is there");
+            let n = from_count.entry(from).or_default();
+            *n += 1;
+            needs.push(((key, from, self.rank), *n));
+        }
+        let missing = |s: &State| needs.iter().rev().find(|(c, n)| s.channels.get(c).map_or(0, VecDeque::len) < *n).map(|&(c, _)| Some(c));
+        let what = |c: Option<Channel>| format!("a message from rank {} on `{}`", c.map_or(0, |c| c.1), group.name);
+        let mut st = self.wait(self.world.lock(), missing, &what)?;
+        let (mut got, mut received) = (Vec::new(), Vec::new());
+        for (&(_, bytes), &(channel, _)) in recvs.iter().zip(&needs) {
+            let from = channel.1;
+            let m = st.channels.get_mut(&channel).and_then(VecDeque::pop_front).expect("a message is there");
             if m.host != host {
                 let (a, b) = if host { ("token ids", "a device buffer") } else { ("a device buffer", "token ids") };
                 return Err(protocol(format!("rank {} expects {a} from rank {from} on `{}`, the next message there is {b}", self.rank, group.name)));
@@ -350,54 +254,6 @@ impl<'w> SimTransport<'w> {
         }
         Ok((sent, got, received))
     }
-}
-
-/// A broadcast's root's row width, where the root has arrived.
-fn root_cols(st: &State, key: usize, seq: u64) -> Option<Option<usize>> {
-    let p = st.pending.get(&(key, seq))?;
-    let first = p.arrived.iter().flatten().next()?;
-    match first.call {
-        Call::Message(MessageKind::Broadcast { root } | MessageKind::HostBroadcast { root }) => p.arrived.get(root).and_then(|a| a.as_ref()).map(|a| a.cols),
-        _ => Some(first.cols),
-    }
-}
-
-/// Checks that every member of a collective did the same thing and decides
-/// its outcome (a split's new groups).
-fn complete(st: &mut State, group: &str, instance: u64, arrived: &[Arrival]) -> std::result::Result<Completed, String> {
-    let first = &arrived[0];
-    for (r, a) in arrived.iter().enumerate() {
-        let same = match (first.call, a.call) {
-            (Call::Split(_), Call::Split(_)) => true,
-            (Call::Message(x), Call::Message(y)) => x == y && a.len == first.len,
-            _ => false,
-        };
-        if !same {
-            return Err(format!("collective mismatch on `{group}`: group rank 0 calls {}, group rank {r} calls {}", first.describe(), a.describe()));
-        }
-    }
-    let cols = match first.call {
-        Call::Message(MessageKind::Broadcast { root } | MessageKind::HostBroadcast { root }) => arrived.get(root).and_then(|a| a.cols),
-        _ => first.cols,
-    };
-    let mut groups = vec![None; arrived.len()];
-    if matches!(first.call, Call::Split(_)) {
-        let mut by_color: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (r, a) in arrived.iter().enumerate() {
-            if let Call::Split(Some(c)) = a.call {
-                by_color.entry(c).or_default().push(r);
-            }
-        }
-        for members in by_color.values() {
-            let key = st.next_key;
-            st.next_key += 1;
-            let ranks: Arc<[usize]> = members.iter().map(|&r| arrived[r].world_rank).collect();
-            for &r in members {
-                groups[r] = Some((key, ranks.clone()));
-            }
-        }
-    }
-    Ok(Completed { instance, cols, groups: Arc::new(groups) })
 }
 
 impl Transport<ShapeBackend> for SimTransport<'_> {
@@ -412,7 +268,7 @@ impl Transport<ShapeBackend> for SimTransport<'_> {
     fn split(&mut self, _backend: &ShapeBackend, parent: &Group, color: Option<u32>, id: usize, name: &str) -> Result<Option<Group>> {
         let arrival = Arrival { call: Call::Split(color), len: 0, cols: None, world_rank: self.rank };
         let done = self.collective(parent, arrival)?;
-        let Some((key, ranks)) = done.groups[parent.rank()].clone() else { return Ok(None) };
+        let Some((key, ranks)) = done.groups.get(parent.rank()).cloned().flatten() else { return Ok(None) };
         let me = ranks.iter().position(|&r| r == self.rank).expect("a member of its own group");
         self.keys.borrow_mut().insert(id, key);
         Ok(Some(Group::new(id, name, ranks.to_vec(), me)))

@@ -78,3 +78,41 @@ fn mismatched_collectives_are_refused() {
     // The last member to arrive finds the mismatch and ends the simulation.
     assert!(out.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("collective mismatch"))), "{out:?}");
 }
+
+#[test]
+fn a_receive_from_several_peers_takes_their_messages_in_the_order_it_lists_them() {
+    let out = on_ranks(3, |be, comm, world| {
+        let me = world.rank();
+        if me < 2 {
+            let parts = vec![crate::comm::SendTo { peer: 2, range: 0..4 }];
+            let t = comm.issue(Category::PoolScatter, world, Some((be.zeros(4)?, parts)), None)?;
+            comm.complete(t)?;
+        } else {
+            let parts = vec![RecvPart { peer: 1, range: 0..4 }, RecvPart { peer: 0, range: 4..8 }];
+            let t = comm.issue(Category::PoolScatter, world, None, Some((be.zeros(8)?, parts)))?;
+            comm.complete(t)?;
+        }
+        Ok(())
+    });
+    let logs: Vec<Vec<MessageRecord>> = out.into_iter().map(|r| r.unwrap()).collect();
+    let got = &logs[2][0].recvs;
+    assert_eq!(got.iter().map(|p| p.peer).collect::<Vec<_>>(), vec![1, 0]);
+    assert_eq!((got[0].message, got[1].message), (logs[1][0].sends[0].message, logs[0][0].sends[0].message));
+}
+
+#[test]
+fn a_rank_that_joins_no_group_of_a_split_does_not_wait_for_it() {
+    // Rank 1 splits only after rank 0's message, which rank 0 sends after
+    // its own part of the split: waiting there would never end.
+    let out = on_ranks(2, |be, comm, world| {
+        if world.rank() == 0 {
+            assert!(comm.split(world, None, "one")?.is_none());
+            comm.send(Category::PpP2p, world, 1, &be.zeros(4)?)?;
+        } else {
+            comm.recv(Category::PpP2p, world, 0, 4)?;
+            assert_eq!(comm.split(world, Some(0), "one")?.expect("a member").world_ranks, vec![1]);
+        }
+        Ok(())
+    });
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+}

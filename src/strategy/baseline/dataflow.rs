@@ -49,7 +49,7 @@ impl<'a, 'c, B: Backend> Baseline<'a, 'c, B> {
     /// Collective over the world: builds the groups and loads this rank's weights.
     pub fn new(cx: BuildContext<'a, 'c, B>, spec: &BaselineSpec, name: &str, layout: &Layout) -> Result<Self> {
         let BuildContext { be, comm, cfg, world } = cx;
-        let mut groups = Groups::create(comm, world, layout, name)?;
+        let mut groups = Groups::create(comm, world, &layout.groups, name)?;
         let rank = match spec.place(world.rank()) {
             None => None,
             Some(place) => {

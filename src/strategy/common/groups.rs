@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::comm::{Comm, Group};
-use crate::strategy::{protocol, Layout, Result};
+use crate::strategy::{protocol, GroupFamily, Result};
 use std::collections::BTreeMap;
 
 /// This rank's groups of one strategy, by family name.
@@ -13,12 +13,12 @@ pub struct Groups {
 }
 
 impl Groups {
-    /// Splits `world` once per family of `layout` (collective over the
-    /// world), naming each group `<strategy>/<family>[<index>]`.
-    pub fn create<B: Backend>(comm: &Comm<'_, B>, world: &Group, layout: &Layout, strategy: &str) -> Result<Self> {
+    /// Splits `world` once per family of `families` (a layout's groups;
+    /// collective over the world), naming each group `<strategy>/<family>[<index>]`.
+    pub fn create<B: Backend>(comm: &Comm<'_, B>, world: &Group, families: &[GroupFamily], strategy: &str) -> Result<Self> {
         let me = world.world_ranks[world.rank()];
         let mut by_family = BTreeMap::new();
-        for family in &layout.groups {
+        for family in families {
             let mine = family.group_of(me);
             let name = match mine {
                 Some((i, _)) if family.groups.len() > 1 => format!("{strategy}/{}{i}", family.name),

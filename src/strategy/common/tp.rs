@@ -39,13 +39,13 @@ impl<B: Backend> LayerShard<B> {
         let kv_heads = c.kv_heads_of(heads.clone()).len();
         let (dh, cols) = (c.head_dim, rank * fl..(rank + 1) * fl);
         Ok(Self {
-            attn_norm: be.upload(&w.full(Tensor::AttnNorm(l)))?,
-            ffn_norm: be.upload(&w.full(Tensor::FfnNorm(l)))?,
-            qkv: be.upload(&w.shard(Tensor::Qkv(l), 0..d, &w.qkv_columns(heads.clone())))?,
-            out: be.upload(&w.shard(Tensor::Out(l), heads.start * dh..heads.end * dh, &[0..d]))?,
-            up: be.upload(&w.shard(Tensor::Up(l), 0..d, std::slice::from_ref(&cols)))?,
-            gate: if c.ffn_kind.gated() { Some(be.upload(&w.shard(Tensor::Gate(l), 0..d, std::slice::from_ref(&cols)))?) } else { None },
-            down: be.upload(&w.shard(Tensor::Down(l), cols, &[0..d]))?,
+            attn_norm: w.upload_full(be, Tensor::AttnNorm(l))?,
+            ffn_norm: w.upload_full(be, Tensor::FfnNorm(l))?,
+            qkv: w.upload_shard(be, Tensor::Qkv(l), 0..d, &w.qkv_columns(heads.clone()))?,
+            out: w.upload_shard(be, Tensor::Out(l), heads.start * dh..heads.end * dh, &[0..d])?,
+            up: w.upload_shard(be, Tensor::Up(l), 0..d, std::slice::from_ref(&cols))?,
+            gate: if c.ffn_kind.gated() { Some(w.upload_shard(be, Tensor::Gate(l), 0..d, std::slice::from_ref(&cols))?) } else { None },
+            down: w.upload_shard(be, Tensor::Down(l), cols, &[0..d])?,
             heads: hl,
             kv_heads,
             ffn: fl,
@@ -64,9 +64,9 @@ impl<B: Backend> EdgeWeights<B> {
     pub fn load(be: &B, w: &Weights, embedding: bool, head: bool) -> Result<Self> {
         let none = || be.zeros(0);
         Ok(Self {
-            embedding: if embedding { be.upload(&w.full(Tensor::Embedding))? } else { none()? },
-            final_norm: if head { be.upload(&w.full(Tensor::FinalNorm))? } else { none()? },
-            head: if head { be.upload(&w.full(Tensor::Head))? } else { none()? },
+            embedding: if embedding { w.upload_full(be, Tensor::Embedding)? } else { none()? },
+            final_norm: if head { w.upload_full(be, Tensor::FinalNorm)? } else { none()? },
+            head: if head { w.upload_full(be, Tensor::Head)? } else { none()? },
         })
     }
 }

@@ -49,17 +49,11 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
             Some(qkv) => (self.be.matmul(&h, qkv, rows, d, self.cfg.qkv_width())?, self.handoff_width()),
             None => (h, self.handoff_width()),
         };
-        let parts: Vec<SendTo> = if ub.blocks() == 1 && ub.segments.iter().all(Vec::is_empty) {
+        let parts: Vec<SendTo> = if ub.is_decode() {
             // Decode: every pool rank attends every sequence.
             (0..ub.p).map(|i| SendTo { peer: self.bridge_rank_of_pool(i), range: 0..rows * w }).collect()
         } else {
-            (0..ub.p)
-                .filter(|&i| !ub.part(i, b).is_empty())
-                .map(|i| {
-                    let at = ub.base_offset(i, b);
-                    SendTo { peer: self.bridge_rank_of_pool(i), range: at * w..(at + ub.part(i, b).len()) * w }
-                })
-                .collect()
+            ub.base_parts(b).filter(|(_, _, part)| !part.is_empty()).map(|(i, at, part)| SendTo { peer: self.bridge_rank_of_pool(i), range: at * w..(at + part.len()) * w }).collect()
         };
         Ok(Some(self.comm.issue(Category::PoolScatter, &rank.down, Some((send, parts)), None)?))
     }
@@ -70,17 +64,11 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         let (b, d, w) = (rank.index, self.cfg.d_model, self.result_width());
         let rows = ub.base_rows(b);
         if rows > 0 {
-            let decode = ub.segments.iter().all(Vec::is_empty);
+            let decode = ub.is_decode();
             // From each pool rank its block's part; with a tree (or in decode)
             // everything comes from the pool root, part by part.
             let from = |i: usize| if decode || self.spec.aggregation == Aggregation::Tree { self.bridge_rank_of_pool(0) } else { self.bridge_rank_of_pool(i) };
-            let parts: Vec<RecvPart> = (0..ub.blocks())
-                .filter(|&i| !ub.part(i, b).is_empty())
-                .map(|i| {
-                    let at = ub.base_offset(i, b);
-                    RecvPart { peer: from(i), range: at * w..(at + ub.part(i, b).len()) * w }
-                })
-                .collect();
+            let parts: Vec<RecvPart> = ub.base_parts(b).filter(|(_, _, part)| !part.is_empty()).map(|(i, at, part)| RecvPart { peer: from(i), range: at * w..(at + part.len()) * w }).collect();
             let ticket = self.comm.issue(Category::PoolToBase, &rank.up, None, Some((self.be.empty(rows * w)?, parts)))?;
             let mut y = self.comm.complete(ticket)?.ok_or_else(|| protocol("a result arrived without its buffer"))?;
             if let Some(out) = &rank.attention[l].out {

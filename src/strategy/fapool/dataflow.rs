@@ -27,7 +27,7 @@ use crate::strategy::common::groups::Groups;
 use crate::strategy::common::kv::KvCache;
 use crate::strategy::common::tp::{self, EdgeWeights, LayerShard, Span, TpMath};
 use crate::strategy::common::{micro_batches, split_even, Phase};
-use crate::strategy::{protocol, BatchSetup, BatchShape, BuildContext, Layout, Result, StepOut, Strategy};
+use crate::strategy::{protocol, BatchSetup, BatchShape, BuildContext, GroupFamily, Result, StepOut, Strategy};
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -163,14 +163,15 @@ pub struct Fapool<'a, 'c, B: Backend> {
 }
 
 impl<'a, 'c, B: Backend> Fapool<'a, 'c, B> {
-    /// Collective over the world: builds the groups and loads this rank's weights.
-    pub fn new(cx: BuildContext<'a, 'c, B>, spec: &FapoolSpec, name: &str, layout: &Layout) -> Result<Self> {
+    /// Collective over the world: builds the groups (`families`, the
+    /// layout's) and loads this rank's weights.
+    pub fn new(cx: BuildContext<'a, 'c, B>, spec: &FapoolSpec, name: &str, families: &[GroupFamily]) -> Result<Self> {
         let BuildContext { be, comm, cfg, world } = cx;
-        let mut groups = Groups::create(comm, world, layout, name)?;
+        let mut groups = Groups::create(comm, world, families, name)?;
         let w = Weights::open(cfg)?;
         let policy = spec.policy(world.size());
         let ops = spec.pool_ops;
-        let full = |t: Tensor| be.upload(&w.full(t));
+        let full = |t: Tensor| w.upload_full(be, t);
         let rank = match spec.place(world.rank(), world.size()) {
             Place::Base(r) => {
                 let layers = (0..cfg.layers).map(|l| LayerShard::load(be, &w, l, r, spec.base)).collect::<Result<Vec<_>>>()?;
@@ -242,7 +243,7 @@ impl<'a, 'c, B: Backend> Strategy<B> for Fapool<'a, 'c, B> {
             Rank::Pool(r) if r.index < effective => {
                 // Rows of each sequence each pool rank holds after prefill.
                 let first = batch.prefill_blocks(spec).into_iter().filter(|u| u.unit.seqs.start == 0).collect::<Vec<_>>();
-                batch.cached = (0..effective).map(|i| first.iter().map(|u| u.segments[i].iter().map(|seg| seg.1).sum::<usize>()).sum()).collect();
+                batch.cached = (0..effective).map(|i| first.iter().map(|u| u.segments(i).total()).sum()).collect();
                 let cap = batch.cached.iter().copied().max().unwrap_or(0) + shape.out_tokens;
                 batch.pool_caches = batch.groups.iter().map(|g| KvCache::new(be, cfg.layers, g.len(), cap, kv)).collect::<Result<Vec<_>>>()?;
                 true

@@ -191,7 +191,6 @@ impl FapoolSpec {
     }
 
     pub(super) fn layout_of(&self, world: usize) -> Layout {
-        let launched = self.policy(world).launched;
         let roles = (0..world)
             .map(|r| match self.place(r, world) {
                 Place::Base(b) => format!("base{b}"),
@@ -199,15 +198,20 @@ impl FapoolSpec {
                 Place::Idle => Layout::IDLE.to_string(),
             })
             .collect();
+        Layout { roles, groups: self.group_families(world), leader: 0 }
+    }
+
+    /// The communicators of a launch of `world` ranks (the layout's groups).
+    pub(super) fn group_families(&self, world: usize) -> Vec<GroupFamily> {
+        let launched = self.policy(world).launched;
         let pool: Vec<usize> = (self.base..self.base + launched).collect();
         let bridge: Vec<usize> = (0..self.base + launched).collect();
-        let groups = vec![
+        vec![
             GroupFamily { name: "base", groups: vec![(0..self.base).collect()] },
             GroupFamily { name: "pool", groups: vec![pool] },
             GroupFamily { name: "down", groups: vec![bridge.clone()] },
             GroupFamily { name: "up", groups: vec![bridge] },
-        ];
-        Layout { roles, groups, leader: 0 }
+        ]
     }
 
     /// The busiest rank's bytes: the base's weight shards and activations,
@@ -282,22 +286,62 @@ impl PoolPolicy {
     }
 }
 
+/// A pool rank's segments of a sequence, `(start, len)` in sequence order:
+/// at most two (contiguous: one, zigzag: two), held inline because every
+/// rank walks every other rank's segments each layer (the K/V prefix).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segments {
+    runs: [(usize, usize); 2],
+    len: usize,
+}
+
+impl Segments {
+    /// The segments of `runs` that hold positions.
+    fn non_empty(runs: &[(usize, usize)]) -> Self {
+        let mut out = Self::default();
+        for &r in runs.iter().filter(|r| r.1 > 0) {
+            out.runs[out.len] = r;
+            out.len += 1;
+        }
+        out
+    }
+
+    /// The segments moved by `offset` positions.
+    pub fn shifted(mut self, offset: usize) -> Self {
+        for r in &mut self.runs[..self.len] {
+            r.0 += offset;
+        }
+        self
+    }
+
+    /// Positions of all segments together.
+    pub fn total(&self) -> usize {
+        self.iter().map(|r| r.1).sum()
+    }
+}
+
+impl std::ops::Deref for Segments {
+    type Target = [(usize, usize)];
+    fn deref(&self) -> &[(usize, usize)] {
+        &self.runs[..self.len]
+    }
+}
+
 /// Positions `[start, start+len)` of a sequence of `s` tokens that pool rank
 /// `rank` of `p` owns, in sequence order. Blocks may be empty when `s` is small.
-pub fn pool_segments(partition: Partition, s: usize, p: usize, rank: usize) -> Vec<(usize, usize)> {
+pub fn pool_segments(partition: Partition, s: usize, p: usize, rank: usize) -> Segments {
     let clip = |a: usize, b: usize| (a.min(s), b.min(s).saturating_sub(a.min(s)));
-    let segs = match partition {
+    match partition {
         Partition::Contiguous => {
             let b = s.div_ceil(p);
-            vec![clip(rank * b, (rank + 1) * b)]
+            Segments::non_empty(&[clip(rank * b, (rank + 1) * b)])
         }
         Partition::Zigzag => {
             let c = s.div_ceil(2 * p);
             let (lo, hi) = (rank, 2 * p - 1 - rank);
-            vec![clip(lo * c, (lo + 1) * c), clip(hi * c, (hi + 1) * c)]
+            Segments::non_empty(&[clip(lo * c, (lo + 1) * c), clip(hi * c, (hi + 1) * c)])
         }
-    };
-    segs.into_iter().filter(|&(_, len)| len > 0).collect()
+    }
 }
 
 #[cfg(test)]
@@ -322,7 +366,7 @@ mod tests {
             for (s, p) in [(16, 2), (17, 4), (5, 4), (64, 3), (1, 2)] {
                 let mut seen = vec![0; s];
                 for r in 0..p {
-                    for (st, len) in pool_segments(part, s, p, r) {
+                    for &(st, len) in pool_segments(part, s, p, r).iter() {
                         (st..st + len).for_each(|i| seen[i] += 1);
                     }
                 }
@@ -333,9 +377,11 @@ mod tests {
 
     #[test]
     fn zigzag_pairs_an_early_and_a_late_chunk() {
-        assert_eq!(pool_segments(Partition::Zigzag, 16, 2, 0), vec![(0, 4), (12, 4)]);
-        assert_eq!(pool_segments(Partition::Zigzag, 16, 2, 1), vec![(4, 4), (8, 4)]);
-        assert_eq!(pool_segments(Partition::Contiguous, 16, 2, 1), vec![(8, 8)]);
+        assert_eq!(*pool_segments(Partition::Zigzag, 16, 2, 0), [(0, 4), (12, 4)]);
+        assert_eq!(*pool_segments(Partition::Zigzag, 16, 2, 1), [(4, 4), (8, 4)]);
+        assert_eq!(*pool_segments(Partition::Contiguous, 16, 2, 1), [(8, 8)]);
+        // A rank past the end of a short sequence owns nothing.
+        assert!(pool_segments(Partition::Contiguous, 3, 4, 3).is_empty());
     }
 
     #[test]

@@ -42,6 +42,8 @@ impl Deployment for FapoolSpec {
 
 /// This rank's part of the deployment (collective over the world).
 pub fn build<'a, 'c, B: Backend>(spec: &FapoolSpec, cx: BuildContext<'a, 'c, B>) -> Result<Box<dyn Strategy<B> + 'a>> {
-    let layout = spec.layout(cx.world.size());
-    Ok(Box::new(dataflow::Fapool::new(cx, spec, &spec.name(), &layout)?))
+    // The groups alone: every rank of a plan's thousand builds them, and the
+    // roles of the whole world are not needed here.
+    let families = spec.group_families(cx.world.size());
+    Ok(Box::new(dataflow::Fapool::new(cx, spec, &spec.name(), &families)?))
 }

@@ -143,16 +143,15 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         let (i, p, s) = (rank.index, ub.p, batch.shape.seq_len);
         let (a, kv, dh, heads, kv_heads) = (self.cfg.attn_width(), self.cfg.kv_width(), self.cfg.head_dim, self.cfg.heads, self.cfg.kv_heads);
         let (seqs, pos) = (ub.unit.seqs.clone(), ub.unit.positions.clone());
-        let (nb, chunk, bi) = (seqs.len(), pos.len(), ub.block_len(i));
+        let (nb, chunk, bi, segments) = (seqs.len(), pos.len(), ub.block_len(i), ub.segments(i));
         let (q, k, v) = match &input {
-            Some(x) => self.pool_qkv(rank, l, x, bi, RopePositions::Segments(&ub.segments[i]))?,
+            Some(x) => self.pool_qkv(rank, l, x, bi, RopePositions::Segments(&segments))?,
             None => (self.be.empty(0)?, self.be.empty(0)?, self.be.empty(0)?),
         };
         // This rank's rows of K/V, for decode: per sequence after its rows of earlier chunks.
-        let per_seq: usize = ub.segments[i].iter().map(|seg| seg.1).sum();
+        let per_seq = segments.total();
         if per_seq > 0 {
-            let before: usize =
-                batch.prefill_blocks(&self.spec).iter().filter(|u| u.unit.seqs == seqs && u.unit.positions.start < pos.start).map(|u| u.segments[i].iter().map(|seg| seg.1).sum::<usize>()).sum();
+            let before: usize = batch.prefill_blocks(&self.spec).iter().filter(|u| u.unit.seqs == seqs && u.unit.positions.start < pos.start).map(|u| u.segments(i).total()).sum();
             for n in seqs.clone() {
                 let (g, at) = batch.group_of(n);
                 let cache = &mut batch.pool_caches[g];
@@ -182,8 +181,9 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
             };
             let (k_src, v_src) = gathered.as_ref().map_or((&k, &v), |(k_all, v_all)| (k_all, v_all));
             let stride = if p == 1 { 0 } else { bmax };
-            // Every block's rows to their positions in the prefix.
-            let mut copies = Vec::new();
+            // Every block's rows to their positions in the prefix (at most
+            // two segments per sequence and block).
+            let mut copies = Vec::with_capacity(2 * p * nb);
             for r in 0..p {
                 let mut at = 0;
                 for run in ub.block_runs(r) {
@@ -206,7 +206,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
         };
         let mut o_blk = self.be.empty(bi * a)?;
         let mut off = 0;
-        for &(st, len) in &ub.segments[i] {
+        for &(st, len) in segments.iter() {
             let runs: Vec<RowRun> = (0..nb).map(|n| RowRun::new(n * per_seq + off, len)).collect();
             let q_seg = self.be.gather_rows(&q, a, &runs)?;
             let shape = PrefillShape { nseq: nb, sq: len, skv: st + len, kv_seq_stride: s, heads, kv_heads, head_dim: dh, q_offset: st };

@@ -10,7 +10,7 @@
 //! from base rank b to pool rank i is one contiguous slice on both sides,
 //! and the way back is the same slice.
 
-use super::layout::{pool_segments, Partition};
+use super::layout::{pool_segments, Partition, Segments};
 use crate::backend::RowRun;
 use std::ops::Range;
 
@@ -47,7 +47,11 @@ pub fn prefill_units(micro_batches: &[Range<usize>], seq_len: usize, chunks: usi
     micro_batches.iter().flat_map(|m| cuts.iter().map(move |c| Unit { seqs: m.clone(), positions: c.clone() })).collect()
 }
 
-/// Who owns which rows of one unit.
+/// Who owns which rows of one unit. Nothing is stored per block: every
+/// rank of a deployment of P pool ranks builds the units of each batch, so
+/// a block's segments, rows and parts are arithmetic on demand (a rank
+/// touches its own block, and walks the others' rows only where its
+/// dataflow reads them all).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnitBlocks {
     pub unit: Unit,
@@ -55,72 +59,92 @@ pub struct UnitBlocks {
     pub p: usize,
     /// Base ranks.
     pub b: usize,
-    /// Segments `(start, len)` (prompt positions) of each pool rank.
-    pub segments: Vec<Vec<(usize, usize)>>,
-    /// Unit-local rows of each pool rank's block, in block order.
-    block_rows: Vec<Vec<RowRun>>,
-    /// `parts[i][b]`: the rows of block i that base rank b owns, as a range
-    /// of block i's row list.
-    parts: Vec<Vec<Range<usize>>>,
+    /// How each chunk is partitioned among the pool ranks; `None` in decode
+    /// (one block, no segments).
+    partition: Option<Partition>,
 }
 
 impl UnitBlocks {
     /// The blocks of a prefill unit: each chunk is partitioned among the
     /// `p` pool ranks.
     pub fn prefill(unit: Unit, partition: Partition, p: usize, b: usize) -> Self {
-        let c0 = unit.positions.start;
-        let segments: Vec<Vec<(usize, usize)>> = (0..p).map(|i| pool_segments(partition, unit.positions.len(), p, i).into_iter().map(|(st, len)| (c0 + st, len)).collect()).collect();
-        let block_rows: Vec<Vec<RowRun>> =
-            segments.iter().map(|segs| (0..unit.seqs.len()).flat_map(|n| segs.iter().map(move |&(st, len)| (n, st, len))).map(|(n, st, len)| RowRun::new(unit.row(n, st), len)).collect()).collect();
-        Self::with_rows(unit, p, b, segments, block_rows)
+        Self { unit, p, b, partition: Some(partition) }
     }
 
     /// A decode unit (one new row per sequence): every pool rank attends
     /// every sequence, so there are no blocks; the base parts split the
     /// sequences.
     pub fn decode(unit: Unit, p: usize, b: usize) -> Self {
-        let rows = vec![RowRun::new(0, unit.rows())];
-        Self::with_rows(unit, p, b, vec![Vec::new(); p], vec![rows])
+        Self { unit, p, b, partition: None }
     }
 
-    fn with_rows(unit: Unit, p: usize, b: usize, segments: Vec<Vec<(usize, usize)>>, block_rows: Vec<Vec<RowRun>>) -> Self {
-        let parts = block_rows.iter().map(|runs| split_parts(runs.iter().map(|r| r.len).sum(), b)).collect();
-        Self { unit, p, b, segments, block_rows, parts }
+    /// A decode unit: one block of every row, and no pool rank's segments.
+    pub fn is_decode(&self) -> bool {
+        self.partition.is_none()
+    }
+
+    /// Segments `(start, len)` (prompt positions) of pool rank `i` (none in decode).
+    pub fn segments(&self, i: usize) -> Segments {
+        match self.partition {
+            Some(partition) => pool_segments(partition, self.unit.positions.len(), self.p, i).shifted(self.unit.positions.start),
+            None => Segments::default(),
+        }
     }
 
     /// Rows of pool rank `i`'s block.
     pub fn block_len(&self, i: usize) -> usize {
-        self.block_rows[i].iter().map(|r| r.len).sum()
+        match self.partition {
+            Some(_) => self.unit.seqs.len() * self.segments(i).total(),
+            None => self.unit.rows(),
+        }
     }
 
     /// The largest block (all-gathers pad to it).
     pub fn max_block(&self) -> usize {
-        (0..self.block_rows.len()).map(|i| self.block_len(i)).max().unwrap_or(0)
+        (0..self.blocks()).map(|i| self.block_len(i)).max().unwrap_or(0)
     }
 
-    /// Unit-local rows of pool rank `i`'s block, in block order.
-    pub fn block_runs(&self, i: usize) -> &[RowRun] {
-        &self.block_rows[i]
+    /// Unit-local rows of pool rank `i`'s block, in block order: each
+    /// sequence's segments.
+    pub fn block_runs(&self, i: usize) -> BlockRuns<'_> {
+        let whole = self.is_decode().then(|| RowRun::new(0, self.unit.rows()));
+        BlockRuns { unit: &self.unit, segments: self.segments(i), seq: 0, at: 0, whole }
     }
 
-    /// Rows of block `i` that base rank `b` owns (a range of the block's rows).
+    /// Rows of block `i` that base rank `b` owns (a range of the block's
+    /// rows): block i's rows split into `self.b` contiguous parts.
     pub fn part(&self, i: usize, b: usize) -> Range<usize> {
-        self.parts[i][b].clone()
+        let (n, m) = (self.block_len(i), self.b.max(1));
+        b * n / m..(b + 1) * n / m
     }
 
     /// Blocks of the unit (the pool ranks in prefill; one shared block in decode).
     pub fn blocks(&self) -> usize {
-        self.block_rows.len()
+        if self.is_decode() {
+            1
+        } else {
+            self.p
+        }
+    }
+
+    /// Base rank `b`'s parts in its order: `(block, where the part sits
+    /// among the rank's rows, the part's range of the block's rows)`.
+    pub fn base_parts(&self, b: usize) -> impl Iterator<Item = (usize, usize, Range<usize>)> + '_ {
+        (0..self.blocks()).scan(0, move |at, i| {
+            let part = self.part(i, b);
+            let offset = std::mem::replace(at, *at + part.len());
+            Some((i, offset, part))
+        })
     }
 
     /// Rows base rank `b` owns in the unit.
     pub fn base_rows(&self, b: usize) -> usize {
-        (0..self.blocks()).map(|i| self.parts[i][b].len()).sum()
+        (0..self.blocks()).map(|i| self.part(i, b).len()).sum()
     }
 
     /// Where part (i, b) sits among base rank b's rows.
     pub fn base_offset(&self, i: usize, b: usize) -> usize {
-        (0..i).map(|j| self.parts[j][b].len()).sum()
+        (0..i).map(|j| self.part(j, b).len()).sum()
     }
 
     /// The most rows any base rank owns (base all-gathers pad to it).
@@ -132,7 +156,7 @@ impl UnitBlocks {
     pub fn block_slice_runs(&self, i: usize, range: Range<usize>) -> Vec<RowRun> {
         let mut out = Vec::new();
         let mut at = 0;
-        for r in &self.block_rows[i] {
+        for r in self.block_runs(i) {
             let (lo, hi) = (range.start.max(at), range.end.min(at + r.len));
             if lo < hi {
                 out.push(RowRun::new(r.start + lo - at, hi - lo));
@@ -145,6 +169,36 @@ impl UnitBlocks {
     /// Unit-local rows base rank `b` owns, in its order.
     pub fn base_runs(&self, b: usize) -> Vec<RowRun> {
         (0..self.blocks()).flat_map(|i| self.block_slice_runs(i, self.part(i, b))).collect()
+    }
+}
+
+/// The row runs of one block ([`UnitBlocks::block_runs`]), computed as they
+/// are walked.
+#[derive(Clone, Debug)]
+pub struct BlockRuns<'a> {
+    unit: &'a Unit,
+    segments: Segments,
+    /// The sequence (unit-local) and segment next.
+    seq: usize,
+    at: usize,
+    /// A decode unit's one run of every row.
+    whole: Option<RowRun>,
+}
+
+impl Iterator for BlockRuns<'_> {
+    type Item = RowRun;
+    fn next(&mut self) -> Option<RowRun> {
+        if let Some(w) = self.whole.take() {
+            return Some(w);
+        }
+        while self.seq < self.unit.seqs.len() {
+            if let Some(&(start, len)) = self.segments.get(self.at) {
+                self.at += 1;
+                return Some(RowRun::new(self.unit.row(self.seq, start), len));
+            }
+            (self.seq, self.at) = (self.seq + 1, 0);
+        }
+        None
     }
 }
 
@@ -254,6 +308,30 @@ mod tests {
         assert_eq!(ub.base_runs(0), vec![RowRun::new(0, 2), RowRun::new(4, 2)]);
         assert_eq!((ub.part(1, 0), ub.base_offset(1, 0)), (0..2, 2));
         assert_eq!(ub.base_runs(1), vec![RowRun::new(2, 2), RowRun::new(6, 2)]);
+    }
+
+    #[test]
+    fn a_base_ranks_parts_sit_one_after_another_in_block_order() {
+        for part in [Partition::Contiguous, Partition::Zigzag] {
+            let ub = UnitBlocks::prefill(Unit { seqs: 0..2, positions: 3..20 }, part, 3, 2);
+            for b in 0..2 {
+                let expected: Vec<_> = (0..3).map(|i| (i, ub.base_offset(i, b), ub.part(i, b))).collect();
+                assert_eq!(ub.base_parts(b).collect::<Vec<_>>(), expected);
+                assert_eq!(expected.iter().map(|p| p.2.len()).sum::<usize>(), ub.base_rows(b));
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_runs_over_its_segments_of_each_sequence() {
+        // Zigzag over 2 pool ranks of chunk 0..8: rank 0 owns positions 0..2 and 6..8.
+        let ub = UnitBlocks::prefill(Unit { seqs: 0..2, positions: 0..8 }, Partition::Zigzag, 2, 1);
+        assert_eq!(*ub.segments(0), [(0, 2), (6, 2)]);
+        assert_eq!(ub.block_runs(0).collect::<Vec<_>>(), vec![RowRun::new(0, 2), RowRun::new(6, 2), RowRun::new(8, 2), RowRun::new(14, 2)]);
+        assert_eq!((ub.block_len(0), ub.max_block()), (8, 8));
+        // A decode unit is one block of every row.
+        let d = UnitBlocks::decode(Unit { seqs: 0..3, positions: 8..9 }, 2, 1);
+        assert_eq!((d.block_runs(0).collect::<Vec<_>>(), d.segments(1).len()), (vec![RowRun::new(0, 3)], 0));
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl<'a, 'c, B: Backend> Moe<'a, 'c, B> {
     /// Collective over the world: builds the groups and loads this rank's weights.
     pub fn new(cx: BuildContext<'a, 'c, B>, spec: &MoeSpec, name: &str, layout: &Layout) -> Result<Self> {
         let BuildContext { be, comm, cfg, world } = cx;
-        let mut groups = Groups::create(comm, world, layout, name)?;
+        let mut groups = Groups::create(comm, world, &layout.groups, name)?;
         let world_rank = world.world_ranks[world.rank()];
         let rank = match spec.place(world_rank) {
             None => None,

@@ -33,17 +33,24 @@ impl<B: Backend> MoeLayer<B> {
         let c = w.cfg;
         let (d, hl, dh) = (c.d_model, c.heads / tp, c.head_dim);
         let heads = tp_rank * hl..(tp_rank + 1) * hl;
-        let stack = |t: fn(usize, usize) -> Tensor| experts.clone().flat_map(|e| w.full(t(l, e))).collect::<Vec<f32>>();
+        // The local experts' matrices one after another (zeros the backend makes for shape-only weights).
+        let stack = |t: fn(usize, usize) -> Tensor| {
+            if w.shapes_only() {
+                let (rows, cols) = w.dims(t(l, 0));
+                return be.zeros(experts.len() * rows * cols);
+            }
+            be.upload(&experts.clone().flat_map(|e| w.full(t(l, e))).collect::<Vec<f32>>())
+        };
         Ok(Self {
-            attn_norm: be.upload(&w.full(Tensor::AttnNorm(l)))?,
-            ffn_norm: be.upload(&w.full(Tensor::FfnNorm(l)))?,
-            qkv: be.upload(&w.shard(Tensor::Qkv(l), 0..d, &w.qkv_columns(heads.clone())))?,
-            out: be.upload(&w.shard(Tensor::Out(l), heads.start * dh..heads.end * dh, &[0..d]))?,
+            attn_norm: w.upload_full(be, Tensor::AttnNorm(l))?,
+            ffn_norm: w.upload_full(be, Tensor::FfnNorm(l))?,
+            qkv: w.upload_shard(be, Tensor::Qkv(l), 0..d, &w.qkv_columns(heads.clone()))?,
+            out: w.upload_shard(be, Tensor::Out(l), heads.start * dh..heads.end * dh, &[0..d])?,
             heads: hl,
             kv_heads: c.kv_heads_of(heads.clone()).len(),
-            router: be.upload(&w.full(Tensor::Router(l)))?,
-            up: be.upload(&stack(Tensor::ExpertUp))?,
-            down: be.upload(&stack(Tensor::ExpertDown))?,
+            router: w.upload_full(be, Tensor::Router(l))?,
+            up: stack(Tensor::ExpertUp)?,
+            down: stack(Tensor::ExpertDown)?,
         })
     }
 }
