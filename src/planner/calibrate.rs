@@ -419,50 +419,53 @@ const LOOP_REPEATS: usize = 5;
 /// Measures [`LoopOverhead`] on `be` against the tables of `c` (the
 /// element-wise table prices the step's operations as the planner will).
 pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, model: &crate::model::ModelConfig) -> Result<LoopOverhead> {
-    let vocab = model.vocab;
     const WIDTH: usize = 4096;
+    let vocab = model.vocab;
     let (mut x, y, logits) = (pattern(be, WIDTH)?, pattern(be, WIDTH)?, pattern(be, vocab)?);
     let vars = crate::backend::StepVars { pos: 0, store_at: None, len: 1, tokens: vec![0] };
-    // A step of `ops` small additions: recorded where the backend records.
-    let record = |ops: usize, x: &mut B::Buf| -> Result<Option<B::Graph>> {
+    // What `issue` issues, recorded as one step (None where the backend cannot record).
+    let record = |issue: &mut dyn FnMut() -> Result<()>| -> Result<Option<B::Graph>> {
         if !be.capture_begin()? {
             return Ok(None);
         }
-        let issued = (0..ops).try_for_each(|_| be.add_assign(x, &y));
+        let issued = issue();
         let graph = be.capture_end();
         issued?;
         graph.map(Some)
     };
-    let step = |graph: &Option<B::Graph>, ops: usize, x: &mut B::Buf| -> Result<()> {
+    // One step as the runner takes it: the scalars, the step (replayed, else issued), the sampled tokens.
+    let step = |graph: Option<&B::Graph>, issue: &mut dyn FnMut() -> Result<()>| -> Result<()> {
         be.set_step(&vars)?;
         match graph {
             Some(g) => be.replay(g)?,
-            None => (0..ops).try_for_each(|_| be.add_assign(x, &y))?,
+            None => issue()?,
         }
         be.argmax(&logits, 1, vocab).map(|_| ())
     };
-    // Host seconds per step of a loop of steps of `ops` additions.
-    let steady = |ops: usize, x: &mut B::Buf| -> Result<f64> {
-        let graph = record(ops, x)?;
-        step(&graph, ops, x)?;
+    // Host seconds of `each`: the fastest of the repeated loops, per step.
+    let per_step = |each: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         let mut best = f64::INFINITY;
         for _ in 0..LOOP_REPEATS {
             let t = std::time::Instant::now();
             for _ in 0..LOOP_STEPS {
-                step(&graph, ops, x)?;
+                each()?;
             }
             best = best.min(t.elapsed().as_secs_f64() / LOOP_STEPS as f64);
         }
         Ok(best)
     };
-    let table = c.bandwidth.get("elementwise").map(|rows| super::calibration::LogGrid::new(&rows.iter().map(|r| (vec![r[0]], r[0] / r[1])).collect::<Vec<_>>()));
+    // The host's turn: a step of one small addition, beyond what the tables charge it and the sampling.
+    let mut small = || be.add_assign(&mut x, &y);
+    let graph = record(&mut small)?;
+    step(graph.as_ref(), &mut small)?;
+    let one = per_step(&mut || step(graph.as_ref(), &mut small))?;
+    let table = c.bandwidth.get("elementwise").map(|rows| super::calibration::LogGrid::of_bandwidth(rows));
     let charged = |op: &dyn Fn(&ShapeBackend) -> Result<()>| -> Result<f64> {
         let (_, r, w) = work(dtype, op)?;
         Ok(table.as_ref().and_then(|t| t.eval(&[r + w])).map_or(0.0, |thr| (r + w) / thr))
     };
     let add = charged(&|sb| sb.add_assign(&mut sb.zeros(WIDTH)?, &sb.zeros(WIDTH)?))?;
     let argmax = charged(&|sb| sb.argmax(&sb.zeros(vocab)?, 1, vocab).map(|_| ()))?;
-    let one = steady(1, &mut x)?;
     let mut out = LoopOverhead { step_s: (one - add - argmax).max(0.0), ..Default::default() };
     // Recording: a first step (record, replay, sample) against a steady
     // one, of one and of four decode layers of the model (without
@@ -471,34 +474,17 @@ pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, model: &
     // idle meanwhile, then instantiates the graph.
     let chain = LayerChain::new(model, 1, |n| pattern(be, n))?;
     let (chain_ops, _) = chain_work(dtype, model, 1)?;
-    let record_layers = |layers: usize| -> Result<Option<B::Graph>> {
-        if !be.capture_begin()? {
-            return Ok(None);
-        }
-        let issued = (0..layers).try_for_each(|_| chain.issue(be));
-        let graph = be.capture_end();
-        issued?;
-        graph.map(Some)
-    };
     let replayed = |layers: usize| -> Result<Option<(f64, f64)>> {
-        let Some(graph) = record_layers(layers)? else { return Ok(None) };
-        let (mut first, mut steady) = (f64::INFINITY, f64::INFINITY);
+        let mut issue = || (0..layers).try_for_each(|_| chain.issue(be));
+        let Some(graph) = record(&mut issue)? else { return Ok(None) };
+        let mut first = f64::INFINITY;
         for _ in 0..LOOP_REPEATS {
             let t = std::time::Instant::now();
-            be.set_step(&vars)?;
-            let Some(g) = record_layers(layers)? else { return Ok(None) };
-            be.replay(&g)?;
-            be.argmax(&logits, 1, vocab)?;
+            let Some(g) = record(&mut issue)? else { return Ok(None) };
+            step(Some(&g), &mut issue)?;
             first = first.min(t.elapsed().as_secs_f64());
-            let t = std::time::Instant::now();
-            for _ in 0..LOOP_STEPS {
-                be.set_step(&vars)?;
-                be.replay(&graph)?;
-                be.argmax(&logits, 1, vocab)?;
-            }
-            steady = steady.min(t.elapsed().as_secs_f64() / LOOP_STEPS as f64);
         }
-        Ok(Some((first, steady)))
+        Ok(Some((first, per_step(&mut || step(Some(&graph), &mut issue))?)))
     };
     let (few, many) = (1usize, 4usize);
     if let (Some((f1, s1)), Some((f4, s4))) = (replayed(few)?, replayed(many)?) {

@@ -261,6 +261,11 @@ impl LogGrid {
         Self { axes, points: map, raw: pts }
     }
 
+    /// A bandwidth table's grid: rows of (bytes moved, seconds), as bytes per second over bytes.
+    pub fn of_bandwidth(rows: &[[f64; 2]]) -> Self {
+        Self::new(&rows.iter().map(|r| (vec![r[0]], r[0] / r[1])).collect::<Vec<_>>())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.raw.is_empty()
     }

@@ -46,7 +46,7 @@ impl Tables {
         let gemm: Vec<(Vec<f64>, f64)> = c.gemm.iter().map(|r| (vec![r[0], r[1], r[2]], 2.0 * r[0] * r[1] * r[2] / r[3])).collect();
         let prefill: Vec<(Vec<f64>, f64)> = c.prefill.iter().map(|r| (vec![r[0], r[1]], r[2] / r[3])).collect();
         let decode: Vec<(Vec<f64>, f64)> = c.decode.iter().map(|r| (vec![r[0], r[1]], r[2] / r[3])).collect();
-        let bandwidth = c.bandwidth.iter().map(|(k, rows)| (k.clone(), LogGrid::new(&rows.iter().map(|r| (vec![r[0]], r[0] / r[1])).collect::<Vec<_>>()))).collect();
+        let bandwidth = c.bandwidth.iter().map(|(k, rows)| (k.clone(), LogGrid::of_bandwidth(rows))).collect();
         let comm = c.comm.iter().filter_map(|(k, rows)| calibration::fit(k, rows).map(|f| (k.clone(), f))).collect();
         Self {
             gemm: LogGrid::new(&gemm),
@@ -161,9 +161,17 @@ impl CostModel {
     /// none): the step overhead, and at the first step, where steps replay
     /// as CUDA graphs, recording it (`record_s + record_per_op_s · ops`).
     pub fn step_gap(&self, k: usize, ops: usize) -> f64 {
-        let Some(t) = &self.tables else { return 0.0 };
-        let record = if k == 1 && self.graphs { t.record_s + t.record_per_op_s * ops as f64 } else { 0.0 };
-        t.step_overhead_s + record
+        let turn = self.tables.as_ref().map_or(0.0, |t| t.step_overhead_s);
+        turn + if k == 1 { self.recording(ops) } else { 0.0 }
+    }
+
+    /// Recording a decode step of `ops` device operations as a CUDA graph
+    /// (calibrated, where steps replay as graphs; else 0).
+    pub fn recording(&self, ops: usize) -> f64 {
+        match &self.tables {
+            Some(t) if self.graphs => t.record_s + t.record_per_op_s * ops as f64,
+            _ => 0.0,
+        }
     }
 
     /// What `op` costs beyond its table time in a run's sequence of

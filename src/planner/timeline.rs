@@ -309,7 +309,7 @@ impl<'a> Sim<'a> {
                     if stream == 0 && (cursor == 0 || self.dag.nodes[self.lanes[lane].nodes[cursor - 1].0].phase != Phase::Decode(step)) {
                         let gap = self.cost.step_gap(step, self.first_step_ops[rank]);
                         if step == 1 {
-                            self.tl.recording[rank] = gap - self.cost.step_gap(2, 0);
+                            self.tl.recording[rank] = self.cost.recording(self.first_step_ops[rank]);
                         }
                         self.tl.host_turn[id] = gap;
                         ready += gap;
