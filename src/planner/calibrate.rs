@@ -442,18 +442,26 @@ pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, model: &
         }
         be.argmax(&logits, 1, vocab).map(|_| ())
     };
-    // Host seconds of `each`: the fastest of the repeated loops, per step.
-    let per_step = |each: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let mut best = f64::INFINITY;
-        for _ in 0..LOOP_REPEATS {
-            let t = std::time::Instant::now();
-            for _ in 0..LOOP_STEPS {
-                each()?;
-            }
-            best = best.min(t.elapsed().as_secs_f64() / LOOP_STEPS as f64);
-        }
-        Ok(best)
+    // A batch's first step as the runner takes it: the scalars, then the
+    // step recorded, replayed and sampled. The recording is returned, so
+    // that dropping it stays out of the caller's timing, as in a run.
+    let first_step = |issue: &mut dyn FnMut() -> Result<()>| -> Result<Option<B::Graph>> {
+        be.set_step(&vars)?;
+        let Some(g) = record(issue)? else { return Ok(None) };
+        be.replay(&g)?;
+        be.argmax(&logits, 1, vocab)?;
+        Ok(Some(g))
     };
+    // Host seconds of `each` per step, over one timed loop.
+    let per_loop = |each: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let t = std::time::Instant::now();
+        for _ in 0..LOOP_STEPS {
+            each()?;
+        }
+        Ok(t.elapsed().as_secs_f64() / LOOP_STEPS as f64)
+    };
+    // The fastest of the repeated loops.
+    let per_step = |each: &mut dyn FnMut() -> Result<()>| -> Result<f64> { (0..LOOP_REPEATS).try_fold(f64::INFINITY, |best, _| Ok(best.min(per_loop(each)?))) };
     // The host's turn: a step of one small addition, beyond what the tables charge it and the sampling.
     let mut small = || be.add_assign(&mut x, &y);
     let graph = record(&mut small)?;
@@ -477,22 +485,34 @@ pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, model: &
     let replayed = |layers: usize| -> Result<Option<(f64, f64)>> {
         let mut issue = || (0..layers).try_for_each(|_| chain.issue(be));
         let Some(graph) = record(&mut issue)? else { return Ok(None) };
-        let mut first = f64::INFINITY;
+        let (mut first, mut steady) = (f64::INFINITY, f64::INFINITY);
+        // Each repeat is a batch's decode: a first step, then steady ones.
+        // First steps back to back, with no steady loop between them,
+        // measured far less on an H200 than the runs' first steps showed
+        // (docs/perf-notes.md, session 13).
         for _ in 0..LOOP_REPEATS {
             let t = std::time::Instant::now();
-            let Some(g) = record(&mut issue)? else { return Ok(None) };
-            step(Some(&g), &mut issue)?;
+            let Some(_recorded) = first_step(&mut issue)? else { return Ok(None) };
             first = first.min(t.elapsed().as_secs_f64());
+            steady = steady.min(per_loop(&mut || step(Some(&graph), &mut issue))?);
         }
-        Ok(Some((first, per_step(&mut || step(Some(&graph), &mut issue))?)))
+        Ok(Some((first, steady)))
     };
     let (few, many) = (1usize, 4usize);
-    if let (Some((f1, s1)), Some((f4, s4))) = (replayed(few)?, replayed(many)?) {
-        let (r1, r4) = ((f1 - s1).max(0.0), (f4 - s4).max(0.0));
-        out.record_per_op_s = ((r4 - r1) / ((many - few) * chain_ops) as f64).max(0.0);
-        out.record_s = (r1 - (few * chain_ops) as f64 * out.record_per_op_s).max(0.0);
+    if let (Some(f), Some(m)) = (replayed(few)?, replayed(many)?) {
+        (out.record_s, out.record_per_op_s) = recording_fit((few * chain_ops, f), (many * chain_ops, m));
     }
     Ok(out)
+}
+
+/// Recording's cost as a fixed part and a part per operation, `(record_s,
+/// record_per_op_s)`, from two steps of `ops` operations each timed as
+/// `(first, steady)` seconds: the line through their excesses, neither part
+/// below zero.
+pub fn recording_fit((ops_a, (first_a, steady_a)): (usize, (f64, f64)), (ops_b, (first_b, steady_b)): (usize, (f64, f64))) -> (f64, f64) {
+    let (ra, rb) = ((first_a - steady_a).max(0.0), (first_b - steady_b).max(0.0));
+    let per_op = ((rb - ra) / (ops_b as f64 - ops_a as f64)).max(0.0);
+    ((ra - ops_a as f64 * per_op).max(0.0), per_op)
 }
 
 /// Slowdown per class: the median of `together / alone` over its probes.

@@ -44,3 +44,18 @@ fn the_decode_loop_overhead_on_a_backend_that_cannot_record_has_no_recording_cos
     assert_eq!((lo.record_s, lo.record_per_op_s), (0.0, 0.0));
     assert!(lo.step_s.is_finite() && lo.step_s >= 0.0 && lo.step_s < 0.1, "{lo:?}");
 }
+
+#[test]
+fn recording_is_fitted_as_a_fixed_part_and_a_part_per_operation() {
+    // 300 us + 14 us per op above steady steps of 1 ms and 1.5 ms.
+    let (fixed, per_op) = recording_fit((20, (1e-3 + 300e-6 + 20.0 * 14e-6, 1e-3)), (80, (1.5e-3 + 300e-6 + 80.0 * 14e-6, 1.5e-3)));
+    assert!((fixed - 300e-6).abs() < 1e-9 && (per_op - 14e-6).abs() < 1e-12, "{fixed} {per_op}");
+    // A larger step that records for less has no part per operation; a first step faster than a steady one costs nothing.
+    let (fixed, per_op) = recording_fit((20, (2e-3, 1e-3)), (80, (1.5e-3, 1e-3)));
+    assert!((fixed - 1e-3).abs() < 1e-12 && per_op == 0.0, "{fixed} {per_op}");
+    assert_eq!(recording_fit((20, (0.9e-3, 1e-3)), (80, (0.9e-3, 1e-3))), (0.0, 0.0));
+    // Excess growing faster than the operations: the fixed part is not negative.
+    let (fixed, per_op) = recording_fit((20, (1e-3 + 20e-6, 1e-3)), (80, (1e-3 + 200e-6, 1e-3)));
+    assert_eq!(fixed, 0.0);
+    assert!((per_op - 3e-6).abs() < 1e-12, "{per_op}");
+}
