@@ -37,6 +37,11 @@ pub struct Weights<'a> {
     source: Source,
 }
 
+/// Values of the shard of rows `rows` and column runs `cols`.
+fn shard_len(rows: &Range<usize>, cols: &[Range<usize>]) -> usize {
+    rows.len() * cols.iter().map(|c| c.len()).sum::<usize>()
+}
+
 impl<'a> Weights<'a> {
     /// The model's weights: its checkpoint (`cfg.weights`), memory-mapped
     /// and checked against the model (every tensor there, of its shape, in
@@ -79,7 +84,7 @@ impl<'a> Weights<'a> {
     pub fn shard(&self, t: Tensor, rows: Range<usize>, cols: &[Range<usize>]) -> Vec<f32> {
         if self.shapes_only() {
             // A zeroed allocation: its pages are never written or read.
-            return vec![0.0; rows.len() * cols.iter().map(|c| c.len()).sum::<usize>()];
+            return vec![0.0; shard_len(&rows, cols)];
         }
         if let Source::Checkpoint(c) = &self.source {
             return c.shard(self.cfg, t, rows, cols);
@@ -113,7 +118,7 @@ impl<'a> Weights<'a> {
     /// their weights' size each, terabytes at paper scale).
     pub fn upload_shard<B: Backend>(&self, be: &B, t: Tensor, rows: Range<usize>, cols: &[Range<usize>]) -> BackendResult<B::Buf> {
         if self.shapes_only() {
-            return be.zeros(rows.len() * cols.iter().map(|c| c.len()).sum::<usize>());
+            return be.zeros(shard_len(&rows, cols));
         }
         be.upload(&self.shard(t, rows, cols))
     }

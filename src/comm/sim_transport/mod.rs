@@ -147,29 +147,19 @@ impl<'w> SimTransport<'w> {
             // collectives shows as a cycle in the DAG).
             return Ok(Completed { instance, cols: root_cols(&st, key, seq).flatten(), groups: Arc::default() });
         }
-        if joins_nothing {
-            // A member that joins no new group needs nothing the split
-            // decides: it goes on (unless it found the split broken).
-            let p = st.pending.get_mut(&(key, seq)).expect("pending");
-            let outcome = p.outcome.clone();
-            p.departed += 1;
-            if p.departed == size {
-                st.pending.remove(&(key, seq));
-            }
-            return match outcome {
-                Some(Err(e)) => Err(protocol(e)),
-                _ => Ok(Completed { instance, cols: None, groups: Arc::default() }),
-            };
+        // A member that joins no new group needs nothing the split decides:
+        // it goes on (unless it found the split broken).
+        if !joins_nothing {
+            let what = |_| format!("split {seq} of group `{}`", group.name);
+            st = self.wait(st, |s| s.pending.get(&(key, seq)).is_none_or(|p| p.outcome.is_none()).then_some(None), &what)?;
         }
-        let what = |_| format!("split {seq} of group `{}`", group.name);
-        let mut st = self.wait(st, |s| s.pending.get(&(key, seq)).is_none_or(|p| p.outcome.is_none()).then_some(None), &what)?;
         let p = st.pending.get_mut(&(key, seq)).expect("pending");
-        let outcome = p.outcome.clone().expect("complete");
+        let outcome = p.outcome.clone();
         p.departed += 1;
         if p.departed == size {
             st.pending.remove(&(key, seq));
         }
-        outcome.map_err(protocol)
+        outcome.unwrap_or_else(|| Ok(Completed { instance, cols: None, groups: Arc::default() })).map_err(protocol)
     }
 
     /// Records a call; returns the marks `Comm` gets back, `done` naming the record.
@@ -203,14 +193,13 @@ impl<'w> SimTransport<'w> {
     /// and return what each receive got.
     fn point_to_point(&self, group: &Group, host: bool, sends: &[(usize, u64, Option<usize>)], values: HostValues<'_>, recvs: &[(usize, u64)]) -> Result<Matched> {
         let key = self.key(group)?;
+        let to: Vec<usize> = sends
+            .iter()
+            .map(|&(peer, ..)| group.world_ranks.get(peer).copied().ok_or_else(|| protocol(format!("send to rank {peer} of `{}` ({} ranks)", group.name, group.size()))))
+            .collect::<Result<_>>()?;
         let mut st = self.world.lock();
         let (mut sent, mut released) = (Vec::new(), Vec::new());
-        for (i, &(peer, bytes, cols)) in sends.iter().enumerate() {
-            let Some(&to) = group.world_ranks.get(peer) else {
-                drop(st);
-                self.world.wake_released(&released);
-                return Err(protocol(format!("send to rank {peer} of `{}` ({} ranks)", group.name, group.size())));
-            };
+        for (i, (&(_, bytes, cols), &to)) in sends.iter().zip(&to).enumerate() {
             let message = st.fresh_id();
             let values = values.get(i).map_or_else(Vec::new, |v| v.to_vec());
             let channel = (key, self.rank, to);

@@ -53,7 +53,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
             // Decode: every pool rank attends every sequence.
             (0..ub.p).map(|i| SendTo { peer: self.bridge_rank_of_pool(i), range: 0..rows * w }).collect()
         } else {
-            ub.base_parts(b).filter(|(_, _, part)| !part.is_empty()).map(|(i, at, part)| SendTo { peer: self.bridge_rank_of_pool(i), range: at * w..(at + part.len()) * w }).collect()
+            ub.base_slices(b, w).map(|(i, range)| SendTo { peer: self.bridge_rank_of_pool(i), range }).collect()
         };
         Ok(Some(self.comm.issue(Category::PoolScatter, &rank.down, Some((send, parts)), None)?))
     }
@@ -68,7 +68,7 @@ impl<'a, 'c, B: Backend> Ctx<'a, 'c, B> {
             // From each pool rank its block's part; with a tree (or in decode)
             // everything comes from the pool root, part by part.
             let from = |i: usize| if decode || self.spec.aggregation == Aggregation::Tree { self.bridge_rank_of_pool(0) } else { self.bridge_rank_of_pool(i) };
-            let parts: Vec<RecvPart> = ub.base_parts(b).filter(|(_, _, part)| !part.is_empty()).map(|(i, at, part)| RecvPart { peer: from(i), range: at * w..(at + part.len()) * w }).collect();
+            let parts: Vec<RecvPart> = ub.base_slices(b, w).map(|(i, range)| RecvPart { peer: from(i), range }).collect();
             let ticket = self.comm.issue(Category::PoolToBase, &rank.up, None, Some((self.be.empty(rows * w)?, parts)))?;
             let mut y = self.comm.complete(ticket)?.ok_or_else(|| protocol("a result arrived without its buffer"))?;
             if let Some(out) = &rank.attention[l].out {

@@ -137,14 +137,16 @@ impl UnitBlocks {
         })
     }
 
+    /// Base rank `b`'s parts that hold rows: `(block, the part's values
+    /// among the rank's rows of `width` values each)`, what the hand-off and
+    /// the return move.
+    pub fn base_slices(&self, b: usize, width: usize) -> impl Iterator<Item = (usize, Range<usize>)> + '_ {
+        self.base_parts(b).filter(|(_, _, part)| !part.is_empty()).map(move |(i, at, part)| (i, at * width..(at + part.len()) * width))
+    }
+
     /// Rows base rank `b` owns in the unit.
     pub fn base_rows(&self, b: usize) -> usize {
         (0..self.blocks()).map(|i| self.part(i, b).len()).sum()
-    }
-
-    /// Where part (i, b) sits among base rank b's rows.
-    pub fn base_offset(&self, i: usize, b: usize) -> usize {
-        (0..i).map(|j| self.part(j, b).len()).sum()
     }
 
     /// The most rows any base rank owns (base all-gathers pad to it).
@@ -306,7 +308,7 @@ mod tests {
         // block 0 = rows 0..4, block 1 = rows 4..8; base 0 owns 0..2 and 4..6.
         let ub = UnitBlocks::prefill(Unit { seqs: 0..1, positions: 0..8 }, Partition::Contiguous, 2, 2);
         assert_eq!(ub.base_runs(0), vec![RowRun::new(0, 2), RowRun::new(4, 2)]);
-        assert_eq!((ub.part(1, 0), ub.base_offset(1, 0)), (0..2, 2));
+        assert_eq!(ub.base_parts(0).nth(1), Some((1, 2, 0..2)));
         assert_eq!(ub.base_runs(1), vec![RowRun::new(2, 2), RowRun::new(6, 2)]);
     }
 
@@ -315,9 +317,15 @@ mod tests {
         for part in [Partition::Contiguous, Partition::Zigzag] {
             let ub = UnitBlocks::prefill(Unit { seqs: 0..2, positions: 3..20 }, part, 3, 2);
             for b in 0..2 {
-                let expected: Vec<_> = (0..3).map(|i| (i, ub.base_offset(i, b), ub.part(i, b))).collect();
-                assert_eq!(ub.base_parts(b).collect::<Vec<_>>(), expected);
-                assert_eq!(expected.iter().map(|p| p.2.len()).sum::<usize>(), ub.base_rows(b));
+                let parts: Vec<_> = ub.base_parts(b).collect();
+                assert_eq!(parts.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+                for (k, (i, at, part)) in parts.iter().enumerate() {
+                    assert_eq!((*at, part.clone()), (parts[..k].iter().map(|p| p.2.len()).sum::<usize>(), ub.part(*i, b)));
+                }
+                assert_eq!(parts.iter().map(|p| p.2.len()).sum::<usize>(), ub.base_rows(b));
+                // The slices: the parts that hold rows, in values of a row width.
+                let slices: Vec<_> = parts.iter().filter(|p| !p.2.is_empty()).map(|(i, at, part)| (*i, at * 5..(at + part.len()) * 5)).collect();
+                assert_eq!(ub.base_slices(b, 5).collect::<Vec<_>>(), slices);
             }
         }
     }
