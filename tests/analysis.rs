@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use fapool::results::read_run;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 /// A quickstart run with `sets`, written once per name into one scratch directory.
@@ -39,7 +39,7 @@ fn copy_of_quickstart(tag: &str) -> PathBuf {
 /// Runs a Python snippet with h5py and numpy imported and `path` as `p`.
 fn h5py(path: &Path, code: &str) {
     let program = format!("import h5py, numpy as np\np = {:?}\n{code}", path.to_str().unwrap());
-    let o = Command::new("/usr/bin/python3").args(["-c", &program]).output().expect("python3 runs");
+    let o = command("/usr/bin/python3").args(["-c", &program]).output().expect("python3 runs");
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -257,7 +257,7 @@ fn the_checker_names_tokens_that_differ_between_strategies() {
 #[test]
 fn the_python_script_prints_the_summary_table_analyze_prints() {
     let script = repo_root().join("scripts/results_summary.py");
-    let py = Command::new("/usr/bin/python3").args([s(&script), s(quickstart())]).output().expect("python3 runs");
+    let py = command("/usr/bin/python3").args([s(&script), s(quickstart())]).output().expect("python3 runs");
     assert!(py.status.success(), "{}", text(&py));
     let a = analyze(&[s(quickstart())]);
     let table: String = String::from_utf8_lossy(&a.stdout).split("\nsummary\n").nth(1).unwrap().split("\n\n").next().unwrap().to_string();

@@ -109,7 +109,7 @@ fn every_strategy_reproduces_hugging_face_transformers_llama() {
 
 /// `scripts/numpy_reference.py DIR --out FILE` with the system's Python and NumPy.
 fn numpy_reference(folder: &Path, out: &Path) {
-    let o = std::process::Command::new("/usr/bin/python3").arg(repo_root().join("scripts/numpy_reference.py")).arg(folder).arg("--out").arg(out).output().expect("python3 runs");
+    let o = command("/usr/bin/python3").arg(repo_root().join("scripts/numpy_reference.py")).arg(folder).arg("--out").arg(out).output().expect("python3 runs");
     assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }
 

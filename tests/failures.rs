@@ -7,7 +7,6 @@
 mod common;
 use common::*;
 use fapool::results::{read_run, RunStatus};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn quickstart_job() -> String {
@@ -18,7 +17,7 @@ fn quickstart_job() -> String {
 fn run_with_fault(tag: &str, fault: &str) -> (std::process::Output, std::path::PathBuf, Duration) {
     let dir = scratch(tag);
     let out = dir.join("run.h5");
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = command("mpirun");
     cmd.args(["--oversubscribe", "-np", "4", BIN, "run", &quickstart_job(), "--backend", "cpu", "--out", out.to_str().unwrap()]);
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("FAPOOL_FAULT", fault);
     let t = Instant::now();

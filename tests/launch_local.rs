@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn executable(path: &Path, script: &str) {
     std::fs::write(path, script).unwrap();
@@ -32,7 +32,7 @@ fn launch(tag: &str, gpus: usize, env: &[(&str, &str)], args: &[&str]) -> Output
     let stand_in = dir.join("fapool");
     executable(&stand_in, "#!/bin/sh\necho \"rank $OMPI_COMM_WORLD_RANK of $OMPI_COMM_WORLD_SIZE: $*\"\n");
     let bin_dir = stand_in_gpus(&dir, gpus);
-    let mut cmd = Command::new("bash");
+    let mut cmd = command("bash");
     cmd.arg(repo_root().join("scripts/launch-local.sh")).args(args);
     cmd.env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default())).env("FAPOOL_BIN", &stand_in).env_remove("CUDA_VISIBLE_DEVICES");
     // The test machine may have fewer cores than the stand-in GPUs.
@@ -81,7 +81,7 @@ fn fapool_ranks_sets_the_rank_count() {
 fn quickstart_plan(tag: &str, gpus: usize) -> String {
     let dir = scratch(tag);
     let bin_dir = stand_in_gpus(&dir, gpus);
-    let out = Command::new("bash")
+    let out = command("bash")
         .arg(repo_root().join("scripts/quickstart.sh"))
         .arg("--plan")
         .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default()))

@@ -301,10 +301,8 @@ fn a_deployment_larger_than_the_cluster_is_refused() {
 
 /// A calibration file with one GEMM point, in `dtype`.
 fn calibration_file(dir: &std::path::Path, dtype: fapool::backend::Dtype) -> String {
-    let p = dir.join("cal.h5");
     let c = planner::calibration::Calibration { dtype, backend: "cpu".into(), device: "cpu".into(), heads: 4, head_dim: 16, gemm: vec![[16.0, 64.0, 64.0, 1e-5]], ..Default::default() };
-    c.write(&p).unwrap();
-    p.to_string_lossy().into_owned()
+    hdf5_for_a_child(dir, "cal.h5", |p| c.write(p).unwrap()).to_string_lossy().into_owned()
 }
 
 #[test]
@@ -317,17 +315,12 @@ fn a_calibration_file_of_another_dtype_is_refused() {
 #[test]
 fn a_calibration_file_of_another_schema_version_is_refused() {
     let dir = scratch("cal-version");
-    let staged = dir.join("staged.h5");
-    let f = hdf5::File::create(&staged).unwrap();
-    let format: hdf5::types::VarLenUnicode = planner::calibration::FORMAT.parse().unwrap();
-    f.new_attr::<hdf5::types::VarLenUnicode>().shape(()).create("format").unwrap().write_scalar(&format).unwrap();
-    f.new_attr::<u64>().shape(()).create("schema_version").unwrap().write_scalar(&(planner::calibration::SCHEMA_VERSION as u64 + 1)).unwrap();
-    drop(f);
-    // The library opens the file without close-on-exec, so a process another
-    // test spawns meanwhile inherits it with HDF5's lock: fapool reads a copy
-    // this process never opened.
-    let p = dir.join("cal.h5");
-    std::fs::copy(&staged, &p).unwrap();
+    let p = hdf5_for_a_child(&dir, "cal.h5", |staged| {
+        let f = hdf5::File::create(staged).unwrap();
+        let format: hdf5::types::VarLenUnicode = planner::calibration::FORMAT.parse().unwrap();
+        f.new_attr::<hdf5::types::VarLenUnicode>().shape(()).create("format").unwrap().write_scalar(&format).unwrap();
+        f.new_attr::<u64>().shape(()).create("schema_version").unwrap().write_scalar(&(planner::calibration::SCHEMA_VERSION as u64 + 1)).unwrap();
+    });
     plan_fails_with("calibration-schema-version", &[&quickstart(), "--calibration", p.to_str().unwrap()]);
 }
 

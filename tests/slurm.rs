@@ -11,7 +11,7 @@ use common::*;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -24,11 +24,11 @@ fn local_slurm_script() -> PathBuf {
 
 /// Stops the daemons that `slurm_is_up` started; runs when the test binary exits.
 extern "C" fn stop_local_slurm() {
-    let _ = Command::new("bash").arg(local_slurm_script()).arg("stop").status();
+    let _ = command("bash").arg(local_slurm_script()).arg("stop").status();
 }
 
 fn controller_answers() -> bool {
-    Command::new("scontrol").arg("ping").output().map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("UP")).unwrap_or(false)
+    command("scontrol").arg("ping").output().map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("UP")).unwrap_or(false)
 }
 
 /// Starts Slurm once per test binary. `false` means "skip": no Slurm here.
@@ -38,7 +38,7 @@ fn slurm_is_up() -> bool {
         if controller_answers() {
             return Ok(());
         }
-        let out = Command::new("bash").arg(local_slurm_script()).arg("start").output().map_err(|e| format!("bash: {e}"))?;
+        let out = command("bash").arg(local_slurm_script()).arg("start").output().map_err(|e| format!("bash: {e}"))?;
         if !out.status.success() {
             return Err(text(&out));
         }
@@ -73,7 +73,7 @@ impl Job {
 
     /// `scontrol show job` fields, e.g. `JobState`, `Restarts`, `ExitCode`.
     fn field(&self, name: &str) -> String {
-        let out = Command::new("scontrol").args(["show", "job", "-o", &self.id]).output().expect("scontrol runs");
+        let out = command("scontrol").args(["show", "job", "-o", &self.id]).output().expect("scontrol runs");
         let line = String::from_utf8_lossy(&out.stdout).into_owned();
         line.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_string)).unwrap_or_default()
     }
@@ -82,7 +82,7 @@ impl Job {
         let start = Instant::now();
         while !done(self) {
             if start.elapsed() > JOB_LIMIT {
-                let _ = Command::new("scancel").arg(&self.id).status();
+                let _ = command("scancel").arg(&self.id).status();
                 panic!("job {} never {what}; state {}; log:\n{}", self.id, self.field("JobState"), self.log_text());
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -96,7 +96,7 @@ fn sbatch(dir: &Path, wait: bool, options: &[&str], script: &str, args: &[&str],
     let array = options.iter().any(|o| o.starts_with("--array"));
     let log = dir.join(if array { "job-%A_%a.out" } else { "job-%j.out" });
     let limit = JOB_LIMIT.as_secs().to_string();
-    let mut cmd = Command::new("timeout");
+    let mut cmd = command("timeout");
     cmd.arg(&limit).arg("sbatch").arg("--parsable").arg(format!("--output={}", log.display()));
     if wait {
         cmd.arg("--wait");
@@ -207,11 +207,11 @@ fn a_job_warned_of_its_time_limit_stops_requeues_itself_and_resumes_its_results_
     let (_, job) = sbatch(&dir, false, &[], "slurm/smoke.sbatch", &[], &[("FAPOOL_BIN", &stand_in)]);
     job.wait_until("started all 4 ranks", |j| (0..4).all(|r| j.log_text().contains(&format!("rank {r}: run"))));
     // What `--signal=B:USR1@120` does two minutes before the time limit.
-    let signal = Command::new("scancel").args(["--batch", "--signal=USR1", &job.id]).output().unwrap();
+    let signal = command("scancel").args(["--batch", "--signal=USR1", &job.id]).output().unwrap();
     assert!(signal.status.success(), "{}", text(&signal));
     job.wait_until("was requeued", |j| j.field("Restarts") == "1");
     // Slurm holds a requeued job back for a while; start it now.
-    let _ = Command::new("scontrol").args(["update", &format!("JobId={}", job.id), "StartTime=now"]).status();
+    let _ = command("scontrol").args(["update", &format!("JobId={}", job.id), "StartTime=now"]).status();
     job.wait_until("completed", |j| j.field("JobState") == "COMPLETED");
     let log = job.log_text();
     let file = dir.join(format!("results/smoke-{}.h5", job.id));
@@ -226,7 +226,7 @@ fn a_job_warned_of_its_time_limit_stops_requeues_itself_and_resumes_its_results_
 fn a_world_size_that_does_not_match_slurm_ntasks_is_refused() {
     // A singleton where Slurm promised 4 tasks: what happens when srun starts
     // ranks without an MPI plugin they understand.
-    let out = Command::new(BIN).arg("env").env("SLURM_NTASKS", "4").env("SLURM_STEP_ID", "0").output().expect("fapool runs");
+    let out = command(BIN).arg("env").env("SLURM_NTASKS", "4").env("SLURM_STEP_ID", "0").output().expect("fapool runs");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(3), "{t}");
     assert!(t.contains("rule `ranks-match-slurm` broken"), "{t}");

@@ -7,7 +7,7 @@ use common::*;
 use fapool::results::{read_run, RunStatus};
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn quickstart_job() -> String {
@@ -18,7 +18,7 @@ fn quickstart_job() -> String {
 /// the job (mpirun and every rank, which mpirun puts in process groups of
 /// their own) can be killed at once, as a node failure would.
 fn spawn_run(args: &[&str]) -> std::process::Child {
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = command("mpirun");
     cmd.args(["--oversubscribe", "-np", "4", BIN, "run"]).args(args);
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -34,7 +34,7 @@ fn spawn_run(args: &[&str]) -> std::process::Child {
 
 /// SIGKILL to every process of the session `sid`.
 fn kill_session(sid: u32) {
-    let _ = Command::new("pkill").args(["-KILL", "-s", &sid.to_string()]).status();
+    let _ = command("pkill").args(["-KILL", "-s", &sid.to_string()]).status();
 }
 
 /// Every (strategy, category, batch index) in a file, asserting none twice.
@@ -152,7 +152,7 @@ fn twenty_sigkills_lose_no_completed_batch_and_resume_completes_the_sweep() {
         trials += 1;
         reported_total += reported(&String::from_utf8_lossy(&o.stdout));
         // h5py opens it, and it holds every batch reported complete so far.
-        let py = Command::new("/usr/bin/python3")
+        let py = command("/usr/bin/python3")
             .args(["-c", "import h5py,sys; f=h5py.File(sys.argv[1],'r'); print(sum(g['batches'].shape[0] for s in f['strategies'].values() for g in s.values()))", target])
             .output()
             .expect("python3 runs");
@@ -176,7 +176,7 @@ fn a_hung_rank_makes_every_rank_exit_with_the_timeout_code() {
     let out = dir.join("hang.h5");
     let timeout = 5;
     let t = Instant::now();
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = command("mpirun");
     cmd.args(["--oversubscribe", "-np", "4", BIN, "run", &quickstart_job(), "--backend", "cpu", "--out", out.to_str().unwrap(), "--timeout", &timeout.to_string()]);
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("FAPOOL_FAULT", "hang:rank=1:batch=3");
     let o = cmd.output().unwrap();
@@ -202,7 +202,7 @@ fn a_pool_rank_with_an_unusable_device_makes_the_batch_run_base_only() {
     let w = fapool::workload::Workload::new(&job.workload, 512);
     let per_category: Vec<usize> = (0..job.workload.categories.len()).map(|c| w.batches(c).len()).collect();
     let first_long = per_category.iter().sum::<usize>() + per_category[0] + per_category[1];
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = command("mpirun");
     cmd.args(["--oversubscribe", "-np", "4", BIN, "run", &quickstart_job(), "--backend", "cpu", "--out", out.to_str().unwrap()]);
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("FAPOOL_FAULT", format!("device:rank=3:batch={first_long}"));
     let o = cmd.output().unwrap();

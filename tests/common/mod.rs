@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -22,6 +23,55 @@ pub fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
+/// A command for `program` whose process inherits only its standard
+/// streams. The HDF5 library opens files without close-on-exec, so a child
+/// another test starts while this process holds a results or calibration
+/// file open would keep that file, with HDF5's lock on it, for as long as the
+/// child lives, and a fapool that opens the file meanwhile would find it
+/// locked. Every process the tests start is made here.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    // SAFETY: the closure runs between fork and exec and calls only
+    // close_range and fcntl, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            inherit_only_standard_streams();
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Marks every descriptor above the standard streams close-on-exec.
+fn inherit_only_standard_streams() {
+    // SAFETY: descriptor flags only; a descriptor that is not open fails
+    // F_GETFD and is skipped.
+    unsafe {
+        if libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) == 0 {
+            return;
+        }
+        for fd in 3..4096 {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// Writes an HDF5 file that a child process will open, as `dir/name`.
+/// A child another test starts while `write` holds the file open keeps it,
+/// with HDF5's lock, until that child's exec (see [`command`]); the child
+/// that should read it gets a copy this process never opened, so not even
+/// that moment can lock it out.
+pub fn hdf5_for_a_child(dir: &Path, name: &str, write: impl FnOnce(&Path)) -> PathBuf {
+    let staged = dir.join(format!("{name}.staged"));
+    write(&staged);
+    let p = dir.join(name);
+    std::fs::copy(&staged, &p).unwrap();
+    p
+}
+
 fn mpi_env(cmd: &mut Command) -> &mut Command {
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_rmaps_base_oversubscribe", "1")
 }
@@ -29,7 +79,7 @@ fn mpi_env(cmd: &mut Command) -> &mut Command {
 /// `mpirun -np N fapool ARGS...`, oversubscribed (CI has 2 cores).
 pub fn mpirun(np: usize, args: &[&str]) -> Output {
     let np = np.to_string();
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = command("mpirun");
     cmd.args(["--oversubscribe", "-np", &np, &bin()]).args(args);
     mpi_env(&mut cmd).output().expect("mpirun runs")
 }
@@ -37,7 +87,7 @@ pub fn mpirun(np: usize, args: &[&str]) -> Output {
 /// `mpirun -np N fapool ARGS...` with `VAR=value` set on every rank.
 pub fn mpirun_with_env(np: usize, vars: &[&str], args: &[&str]) -> Output {
     let np = np.to_string();
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = command("mpirun");
     cmd.arg("--oversubscribe");
     for v in vars {
         cmd.args(["-x", v]);
@@ -48,7 +98,7 @@ pub fn mpirun_with_env(np: usize, vars: &[&str], args: &[&str]) -> Output {
 
 /// `fapool ARGS...` without mpirun (a singleton MPI process where MPI starts).
 pub fn fapool(args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin());
+    let mut cmd = command(bin());
     cmd.args(args);
     mpi_env(&mut cmd).output().expect("fapool runs")
 }
