@@ -133,7 +133,6 @@ pub fn comm(backend: Option<BackendKind>, dtype: Dtype, sizes_mib: &[usize], ite
 /// every other GPU in the pool), against the size of its DAG.
 pub fn plan_scale(gpus: &[usize], seq: usize, cluster: Option<&Path>) -> Result<(), Failure> {
     use crate::planner::{self, Planner};
-    planner::execute::prefer_fresh_pages_for_large_allocations();
     let largest = gpus.iter().copied().max().unwrap_or(8);
     println!(
         "{:>6} {:>9} {:>6} {:>10} {:>10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>10}",

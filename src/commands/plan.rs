@@ -177,7 +177,6 @@ fn write_outputs(args: &PlanArgs, pt: &Point, job: &JobSpec, world: usize) -> Re
 
 /// `fapool plan`.
 pub fn plan(args: PlanArgs) -> Result<(), Failure> {
-    crate::planner::execute::prefer_fresh_pages_for_large_allocations();
     if let Some(p) = &args.check {
         return crate::planner::check::run(p).map_err(failure);
     }

@@ -70,21 +70,6 @@ impl Recording {
     }
 }
 
-/// Serves every allocation of 1 MiB or more from fresh pages, for the rest
-/// of the process. Shape-only ranks still build the strategies' weight
-/// shards as (zeroed) host vectors, which only their lengths are read of; a
-/// fresh mapping is zero without a write, so at paper scale this saves
-/// gigabytes of memset per plan. Commands that only plan call it; a run
-/// (whose CPU backend reuses large buffers) does not.
-pub fn prefer_fresh_pages_for_large_allocations() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation policy; it is called
-    // before the simulated ranks start, from one thread.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
 /// Stack of each simulated rank: the dataflow's frames are shallow.
 const STACK_BYTES: usize = 256 << 10;
 
