@@ -19,7 +19,7 @@
 //! on one GPU; points whose buffers would exceed the memory cap are skipped.
 
 use super::calibration::Calibration;
-use crate::backend::shape::{Entry, ShapeBackend};
+use crate::backend::shape::{Entry, OpRecord, ShapeBackend};
 use crate::backend::{Backend, DecodeShape, Dtype, PrefillShape, Result, RowCopy, RowRun};
 use crate::comm::{Category, Comm, Group};
 use std::collections::BTreeMap;
@@ -181,13 +181,17 @@ fn copies<B: Backend>(be: &B, len: usize, elem: usize, cold: usize) -> Result<Ve
     (0..n).map(|_| pattern(be, len)).collect()
 }
 
-/// The bytes (read + written) and FLOPs the shape backend records for the
-/// last operation `op` issues.
-fn work(dtype: Dtype, op: impl FnOnce(&ShapeBackend) -> Result<()>) -> Result<(f64, f64, f64)> {
+/// The last operation `op` issues, as the shape backend records it.
+fn recorded(dtype: Dtype, op: impl FnOnce(&ShapeBackend) -> Result<()>) -> Result<Option<OpRecord>> {
     let s = ShapeBackend::new(dtype);
     op(&s)?;
-    let rec = s.recorder().take().into_iter().rev().find_map(|e| if let Entry::Op(o) = e { Some(o) } else { None });
-    Ok(rec.map_or((0.0, 0.0, 0.0), |o| (o.flops, o.bytes_read as f64, o.bytes_written as f64)))
+    Ok(s.recorder().take().into_iter().rev().find_map(|e| if let Entry::Op(o) = e { Some(o) } else { None }))
+}
+
+/// The FLOPs and the bytes read and written the shape backend records for
+/// the last operation `op` issues.
+fn work(dtype: Dtype, op: impl FnOnce(&ShapeBackend) -> Result<()>) -> Result<(f64, f64, f64)> {
+    Ok(recorded(dtype, op)?.map_or((0.0, 0.0, 0.0), |o| (o.flops, o.bytes_read as f64, o.bytes_written as f64)))
 }
 
 /// Compute tables of `be` (whose values are `dtype`) for attention of
@@ -417,7 +421,7 @@ const LOOP_STEPS: usize = 50;
 const LOOP_REPEATS: usize = 5;
 
 /// Measures [`LoopOverhead`] on `be` against the tables of `c` (the
-/// element-wise table prices the step's operations as the planner will).
+/// step's operations priced by its tables, as the planner prices them).
 pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, model: &crate::model::ModelConfig) -> Result<LoopOverhead> {
     const WIDTH: usize = 4096;
     let vocab = model.vocab;
@@ -467,11 +471,8 @@ pub fn loop_overhead<B: Backend>(be: &B, dtype: Dtype, c: &Calibration, model: &
     let graph = record(&mut small)?;
     step(graph.as_ref(), &mut small)?;
     let one = per_step(&mut || step(graph.as_ref(), &mut small))?;
-    let table = c.bandwidth.get("elementwise").map(|rows| super::calibration::LogGrid::of_bandwidth(rows));
-    let charged = |op: &dyn Fn(&ShapeBackend) -> Result<()>| -> Result<f64> {
-        let (_, r, w) = work(dtype, op)?;
-        Ok(table.as_ref().and_then(|t| t.eval(&[r + w])).map_or(0.0, |thr| (r + w) / thr))
-    };
+    let tables = super::cost::Tables::from(c);
+    let charged = |op: &dyn Fn(&ShapeBackend) -> Result<()>| -> Result<f64> { Ok(recorded(dtype, op)?.and_then(|o| tables.seconds(&o)).unwrap_or(0.0)) };
     let add = charged(&|sb| sb.add_assign(&mut sb.zeros(WIDTH)?, &sb.zeros(WIDTH)?))?;
     let argmax = charged(&|sb| sb.argmax(&sb.zeros(vocab)?, 1, vocab).map(|_| ()))?;
     let mut out = LoopOverhead { step_s: (one - add - argmax).max(0.0), ..Default::default() };

@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 
 /// Calibrated throughput tables.
 #[derive(Clone, Debug, Default)]
-struct Tables {
+pub(super) struct Tables {
     gemm: LogGrid,
     prefill: LogGrid,
     decode: LogGrid,
@@ -42,7 +42,7 @@ struct Tables {
 }
 
 impl Tables {
-    fn from(c: &Calibration) -> Self {
+    pub(super) fn from(c: &Calibration) -> Self {
         let gemm: Vec<(Vec<f64>, f64)> = c.gemm.iter().map(|r| (vec![r[0], r[1], r[2]], 2.0 * r[0] * r[1] * r[2] / r[3])).collect();
         let prefill: Vec<(Vec<f64>, f64)> = c.prefill.iter().map(|r| (vec![r[0], r[1]], r[2] / r[3])).collect();
         let decode: Vec<(Vec<f64>, f64)> = c.decode.iter().map(|r| (vec![r[0], r[1]], r[2] / r[3])).collect();
@@ -58,6 +58,29 @@ impl Tables {
             step_overhead_s: c.step_overhead_s,
             record_s: c.record_s,
             record_per_op_s: c.record_per_op_s,
+        }
+    }
+
+    /// Seconds of `op` by the tables alone (no sequence overhead), as every
+    /// calibrated price starts; None where no table covers it.
+    pub(super) fn seconds(&self, op: &OpRecord) -> Option<f64> {
+        let bytes = (op.bytes_read + op.bytes_written) as f64;
+        let from = |grid: &LogGrid, x: &[f64], work: f64| grid.eval(x).map(|thr| work / thr);
+        match (op.kind, op.dims) {
+            (OpKind::Matmul, OpDims::Gemm { m, k, n }) => from(&self.gemm, &[m as f64, k as f64, n as f64], op.flops),
+            (OpKind::GroupedMatmul, OpDims::Grouped { groups, m, k, n }) => {
+                let (g, rows) = (groups.max(1) as f64, m.div_ceil(groups.max(1)) as f64);
+                from(&self.gemm, &[rows, k as f64, n as f64], 2.0 * rows * (k * n) as f64).map(|s| g * s)
+            }
+            (OpKind::AttentionPrefill, OpDims::Prefill(s)) => from(&self.prefill, &[s.sq as f64, s.q_offset as f64], op.flops),
+            (OpKind::AttentionDecode, OpDims::Decode(s)) => from(&self.decode, &[s.nseq as f64, s.len as f64], op.bytes_read as f64),
+            (OpKind::RmsNorm, _) => self.bandwidth.get("rmsnorm").and_then(|g| from(g, &[bytes], bytes)),
+            (OpKind::Zeros, _) => self.bandwidth.get("zeros").and_then(|g| from(g, &[bytes], bytes)),
+            // SiLU's gated product moves what GELU's does (measured as GELU's table).
+            (OpKind::Gelu | OpKind::GeluMul | OpKind::SiluMul, _) => self.bandwidth.get("gelu").and_then(|g| from(g, &[bytes], bytes)),
+            (OpKind::Embed, _) => self.bandwidth.get("embed").and_then(|g| from(g, &[bytes], bytes)),
+            (OpKind::Add | OpKind::MergePartials | OpKind::Argmax | OpKind::RouterTopK | OpKind::ExpertSlots, _) => self.bandwidth.get("elementwise").and_then(|g| from(g, &[bytes], bytes)),
+            _ => self.bandwidth.get("copy").and_then(|g| from(g, &[bytes], bytes)),
         }
     }
 }
@@ -248,26 +271,7 @@ impl CostModel {
         if op.kind == OpKind::Alloc {
             return 0.0;
         }
-        let bytes = (op.bytes_read + op.bytes_written) as f64;
-        let from = |grid: &LogGrid, x: &[f64], work: f64| grid.eval(x).map(|thr| work / thr);
-        let extra = self.sequence_overhead(op);
-        let measured = match (op.kind, op.dims) {
-            (OpKind::Matmul, OpDims::Gemm { m, k, n }) => from(&t.gemm, &[m as f64, k as f64, n as f64], op.flops),
-            (OpKind::GroupedMatmul, OpDims::Grouped { groups, m, k, n }) => {
-                let (g, rows) = (groups.max(1) as f64, m.div_ceil(groups.max(1)) as f64);
-                from(&t.gemm, &[rows, k as f64, n as f64], 2.0 * rows * (k * n) as f64).map(|s| g * s)
-            }
-            (OpKind::AttentionPrefill, OpDims::Prefill(s)) => from(&t.prefill, &[s.sq as f64, s.q_offset as f64], op.flops),
-            (OpKind::AttentionDecode, OpDims::Decode(s)) => from(&t.decode, &[s.nseq as f64, s.len as f64], op.bytes_read as f64),
-            (OpKind::RmsNorm, _) => t.bandwidth.get("rmsnorm").and_then(|g| from(g, &[bytes], bytes)),
-            (OpKind::Zeros, _) => t.bandwidth.get("zeros").and_then(|g| from(g, &[bytes], bytes)),
-            // SiLU's gated product moves what GELU's does (measured as GELU's table).
-            (OpKind::Gelu | OpKind::GeluMul | OpKind::SiluMul, _) => t.bandwidth.get("gelu").and_then(|g| from(g, &[bytes], bytes)),
-            (OpKind::Embed, _) => t.bandwidth.get("embed").and_then(|g| from(g, &[bytes], bytes)),
-            (OpKind::Add | OpKind::MergePartials | OpKind::Argmax | OpKind::RouterTopK | OpKind::ExpertSlots, _) => t.bandwidth.get("elementwise").and_then(|g| from(g, &[bytes], bytes)),
-            _ => t.bandwidth.get("copy").and_then(|g| from(g, &[bytes], bytes)),
-        };
-        measured.map(|m| m + extra).unwrap_or_else(|| self.roofline_seconds(op, in_graph))
+        t.seconds(op).map(|m| m + self.sequence_overhead(op)).unwrap_or_else(|| self.roofline_seconds(op, in_graph))
     }
 
     /// Link latency and bandwidth (bytes/s) between two world ranks.
