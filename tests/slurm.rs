@@ -180,17 +180,20 @@ fn an_array_task_runs_only_its_own_category() {
 
 /// A stand-in for fapool that writes its results file, then waits for
 /// SIGUSR1 and exits 7 ("interrupted, measurements saved"), as fapool does;
-/// given `--resume` it finishes at once.
+/// given `--resume` it finishes at once. It says it runs only once its file
+/// is written and its trap set: the test signals the job when every rank has
+/// said so, and a USR1 before the trap would end the rank as a signal ends
+/// a shell.
 const INTERRUPTIBLE_RUN: &str = r#"#!/usr/bin/env bash
-echo "rank $SLURM_PROCID: $*"
+trap 'echo "rank $SLURM_PROCID: stopping"; kill $! 2>/dev/null; exit 7' USR1
 prev=
 for a in "$@"; do
-  [ "$prev" = --resume ] && exit 0
+  [ "$prev" = --resume ] && echo "rank $SLURM_PROCID: $*" && exit 0
   [ "$prev" = --out ] && [ "$SLURM_PROCID" = 0 ] && echo partial >"$a"
   prev=$a
 done
+echo "rank $SLURM_PROCID: $*"
 sleep 120 &
-trap 'echo "rank $SLURM_PROCID: stopping"; kill $! 2>/dev/null; exit 7' USR1
 wait
 "#;
 
